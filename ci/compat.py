@@ -1,0 +1,189 @@
+"""The upstream-compat table, docs/compat.md, generated from the matrix in ci/versions.toml.
+
+Every cell comes from something checked: the landscape facts (each verified
+against the version's wheel by tests/contract), what the wheel and the kernel
+libraries it pins really ship, and the policy's decisions for a stock install of
+that version on each GPU class.
+
+    python ci/compat.py write    # regenerate docs/compat.md
+    python ci/compat.py check    # exit 1 if docs/compat.md is stale
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ci import upstream  # noqa: E402
+from ci.upstream_facts import deep_gemm_sm12x, files, flashinfer_sm120_sparse_mla  # noqa: E402
+from ds_plugins import landscape  # noqa: E402
+from ds_plugins.patching import Patch  # noqa: E402
+from ds_plugins.policy import decide  # noqa: E402
+from ds_plugins.probe import Device, Library, Probe  # noqa: E402
+
+DOC = upstream.ROOT / "docs" / "compat.md"
+GPUS = {"SM90": (9, 0), "SM100": (10, 0), "SM120": (12, 0), "SM121": (12, 1)}
+KERNEL_DECISIONS = ("deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_model")
+
+
+def stock_libraries(engine: str, version: str) -> dict[str, Library]:
+    """The kernel libraries a plain `pip install <engine>==<version>` brings, as the probe would see them."""
+    src = upstream.source(engine, version)
+    libs: dict[str, Library] = {}
+    if engine == "vllm" and any(n.startswith("vllm/third_party/deep_gemm/") for n in files(src)):
+        has = deep_gemm_sm12x(src, "vllm/third_party/deep_gemm")
+        libs["vllm.third_party.deep_gemm"] = Library("vllm.third_party.deep_gemm", True, version, None,
+                                                     ("sm12x",) if has else ())
+    for dist, pinned, path in upstream.pinned_sources(engine, version):
+        if dist == "flashinfer-python":
+            libs["flashinfer"] = Library("flashinfer", True, pinned, None,
+                                         ("sm120_sparse_mla",) if flashinfer_sm120_sparse_mla(path) else ())
+        elif dist == "sgl-deep-gemm":
+            libs["deep_gemm"] = Library("deep_gemm", True, pinned, None,
+                                        ("sm12x",) if deep_gemm_sm12x(path, "deep_gemm") else ())
+    return libs
+
+
+def _declared(engine: str) -> list[Patch]:
+    from ds_plugins.doctor import declared_patches
+    return declared_patches(engine)
+
+
+def decisions_cell(engine: str, version: str, gpu: str) -> str:
+    probe = Probe("", {engine: version}, None, None, (Device("cuda", 0, gpu, GPUS[gpu]),), "",
+                  stock_libraries(engine, version), simulated=True)
+    plan = decide(probe, engine, env={})
+    if plan.status != "supported":
+        return "unsupported"
+    served = {(p.implements[0], v) for p in _declared(engine) if p.covers(version) for v in p.implements[1]}
+    active = [d for d in plan.decisions if d.id in KERNEL_DECISIONS and d.active]
+    if not active:
+        return "upstream"
+    return ", ".join(f"{d.id}={d.value}" + ("" if (d.id, d.value) in served else "†") for d in active)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _fact(engine: str, fact_id: str, version: str) -> bool:
+    return fact_id in landscape.facts_for(engine, version)
+
+
+def _checked(engine: str, version: str) -> str:
+    live = version in upstream.versions()[engine]["live"]
+    return "wheel source + installed" if live else "wheel source"
+
+
+def _pin(engine: str, version: str, dist: str) -> str:
+    return upstream.requirement_pin(upstream.source(engine, version), dist) or "—"
+
+
+def vllm_rows(versions: list[str]) -> list[str]:
+    head = ("| vLLM | torch | checked | DeepSeek-V4 | V4 attention on SM12x | DeepGEMM gate on SM12x "
+            "| vendored DeepGEMM SM12x kernels | pinned FlashInfer SM120 decode | SM90 / SM100 | SM120 | SM121 |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for v in versions:
+        libs = stock_libraries("vllm", v)
+        vendored = libs.get("vllm.third_party.deep_gemm")
+        fi = libs.get("flashinfer")
+        sm90 = decisions_cell("vllm", v, "SM90")
+        sm100 = decisions_cell("vllm", v, "SM100")
+        rows.append("| " + " | ".join([
+            v, _pin("vllm", v, "torch"), _checked("vllm", v),
+            _yes(_fact("vllm", "dsv4_model", v)),
+            "FlashInfer SM120" if _fact("vllm", "sm12x_dsv4_attention", v) else "none",
+            "on" if _fact("vllm", "deepgemm_gate_sm12x", v) else "off",
+            "—" if vendored is None else _yes(vendored.has("sm12x")),
+            "—" if fi is None else f"{_yes(fi.has('sm120_sparse_mla'))} ({fi.version})",
+            sm90 if sm90 == sm100 else f"{sm90} / {sm100}",
+            decisions_cell("vllm", v, "SM120"), decisions_cell("vllm", v, "SM121"),
+        ]) + " |")
+    return rows
+
+
+def sglang_rows(versions: list[str]) -> list[str]:
+    head = ("| SGLang | torch | checked | way in | DeepSeek-V4 | V4 attention on SM12x | DeepGEMM gate SM120 "
+            "| DeepGEMM gate SM121 | pinned DeepGEMM SM12x kernels | SM90 / SM100 | SM120 | SM121 |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for v in versions:
+        dg = stock_libraries("sglang", v).get("deep_gemm")
+        plugins = _fact("sglang", "general_plugins", v)
+        sm90 = decisions_cell("sglang", v, "SM90")
+        sm100 = decisions_cell("sglang", v, "SM100")
+        rows.append("| " + " | ".join([
+            v, _pin("sglang", v, "torch"), _checked("sglang", v),
+            "entry point + hook" if plugins else "PYTHONPATH hook",
+            _yes(_fact("sglang", "dsv4_model", v)),
+            "SGLang SM120 FlashMLA" if _fact("sglang", "sm12x_dsv4_attention", v) else "none",
+            "guarded" if _fact("sglang", "deepgemm_gate_sm120_guarded", v) else "on if DeepGEMM imports",
+            "guarded" if _fact("sglang", "deepgemm_gate_sm121_guarded", v) else "on if DeepGEMM imports",
+            "—" if dg is None else f"{_yes(dg.has('sm12x'))} ({dg.version})",
+            sm90 if sm90 == sm100 else f"{sm90} / {sm100}",
+            decisions_cell("sglang", v, "SM120"), decisions_cell("sglang", v, "SM121"),
+        ]) + " |")
+    return rows
+
+
+def render() -> str:
+    matrix = upstream.versions()
+    lines = [
+        "# Upstream compatibility",
+        "",
+        "Generated by `python ci/compat.py write` from `ci/versions.toml`; the README test command fails "
+        "when this file is stale. Do not edit by hand.",
+        "",
+        "Every version below was checked against its official PyPI wheel: each fact in "
+        "`ds_plugins/landscape.py` is verified in that wheel's source (AST, `tests/contract/`). "
+        "\"installed\" versions also ran the subprocess tests, where the engine's own plugin loader "
+        "runs ds-plugins on a CPU-only machine (`tests/engines/`).",
+        "",
+        "The GPU columns are what ds-plugins decides for a stock install of that version "
+        "(the DeepGEMM and FlashInfer its wheel vendors or pins): the features it takes over, "
+        "each `feature=value`; `upstream` means the engine's own path serves every feature there. "
+        "A dagger (†) marks a decision this build of ds-plugins does not implement yet: until it "
+        "lands, the engine's own behaviour is kept. Run `ds-plugins doctor` for your own machine, or "
+        "`ds-plugins doctor --simulate ...` for another.",
+        "",
+        f"Minimum versions with DeepSeek-V4: vLLM {landscape.MINIMUM['vllm']}, "
+        f"SGLang {landscape.MINIMUM['sglang']}. Newest checked: vLLM {landscape.NEWEST_TESTED['vllm']}, "
+        f"SGLang {landscape.NEWEST_TESTED['sglang']}; newer versions are treated like the newest checked.",
+        "",
+        "## vLLM",
+        "",
+        *vllm_rows(matrix["vllm"]["matrix"]),
+        "",
+        "## SGLang",
+        "",
+        *sglang_rows(matrix["sglang"]["matrix"]),
+        "",
+        "## Facts behind the columns",
+        "",
+        "| engine | fact | versions |",
+        "|---|---|---|",
+        *[f"| {landscape.ENGINE_TITLE[f.engine]} | {f.what} | `{f.versions}` |" for f in landscape.FACTS],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["write"]:
+        DOC.parent.mkdir(exist_ok=True)
+        DOC.write_text(render())
+        print(f"wrote {DOC}")
+        return 0
+    if argv[:1] == ["check"]:
+        if not DOC.exists() or DOC.read_text() != render():
+            print(f"{DOC} is stale: run `python ci/compat.py write`", file=sys.stderr)
+            return 1
+        return 0
+    print("usage: python ci/compat.py write|check", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,121 @@
+"""The test environments: real pip-installed engines on a CPU-only machine, built once and cached.
+
+- main:  torch 2.13.0 (CPU build) + the first live vLLM + the first live SGLang
+         (--no-deps: its torch pin differs, and its import-time needs are met by
+         vLLM's dependencies plus a few more) + ds-plugins (editable) + pytest.
+         The test suite runs in it.
+- vllm-<v>: each further live vLLM, with torch 2.13.0 and ds-plugins.
+- overlay sglang-<v>: each further live SGLang, unpacked with --target and put
+         in front of the main environment's own SGLang on PYTHONPATH.
+
+torchvision, torchaudio and torchcodec come in as CUDA builds or for another
+torch and fail to load beside CPU torch, so they are removed (vLLM and SGLang
+import them lazily or fall back).
+
+Environments live under $DSP_CACHE (default ~/.cache/ds-plugins)/envs,
+named by a hash of what goes into them, so a second run reuses them and only
+re-points the editable ds-plugins install at this checkout. pip's own cache
+keeps the downloads. The file `test-envs.json` there tells the tests how to
+start each engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ci.upstream import ROOT, cache_dir, versions  # noqa: E402
+
+TORCH = "torch==2.13.0"
+BROKEN_BESIDE_CPU_TORCH = ("torchvision", "torchaudio", "torchcodec")
+# What SGLang imports at start-up that vLLM's dependencies do not bring.
+SGLANG_EXTRA = ("orjson", "IPython")
+TEST_TOOLS = ("pytest>=8",)
+RECIPE_VERSION = "1"  # bump to force a rebuild when the recipe below changes
+
+
+def _run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def _python() -> str:
+    return os.environ.get("DSP_TEST_PYTHON") or sys.executable
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\n".join((RECIPE_VERSION, _python_version(), *parts)).encode()).hexdigest()[:12]
+
+
+def _python_version() -> str:
+    out = subprocess.run([_python(), "-c", "import sys; print(sys.version.split()[0])"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def _venv(path: Path, requirements: list[list[str]]) -> Path:
+    """Create (or reuse) a venv at path; each list in `requirements` is one pip install call."""
+    py = path / "bin" / "python"
+    if (path / ".complete").exists() and py.exists():
+        return py
+    if path.exists():
+        shutil.rmtree(path)
+    _run([_python(), "-m", "venv", str(path)])
+    for args in requirements:
+        _run([str(py), "-m", "pip", "install", "--quiet", *args])
+    _run([str(py), "-m", "pip", "uninstall", "--quiet", "-y", *BROKEN_BESIDE_CPU_TORCH])
+    (path / ".complete").touch()
+    return py
+
+
+def _install_ds_plugins(py: Path) -> None:
+    # Always re-pointed at this checkout; --no-deps: the environment already has what it needs.
+    _run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(ROOT)])
+
+
+def setup() -> dict:
+    spec = versions()
+    vllm_live, sglang_live = spec["vllm"]["live"], spec["sglang"]["live"]
+    envs_dir = cache_dir() / "envs"
+    registry: dict[str, dict] = {}
+
+    main_reqs = [[TORCH, f"vllm=={vllm_live[0]}", *TEST_TOOLS],
+                 ["--no-deps", f"sglang=={sglang_live[0]}"],
+                 [*SGLANG_EXTRA, "packaging", "nvidia-ml-py"]]
+    main = _venv(envs_dir / f"main-{_key(json.dumps(main_reqs))}", main_reqs)
+    _install_ds_plugins(main)
+    registry[f"vllm=={vllm_live[0]}"] = {"engine": "vllm", "version": vllm_live[0], "python": str(main)}
+    registry[f"sglang=={sglang_live[0]}"] = {"engine": "sglang", "version": sglang_live[0], "python": str(main)}
+
+    for v in vllm_live[1:]:
+        reqs = [[TORCH, f"vllm=={v}"], ["nvidia-ml-py"]]
+        py = _venv(envs_dir / f"vllm-{v}-{_key(json.dumps(reqs))}", reqs)
+        _install_ds_plugins(py)
+        registry[f"vllm=={v}"] = {"engine": "vllm", "version": v, "python": str(py)}
+
+    for v in sglang_live[1:]:
+        overlay = cache_dir() / "overlays" / f"sglang-{v}"
+        if not (overlay / ".complete").exists():
+            if overlay.exists():
+                shutil.rmtree(overlay)
+            _run([str(main), "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(overlay),
+                  f"sglang=={v}"])
+            (overlay / ".complete").touch()
+        registry[f"sglang=={v}"] = {"engine": "sglang", "version": v, "python": str(main),
+                                    "pythonpath": [str(overlay)]}
+
+    registry_file = cache_dir() / "test-envs.json"
+    registry_file.write_text(json.dumps({"main_python": str(main), "envs": registry}, indent=2))
+    return {"main_python": str(main), "registry": str(registry_file)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(setup(), indent=2))

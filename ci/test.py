@@ -1,0 +1,38 @@
+"""The one test command (README, .ci/run): set everything up on a fresh machine, then run the suite.
+
+    python3 ci/test.py [pytest args...]
+
+1. builds or reuses the engine environments (ci/envs.py: real vLLM and SGLang wheels),
+2. fetches the official wheel of every version in ci/versions.toml (ci/upstream.py),
+3. checks that docs/compat.md is what ci/compat.py generates,
+4. runs pytest in the main environment, with every engine test required (not skipped).
+Downloads are cached under $DSP_CACHE (default ~/.cache/ds-plugins) and pip's cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ci import envs, upstream  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    made = envs.setup()
+    upstream.main(["fetch"])
+    main_python = made["main_python"]
+    # The suite sets the DS_PLUGINS_* switches it tests itself; none may leak in from the caller.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DS_PLUGINS_")}
+    env.update(DSP_TEST_ENVS=made["registry"], DSP_REQUIRE_ENGINES="1")
+    stale = subprocess.run([main_python, "ci/compat.py", "check"], cwd=upstream.ROOT, env=env).returncode
+    tests = subprocess.run([main_python, "-m", "pytest", "-p", "no:cacheprovider", *argv],
+                           cwd=upstream.ROOT, env=env).returncode
+    return tests or stale
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

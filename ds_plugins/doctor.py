@@ -1,0 +1,162 @@
+"""`ds-plugins doctor`: the environment, every decision with its reason, the patches that apply."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from . import __version__, landscape, settings
+from .policy import Plan, decide
+from .probe import Probe
+
+EXIT_OK, EXIT_CONFIG, EXIT_UNSUPPORTED = 0, 1, 2
+
+
+def declared_patches(engine: str):
+    if engine == "vllm":
+        from .vllm import declared_patches as source
+    else:
+        from ds_plugins_sglang import declared_patches as source
+    return list(source())
+
+
+def _patch_rows(plan: Plan) -> list[dict]:
+    rows = []
+    for p in declared_patches(plan.engine):
+        decision, values = p.implements
+        if not p.selected_by(plan):
+            state = f"not needed ({decision}={plan.value(decision)})"
+        elif not p.covers(plan.engine_version):
+            state = f"skipped: written for {p.versions}"
+        else:
+            state = "applies (checked against the live target when the engine imports it)"
+        rows.append({"id": p.id, "target": p.target, "versions": p.versions, "state": state,
+                     "why": p.why, "retire": p.retire})
+    return rows
+
+
+def _unserved(plan: Plan) -> list[str]:
+    from .registration import unserved
+    return unserved(plan, declared_patches(plan.engine)) if plan.status == "supported" else []
+
+
+def build(probe: Probe, env: Mapping[str, str] | None = None) -> dict:
+    """Everything doctor says, as data (rendered as text, or printed with --json)."""
+    env = os.environ if env is None else env
+    report: dict = {
+        "ds_plugins": __version__,
+        "simulated": probe.simulated,
+        "probe": probe.to_dict(),
+        "switches": {k: v for k, v in sorted(env.items()) if k.startswith(settings.PREFIX)},
+        "disabled": settings.disabled(env),
+        "engines": {},
+        "error": None,
+    }
+    try:
+        settings.read(env)
+    except settings.ConfigError as exc:
+        report["error"] = str(exc)
+        report["verdict"] = f"configuration error: {exc}"
+        report["exit_code"] = EXIT_CONFIG
+        return report
+    for engine in probe.engines:
+        plan = decide(probe, engine, env)
+        report["engines"][engine] = {
+            "version": plan.engine_version,
+            "status": plan.status,
+            "status_reason": plan.status_reason,
+            "target": plan.target,
+            "decisions": [{"id": d.id, "value": d.value, "reason": d.reason, "source": d.source}
+                          for d in plan.decisions],
+            "patches": _patch_rows(plan) if plan.status == "supported" else [],
+            "not_in_this_build": _unserved(plan),
+        }
+        served = [f"{d.id}={d.value}" for d in plan.decisions if d.active]
+        report["engines"][engine]["acting"] = [
+            x for x in served if x not in report["engines"][engine]["not_in_this_build"]]
+    report["verdict"], report["exit_code"] = _verdict(report)
+    return report
+
+
+def _minimums() -> str:
+    return " or ".join(f"{landscape.ENGINE_TITLE[e]} >= {v}" for e, v in landscape.MINIMUM.items())
+
+
+def _verdict(report: dict) -> tuple[str, int]:
+    engines = report["engines"]
+    if not engines:
+        return f"unsupported: no engine installed; DeepSeek-V4 needs {_minimums()}", EXIT_UNSUPPORTED
+    supported = [e for e, r in engines.items() if r["status"] == "supported"]
+    old = [f"{landscape.ENGINE_TITLE[e]} {r['version']} ({r['status_reason']})"
+           for e, r in engines.items() if r["status"] == "unsupported"]
+    if not supported:
+        return f"unsupported: {'; '.join(old)}", EXIT_UNSUPPORTED
+    parts = []
+    if report["disabled"]:
+        parts.append("DS_PLUGINS_DISABLE is set: ds-plugins does nothing (shown: what it would do)")
+    for e in supported:
+        title, r = landscape.ENGINE_TITLE[e], engines[e]
+        if r["acting"]:
+            parts.append(f"on {title} ds-plugins changes {', '.join(r['acting'])}")
+        if r["not_in_this_build"]:
+            parts.append(f"on {title} ds-plugins would change {', '.join(r['not_in_this_build'])}, "
+                         f"which this build does not implement yet (upstream behaviour kept)")
+        if not r["acting"] and not r["not_in_this_build"]:
+            parts.append(f"on {title} ds-plugins steps aside: upstream handles every feature here")
+    if old:
+        parts.append(f"not supported: {'; '.join(old)}")
+    return "supported: " + "; ".join(parts), EXIT_OK
+
+
+# --- text -----------------------------------------------------------------------
+
+def _library_line(lib: dict) -> str:
+    if not lib["present"]:
+        return f"{lib['name']}: not installed"
+    version = f" {lib['version']}" if lib.get("version") else ""
+    note = f" ({lib['note']})" if lib.get("note") else ""
+    return f"{lib['name']}{version}{note}"
+
+
+def render(report: dict) -> str:
+    p = report["probe"]
+    out = [f"ds-plugins {report['ds_plugins']} doctor" + (" (simulated environment)" if report["simulated"] else ""),
+           "", "Environment"]
+    row = "  {:<13}{}".format
+    out.append(row("python", p["python"]))
+    for engine in landscape.ENGINE_TITLE:
+        out.append(row(engine, p["engines"].get(engine, "not installed")))
+    torch = p["torch"] or "not installed"
+    if p["torch"]:
+        torch += f" (CUDA {p['torch_cuda']})" if p["torch_cuda"] else " (no CUDA build)"
+    out.append(row("torch", torch))
+    devices = [d["name"] + (f" (SM{d['capability'][0]}{d['capability'][1]})" if d.get("capability") else "")
+               for d in p["devices"]]
+    out.append(row("accelerators", ", ".join(devices) or "none"))
+    if p.get("device_note"):
+        out.append(row("", p["device_note"]))
+    libs = [_library_line(lib) for lib in p["libraries"].values()]
+    for i, line in enumerate(libs or ["none"]):
+        out.append(row("libraries" if i == 0 else "", line))
+    switches = [f"{k}={v}" for k, v in report["switches"].items()]
+    out.append(row("switches", ", ".join(switches) or "none set (all defaults)"))
+    if report["error"]:
+        out += ["", f"Configuration error: {report['error']}"]
+    for engine, r in report["engines"].items():
+        title = landscape.ENGINE_TITLE[engine]
+        out += ["", f"{title} {r['version']}: {r['status']} ({r['status_reason']})", f"  target: {r['target']}"]
+        if r["status"] != "supported":
+            out.append(f"  every feature: {r['status']}")
+            continue
+        for d in r["decisions"]:
+            out.append(f"  {d['id']:<20}{d['value']:<13}{d['reason']}")
+        if r["patches"]:
+            out.append("  patches:")
+            for patch in r["patches"]:
+                out.append(f"    {patch['id']}  {patch['target']}  [{patch['versions']}]  {patch['state']}")
+        else:
+            out.append(f"  patches: none declared for {title} in this build")
+        if r["not_in_this_build"]:
+            out.append(f"  not in this build yet: {', '.join(r['not_in_this_build'])} (upstream behaviour kept)")
+    out += ["", f"Verdict: {report['verdict']}"]
+    return "\n".join(out)

@@ -1,0 +1,53 @@
+"""The SGLang adapter.
+
+Two ways in, one registration per process:
+- SGLang >= 0.5.11 calls `register` through the `sglang.srt.plugins` entry point
+  (launcher, schedulers, TP workers, detokenizer where its version does).
+- On every version, `ds-plugins sglang-path` on PYTHONPATH runs our
+  sitecustomize in each interpreter (SGLang spawns its workers), which arms
+  `pythonpath_hook`: decide just before `sglang` is imported, register just after.
+Whichever comes first does the work; the other finds it done.
+
+Kept import-light: the PYTHONPATH hook imports this package at interpreter start.
+"""
+
+from __future__ import annotations
+
+# Under SGLang's logger tree, so SGLang's logging configuration applies to us.
+LOGGER_NAME = "sglang.ds_plugins"
+
+
+def _log():
+    import logging  # not at module level: this package is imported at interpreter start
+    return logging.getLogger(LOGGER_NAME)
+
+
+def declared_patches():
+    from .patches import PATCHES
+    return PATCHES
+
+
+def register(via: str = "sglang.srt.plugins") -> None:
+    """SGLang general-plugin entry point: idempotent, cheap, never raises into SGLang."""
+    try:
+        from ds_plugins.registration import register as run
+    except Exception as exc:  # a broken install must not take SGLang down
+        _log().error("ds-plugins could not load (%s: %s); SGLang runs as shipped", type(exc).__name__, exc)
+        return
+    run("sglang", via=via, patches=declared_patches, log=_log())
+
+
+def prepare(via: str) -> None:
+    """Decide before SGLang is imported (it reads some switches into constants at import)."""
+    try:
+        from ds_plugins.registration import prepare as run
+    except Exception as exc:
+        _log().error("ds-plugins could not load (%s: %s); SGLang runs as shipped", type(exc).__name__, exc)
+        return
+    run("sglang", via=via, log=_log())
+
+
+def sglang_path() -> str:
+    """The folder to put on PYTHONPATH: it holds only our sitecustomize.py."""
+    import os
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "pythonpath")

@@ -1,0 +1,96 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ds_plugins import cli
+
+
+def run(capsys, *argv, env=None, monkeypatch=None):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_simulate_the_issue_example(capsys):
+    code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "vllm==0.22.1", "--capability", "12.0",
+                       "--lib", "deep_gemm=no-sm12x")
+    assert code == 0
+    assert "(simulated environment)" in out
+    lines = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ") and
+             line.split() and line.split()[0] in ("deepgemm", "sparse_mla", "indexer", "dsv4_model", "cudagraph")}
+    assert lines == {"deepgemm": "upstream", "sparse_mla": "triton", "indexer": "triton",
+                     "dsv4_model": "ds_plugins", "cudagraph": "on"}
+    assert "vLLM 0.22.1 has no SM12x sparse-MLA path" in out
+    assert "not in this build yet" in out  # honest about what this release implements
+
+
+def test_simulate_json_has_every_decision_with_a_reason(capsys):
+    code, out, _ = run(capsys, "doctor", "--json", "--simulate", "--engine", "vllm==0.30.0", "--engine",
+                       "sglang==0.5.12", "--capability", "12.1", "--lib", "deep_gemm=no-sm12x")
+    report = json.loads(out)
+    assert code == 0 and report["exit_code"] == 0 and report["simulated"]
+    for engine in ("vllm", "sglang"):
+        decisions = report["engines"][engine]["decisions"]
+        assert [d["id"] for d in decisions] == ["deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_model",
+                                                "ascend_quant", "mooncake_connector"]
+        assert all(d["reason"] for d in decisions)
+    assert {d["id"]: d["value"] for d in report["engines"]["sglang"]["decisions"]}["deepgemm"] == "off"
+
+
+def test_unsupported_exits_2_naming_the_minimum(capsys):
+    code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "vllm==0.19.1", "--capability", "12.0")
+    assert code == 2 and "needs vLLM >= 0.20.0" in out
+    code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "sglang==0.5.11")
+    assert code == 2 and "needs SGLang >= 0.5.12" in out
+    code, out, _ = run(capsys, "doctor", "--simulate", "--capability", "12.0")
+    assert code == 2 and "vLLM >= 0.20.0 or SGLang >= 0.5.12" in out
+
+
+def test_one_supported_engine_is_enough(capsys):
+    code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "vllm==0.30.0", "--engine", "sglang==0.5.10")
+    assert code == 0 and "not supported: SGLang 0.5.10" in out
+
+
+def test_bad_switch_exits_1(capsys, monkeypatch):
+    monkeypatch.setenv("DS_PLUGINS_INDEXER", "fast")
+    code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "vllm==0.30.0")
+    assert code == 1 and "DS_PLUGINS_INDEXER='fast'" in out and "auto, triton, upstream" in out
+
+
+def test_bad_simulation_flags_exit_1_naming_the_flag(capsys):
+    code, _, err = run(capsys, "doctor", "--simulate", "--lib", "deep_gemm=sm90")
+    assert code == 1 and "--lib 'deep_gemm=sm90'" in err and "features: sm12x" in err
+    code, _, err = run(capsys, "doctor", "--simulate", "--lib", "cutlass=yes")
+    assert code == 1 and "unknown library 'cutlass'" in err
+    code, _, err = run(capsys, "doctor", "--simulate", "--engine", "vllm=0.22.1")
+    assert code == 1 and "NAME==VERSION" in err
+
+
+def test_simulation_flags_need_simulate(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["doctor", "--capability", "12.0"])
+    assert exc.value.code == 2 and "--simulate" in capsys.readouterr().err
+
+
+def test_sglang_path_is_a_folder_holding_only_sitecustomize(capsys):
+    code, out, _ = run(capsys, "sglang-path")
+    folder = Path(out.strip())
+    assert code == 0 and folder.is_absolute()
+    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == ["sitecustomize.py"]
+
+
+def test_console_script_doctor_explains_this_machine():
+    exe = shutil.which("ds-plugins", path=os.path.dirname(sys.executable)) or shutil.which("ds-plugins")
+    assert exe, "the ds-plugins console script is not installed"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DS_PLUGINS_")}
+    proc = subprocess.run([exe, "doctor"], capture_output=True, text=True, env=env)
+    assert proc.returncode in (0, 2), proc.stderr
+    assert "Environment" in proc.stdout and "Verdict:" in proc.stdout
+    proc = subprocess.run([exe, "doctor", "--json"], capture_output=True, text=True, env=env)
+    report = json.loads(proc.stdout)
+    assert report["exit_code"] == proc.returncode and not report["simulated"]
