@@ -5,7 +5,8 @@
 1. builds or reuses the engine environments (ci/envs.py: real vLLM and SGLang wheels),
 2. fetches the official wheel of every version in ci/versions.toml (ci/upstream.py),
 3. checks that docs/compat.md is what ci/compat.py generates,
-4. runs pytest in the main environment, with every engine test required (not skipped).
+4. runs pytest in the main environment, with every engine test required (not skipped); the
+   kernel tests run the Triton kernels in Triton's CPU interpreter (tests/kernels/conftest.py).
 Downloads are cached under $DSP_CACHE (default ~/.cache/ds-plugins) and pip's cache.
 """
 
@@ -28,6 +29,9 @@ def main(argv: list[str]) -> int:
     # The suite sets the DS_PLUGINS_* switches it tests itself; none may leak in from the caller.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DS_PLUGINS_")}
     env.update(DSP_TEST_ENVS=made["registry"], DSP_REQUIRE_ENGINES="1")
+    # Triton's interpreter (the kernel tests) runs its tl.dot through NumPy's BLAS, whose threads
+    # only fight each other on a 2-core machine: one thread each is measurably faster.
+    env.setdefault("OMP_NUM_THREADS", "1")
     stale = subprocess.run([main_python, "ci/compat.py", "check"], cwd=upstream.ROOT, env=env).returncode
     tests = subprocess.run([main_python, "-m", "pytest", "-p", "no:cacheprovider", *argv],
                            cwd=upstream.ROOT, env=env).returncode

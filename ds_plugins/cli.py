@@ -1,4 +1,4 @@
-"""The `ds-plugins` command: doctor, sglang-path."""
+"""The `ds-plugins` command: doctor, selftest, sglang-path."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def _doctor(args: argparse.Namespace) -> int:
     return report["exit_code"]
 
 
+def _selftest(args: argparse.Namespace) -> int:
+    from .kernels.selftest import main
+    return main(as_json=args.json)
+
+
 def _sglang_path(_args: argparse.Namespace) -> int:
     from ds_plugins_sglang import sglang_path
     print(sglang_path())
@@ -41,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
                      help="decide for the hypothetical machine the flags below describe, not this one")
     simulate.add_arguments(doc.add_argument_group("simulated environment (with --simulate)"))
     doc.set_defaults(func=_doctor)
+    test = sub.add_parser("selftest", help="run every ds-plugins kernel on a small V4-shaped problem here "
+                                           "(GPU, or Triton's interpreter on a CPU) against its reference",
+                          description="Exit status: 0 all kernels match, 1 a kernel does not, 2 cannot run here.")
+    test.add_argument("--json", action="store_true", help="machine-readable output")
+    test.set_defaults(func=_selftest)
     path = sub.add_parser("sglang-path", help="print the folder to put on PYTHONPATH for SGLang")
     path.set_defaults(func=_sglang_path)
     return top
