@@ -369,9 +369,10 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _expect_same_device(q: torch.Tensor, **tensors) -> None:
+    """Every given (non-None) tensor lives on q's device."""
     for name, t in tensors.items():
-        if t is not None and t.device != q.device:
-            raise KernelInputError(f"{name}: expected a tensor on {q.device} (q's device), got one on {t.device}")
+        if t is not None:
+            expect(name, t, device=q.device)
 
 
 def prefill_config(device: torch.device) -> LaunchConfig:
