@@ -25,6 +25,16 @@ class KernelInputError(ValueError):
     """A kernel argument has the wrong dtype, shape or device. Raised before any launch."""
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch planning (plain Python: the indexer's planning must work without triton)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True if the Triton kernel should run for tensors on t's device (else: the reference)."""
     if not HAVE_TRITON:

@@ -30,7 +30,7 @@ import numbers
 
 import torch
 
-from ds_plugins.kernels._runtime import HAVE_TRITON, INTERPRET, KernelInputError, expect, use_triton
+from ds_plugins.kernels._runtime import HAVE_TRITON, INTERPRET, KernelInputError, expect, next_pow2, use_triton
 from ds_plugins.kernels.reference.einsum import (SCALE_BLOCK_K, fp8_einsum_bhr_hdr_bhd, num_packed_words,
                                                  num_scale_blocks)
 
@@ -158,7 +158,7 @@ def _launch_triton(a, b, d, c, gran_n: int) -> None:
     batch, groups, length = a_values.shape
     out_dim = w_values.shape[1]
     if INTERPRET:  # few, large numpy ops (W's fp8 tiles are converted once per batch tile: one for b <= 32)
-        block_b, block_d = 32, min(1024, max(16, triton.next_power_of_2(out_dim)))
+        block_b, block_d = 32, min(1024, max(16, next_pow2(out_dim)))
     else:  # decode-sized batches: narrow d tiles so 8 groups still fill the GPU
         block_b = 16 if batch <= 16 else 32 if batch <= 32 else 64
         block_d = 64 if batch <= 64 else 128

@@ -44,7 +44,7 @@ import numbers
 
 import torch
 
-from ds_plugins.kernels._runtime import HAVE_TRITON, INTERPRET, KernelInputError, expect, use_triton
+from ds_plugins.kernels._runtime import HAVE_TRITON, INTERPRET, KernelInputError, cdiv, expect, next_pow2, use_triton
 from ds_plugins.kernels.reference import indexer as ref
 
 FP8 = torch.float8_e4m3fn
@@ -371,14 +371,6 @@ if HAVE_TRITON:
 
 # ============================================================================ argument checks
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise KernelInputError(f"{name}: expected an integer >= {minimum}, got {value!r}")
@@ -480,9 +472,9 @@ def _check_dtype_arg(name: str, value, allowed: tuple) -> None:
 def _plan_splits(n_cols: int, tile: int, num_splits: int | None) -> tuple[int, int]:
     """(splits, keys per split) covering n_cols keys; a split is a whole number of tiles."""
     if num_splits is None:
-        num_splits = min(MAX_SPLITS, max(1, _cdiv(n_cols, MIN_TILES_PER_SPLIT * tile)))
-    split_len = max(tile, _cdiv(_cdiv(max(n_cols, 1), num_splits), tile) * tile)
-    return max(1, _cdiv(n_cols, split_len)), split_len
+        num_splits = min(MAX_SPLITS, max(1, cdiv(n_cols, MIN_TILES_PER_SPLIT * tile)))
+    split_len = max(tile, cdiv(cdiv(max(n_cols, 1), num_splits), tile) * tile)
+    return max(1, cdiv(n_cols, split_len)), split_len
 
 
 # ============================================================================ Triton launches
@@ -510,7 +502,7 @@ def _sub_n(is_fp4: bool, width: int) -> int:
 
 
 def _block_h(heads: int) -> int:
-    return max(16, _next_pow2(heads))                  # tl.dot needs >= 16 rows
+    return max(16, next_pow2(heads))                  # tl.dot needs >= 16 rows
 
 
 def _mqa_logits_triton(q_values, q_scales, k_values, k_scales, weights, ks, ke, is_fp4, head_dim,
@@ -523,7 +515,7 @@ def _mqa_logits_triton(q_values, q_scales, k_values, k_scales, weights, ks, ke, 
         return out
     q_arg, qsf_arg = _query_args(q_values, q_scales)
     k_arg, ksf_arg = _ragged_key_args(k_values, k_scales, is_fp4)
-    grid = (rows, _cdiv(n_cols, LOGITS_BLOCK_N))
+    grid = (rows, cdiv(n_cols, LOGITS_BLOCK_N))
     _mqa_logits_kernel[grid](
         q_arg, qsf_arg, k_arg, ksf_arg, weights, ks, ke, out,
         heads, n_keys, n_cols, weights.stride(0), out.stride(0),
@@ -542,7 +534,7 @@ def _paged_mqa_logits_triton(q_values, q_scales, kv_cache, weights, context_lens
         return out
     q_arg, qsf_arg = _query_args(q_values, q_scales)
     kv_val, kv_bytes = _paged_key_args(kv_cache, is_fp4)
-    grid = (rows, _cdiv(max_context_len, LOGITS_BLOCK_N))
+    grid = (rows, cdiv(max_context_len, LOGITS_BLOCK_N))
     _paged_mqa_logits_kernel[grid](
         q_arg, qsf_arg, kv_val, kv_bytes, weights, context_lens, block_table, out,
         heads, next_n, max_context_len, block_table.shape[1], kv_cache.shape[0], kv_cache.stride(0),
@@ -555,7 +547,7 @@ def _paged_mqa_logits_triton(q_values, q_scales, kv_cache, weights, context_lens
 
 
 def _topk_tile(topk: int, is_fp4: bool) -> tuple[int, int]:
-    tile = max(16, _next_pow2(topk))                   # the running best list, and keys per merge
+    tile = max(16, next_pow2(topk))                   # the running best list, and keys per merge
     return tile, min(tile, TOPK_SUB_N[is_fp4])
 
 

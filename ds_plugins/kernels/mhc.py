@@ -22,7 +22,7 @@ import numbers
 
 import torch
 
-from ds_plugins.kernels._runtime import HAVE_TRITON, INTERPRET, KernelInputError, expect, use_triton
+from ds_plugins.kernels._runtime import HAVE_TRITON, INTERPRET, KernelInputError, expect, next_pow2, use_triton
 from ds_plugins.kernels.reference.mhc import HC_SPLIT_BLOCK_K, hc_prenorm_gemm
 
 MAX_N = 128  # one program holds all N columns of its rows; V4 uses N = (2 + 4) * 4 = 24
@@ -113,7 +113,7 @@ def _launch_triton(a, b, d, sqr_sum, num_splits) -> None:
     split_stride_s = 0 if num_splits is None else sqr_sum.stride(0)
     # Interpreter: wide K steps (fewer, larger numpy ops); GPU: DeepGEMM's 64x64 tiles.
     block_m, block_k = (16, 512) if INTERPRET else (64, 64)
-    block_n = max(16, triton.next_power_of_2(n))
+    block_n = max(16, next_pow2(n))
     grid = (triton.cdiv(m, block_m), splits)
     _hc_prenorm_gemm_kernel[grid](
         a, b, d, sqr_sum,

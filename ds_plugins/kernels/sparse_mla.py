@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds_plugins.kernels._runtime import INTERPRET, KernelInputError, expect, use_triton
+from ds_plugins.kernels._runtime import INTERPRET, KernelInputError, cdiv, expect, next_pow2, use_triton
 from ds_plugins.kernels._tl import dot
 from ds_plugins.kernels.kv_cache import BYTES_PER_TOKEN, CACHE_DTYPES, HEAD_DIM
 from ds_plugins.kernels.reference.sparse_mla import ref_flash_mla_sparse_fwd, ref_sparse_decode
@@ -355,13 +355,9 @@ def _combine_splits_kernel(part_out_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_pt
 
 # ----------------------------------------- helpers ------------------------------------------
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _head_block(h_q: int, largest: int) -> int:
     """Heads per program: a power of two in [16, largest] (tl.dot needs >= 16 rows)."""
-    return min(largest, max(16, triton.next_power_of_2(h_q)))
+    return min(largest, max(16, next_pow2(h_q)))
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -395,7 +391,7 @@ def decode_num_splits(b: int, s_q: int, h_q: int, topk: int, extra_topk: int,
     """Split-KV count for a decode launch, from shapes only: enough splits that
     b * s_q * head blocks * splits reaches target_programs, but at least MIN_CANDIDATES_PER_SPLIT
     candidates per split, and at most MAX_SPLITS."""
-    programs = b * s_q * _cdiv(h_q, _head_block(h_q, DECODE_CONFIG.block_h))
+    programs = b * s_q * cdiv(h_q, _head_block(h_q, DECODE_CONFIG.block_h))
     wanted = max(1, target_programs // programs)
     return max(1, min(wanted, (topk + extra_topk) // MIN_CANDIDATES_PER_SPLIT, MAX_SPLITS))
 
@@ -441,7 +437,7 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     block_h = _head_block(h_q, config.block_h)
     sink = attn_sink.contiguous() if attn_sink is not None else out
     lengths = topk_length.contiguous() if topk_length is not None else indices
-    grid = (s_q, _cdiv(h_q, block_h))          # tokens on axis 0: up to 2^31 - 1 of them
+    grid = (s_q, cdiv(h_q, block_h))          # tokens on axis 0: up to 2^31 - 1 of them
     _sparse_prefill_kernel[grid](
         q, q.stride(0), q.stride(1),
         kv, kv.stride(0), kv.shape[0],
@@ -564,11 +560,11 @@ def _sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, e
     topk = indices.shape[-1]
     extra_topk = extra_indices.shape[-1] if extra_k_cache is not None else 0
     config = DECODE_CONFIG
-    chunks = _cdiv(topk, config.block_n) + _cdiv(extra_topk, config.block_n)
+    chunks = cdiv(topk, config.block_n) + cdiv(extra_topk, config.block_n)
     if num_splits is None:
         num_splits = decode_num_splits(b, s_q, h_q, topk, extra_topk, _target_programs(q.device))
-    chunks_per_split = _cdiv(chunks, min(num_splits, chunks))
-    num_splits = _cdiv(chunks, chunks_per_split)          # no split left without candidates
+    chunks_per_split = cdiv(chunks, min(num_splits, chunks))
+    num_splits = cdiv(chunks, chunks_per_split)          # no split left without candidates
 
     q = _last_dim_contiguous(q)
     indices = _last_dim_contiguous(indices)
@@ -596,7 +592,7 @@ def _sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, e
         dest = (part_out, part_lse)
     else:
         dest = (out, lse)
-    grid = (b * s_q, _cdiv(h_q, block_h), num_splits)
+    grid = (b * s_q, cdiv(h_q, block_h), num_splits)
     _sparse_decode_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         cache, cache.stride(0), cache.shape[1], cache.shape[0] * cache.shape[1],
@@ -611,7 +607,7 @@ def _sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, e
         num_warps=config.num_warps, num_stages=config.num_stages)
     if write_partial:
         combine_h = _head_block(h_q, COMBINE_BLOCK_H)
-        _combine_splits_kernel[(b * s_q, _cdiv(h_q, combine_h))](
+        _combine_splits_kernel[(b * s_q, cdiv(h_q, combine_h))](
             part_out, part_lse, sink, out, lse, h_q, num_splits,
             HAS_SINK=attn_sink is not None, BLOCK_H=combine_h, num_warps=4)
     return out, lse.transpose(1, 2)
