@@ -105,6 +105,28 @@ def vllm_rows(versions: list[str]) -> list[str]:
     return rows
 
 
+def patch_rows(engine: str, versions: list[str]) -> list[str]:
+    """Which ds-plugins patches are written for each version: each one's seam is checked in that
+    version's wheel source (tests/contract/test_<engine>_seams.py), and on installed versions the
+    engine tests run them in real processes."""
+    title = landscape.ENGINE_TITLE[engine]
+    rows = [f"| {title} | checked | patches written for this version, by the decision that selects them |",
+            "|---|---|---|"]
+    for v in versions:
+        if not landscape.is_supported(engine, v):
+            rows.append(f"| {v} | wheel source | none (no DeepSeek-V4) |")
+            continue
+        by_decision: dict[str, list[str]] = {}
+        for p in _declared(engine):
+            if p.covers(v):
+                decision, values = p.implements
+                key = f"{decision}={'/'.join(values)}"
+                by_decision.setdefault(key, []).append(f"`{p.id}`")
+        cell = "; ".join(f"{k}: {', '.join(ids)}" for k, ids in by_decision.items()) or "none"
+        rows.append(f"| {v} | {_checked(engine, v)} | {cell} |")
+    return rows
+
+
 def sglang_rows(versions: list[str]) -> list[str]:
     head = ("| SGLang | torch | checked | way in | DeepSeek-V4 | V4 attention on SM12x | DeepGEMM gate SM120 "
             "| DeepGEMM gate SM121 | pinned DeepGEMM SM12x kernels | SM90 / SM100 | SM120 | SM121 |")
@@ -156,9 +178,22 @@ def render() -> str:
         "",
         *vllm_rows(matrix["vllm"]["matrix"]),
         "",
+        "Through ds-plugins or through upstream: a `feature=value` above is served by the patches below "
+        "(each seam checked in that version's wheel source by `tests/contract/test_vllm_seams.py`; on "
+        "installed versions `tests/engines/` also runs them in vLLM's own processes, and calls every routed "
+        "kernel as vLLM does against its reference); every feature not listed stays on vLLM's own path.",
+        "",
+        *patch_rows("vllm", matrix["vllm"]["matrix"]),
+        "",
         "## SGLang",
         "",
         *sglang_rows(matrix["sglang"]["matrix"]),
+        "",
+        "Through ds-plugins or through upstream, as for vLLM (seams checked by "
+        "`tests/contract/test_sglang_seams.py`; `deepgemm=off|on` also sets SGLang's own "
+        "`SGLANG_ENABLE_JIT_DEEPGEMM` before its gate reads it):",
+        "",
+        *patch_rows("sglang", matrix["sglang"]["matrix"]),
         "",
         "## Facts behind the columns",
         "",

@@ -3,7 +3,8 @@
     python3 ci/test.py [pytest args...]
 
 1. builds or reuses the engine environments (ci/envs.py: real vLLM and SGLang wheels),
-2. fetches the official wheel of every version in ci/versions.toml (ci/upstream.py),
+2. fetches the official wheel of every version in ci/versions.toml (ci/upstream.py), and sets up
+   mooncake-transfer-engine with the native libraries it needs (ci/mooncake_env.py),
 3. checks that docs/compat.md is what ci/compat.py generates,
 4. runs pytest in the main environment, with every engine test required (not skipped); the
    kernel tests run the Triton kernels in Triton's CPU interpreter (tests/kernels/conftest.py).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ci import envs, upstream  # noqa: E402
+from ci import envs, mooncake_env, upstream  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -32,6 +33,8 @@ def main(argv: list[str]) -> int:
     # Triton's interpreter (the kernel tests) runs its tl.dot through NumPy's BLAS, whose threads
     # only fight each other on a 2-core machine: one thread each is measurably faster.
     env.setdefault("OMP_NUM_THREADS", "1")
+    # mooncake-transfer-engine and the native libraries it loads, for the KV-transfer tests (tests/kv/)
+    env.update(mooncake_env.setup())
     stale = subprocess.run([main_python, "ci/compat.py", "check"], cwd=upstream.ROOT, env=env).returncode
     tests = subprocess.run([main_python, "-m", "pytest", "-p", "no:cacheprovider", *argv],
                            cwd=upstream.ROOT, env=env).returncode

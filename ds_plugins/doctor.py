@@ -27,7 +27,7 @@ def _patch_rows(plan: Plan) -> list[dict]:
         if not p.selected_by(plan):
             state = f"not needed ({decision}={plan.value(decision)})"
         elif not p.covers(plan.engine_version):
-            state = f"skipped: written for {p.versions}"
+            state = f"not for this version (written for {p.versions})"
         else:
             state = "applies (checked against the live target when the engine imports it)"
         rows.append({"id": p.id, "target": p.target, "versions": p.versions, "state": state,
@@ -35,9 +35,20 @@ def _patch_rows(plan: Plan) -> list[dict]:
     return rows
 
 
+def served_without_patches(engine: str) -> frozenset:
+    """(decision, value) pairs an adapter serves without a runtime patch (a connector module, an env switch)."""
+    if engine == "vllm":
+        from .vllm import served_without_patches as source
+    else:
+        from ds_plugins_sglang import served_without_patches as source
+    return frozenset(source())
+
+
 def _unserved(plan: Plan) -> list[str]:
     from .registration import unserved
-    return unserved(plan, declared_patches(plan.engine)) if plan.status == "supported" else []
+    if plan.status != "supported":
+        return []
+    return unserved(plan, declared_patches(plan.engine), served_without_patches(plan.engine))
 
 
 def build(probe: Probe, env: Mapping[str, str] | None = None) -> dict:
@@ -71,6 +82,9 @@ def build(probe: Probe, env: Mapping[str, str] | None = None) -> dict:
             "patches": _patch_rows(plan) if plan.status == "supported" else [],
             "not_in_this_build": _unserved(plan),
         }
+        if engine == "vllm" and plan.status == "supported" and not probe.simulated:
+            from .vllm.mooncake_connector import MODULE_PATH, state
+            report["engines"][engine]["mooncake_connector"] = {"state": state(), "module_path": MODULE_PATH}
         served = [f"{d.id}={d.value}" for d in plan.decisions if d.active]
         report["engines"][engine]["acting"] = [
             x for x in served if x not in report["engines"][engine]["not_in_this_build"]]
@@ -151,11 +165,18 @@ def render(report: dict) -> str:
         for d in r["decisions"]:
             out.append(f"  {d['id']:<20}{d['value']:<13}{d['reason']}")
         if r["patches"]:
-            out.append("  patches:")
-            for patch in r["patches"]:
+            here = [p for p in r["patches"] if not p["state"].startswith("not for this version")]
+            out.append("  patches:" if here else "  patches: none written for this version")
+            for patch in here:
                 out.append(f"    {patch['id']}  {patch['target']}  [{patch['versions']}]  {patch['state']}")
+            if len(here) < len(r["patches"]):
+                out.append(f"    ({len(r['patches']) - len(here)} more for other {title} versions: "
+                           f"`ds-plugins doctor --json` lists them)")
         else:
             out.append(f"  patches: none declared for {title} in this build")
+        if r.get("mooncake_connector"):
+            mc = r["mooncake_connector"]
+            out.append(f"  mooncake connector: {mc['state']}; kv_connector_module_path={mc['module_path']}")
         if r["not_in_this_build"]:
             out.append(f"  not in this build yet: {', '.join(r['not_in_this_build'])} (upstream behaviour kept)")
     out += ["", f"Verdict: {report['verdict']}"]

@@ -39,7 +39,7 @@ class Patch(NamedTuple):
     engine: str  # "vllm" | "sglang"
     module: str  # dotted module path, e.g. "vllm.platforms.cuda"
     attribute: str  # dotted path inside it, e.g. "CudaPlatform.support_deep_gemm"
-    versions: str  # PEP 440 specifier set of engine versions it is written for
+    versions: str  # engine versions it is written for: ">=A" or ">=A,<B" (landscape.in_range)
     implements: tuple[str, tuple[str, ...]]  # (decision id, decision values that select it)
     why: str
     retire: str  # what upstream change or version makes it unnecessary
@@ -51,10 +51,8 @@ class Patch(NamedTuple):
         return f"{self.module}.{self.attribute}"
 
     def covers(self, version: str) -> bool:
-        # Imported here: only machines where a patch is selected pay for packaging.specifiers.
-        from packaging.specifiers import SpecifierSet
-        from packaging.version import Version
-        return SpecifierSet(self.versions).contains(Version(version), prereleases=True)
+        from .landscape import in_range
+        return in_range(self.versions, version, what=f"patch {self.id}")
 
     def selected_by(self, plan) -> bool:
         decision, values = self.implements
@@ -111,7 +109,7 @@ class Outcome:
 
     def __init__(self, patch_id: str, state: str, detail: str = "", undo: Callable[[], None] | None = None):
         self.patch_id = patch_id
-        self.state = state  # applied | armed | skipped | not-selected | failed | reverted
+        self.state = state  # applied | armed | skipped | not-selected | other-version | failed | reverted
         self.detail = detail
         self.undo = undo
 
@@ -188,7 +186,10 @@ def apply(patches: Iterable[Patch], plan, log: logging.Logger) -> list[Outcome]:
                 _record(Outcome(patch.id, "not-selected", f"{decision}={plan.value(decision)}"))
                 continue
             if not patch.covers(plan.engine_version):
-                _skip(patch, f"written for {plan.engine} {patch.versions}, found {plan.engine_version}", log)
+                # Version-ranged alternatives (the same route at another site in older releases): not a
+                # problem, so no warning; doctor and the record say which one this version uses.
+                _record(Outcome(patch.id, "other-version",
+                                f"written for {plan.engine} {patch.versions}, found {plan.engine_version}"))
                 continue
             module = sys.modules.get(patch.module)
             if module is not None:

@@ -6,7 +6,7 @@ rules or a named override). Values:
 
   deepgemm            upstream | off | on           (off/on: ds-plugins forces the engine's gate)
   sparse_mla          upstream | triton             (triton: ds-plugins' kernels)
-  indexer             upstream | triton
+  indexer             upstream | triton        (the indexer and V4's other DeepGEMM calls: o_proj einsum, mHC prenorm)
   cudagraph           upstream | on | off           (only about the ds-plugins kernel path)
   dsv4_model          upstream | ds_plugins         (ds_plugins: our vLLM model hook-up)
   ascend_quant        upstream | ds_plugins | vllm-ascend | off
@@ -190,14 +190,16 @@ def _indexer(probe: Probe, engine: str, version: str, facts, t: _Target) -> Deci
         return Decision("indexer", "upstream", reason)
     desc = _engine_desc(engine, version)
     if "sm12x_dsv4_attention" not in facts:
-        return Decision("indexer", "triton", f"{desc} has no SM12x indexer path for DeepSeek-V4")
+        return Decision("indexer", "triton", f"{desc} has no SM12x path for DeepSeek-V4's DeepGEMM calls "
+                                             f"(indexer logits, o_proj einsum, mHC prenorm)")
     if engine == "sglang":
         return Decision("indexer", "upstream", f"{desc} has its own SM120 path for DeepSeek-V4")
     lib = _effective_deep_gemm(probe, engine)
     if lib.has("sm12x"):
         return Decision("indexer", "upstream", f"{desc} computes indexer logits with {lib.describe()}'s SM12x kernels")
     return Decision("indexer", "triton",
-                    f"{desc} computes indexer logits with DeepGEMM, and {lib.describe()} has no SM12x kernels")
+                    f"{desc} computes V4's indexer logits, o_proj einsum and mHC prenorm with DeepGEMM, and "
+                    f"{lib.describe()} has no SM12x kernels")
 
 
 def _forced(d: Decision, overrides: Mapping[str, str], mapping: Mapping[str, str]) -> Decision:
@@ -260,7 +262,7 @@ def decide(probe: Probe, engine: str, env: Mapping[str, str] | None = None) -> P
         else:
             dsv4_model = Decision("dsv4_model", "ds_plugins",
                                   "DeepseekV4ForCausalLM and its MTP model go to the ds-plugins hook-up, "
-                                  "which routes sparse attention and the indexer to Triton")
+                                  "whose kernel routes (sparse attention, indexer, o_proj einsum, mHC prenorm) go to Triton")
     elif engine == "vllm":
         dsv4_model = Decision("dsv4_model", "upstream", "upstream kernels serve every feature here")
     else:

@@ -190,7 +190,39 @@ def flashinfer_at(root: Path | None, version: str | None) -> Library:
     has = FLASHINFER_SM120_SPARSE_MLA in text
     note = (f"flashinfer.decode provides {FLASHINFER_SM120_SPARSE_MLA}" if has
             else f"flashinfer.decode has no {FLASHINFER_SM120_SPARSE_MLA} (no SM120 sparse MLA for V4)")
+    if has:
+        missing = _missing_dsv4_decode_shapes(root)
+        if missing:
+            has = False
+            note = (f"flashinfer.decode provides {FLASHINFER_SM120_SPARSE_MLA}, but its SM120 dispatch table lacks "
+                    f"V4's decode shapes (heads, top-k) {', '.join(map(str, missing))}")
     return Library("flashinfer", True, version, str(root), ("sm120_sparse_mla",) if has else (), note)
+
+
+# (padded query heads per GPU, window top-k) of DeepSeek-V4's SM120 decode without speculative decoding:
+# 64 heads (Flash) or 128 (Pro) split over 1-8 GPUs, padded to FlashInfer's head buckets; the 128-token window.
+DSV4_SM120_DECODE_SHAPES = ((8, 128), (16, 128), (32, 128), (64, 128))
+
+
+def _missing_dsv4_decode_shapes(root: Path) -> tuple[tuple[int, int], ...]:
+    """V4 shapes absent from FlashInfer's `_DECODE_DSV4_DISPATCH`, where it is a literal set of (heads, top-k)
+    (vLLM >= 0.28 refuses a shape not in it). () where there is no such literal table to read: older
+    FlashInfer has none and vLLM checks only the entry point; newer builds compute it."""
+    table = root / "mla" / "_sparse_mla_sm120.py"
+    try:
+        text = table.read_text()
+    except OSError:
+        return ()
+    start = text.find("_DECODE_DSV4_DISPATCH = frozenset(")
+    if start < 0:
+        return ()
+    import ast
+    try:
+        node = ast.parse(text[start:text.index("\n)", start) + 2]).body[0].value
+        shapes = {tuple(e.value for e in elt.elts) for elt in node.args[0].elts}
+    except (ValueError, SyntaxError, AttributeError, IndexError):
+        return ()
+    return tuple(s for s in DSV4_SM120_DECODE_SHAPES if s not in shapes)
 
 
 def _simple(name: str, package: str, *dists: str) -> Library:

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__, patching, settings
@@ -38,6 +38,7 @@ class Registration:
         self.error: str | None = None
         self.outcomes: list = []
         self.elapsed_ms = 0.0  # time spent deciding and patching in this process (bench/startup.py)
+        self.notes: dict[str, str] = {}  # adapter features served without a patch: feature -> state line
 
     def snapshot(self) -> dict:
         """JSON-friendly view, for tests and debugging."""
@@ -52,6 +53,7 @@ class Registration:
             "outcomes": [o.public() for o in patching.outcomes().values()],
             "pid": os.getpid(),
             "elapsed_ms": round(self.elapsed_ms, 3),
+            "notes": dict(self.notes),
         }
 
 
@@ -127,7 +129,8 @@ def prepare(engine: str, via: str, log: logging.Logger) -> Registration:
         return reg
 
 
-def register(engine: str, via: str, patches: PatchSource, log: logging.Logger) -> Registration:
+def register(engine: str, via: str, patches: PatchSource, log: logging.Logger,
+             served: Callable[[], Collection[tuple[str, str]]] = frozenset) -> Registration:
     """The body of an engine entry point. Returns the per-process registration record."""
     with _lock:
         reg = get(engine)
@@ -152,7 +155,7 @@ def register(engine: str, via: str, patches: PatchSource, log: logging.Logger) -
             declared = list(patches())
             reg.outcomes = patching.apply(declared, plan, log)
             reg.state = "registered"
-            log.info("%s", summary(plan, declared, reg.outcomes))
+            log.info("%s", summary(plan, declared, reg.outcomes, served()))
         except Exception as exc:
             _fail(reg, exc, log)
         finally:
@@ -160,21 +163,26 @@ def register(engine: str, via: str, patches: PatchSource, log: logging.Logger) -
         return reg
 
 
-def unserved(plan: Plan, declared: Sequence[patching.Patch]) -> list[str]:
-    """Active decisions that no patch of this build implements."""
-    served = {(p.implements[0], v) for p in declared for v in p.implements[1]}
+def unserved(plan: Plan, declared: Sequence[patching.Patch],
+             without_patches: Collection[tuple[str, str]] = ()) -> list[str]:
+    """Active decisions that neither a patch of this build (for this engine version) nor a patch-less
+    feature of the adapter (`without_patches`: (decision, value) pairs, e.g. a connector module) implements."""
+    served = {(p.implements[0], v) for p in declared for v in p.implements[1]
+              if plan.engine_version is None or p.covers(plan.engine_version)} | set(without_patches)
     return [f"{d.id}={d.value}" for d in plan.decisions if d.active and (d.id, d.value) not in served]
 
 
-def summary(plan: Plan, declared: Sequence[patching.Patch], outcomes: Sequence[patching.Outcome]) -> str:
+def summary(plan: Plan, declared: Sequence[patching.Patch], outcomes: Sequence[patching.Outcome],
+            without_patches: Collection[tuple[str, str]] = ()) -> str:
     title = _title(plan.engine)
     head = f"ds-plugins {__version__} for {title} {plan.engine_version} on {plan.target}"
     active = [f"{d.id}={d.value}" for d in plan.decisions if d.active]
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.state] = counts.get(o.state, 0) + 1
-    patched = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "not-selected") or "none"
-    missing = unserved(plan, declared)
+    patched = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())
+                        if s not in ("not-selected", "other-version")) or "none"
+    missing = unserved(plan, declared, without_patches)
     body = f"acting on {', '.join(active)}" if active else "stepping aside: upstream handles every feature here"
     tail = f"; not in this build yet: {', '.join(missing)} (upstream behaviour kept)" if missing else ""
     return f"{head}: {body}; patches: {patched}{tail}. `ds-plugins doctor` explains each decision."

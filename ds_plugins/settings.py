@@ -49,9 +49,11 @@ SETTINGS: tuple[Setting, ...] = (
             "DeepSeek-V4 sparse attention. auto: ds-plugins' Triton kernels only where the engine has no "
             "SM12x path; triton: force them on any CUDA GPU; upstream: never."),
     Setting("DS_PLUGINS_INDEXER", ("auto", "triton", "upstream"), "auto",
-            "Lightning-indexer logits/top-k, same meaning as DS_PLUGINS_SPARSE_MLA."),
+            "V4's DeepGEMM calls on SM12x: lightning-indexer logits and schedule, grouped o_proj "
+            "fp8_einsum, mHC prenorm GEMM; same values as DS_PLUGINS_SPARSE_MLA."),
     Setting("DS_PLUGINS_CUDAGRAPH", ("auto", "on", "off"), "auto",
-            "CUDA graphs on the ds-plugins kernel path (auto = on; they are graph-safe). "
+            "CUDA graphs on the ds-plugins kernel path (auto = on; they are graph-safe; off = as --enforce-eager, "
+            "for DeepSeek-V4 on that path only). "
             "Has no effect on upstream paths."),
     Setting("DS_PLUGINS_DSV4_MODEL", ("auto", "upstream"), "auto",
             "upstream: never register ds-plugins' DeepSeek-V4 model hook-up (vLLM); this also "

@@ -27,14 +27,34 @@ def declared_patches():
     return PATCHES
 
 
+def served_without_patches() -> frozenset:
+    """Decisions served with no runtime patch: deepgemm=on is SGLang's own switch, set in the
+    environment (deepgemm=off sets it too, and has a patch for an already-imported gate)."""
+    return frozenset({("deepgemm", "on")})
+
+
+def _apply_env(reg) -> None:
+    """SGLang's own switches from the decisions (SGLANG_ENABLE_JIT_DEEPGEMM, ...), before SGLang's
+    import-time reads of them run here or in any worker it spawns."""
+    if reg.plan is None or reg.plan.status != "supported" or reg.state not in ("prepared", "registered"):
+        return
+    try:
+        from .deepgemm_gate import apply_env
+        apply_env(reg.plan, _log())
+    except Exception as exc:  # never into SGLang
+        _log().error("ds-plugins: could not set SGLang's DeepGEMM switch (%s: %s)", type(exc).__name__, exc)
+
+
 def register(via: str = "sglang.srt.plugins") -> None:
     """SGLang general-plugin entry point: idempotent, cheap, never raises into SGLang."""
     try:
-        from ds_plugins.registration import register as run
+        from ds_plugins.registration import prepare as decide, register as run
     except Exception as exc:  # a broken install must not take SGLang down
         _log().error("ds-plugins could not load (%s: %s); SGLang runs as shipped", type(exc).__name__, exc)
         return
-    run("sglang", via=via, patches=declared_patches, log=_log())
+    # Decide and set SGLang's switch first: a patch's check reads it (the user's own value wins).
+    _apply_env(decide("sglang", via=via, log=_log()))
+    run("sglang", via=via, patches=declared_patches, log=_log(), served=served_without_patches)
 
 
 def prepare(via: str) -> None:
@@ -44,7 +64,7 @@ def prepare(via: str) -> None:
     except Exception as exc:
         _log().error("ds-plugins could not load (%s: %s); SGLang runs as shipped", type(exc).__name__, exc)
         return
-    run("sglang", via=via, log=_log())
+    _apply_env(run("sglang", via=via, log=_log()))
 
 
 def sglang_path() -> str:

@@ -1,11 +1,16 @@
 """Every runtime patch ds-plugins applies to SGLang (each documented in patches/<id>.toml).
 
-Empty in the foundation release: DeepGEMM gating and SM12x kernel routing arrive
-with their own issues, each as a declared Patch.
+Applied by ds_plugins.registration in every SGLang process the entry point or the PYTHONPATH hook
+reaches (launcher, schedulers/TP workers, detokenizer), each at the moment SGLang imports its target.
 """
 
 from __future__ import annotations
 
 from ds_plugins.patching import Patch
 
-PATCHES: tuple[Patch, ...] = ()
+from . import deepgemm_gate, routes
+
+PATCHES: tuple[Patch, ...] = (
+    *deepgemm_gate.PATCHES,   # deepgemm=off (with SGLANG_ENABLE_JIT_DEEPGEMM, set in __init__)
+    *routes.PATCHES,          # sparse_mla=triton, indexer=triton
+)

@@ -17,6 +17,39 @@ def declared_patches():
     return PATCHES
 
 
+def served_without_patches() -> frozenset[tuple[str, str]]:
+    """Decisions this adapter serves with no runtime patch: the Mooncake connector is a module vLLM
+    imports itself (`kv_connector_module_path`); the Ascend quantization config goes in through vLLM's
+    public register_quantization_config (ascend_quant.install, below)."""
+    return frozenset({("mooncake_connector", "ds_plugins"), ("ascend_quant", "ds_plugins")})
+
+
 def register() -> None:
     from ..registration import register as run
-    run("vllm", via="vllm.general_plugins", patches=declared_patches, log=logging.getLogger(LOGGER_NAME))
+    log = logging.getLogger(LOGGER_NAME)
+    reg = run("vllm", via="vllm.general_plugins", patches=declared_patches, log=log,
+              served=served_without_patches)
+    if reg.state == "registered" and reg.plan is not None and reg.plan.status == "supported":
+        _ascend_quant(reg, log)
+
+
+# vLLM checks a --quantization name when it builds a ModelConfig, i.e. after `vllm.config` is imported
+# in full. The quantization package itself is imported halfway through `vllm.config` (a circular
+# import our config class cannot join), so the package that completes later is the trigger.
+CONFIG = "vllm.config"
+
+
+def _ascend_quant(reg, log: logging.Logger) -> None:
+    """`--quantization ascend`, in every process: registered the moment vLLM has imported `vllm.config`
+    (before any ModelConfig can check the name), never by importing vLLM modules ourselves at plugin
+    time: that would load torch into every vLLM process, also where nobody uses the method."""
+    if reg.plan.value("ascend_quant") != "ds_plugins" or "ascend_quant" in reg.notes:
+        return
+    from ..importhook import when_imported
+
+    def install(_module) -> None:
+        from .ascend_quant import install as run
+        reg.notes["ascend_quant"] = run(reg.plan, log)  # never raises
+
+    reg.notes["ascend_quant"] = f"armed: registers when vLLM has imported {CONFIG}"
+    when_imported(CONFIG, install)  # runs at once if vLLM has imported it already

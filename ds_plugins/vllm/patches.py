@@ -1,11 +1,19 @@
 """Every runtime patch ds-plugins applies to vLLM (each documented in patches/<id>.toml).
 
-Empty in the foundation release: the DeepGEMM gate, the DeepSeek-V4 model hook-up
-and the kernel routing arrive with their own issues, each as a declared Patch.
+Grouped by what they implement; each is selected by one policy decision and applies in every vLLM
+process (general plugins run in the API server, the engine core, every worker and the model-inspection
+subprocess), at the moment vLLM imports the target module.
 """
 
 from __future__ import annotations
 
 from ..patching import Patch
+from . import deepgemm_gate
+from .dsv4 import cudagraph, registry, routes
 
-PATCHES: tuple[Patch, ...] = ()
+PATCHES: tuple[Patch, ...] = (
+    *deepgemm_gate.PATCHES,   # deepgemm=off|on
+    registry.PATCH,           # dsv4_model=ds_plugins
+    *routes.PATCHES,          # sparse_mla=triton, indexer=triton
+    cudagraph.PATCH,          # cudagraph=off
+)

@@ -26,7 +26,16 @@ def test_simulate_the_issue_example(capsys):
     assert lines == {"deepgemm": "upstream", "sparse_mla": "triton", "indexer": "triton",
                      "dsv4_model": "ds_plugins", "cudagraph": "on"}
     assert "vLLM 0.22.1 has no SM12x sparse-MLA path" in out
-    assert "not in this build yet" in out  # honest about what this release implements
+    assert "not in this build yet" not in out  # every decision there is served by this build
+    assert "vllm.route.decode  vllm.models.deepseek_v4.nvidia.flashmla.flash_mla_with_kvcache" in out
+
+
+def test_doctor_says_what_this_build_does_not_implement(capsys, monkeypatch):
+    # SGLang 0.5.13+ has its own SM120 indexer; forcing ours there has no route in this build
+    monkeypatch.setenv("DS_PLUGINS_INDEXER", "triton")
+    code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "sglang==0.5.15", "--capability", "12.0")
+    assert code == 0
+    assert "not in this build yet: indexer=triton (upstream behaviour kept)" in out
 
 
 def test_simulate_json_has_every_decision_with_a_reason(capsys):

@@ -59,3 +59,14 @@ def test_the_check_catches_each_kind_of_drift(tmp_path):
         "vllm.example: versions is '>=0.25' in the record, '>=0.24' in code"]
     (tmp_path / "orphan.toml").write_text("id = 'orphan'\n")
     assert "orphan: record without a declared patch" in mismatches([patch], tmp_path)
+
+
+def test_every_declared_range_has_the_form_patches_use():
+    """Patch.covers reads ">=A" or ">=A,<B" only (cheap at engine start-up); anything else must fail here."""
+    from ds_plugins.landscape import in_range
+    for patch in declared_patches("vllm") + declared_patches("sglang"):
+        in_range(patch.versions, "0.1.0", what=patch.id)  # raises on another form
+    import pytest
+    with pytest.raises(ValueError, match="unsupported range clause"):
+        in_range("~=0.24", "0.24.1")
+    assert in_range(">=0.24,<0.25", "0.24.0rc1") and not in_range(">=0.24,<0.25", "0.25.0")

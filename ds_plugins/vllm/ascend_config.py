@@ -1,0 +1,167 @@
+"""The "ascend" QuantizationConfig for stock vLLM (imports vLLM: loaded only by ascend_quant._register).
+
+The checkpoint is read and validated in `maybe_update_config`, which vLLM calls while it builds the
+VllmConfig, before the model exists: a bad checkpoint stops `vllm serve` there, naming file and key.
+Layers then ask `get_quant_method(layer, prefix)`; prefixes are vLLM module names, which are matched
+to checkpoint modules through the DeepSeek-V4 renames (ds_plugins.quant.ascend.names), the model's
+own `hf_to_vllm_mapper` (given to `apply_vllm_mapper`) and its `packed_modules_mapping`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+from ..quant.ascend import names
+from ..quant.ascend.description import FILENAME
+from ..quant.ascend.errors import AscendFormatError
+from ..quant.ascend.loader import Checkpoint
+from ..quant.ascend.schemes import EXPERT_RE
+
+
+class AscendQuantConfig(QuantizationConfig):
+    def __init__(self, config: dict[str, Any] | None = None):
+        super().__init__()
+        self.raw = config or {}
+        self.checkpoint: Checkpoint | None = None
+        self._mapper = None
+        self._index: dict[str, set[str]] | None = None  # vLLM module name -> schemes
+        self._experts: dict[str, dict[str, set[str]]] | None = None  # vLLM MoE prefix -> member -> schemes
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "ascend"
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80  # Triton int8 tensor-core dots: Ampere and newer
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # the description is read in maybe_update_config, from the model directory
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "AscendQuantConfig":
+        return cls(config)
+
+    # --- loading the description -------------------------------------------------------------
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None):
+        directory = model_name
+        if not os.path.isdir(directory):
+            from huggingface_hub import snapshot_download
+            directory = snapshot_download(model_name, revision=revision, allow_patterns=["*.json", "*.safetensors"])
+        self.checkpoint = Checkpoint(directory)
+        self.num_hidden_layers = getattr(hf_config, "num_hidden_layers", None) if hf_config is not None else None
+        self._index = None
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper):
+        self._mapper = hf_to_vllm_mapper
+        self._index = None
+
+    # --- names ---------------------------------------------------------------------------------
+    def _engine_names(self, key: str) -> set[str]:
+        out = {key}
+        desc = self.checkpoint.description
+        if desc.is_deepseek_native:
+            out.add(names.dsv4_to_vllm(key, self.num_hidden_layers or 0))
+        if self._mapper is not None:
+            mapped = self._mapper._map_name(key)
+            if mapped is not None:
+                out.add(mapped)
+        return out
+
+    def _build_index(self) -> None:
+        ckpt = self._need_checkpoint()
+        index: dict[str, set[str]] = {}
+        experts: dict[str, dict[str, set[str]]] = {}
+        for key in ckpt.tensors:
+            module = key.rpartition(".")[0]
+            scheme = ckpt.scheme_of(module)
+            for name in self._engine_names(key):
+                engine_module = name.rpartition(".")[0]
+                index.setdefault(engine_module, set()).add(scheme)
+                m = EXPERT_RE.match(engine_module)
+                if m:
+                    experts.setdefault(m["moe"], {}).setdefault(engine_module, set()).add(scheme)
+        self._index, self._experts = index, experts
+
+    def _need_checkpoint(self) -> Checkpoint:
+        if self.checkpoint is None:
+            raise ValueError(f"--quantization ascend: {FILENAME} was not loaded (maybe_update_config was not "
+                             "called with the model directory)")
+        return self.checkpoint
+
+    def scheme_for(self, prefix: str, moe: bool = False) -> str:
+        """The one scheme of the checkpoint modules behind vLLM layer `prefix` (FLOAT if none)."""
+        if self._index is None:
+            self._build_index()
+        if moe:
+            members = self._experts.get(prefix, {})
+            sources = {m: s for m, s in members.items()}
+        else:
+            sources = {m: self._index.get(m, set()) for m in self.shards_of(prefix)}
+        found = {s for v in sources.values() for s in v}
+        if len(found) > 1:
+            detail = ", ".join(f"{m}: {'/'.join(sorted(v)) or 'absent'}" for m, v in sorted(sources.items()))
+            raise AscendFormatError(self.checkpoint.description.path, prefix,
+                                    f"vLLM runs these checkpoint modules as one layer but their quant types differ ({detail})")
+        return found.pop() if found else "FLOAT"
+
+    def shards_of(self, prefix: str) -> list[str]:
+        """The checkpoint modules (vLLM-renamed) behind layer `prefix`: itself, or the shards of a fused
+        layer, from the model's packed_modules_mapping or, for models that do not declare it (vLLM 0.28's
+        DeepSeek-V4), the fused layers vLLM builds (names.VLLM_FUSED)."""
+        if self._index is None:
+            self._build_index()
+        if prefix in self._index:
+            return [prefix]
+        parent, _, last = prefix.rpartition(".")
+        shards = self.packed_modules_mapping.get(last) or names.VLLM_FUSED.get(last, ())
+        found = [f"{parent}.{s}" if parent else s for s in shards]
+        return [m for m in found if m in self._index] or [prefix]
+
+    # --- methods -------------------------------------------------------------------------------
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        from . import ascend_methods as methods
+        if isinstance(layer, LinearBase):
+            scheme = self.scheme_for(prefix)
+            if scheme == "FLOAT":
+                return UnquantizedLinearMethod()
+            if scheme == "W8A8_DYNAMIC":
+                return methods.W8A8DynamicLinearMethod(self, prefix)
+            if scheme == "W8A8":
+                return methods.W8A8StaticLinearMethod(self, prefix)
+            raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not a linear scheme")
+        if isinstance(layer, RoutedExperts):
+            scheme = self.scheme_for(prefix, moe=True)
+            if scheme == "FLOAT":
+                from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+                    UnquantizedFusedMoEMethod,
+                )
+                return UnquantizedFusedMoEMethod(layer.moe_config)
+            if scheme in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
+                return methods.AscendMoEMethod(layer.moe_config, scheme, self, prefix)
+            raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not an MoE scheme")
+        if isinstance(layer, VocabParallelEmbedding):
+            scheme = self.scheme_for(prefix)
+            if scheme != "FLOAT":
+                raise AscendFormatError(self.checkpoint.description.path, prefix,
+                                        f"quantized embeddings / LM heads ({scheme}) are not supported")
+        return None
+
+    def header(self, prefix_re: str) -> list:
+        """Header infos of checkpoint tensors whose vLLM name matches prefix_re (for param dtypes)."""
+        pat = re.compile(prefix_re)
+        return [info for key, info in self._need_checkpoint().tensors.items()
+                if any(pat.match(n) for n in self._engine_names(key))]

@@ -1,0 +1,137 @@
+"""Where SGLang's DeepSeek-V4 path calls a kernel with no SM12x build, and what answers instead.
+
+Every V4 call site in SGLang 0.5.12-0.5.23 imports its kernel inside the calling function
+(`import flash_mla; flash_mla.flash_mla_with_kvcache(...)`, `from deep_gemm import fp8_paged_mqa_logits
+as fn`, `from ...flash_mla_sm120 import flash_mla_with_kvcache_sm120`): the name is looked up in the
+kernel's module at each call, and no module holds a copy of it. So a route rebinds the function in that
+module, the moment SGLang (or the library) imports it; ds-plugins never imports it itself.
+
+- 0.5.12 (no SM12x path of its own; decisions sparse_mla=triton and indexer=triton by default on SM12x):
+  FlashMLA's `flash_mla_with_kvcache` (V4 decode and prefill both go through it) and the
+  `get_mla_metadata` plan it takes; DeepGEMM's `fp8_paged_mqa_logits` and `get_paged_mqa_logits_metadata`
+  (the C4 indexer) and `tf32_hc_prenorm_gemm` (mHC prenorm). These patch the `flash_mla` and
+  `deep_gemm` modules, in SGLang processes only (the SGLang adapter is what applies them).
+- 0.5.13+ (SGLang's own SM120 FlashMLA replacement): only when forced (DS_PLUGINS_SPARSE_MLA=triton),
+  SGLang's `flash_mla_with_kvcache_sm120` is replaced by ours; it moved from
+  sglang.srt.layers.attention to sglang.kernels.ops.attention in 0.5.16.
+
+Not routed (named in the report and the README): 0.5.12's grouped o_proj `deep_gemm.fp8_einsum` and its
+`transform_sf_into_required_layout` (SGLANG_OPT_FP8_WO_A_GEMM=0 keeps SGLang off that path), and the
+0.5.13+ indexer under DS_PLUGINS_INDEXER=triton.
+
+A target that does not look as written for (not callable, or taking a named argument our kernel does
+not) is skipped with one warning by ds_plugins.patching, and SGLang keeps its own function.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+from ds_plugins.patching import Patch, Target, replace_attribute
+
+SPARSE = ("sparse_mla", ("triton",))
+INDEXER = ("indexer", ("triton",))
+V0512 = ">=0.5.12,<0.5.13"
+RETIRE_0512 = "SGLang 0.5.13 ships its own SM120 V4 path (policy then says upstream); drop with 0.5.12 support"
+RETIRE_FORCED = "never: DS_PLUGINS_SPARSE_MLA=triton is a user override of SGLang's own SM120 kernels"
+
+
+def parameters(func: Any) -> tuple[str, ...] | None:
+    """Named parameters of a plain Python function; None for a builtin (pybind) or a *args forwarder."""
+    code = getattr(func, "__code__", None)
+    if code is None or code.co_flags & 0x04:  # CO_VARARGS says nothing about the call shape
+        return None
+    return code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+
+
+def flash_mla_with_kvcache_sm120(*, q, k_cache, head_dim_v, indices, softmax_scale=None, topk_length=None,
+                                 attn_sink=None, extra_k_cache=None, extra_indices_in_kvcache=None,
+                                 extra_topk_length=None):
+    """SGLang's `flash_mla_with_kvcache_sm120(**kwargs)` (0.5.13+, keyword-only), on ds-plugins' sparse
+    FP8 decode kernel: same keywords, same (out [b, s_q, h_q, head_dim_v], lse) result. SGLang plans
+    nothing for it, so each call takes a fresh plan (it holds no device state)."""
+    from ds_plugins.kernels import flash_mla_with_kvcache, get_mla_metadata
+    plan, _ = get_mla_metadata()
+    return flash_mla_with_kvcache(q, k_cache, None, None, head_dim_v, plan, softmax_scale=softmax_scale,
+                                  is_fp8_kvcache=True, indices=indices, attn_sink=attn_sink,
+                                  extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
+                                  topk_length=topk_length, extra_topk_length=extra_topk_length)
+
+
+def adapter(name: str):
+    """What a route calls: this module's adapter of that name, else ds_plugins.kernels' kernel."""
+    if name == "flash_mla_with_kvcache_sm120":
+        return flash_mla_with_kvcache_sm120
+    import ds_plugins.kernels as kernels
+    return getattr(kernels, name)
+
+
+class Route(NamedTuple):
+    id: str
+    module: str
+    attribute: str
+    versions: str
+    implements: tuple[str, tuple[str, ...]]
+    why: str
+    retire: str
+
+
+def _check(route: Route):
+    def check(target: Target) -> str | None:
+        if not callable(target.value):
+            return f"{route.attribute} is not a function here"
+        theirs = parameters(target.value)
+        if not theirs:
+            return None  # builtin, or (**kwargs) as SGLang's sm120 entry: the contract tests check callers
+        ours = parameters(adapter(route.attribute)) or ()
+        extra = sorted(set(theirs) - set(ours))
+        if extra:
+            return f"{route.attribute} takes {', '.join(extra)} here, which the ds-plugins kernel does not"
+        return None
+    return check
+
+
+def _install(route: Route):
+    def factory(original: Any):
+        kernel = adapter(route.attribute)
+
+        # A distinct function per route: it carries its own patch marker.
+        @functools.wraps(kernel)
+        def routed(*args, **kwargs):
+            return kernel(*args, **kwargs)
+        routed.__ds_plugins_route__ = route.id  # type: ignore[attr-defined]
+        routed.__ds_plugins_original__ = original  # type: ignore[attr-defined]
+        return routed
+    return replace_attribute(factory)
+
+
+def _patch(route: Route) -> Patch:
+    return Patch(route.id, "sglang", route.module, route.attribute, route.versions, route.implements,
+                 route.why, route.retire, _check(route), _install(route))
+
+
+FLASHMLA = "FlashMLA has no SM12x kernels and SGLang 0.5.12 calls it for every V4 {} (decode and prefill)"
+DEEPGEMM = "DeepGEMM {} has no SM12x kernel and SGLang 0.5.12's V4 {} calls it whatever the DeepGEMM gate says"
+SM120 = ("DS_PLUGINS_SPARSE_MLA=triton: SGLang's SM120 FlashMLA replacement is swapped for the ds-plugins "
+         "Triton kernel at its call sites (decode, and prefill on the SM120 branch)")
+ROUTES: tuple[Route, ...] = (
+    Route("sglang.route.decode", "flash_mla", "flash_mla_with_kvcache", V0512, SPARSE,
+          FLASHMLA.format("sparse attention"), RETIRE_0512),
+    Route("sglang.route.decode_plan", "flash_mla", "get_mla_metadata", V0512, SPARSE,
+          "the routed flash_mla_with_kvcache takes ds-plugins' plan, so the plan SGLang asks FlashMLA for "
+          "(_create_flashmla_metadata) comes from ds-plugins too", RETIRE_0512),
+    Route("sglang.route.indexer_logits", "deep_gemm", "fp8_paged_mqa_logits", V0512, INDEXER,
+          DEEPGEMM.format("fp8_paged_mqa_logits", "C4 indexer"), RETIRE_0512),
+    Route("sglang.route.indexer_schedule", "deep_gemm", "get_paged_mqa_logits_metadata", V0512, INDEXER,
+          DEEPGEMM.format("get_paged_mqa_logits_metadata", "indexer metadata"), RETIRE_0512),
+    Route("sglang.route.mhc_prenorm", "deep_gemm", "tf32_hc_prenorm_gemm", V0512, INDEXER,
+          DEEPGEMM.format("tf32_hc_prenorm_gemm", "mHC prenorm (SGLANG_OPT_DEEPGEMM_HC_PRENORM, on by default)"),
+          RETIRE_0512),
+    Route("sglang.route.decode_sm120_legacy", "sglang.srt.layers.attention.flash_mla_sm120",
+          "flash_mla_with_kvcache_sm120", ">=0.5.13,<0.5.16", SPARSE, SM120, RETIRE_FORCED),
+    Route("sglang.route.decode_sm120", "sglang.kernels.ops.attention.flash_mla_sm120",
+          "flash_mla_with_kvcache_sm120", ">=0.5.16", SPARSE, SM120, RETIRE_FORCED),
+)
+
+PATCHES: tuple[Patch, ...] = tuple(_patch(r) for r in ROUTES)

@@ -1,0 +1,122 @@
+"""One side of a two-process transfer, run as a script by the tests (mooncake loads only in a child).
+
+    python peer_script.py '<json spec>'
+
+Reads commands as JSON lines on stdin, writes JSON lines (one event each) on stdout.
+Memory: one zeroed numpy buffer per region of the V4-shaped layout in the spec; a source fills its
+buffers with bytes derived from its seed, which the sink regenerates to check what it received.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+
+from ds_plugins.kv.mooncake.engine import Engine
+from ds_plugins.kv.mooncake.messages import Region
+from ds_plugins.kv.mooncake.peers import KVSink, KVSource, SourceRef
+
+
+def emit(kind: str, **data) -> None:
+    print(json.dumps({"event": kind, **data}), flush=True)
+
+
+def buffers(layout: list[list[dict]]) -> list[list[np.ndarray]]:
+    return [[np.zeros(r["stride"] * r["num_blocks"], dtype=np.uint8) for r in g] for g in layout]
+
+
+def fill(bufs: list[list[np.ndarray]], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for g in bufs:
+        for b in g:
+            b[:] = rng.integers(0, 256, size=b.size, dtype=np.uint8)
+
+
+def regions(layout, bufs) -> list[list[Region]]:
+    return [[Region(base=b.ctypes.data, block_len=r["block_len"], stride=r["stride"], num_blocks=r["num_blocks"])
+             for r, b in zip(gl, gb)] for gl, gb in zip(layout, bufs)]
+
+
+def leaks(engine: Engine) -> dict:
+    return {"registered": len(engine.registered),
+            "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("mooncake-"))}
+
+
+def run_source(spec: dict) -> None:
+    bufs = buffers(spec["layout"])
+    fill(bufs, spec["seed"])
+    engine = Engine("127.0.0.1", "tcp", "", spec.get("transfer_timeout_s", 5))
+    src = KVSource(engine, spec["engine_id"], 0, regions(spec["layout"], bufs), "127.0.0.1", spec["port"],
+                   spec.get("abort_timeout_s", 30))
+    for rid in spec["expose"]:
+        src.expose(rid)
+    emit("ready", session=engine.session, port=src.address[1])
+    done: set[str] = set()
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    while not stop.is_set():  # until the test says quit (any line on stdin, or EOF)
+        for rid in src.poll_finished():
+            done.add(rid)
+            emit("finished", request_id=rid, failed=src.failed.get(rid))
+        time.sleep(0.02)
+    src.close()
+    emit("closed", pending=sorted(src.pending), rejected=src.rejected, **leaks(engine))
+    engine.close()
+
+
+def run_sink(spec: dict) -> None:
+    layout = spec["layout"]
+    bufs = buffers(layout)
+    engine = Engine("127.0.0.1", "tcp", "", spec.get("transfer_timeout_s", 5))
+    sink = KVSink(engine, spec["engine_id"], regions(layout, bufs), spec.get("handshake_timeout_s", 2),
+                  num_workers=2, null_block=0)
+    expected = buffers(layout)
+    fill(expected, spec["source_seed"])
+    emit("ready", session=engine.session)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        t0 = time.perf_counter()
+        ref = SourceRef("127.0.0.1", cmd["port"], cmd.get("engine_id", spec["source_engine_id"]), cmd["request_id"])
+        sink.fetch(cmd["request_id"], ref, cmd["local"], cmd["remote"])
+        while not (results := sink.poll()):
+            time.sleep(0.005)
+        res = results[0]
+        emit("result", request_id=res.request_id, ok=res.ok, nbytes=res.nbytes, error=res.error,
+             failed_blocks=sorted(res.failed_blocks), seconds=time.perf_counter() - t0,
+             check=verify(layout, bufs, expected, cmd["local"], cmd["remote"], set(res.failed_blocks)))
+    sink.close()
+    emit("closed", inflight=sink.inflight, open_sockets=sink.open_sockets, **leaks(engine))
+    engine.close()
+
+
+def verify(layout, got, expected, local_blocks, remote_blocks, failed) -> dict:
+    """Per region: filled blocks equal the source's blocks (block_len bytes), everything else still zero."""
+    mismatched, dirty, filled = [], [], 0
+    for g, (gl, gg, ge) in enumerate(zip(layout, got, expected)):
+        pairs = {lid: remote_blocks[g][i] for i, lid in enumerate(local_blocks[g])
+                 if lid != 0 and lid not in failed and i < len(remote_blocks[g]) and remote_blocks[g][i] != 0}
+        for r, (rl, bg, be) in enumerate(zip(gl, gg, ge)):
+            s, n = rl["stride"], rl["block_len"]
+            for blk in range(rl["num_blocks"]):
+                mine = bg[blk * s:(blk + 1) * s]
+                if blk in pairs:
+                    rid = pairs[blk]
+                    if not np.array_equal(mine[:n], be[rid * s:rid * s + n]):
+                        mismatched.append([g, r, blk])
+                    if mine[n:].any():
+                        dirty.append([g, r, blk])  # padding past block_len must not be written
+                    filled += 1
+                elif mine.any():
+                    dirty.append([g, r, blk])
+    return {"mismatched": mismatched, "dirty": dirty, "filled_blocks": filled}
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    {"source": run_source, "sink": run_sink}[spec["role"]](spec)

@@ -1,0 +1,126 @@
+"""Scheduler side of the connector against a real vLLM (run in each live vLLM env by test_mooncake_vllm.py).
+
+Real objects throughout: VllmConfig (CPU device config), the connector made by vLLM's own
+KVConnectorFactory from kv_connector_module_path, Request, and a real KVCacheManager whose hybrid
+coordinator allocates blocks for three KV groups shaped like DeepSeek-V4's (two full-attention groups,
+as the compressed KV and the indexer keys are, and one sliding-window group). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from vllm.config import DeviceConfig, KVTransferConfig, VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole, supports_hma
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+from vllm.v1.request import Request, RequestStatus
+
+BS = 16
+PROMPT = 100  # 7 blocks of 16, the last one partial
+
+
+def kv_cache_config(num_blocks: int = 64) -> KVCacheConfig:
+    full = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=584, dtype=torch.uint8)
+    swa = SlidingWindowSpec(block_size=BS, num_kv_heads=1, head_size=584, dtype=torch.uint8, sliding_window=32)
+    groups = [KVCacheGroupSpec(["layers.0.compressed"], full), KVCacheGroupSpec(["layers.0.swa"], swa),
+              KVCacheGroupSpec(["layers.0.indexer"], full)]
+    # The scheduler never reads kv_cache_tensors (whose fields differ between 0.28 and 0.30): none given.
+    return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
+
+
+def connector(role: str, engine_id: str, extra: dict | None = None):
+    kv = KVTransferConfig(kv_connector="MooncakeConnectorV1",
+                          kv_connector_module_path="ds_plugins.vllm.mooncake_connector",
+                          kv_role=role, engine_id=engine_id, kv_port="30000",
+                          kv_connector_extra_config={"host": "10.1.2.3", "prefill": {"dp_size": 2, "tp_size": 1},
+                                                     "decode": {"dp_size": 4, "tp_size": 1}, **(extra or {})})
+    cfg = VllmConfig(kv_transfer_config=kv, device_config=DeviceConfig(device="cpu"))
+    cfg.scheduler_config.disable_hybrid_kv_cache_manager = False
+    cfg.parallel_config.data_parallel_rank = 1
+    kcc = kv_cache_config()
+    return KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, kcc), kcc
+
+
+def manager(kcc) -> KVCacheManager:
+    return KVCacheManager(kcc, max_model_len=1024, scheduler_block_size=BS, hash_block_size=BS, enable_caching=False)
+
+
+def request(rid: str, params: dict | None) -> Request:
+    sp = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params} if params is not None else None)
+    return Request(request_id=rid, prompt_token_ids=list(range(1000, 1000 + PROMPT)), sampling_params=sp,
+                   pooling_params=None)
+
+
+def main() -> None:
+    out: dict = {}
+    # ---------------- prefill instance
+    p, kcc = connector("kv_producer", "p0")
+    out["class"] = f"{type(p).__module__}.{type(p).__qualname__}"
+    out["hma"] = supports_hma(p)
+    mgr = manager(kcc)
+    req = request("p-req", {"do_remote_decode": True, "do_remote_prefill": False})
+    assert p.get_num_new_matched_tokens(req, 0) == (0, False)
+    blocks = mgr.allocate_slots(req, PROMPT)
+    p.update_state_after_alloc(req, blocks, 0)
+    block_ids = mgr.get_block_ids(req.request_id)
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    delay, params = p.request_finished_all_groups(req, block_ids)
+    meta = p.build_connector_meta(SchedulerOutput.make_empty())
+    out["p"] = {"delay": delay, "params": params, "send": meta.send, "block_ids": [list(g) for g in block_ids]}
+    # An aborted prefill hands nothing off and keeps nothing.
+    aborted = request("p-aborted", {"do_remote_decode": True})
+    mgr.allocate_slots(aborted, PROMPT)
+    aborted.status = RequestStatus.FINISHED_ABORTED
+    out["p_aborted"] = p.request_finished_all_groups(aborted, mgr.get_block_ids(aborted.request_id))
+    out["p_meta_after"] = p.build_connector_meta(SchedulerOutput.make_empty()).send
+
+    # ---------------- decode instance, fed P's params as the proxy would
+    d, kcc = connector("kv_consumer", "d0")
+    dmgr = manager(kcc)
+    dreq = request("d-req", dict(params))
+    out["d_params_seen"] = dreq.kv_transfer_params == params
+    computed, num_computed = dmgr.get_computed_blocks(dreq)[:2]
+    n, load_async = d.get_num_new_matched_tokens(dreq, num_computed)
+    blocks = dmgr.allocate_slots(dreq, 0, num_new_computed_tokens=num_computed, new_computed_blocks=computed,
+                                 num_external_computed_tokens=n, delay_cache_blocks=load_async)
+    d.update_state_after_alloc(dreq, dmgr.get_blocks(dreq.request_id), n)
+    d.update_state_after_alloc(dreq, dmgr.get_blocks(dreq.request_id), 0)  # the second, post-load call
+    meta = d.build_connector_meta(SchedulerOutput.make_empty())
+    spec = meta.recv.get("d-req")
+    out["d"] = {"matched": [n, load_async], "num_computed": num_computed,
+                "allocated": [list(g) for g in dmgr.get_block_ids(dreq.request_id)],
+                "recv_keys": sorted(meta.recv), "spec": spec.__dict__ if spec else None,
+                "params_after": dreq.kv_transfer_params}
+    out["d_meta_after"] = sorted(d.build_connector_meta(SchedulerOutput.make_empty()).recv)
+    dreq.status = RequestStatus.FINISHED_STOPPED
+    out["d_finished"] = d.request_finished_all_groups(dreq, dmgr.get_block_ids(dreq.request_id))
+    dmgr.free(dreq)
+    out["d_free_blocks_after"] = dmgr.block_pool.get_num_free_blocks()
+
+    # D request aborted before allocation: P must still be told to free.
+    early = request("d-early", dict(params))
+    out["d_early"] = d.request_finished_all_groups(early, ((), (), ()))
+    m = d.build_connector_meta(SchedulerOutput.make_empty())
+    out["d_early_spec"] = m.recv["d-early"].__dict__ if "d-early" in m.recv else None
+
+    # Incomplete params: prefill locally, never wait for a transfer.
+    broken = request("d-broken", {"do_remote_prefill": True, "remote_engine_id": "p0"})
+    out["d_broken"] = list(d.get_num_new_matched_tokens(broken, 0))
+
+    # Config validation surfaces through vLLM's factory with the key named.
+    try:
+        connector("kv_consumer", "d1", {"prefill": {"dp_size": 1, "tp_size": 1}, "decode": {"dp_size": 1, "tp_size": 2}})
+        out["bad_tp"] = None
+    except Exception as exc:
+        out["bad_tp"] = f"{type(exc).__name__}: {exc}"
+    print("RESULT " + json.dumps(out, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

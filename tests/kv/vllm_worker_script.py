@@ -1,0 +1,98 @@
+"""Worker side of the connector, one vLLM worker per process (run by test_mooncake_vllm.py).
+
+    python vllm_worker_script.py producer|consumer <handshake port> [<json recv spec>]
+
+The connector is made by vLLM's own KVConnectorFactory (WORKER role) from a real VllmConfig; its KV
+caches are CPU torch tensors laid out as vLLM allocates them ([num_blocks, block_size, 584] per
+layer), three V4-shaped groups. The producer fills its caches from a seed; the consumer reads the
+blocks named in the scheduler metadata and checks them byte for byte against the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+from vllm.config import DeviceConfig, KVTransferConfig, VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+
+from ds_plugins.vllm.mooncake_connector import MooncakeConnectorMetadata, RecvSpec
+
+NUM_BLOCKS, BS = 24, 16
+LAYERS = [["l0.compressed", "l1.compressed"], ["l0.swa", "l1.swa"], ["l0.indexer", "l1.indexer"]]
+
+
+def caches(seed: int | None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed or 0)
+    out = {}
+    for group in LAYERS:
+        for name in group:
+            t = torch.zeros(NUM_BLOCKS, BS, 584, dtype=torch.uint8)
+            if seed is not None:
+                t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8))
+            out[name] = t
+    return out
+
+
+def main() -> None:
+    role, port = sys.argv[1], int(sys.argv[2])
+    kv = KVTransferConfig(kv_connector="MooncakeConnectorV1", kv_connector_module_path="ds_plugins.vllm.mooncake_connector",
+                          kv_role=f"kv_{role}", engine_id="p0" if role == "producer" else "d0", kv_port=port,
+                          kv_connector_extra_config={"host": "127.0.0.1", "mooncake_protocol": "tcp",
+                                                     "handshake_timeout_s": 2, "transfer_timeout_s": 5})
+    cfg = VllmConfig(kv_transfer_config=kv, device_config=DeviceConfig(device="cpu"))
+    cfg.scheduler_config.disable_hybrid_kv_cache_manager = False
+    full = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=584, dtype=torch.uint8)
+    swa = SlidingWindowSpec(block_size=BS, num_kv_heads=1, head_size=584, dtype=torch.uint8, sliding_window=32)
+    kcc = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                        kv_cache_groups=[KVCacheGroupSpec(LAYERS[0], full), KVCacheGroupSpec(LAYERS[1], swa),
+                                         KVCacheGroupSpec(LAYERS[2], full)])
+    conn = KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, kcc)
+    kvs = caches(11 if role == "producer" else None)
+    conn.register_kv_caches(kvs)
+    if role == "producer":
+        meta = MooncakeConnectorMetadata(send={"p-req": [0], "p-other-rank": [1]})
+    else:
+        spec = RecvSpec(**json.loads(sys.argv[3]))
+        meta = MooncakeConnectorMetadata(recv={"d-req": spec})
+    conn.bind_connector_metadata(meta)
+    conn.start_load_kv(None)
+    conn.clear_connector_metadata()
+    print(json.dumps({"event": "ready"}), flush=True)
+    done: set[str] = set()
+    errors: set[int] = set()
+    want = {"p-req", "p-other-rank"} if role == "producer" else {"d-req"}
+    deadline = time.monotonic() + 40
+    while done != want and time.monotonic() < deadline:
+        sending, recving = conn.get_finished(set())
+        done |= (sending or set()) if role == "producer" else (recving or set())
+        errors |= conn.get_block_ids_with_load_errors()
+        time.sleep(0.01)
+    result = {"event": "result", "done": sorted(done), "load_errors": sorted(errors)}
+    if role == "consumer":
+        ref = caches(11)
+        bad, filled = [], 0
+        for g, group in enumerate(LAYERS):
+            for name in group:
+                for i, lid in enumerate(spec.local_blocks[g]):
+                    if lid == 0:
+                        continue
+                    filled += 1
+                    if not torch.equal(kvs[name][lid], ref[name][spec.remote_blocks[g][i]]):
+                        bad.append([name, lid])
+        untouched = set(range(NUM_BLOCKS)) - {b for g in spec.local_blocks for b in g}
+        result.update(mismatched=bad, filled=filled,
+                      untouched_clean=all(not kvs[n][b].any() for grp in LAYERS for n in grp for b in untouched))
+    ws = conn.worker_side
+    engine = ws.engine
+    conn.shutdown()
+    result.update(registered_after=len(engine.registered), shut=ws.engine is None)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
