@@ -7,7 +7,7 @@ official wheel from ci/upstream.py instead, one (version, patch) at a time.
 
 Every check raises `SeamMismatch` with the wheel file, line and name that differ; `check_patch` turns that into
 a reason string (None when the seam has the shape the patch assumes). Where the runtime has a rule of its own
-(routes._choose, routes._check_function, routes.parameters) it is applied to a stand-in function compiled from the
+(routes._choose, routes._function_patch(...).check, routes.parameters) it is applied to a stand-in function compiled from the
 wheel's signature, so the AST answer and the runtime answer cannot drift apart.
 """
 
@@ -191,7 +191,7 @@ def function_defs(src: Path, module: str, name: str, depth: int = 0) -> list[tup
 
 def stand_in(fn: ast.FunctionDef) -> Any:
     """A do-nothing function with the same parameter list as `fn` (annotations, decorators and default values
-    dropped), so the runtime's own rules (routes.parameters, routes._choose, routes._check_function) read it."""
+    dropped), so the runtime's own rules (routes.parameters, routes._choose, routes._function_patch(...).check) read it."""
     args = ast.arguments(
         posonlyargs=[ast.arg(a.arg) for a in fn.args.posonlyargs],
         args=[ast.arg(a.arg) for a in fn.args.args],
@@ -265,7 +265,7 @@ def route_adapter(src: Path, route) -> str:
 
 def check_route(src: Path, route) -> None:
     """The site name is bound at module level in the caller module (import or def); every def it can be passes
-    the runtime's shape check (routes._check_function); every call of it passes only keywords the chosen adapter
+    the runtime's shape check (routes._function_patch(...).check); every call of it passes only keywords the chosen adapter
     accepts and no more positional arguments than it has positional parameters; at least one call exists."""
     from ds_plugins.patching import Target
     from ds_plugins.vllm.dsv4 import adapters, routes
@@ -274,7 +274,7 @@ def check_route(src: Path, route) -> None:
     if not bound:
         raise SeamMismatch(f"{rel(src, path)}: {route.attribute} is not bound at module level by an import or a "
                            f"def (the route rebinds that global)")
-    runtime_check = routes._check_function(route)
+    runtime_check = routes._function_patch(route).check
     for def_path, fn in function_defs(src, route.module, route.attribute):
         problem = runtime_check(Target(None, None, route.attribute, stand_in(fn)))
         if problem:

@@ -14,6 +14,7 @@ warning and leaves the engine as shipped. Applying twice is a no-op.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -69,6 +70,46 @@ def replace_attribute(factory: Callable[[Any], Any]) -> Callable[[Target], Calla
             setattr(target.owner, target.name, target.value)
         return undo
     return install
+
+
+def parameters(func: Any) -> tuple[str, ...] | None:
+    """Named parameters of a plain Python function; None for a builtin or a *args forwarder, whose
+    signature says nothing about the call shapes it takes."""
+    code = getattr(func, "__code__", None)
+    if code is None or code.co_flags & 0x04:  # CO_VARARGS
+        return None
+    return code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+
+
+def accepts_what_the_original_takes(pick: Callable[[Any], Callable]) -> Callable[[Target], str | None]:
+    """A `check` for routing a function to `pick(original)`: every parameter the engine's function
+    takes (so every argument its callers may pass) must be one the replacement accepts."""
+    def check(target: Target) -> str | None:
+        if not callable(target.value):
+            return f"{target.name} is not a function here"
+        theirs = parameters(target.value)
+        if not theirs:
+            return None  # a builtin or a forwarder: the contract tests check the callers instead
+        extra = sorted(set(theirs) - set(parameters(pick(target.value)) or ()))
+        if extra:
+            return f"{target.name} takes {', '.join(extra)} here, which the ds-plugins replacement does not"
+        return None
+    return check
+
+
+def route_to(patch_id: str, pick: Callable[[Any], Callable]) -> Callable[[Target], Callable[[], None]]:
+    """An `install` that rebinds the target to `pick(original)`, through a function of its own per patch
+    (so each site carries its own marker) that keeps the replacement's signature and the original."""
+    def factory(original: Any) -> Callable:
+        replacement = pick(original)
+
+        @functools.wraps(replacement)
+        def routed(*args, **kwargs):
+            return replacement(*args, **kwargs)
+        routed.__ds_plugins_route__ = patch_id  # type: ignore[attr-defined]
+        routed.__ds_plugins_original__ = original  # type: ignore[attr-defined]
+        return routed
+    return replace_attribute(factory)
 
 
 def _static_value(owner: Any, name: str) -> Any:

@@ -25,24 +25,15 @@ not) is skipped with one warning by ds_plugins.patching, and SGLang keeps its ow
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from ds_plugins.patching import Patch, Target, replace_attribute
+from ds_plugins.patching import Patch, accepts_what_the_original_takes, parameters, route_to  # noqa: F401
 
 SPARSE = ("sparse_mla", ("triton",))
 INDEXER = ("indexer", ("triton",))
 V0512 = ">=0.5.12,<0.5.13"
 RETIRE_0512 = "SGLang 0.5.13 ships its own SM120 V4 path (policy then says upstream); drop with 0.5.12 support"
 RETIRE_FORCED = "never: DS_PLUGINS_SPARSE_MLA=triton is a user override of SGLang's own SM120 kernels"
-
-
-def parameters(func: Any) -> tuple[str, ...] | None:
-    """Named parameters of a plain Python function; None for a builtin (pybind) or a *args forwarder."""
-    code = getattr(func, "__code__", None)
-    if code is None or code.co_flags & 0x04:  # CO_VARARGS says nothing about the call shape
-        return None
-    return code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
 
 
 def flash_mla_with_kvcache_sm120(*, q, k_cache, head_dim_v, indices, softmax_scale=None, topk_length=None,
@@ -77,38 +68,10 @@ class Route(NamedTuple):
     retire: str
 
 
-def _check(route: Route):
-    def check(target: Target) -> str | None:
-        if not callable(target.value):
-            return f"{route.attribute} is not a function here"
-        theirs = parameters(target.value)
-        if not theirs:
-            return None  # builtin, or (**kwargs) as SGLang's sm120 entry: the contract tests check callers
-        ours = parameters(adapter(route.attribute)) or ()
-        extra = sorted(set(theirs) - set(ours))
-        if extra:
-            return f"{route.attribute} takes {', '.join(extra)} here, which the ds-plugins kernel does not"
-        return None
-    return check
-
-
-def _install(route: Route):
-    def factory(original: Any):
-        kernel = adapter(route.attribute)
-
-        # A distinct function per route: it carries its own patch marker.
-        @functools.wraps(kernel)
-        def routed(*args, **kwargs):
-            return kernel(*args, **kwargs)
-        routed.__ds_plugins_route__ = route.id  # type: ignore[attr-defined]
-        routed.__ds_plugins_original__ = original  # type: ignore[attr-defined]
-        return routed
-    return replace_attribute(factory)
-
-
 def _patch(route: Route) -> Patch:
     return Patch(route.id, "sglang", route.module, route.attribute, route.versions, route.implements,
-                 route.why, route.retire, _check(route), _install(route))
+                 route.why, route.retire, accepts_what_the_original_takes(lambda _: adapter(route.attribute)),
+                 route_to(route.id, lambda _: adapter(route.attribute)))
 
 
 FLASHMLA = "FlashMLA has no SM12x kernels and SGLang 0.5.12 calls it for every V4 {} (decode and prefill)"

@@ -15,7 +15,6 @@ What each check pins down (the assumptions in ds_plugins_sglang/deepgemm_gate.py
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 

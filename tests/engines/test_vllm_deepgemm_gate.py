@@ -14,6 +14,17 @@ LOAD = "import vllm.plugins as p\np.load_general_plugins()\n"
 NO_SM12X = "--capability 12.0 --lib deep_gemm=no-sm12x --lib flashinfer=sm120"
 
 
+# The platform patch, exercised on vLLM's own Platform class in a plan decided for a simulated SM120.
+ON_VLLM_PLATFORM = (
+    "import logging\n"
+    "from ds_plugins import patching\n"
+    "from ds_plugins.vllm import deepgemm_gate as g\n"
+    "from ds_plugins.policy import decide\n"
+    "from ds_plugins.simulate import from_env_value\n"
+    "from ds_plugins.probe import installed_engines\n"
+    "from vllm.platforms.interface import Platform\n")
+
+
 def outcomes(state):
     return {o["patch"]: o["state"] for o in state["outcomes"]}
 
@@ -70,13 +81,7 @@ def test_gate_left_as_shipped_where_vllm_is_right(vllm_env, machine):
 def test_platform_patch_on_vllms_own_support_deep_gemm_classmethod(vllm_env, patch_name, forced):
     """check/install/undo of the platform patch, on vLLM's Platform class (CudaPlatformBase's base)."""
     res = vllm_env.run(
-        "import logging\n"
-        "from ds_plugins import patching\n"
-        "from ds_plugins.vllm import deepgemm_gate as g\n"
-        "from ds_plugins.policy import decide\n"
-        "from ds_plugins.simulate import from_env_value\n"
-        "from ds_plugins.probe import installed_engines\n"
-        "from vllm.platforms.interface import Platform\n"
+        ON_VLLM_PLATFORM +
         "import vllm.utils.deep_gemm as d\n"
         "shipped = Platform.support_deep_gemm()\n"
         f"patch = g.{patch_name}._replace(module='vllm.platforms.interface', attribute='Platform.support_deep_gemm')\n"
@@ -101,13 +106,7 @@ def test_platform_patch_on_vllms_own_support_deep_gemm_classmethod(vllm_env, pat
 def test_platform_patch_skips_a_gate_that_moved(vllm_env):
     """A support_deep_gemm that is no longer a classmethod: one warning, vLLM's attribute untouched."""
     res = vllm_env.run(
-        "import logging\n"
-        "from ds_plugins import patching\n"
-        "from ds_plugins.vllm import deepgemm_gate as g\n"
-        "from ds_plugins.policy import decide\n"
-        "from ds_plugins.simulate import from_env_value\n"
-        "from ds_plugins.probe import installed_engines\n"
-        "from vllm.platforms.interface import Platform\n"
+        ON_VLLM_PLATFORM +
         "patch = g.PLATFORM_OFF._replace(module='vllm.platforms.interface', attribute='Platform.is_cuda')\n"
         "before = vars(Platform)['is_cuda']\n"
         "plan = decide(from_env_value('--capability 12.0 --lib deep_gemm=no-sm12x', installed_engines()), 'vllm')\n"

@@ -6,9 +6,7 @@ Runs in a directory holding `ckpt/` (the checkpoint) and `ref.pt` (the float64 r
 per check; any failure raises.
 """
 
-import json
 import logging
-import sys
 
 import torch
 

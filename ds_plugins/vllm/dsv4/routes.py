@@ -25,7 +25,8 @@ import functools
 from typing import Any, NamedTuple
 
 from ... import patching
-from ...patching import Patch, Target, replace_attribute
+from ...patching import (Patch, Target, accepts_what_the_original_takes, parameters,  # noqa: F401
+                         replace_attribute, route_to)
 
 ADAPTERS = "ds_plugins.vllm.dsv4.adapters"
 SPARSE = ("sparse_mla", ("triton",))
@@ -34,16 +35,6 @@ RETIRE_ATTN = ("vLLM serves V4 attention on SM12x with kernels that exist for th
                "(0.24+: FlashInfer with SM120 sparse MLA; policy then says sparse_mla=upstream)")
 RETIRE_DG = ("the installed DeepGEMM has SM12x kernels (policy then says indexer=upstream), e.g. vLLM's "
              "vendored copy in 0.25-0.26 and 0.28+")
-
-
-def parameters(func: Any) -> tuple[str, ...] | None:
-    """Named parameters of a plain Python function; None if it takes *args (any call shape)."""
-    code = getattr(func, "__code__", None)
-    if code is None:
-        return None
-    if code.co_flags & 0x04:  # CO_VARARGS: a (*args, **kwargs) forwarder says nothing about the shape
-        return None
-    return code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
 
 
 def _adapter(name: str):
@@ -70,38 +61,14 @@ def _choose(route: Route, original: Any) -> str:
     return route.adapter
 
 
-def _check_function(route: Route):
-    def check(target: Target) -> str | None:
-        if not callable(target.value):
-            return f"{route.attribute} is not a function here"
-        params = parameters(target.value)
-        if params is None:
-            return None
-        theirs = set(params)
-        ours = set(parameters(_adapter(_choose(route, target.value))) or ())
-        extra = sorted(theirs - ours)
-        if extra:
-            return f"vLLM's {route.attribute} takes {', '.join(extra)}, which the ds-plugins adapter does not"
-        return None
-    return check
-
-
-def _install_function(route: Route):
-    def factory(original: Any):
-        adapter = _adapter(_choose(route, original))
-
-        # A distinct function per site, so each carries its own patch marker.
-        @functools.wraps(adapter)
-        def routed(*args, **kwargs):
-            return adapter(*args, **kwargs)
-        routed.__ds_plugins_route__ = route.id  # type: ignore[attr-defined]
-        return routed
-    return replace_attribute(factory)
+def _pick(route: Route):
+    return lambda original: _adapter(_choose(route, original))
 
 
 def _function_patch(route: Route) -> Patch:
     return Patch(route.id, "vllm", route.module, route.attribute, route.versions, route.implements,
-                 route.why, route.retire, _check_function(route), _install_function(route))
+                 route.why, route.retire, accepts_what_the_original_takes(_pick(route)),
+                 route_to(route.id, _pick(route)))
 
 
 def _site(name: str, module: str, attribute: str, versions: str, implements, adapter: str, why: str) -> Route:
