@@ -312,7 +312,8 @@ def _names(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
-def _selector(src: Path, patch) -> tuple[Path, ast.FunctionDef]:
+def _def_of(src: Path, patch) -> tuple[Path, ast.FunctionDef]:
+    """The def (function or method) a wrapping patch targets, and its file."""
     path = module_file(src, patch.module)
     binding = resolve_attribute(src, patch.module, patch.attribute)
     if binding.kind != "def":
@@ -323,7 +324,7 @@ def _selector(src: Path, patch) -> tuple[Path, ast.FunctionDef]:
 def selector_prefers_sm120(src: Path, patch) -> bool:
     """The behaviour SELECTOR corrects: vLLM's selector can pick the FlashInfer SM120 class."""
     try:
-        _, fn = _selector(src, patch)
+        _, fn = _def_of(src, patch)
     except SeamMismatch:
         return False
     return SM120_CLASS in _names(fn)
@@ -333,7 +334,7 @@ def check_selector(src: Path, patch) -> None:
     """_select_dsv4_attn_cls(vllm_config) is a def whose body picks the SM120 class, and the module binds both
     that class and the FlashMLA-shaped one the wrapper returns instead."""
     from ds_plugins.vllm.dsv4 import routes
-    path, fn = _selector(src, patch)
+    path, fn = _def_of(src, patch)
     if routes.parameters(stand_in(fn)) != ("vllm_config",):
         raise SeamMismatch(f"{where(src, path, fn)}: def {fn.name} takes {ast.unparse(fn.args)}, the wrapper "
                            f"expects (vllm_config)")
@@ -343,18 +344,10 @@ def check_selector(src: Path, patch) -> None:
         find_class(src, patch.module, cls)
 
 
-def _tile_scheduler(src: Path, patch) -> tuple[Path, ast.FunctionDef]:
-    path = module_file(src, patch.module)
-    binding = resolve_attribute(src, patch.module, patch.attribute)
-    if binding.kind != "def":
-        raise SeamMismatch(f"{where(src, path, binding.node)}: {patch.attribute} is not a method")
-    return path, binding.node
-
-
 def tile_scheduler_skips_sm120(src: Path, patch) -> bool:
     """The behaviour TILE_SCHEDULER corrects: build_tile_scheduler plans nothing on the SM120 family."""
     try:
-        _, fn = _tile_scheduler(src, patch)
+        _, fn = _def_of(src, patch)
     except SeamMismatch:
         return False
     return compares_to(fn, 120) or any(
@@ -365,7 +358,7 @@ def tile_scheduler_skips_sm120(src: Path, patch) -> bool:
 def check_tile_scheduler(src: Path, patch) -> None:
     """build_tile_scheduler(self, num_decode_tokens), and its body singles out the SM120 family."""
     from ds_plugins.vllm.dsv4 import routes
-    path, fn = _tile_scheduler(src, patch)
+    path, fn = _def_of(src, patch)
     if routes.parameters(stand_in(fn)) != ("self", "num_decode_tokens"):
         raise SeamMismatch(f"{where(src, path, fn)}: def {fn.name} takes {ast.unparse(fn.args)}, the wrapper "
                            f"expects (self, num_decode_tokens)")
