@@ -1,9 +1,9 @@
 """The upstream-compat table, docs/compat.md, generated from the matrix in ci/versions.toml.
 
-Every cell comes from something checked: the landscape facts (each verified
-against the version's wheel by tests/contract), what the wheel and the kernel
-libraries it pins really ship, and the policy's decisions for a stock install of
-that version on each GPU class.
+Every cell comes from something checked: the landscape facts and what each stock wheel ships
+(ds_plugins/landscape.py and ds_plugins/stock.py, each verified against the version's wheel by
+tests/contract; `stock_libraries` below is that evidence for stock.py), and the policy's decisions for
+a stock install of that version on each GPU class.
 
     python ci/compat.py write    # regenerate docs/compat.md
     python ci/compat.py check    # exit 1 if docs/compat.md is stale
@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 
 from ci import upstream  # noqa: E402
 from ci.upstream_facts import deep_gemm_sm12x, files, flashinfer_sm120_sparse_mla  # noqa: E402
-from ds_plugins import landscape  # noqa: E402
+from ds_plugins import landscape, stock  # noqa: E402
 from ds_plugins.patching import Patch  # noqa: E402
 from ds_plugins.policy import decide  # noqa: E402
 from ds_plugins.probe import Device, Library, Probe  # noqa: E402
@@ -30,21 +30,36 @@ KERNEL_DECISIONS = ("deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_mode
 
 
 def stock_libraries(engine: str, version: str) -> dict[str, Library]:
-    """The kernel libraries a plain `pip install <engine>==<version>` brings, as the probe would see them."""
+    """The kernel libraries a plain `pip install <engine>==<version>` brings, as the probe would see them,
+    read from the engine's wheel and the wheels it pins: the evidence ds_plugins/stock.py is checked against
+    (tests/contract/test_stock_wheels.py). Locations and notes are left empty."""
     src = upstream.source(engine, version)
     libs: dict[str, Library] = {}
     if engine == "vllm" and any(n.startswith("vllm/third_party/deep_gemm/") for n in files(src)):
         has = deep_gemm_sm12x(src, "vllm/third_party/deep_gemm")
         libs["vllm.third_party.deep_gemm"] = Library("vllm.third_party.deep_gemm", True, version, None,
                                                      ("sm12x",) if has else ())
-    for dist, pinned, path in upstream.pinned_sources(engine, version):
-        if dist == "flashinfer-python":
-            libs["flashinfer"] = Library("flashinfer", True, pinned, None,
-                                         ("sm120_sparse_mla",) if flashinfer_sm120_sparse_mla(path) else ())
-        elif dist == "sgl-deep-gemm":
-            libs["deep_gemm"] = Library("deep_gemm", True, pinned, None,
-                                        ("sm12x",) if deep_gemm_sm12x(path, "deep_gemm") else ())
+    for dist, pinned in upstream.wheel_pins(src).items():
+        name = upstream.LIBRARY_OF_DIST.get(dist)
+        if name is None:
+            continue
+        lib_src = upstream.source(dist, pinned)
+        if not any(n.startswith(f"{name}/") for n in files(lib_src)):
+            raise ValueError(f"{dist} {pinned} (pinned by {engine} {version}) has no {name}/ package")
+        features: tuple[str, ...] = ()
+        if name == "flashinfer" and flashinfer_sm120_sparse_mla(lib_src):
+            features = ("sm120_sparse_mla",)
+        elif name == "deep_gemm" and deep_gemm_sm12x(lib_src, "deep_gemm"):
+            features = ("sm12x",)
+        if name in libs:
+            raise ValueError(f"{engine} {version} pins two distributions of {name}")
+        libs[name] = Library(name, True, pinned, None, features)
     return libs
+
+
+def stock_torch(engine: str, version: str) -> str | None:
+    """The torch version the engine's wheel pins."""
+    return upstream.wheel_pins(upstream.source(engine, version)).get("torch")
 
 
 def _declared(engine: str) -> list[Patch]:
@@ -54,7 +69,7 @@ def _declared(engine: str) -> list[Patch]:
 
 def decisions_cell(engine: str, version: str, gpu: str) -> str:
     probe = Probe("", {engine: version}, None, None, (Device("cuda", 0, gpu, GPUS[gpu]),), "",
-                  stock_libraries(engine, version), simulated=True)
+                  stock.libraries(engine, version), simulated=True)
     plan = decide(probe, engine, env={})
     if plan.status != "supported":
         return "unsupported"
@@ -78,22 +93,18 @@ def _checked(engine: str, version: str) -> str:
     return "wheel source + installed" if live else "wheel source"
 
 
-def _pin(engine: str, version: str, dist: str) -> str:
-    return upstream.requirement_pin(upstream.source(engine, version), dist) or "—"
-
-
 def vllm_rows(versions: list[str]) -> list[str]:
     head = ("| vLLM | torch | checked | DeepSeek-V4 | V4 attention on SM12x | DeepGEMM gate on SM12x "
             "| vendored DeepGEMM SM12x kernels | pinned FlashInfer SM120 decode | SM90 / SM100 | SM120 | SM121 |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for v in versions:
-        libs = stock_libraries("vllm", v)
+        libs = stock.libraries("vllm", v)
         vendored = libs.get("vllm.third_party.deep_gemm")
         fi = libs.get("flashinfer")
         sm90 = decisions_cell("vllm", v, "SM90")
         sm100 = decisions_cell("vllm", v, "SM100")
         rows.append("| " + " | ".join([
-            v, _pin("vllm", v, "torch"), _checked("vllm", v),
+            v, stock.torch("vllm", v) or "—", _checked("vllm", v),
             _yes(_fact("vllm", "dsv4_model", v)),
             "FlashInfer SM120" if _fact("vllm", "sm12x_dsv4_attention", v) else "none",
             "on" if _fact("vllm", "deepgemm_gate_sm12x", v) else "off",
@@ -132,12 +143,12 @@ def sglang_rows(versions: list[str]) -> list[str]:
             "| DeepGEMM gate SM121 | pinned DeepGEMM SM12x kernels | SM90 / SM100 | SM120 | SM121 |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for v in versions:
-        dg = stock_libraries("sglang", v).get("deep_gemm")
+        dg = stock.libraries("sglang", v).get("deep_gemm")
         plugins = _fact("sglang", "general_plugins", v)
         sm90 = decisions_cell("sglang", v, "SM90")
         sm100 = decisions_cell("sglang", v, "SM100")
         rows.append("| " + " | ".join([
-            v, _pin("sglang", v, "torch"), _checked("sglang", v),
+            v, stock.torch("sglang", v) or "—", _checked("sglang", v),
             "entry point + hook" if plugins else "PYTHONPATH hook",
             _yes(_fact("sglang", "dsv4_model", v)),
             "SGLang SM120 FlashMLA" if _fact("sglang", "sm12x_dsv4_attention", v) else "none",
@@ -164,7 +175,9 @@ def render() -> str:
         "runs ds-plugins on a CPU-only machine (`tests/engines/`).",
         "",
         "The GPU columns are what ds-plugins decides for a stock install of that version "
-        "(the DeepGEMM and FlashInfer its wheel vendors or pins): the features it takes over, "
+        "(the DeepGEMM and FlashInfer its wheel vendors or pins, as `ds_plugins/stock.py` records them "
+        "and `tests/contract/test_stock_wheels.py` re-reads them from the wheels; "
+        "`ds-plugins doctor --simulate --engine NAME==VERSION` starts from the same): the features it takes over, "
         "each `feature=value`; `upstream` means the engine's own path serves every feature there. "
         "A dagger (†) marks a decision this build of ds-plugins does not implement yet: until it "
         "lands, the engine's own behaviour is kept. Run `ds-plugins doctor` for your own machine, or "

@@ -9,7 +9,9 @@ the unpacked trees stay under the cache folder.
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,9 +67,40 @@ def unpack(wheel: Path, package: str, dest: Path) -> None:
 
 
 # Distributions whose top-level package is not their name with "_" for "-".
-PACKAGE_OF = {"flashinfer-python": "flashinfer", "sgl-deep-gemm": "deep_gemm"}
-# Kernel libraries an engine wheel pins exactly, whose own wheels the compat table reads.
-PINNED_LIBS = {"vllm": ("flashinfer-python",), "sglang": ("sgl-deep-gemm",)}
+PACKAGE_OF = {"flashinfer-python": "flashinfer", "sgl-deep-gemm": "deep_gemm", "sgl-flash-mla": "flash_mla"}
+
+
+# The probe's library for each distribution a stock engine wheel may pin, by canonical distribution name
+# (the distributions ds_plugins/probe.py reads versions from); each library's name is also its package.
+LIBRARY_OF_DIST = {
+    "flashinfer-python": "flashinfer",
+    "deep-gemm": "deep_gemm", "sgl-deep-gemm": "deep_gemm",
+    "flash-mla": "flash_mla", "sgl-flash-mla": "flash_mla",
+    "triton": "triton", "vllm-ascend": "vllm_ascend", "torch-npu": "torch_npu",
+    "mooncake-transfer-engine": "mooncake",
+}
+
+
+def wheel_pins(src: Path) -> dict[str, str]:
+    """{canonical distribution: version} for every exact pin (`Requires-Dist: name[extras]==X`) a plain
+    install of this wheel follows on Linux x86_64 (no extra); other requirements are left out."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    pins = {}
+    for line in (src / "METADATA").read_text().splitlines():
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req = Requirement(line.split(":", 1)[1].strip())
+        if req.marker is not None and not req.marker.evaluate(
+                {"extra": "", "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}):
+            continue
+        spec = list(req.specifier)
+        if len(spec) == 1 and spec[0].operator == "==":
+            pins[canonicalize_name(req.name)] = spec[0].version
+        elif canonicalize_name(req.name) in LIBRARY_OF_DIST:
+            raise ValueError(f"{src.name}: requires {req}, not an exact pin: the version a stock install "
+                             f"gets is not a fact of the wheel")
+    return pins
 
 
 def source(dist: str, version: str) -> Path:
@@ -88,15 +121,56 @@ def source(dist: str, version: str) -> Path:
     return dest
 
 
-def requirement_pin(src: Path, dist: str) -> str | None:
-    """The exact version a wheel pins for `dist` (Requires-Dist: dist==X), if any."""
-    for line in (src / "METADATA").read_text().splitlines():
-        if line.startswith("Requires-Dist:"):
-            req = line.split(":", 1)[1].split(";")[0].strip()
-            name, sep, pinned = req.partition("==")
-            if sep and name.strip().lower().replace("_", "-") == dist:
-                return pinned.strip()
-    return None
+# Printable runs in a binary; kept: those with a space (messages, format strings) or naming a source file.
+_RUN = re.compile(rb"[\x20-\x7e]{6,}")
+_KEEP = re.compile(rb"[\x20-\x7e]* [\x20-\x7e]*|[\x20-\x7e]*\.(?:cu|cuh|h|hpp|cpp|cc|cxx|py)")
+
+
+def _is_binary(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.endswith(".so") or ".so." in base
+
+
+def _is_binary(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.endswith(".so") or ".so." in base
+
+
+def binary_strings(dist: str, version: str, globs: set[str]) -> dict[str, str]:
+    """member -> its string table, for the compiled members of the wheel matching `globs`.
+
+    Kept under <cache>/upstream-strings/<dist>-<version>/: `members.txt` (every compiled member of the
+    wheel) and one `<member>.strings` per extracted member. The wheel is downloaded only when a wanted
+    member has not been extracted yet; all globs asked for in one call are extracted from one download."""
+    dest = cache_dir() / "upstream-strings" / f"{dist}-{version}"
+    index = dest / "members.txt"
+
+    def wanted(members: list[str]) -> list[str]:
+        return [m for m in members if any(fnmatch.fnmatch(m, g) for g in globs)]
+
+    if index.exists():
+        members = index.read_text().split()
+        if all((dest / f"{m}.strings").exists() for m in wanted(members)):
+            return {m: (dest / f"{m}.strings").read_text(errors="replace") for m in wanted(members)}
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        wheel = _download(dist, version, Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            members = [i.filename for i in zf.infolist() if _is_binary(i.filename)]
+            for m in wanted(members):
+                out = dest / f"{m}.strings"
+                if out.exists():
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                runs = (r for r in _RUN.findall(zf.read(m)) if _KEEP.fullmatch(r))
+                partial = out.with_name(out.name + ".partial")
+                partial.write_bytes(b"\n".join(runs) + b"\n")
+                partial.replace(out)
+        dest.mkdir(parents=True, exist_ok=True)
+        partial = index.with_name("members.txt.partial")
+        partial.write_text("\n".join(members) + "\n")
+        partial.replace(index)
+    return {m: (dest / f"{m}.strings").read_text(errors="replace") for m in wanted(members)}
+
 
 
 def main(argv: list[str]) -> int:
@@ -112,14 +186,9 @@ def main(argv: list[str]) -> int:
 
 
 def pinned_sources(engine: str, version: str) -> list[tuple[str, str, Path]]:
-    """(dist, pinned version, unpacked source) for the kernel libraries this engine wheel pins."""
-    src = source(engine, version)
-    out = []
-    for dist in PINNED_LIBS[engine]:
-        pinned = requirement_pin(src, dist)
-        if pinned:
-            out.append((dist, pinned, source(dist, pinned)))
-    return out
+    """(dist, pinned version, unpacked source) for the kernel libraries this engine wheel pins exactly."""
+    pins = wheel_pins(source(engine, version))
+    return [(dist, pinned, source(dist, pinned)) for dist, pinned in pins.items() if dist in LIBRARY_OF_DIST]
 
 
 if __name__ == "__main__":

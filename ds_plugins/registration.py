@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__, patching, settings
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 # Kept off the disabled path: probe, policy and landscape are imported when first needed.
 
 PatchSource = Callable[[], Sequence[patching.Patch]]
+# (decision, value) -> the adapter feature that carries it with no runtime patch (ds_plugins.effects)
+CarrierSource = Callable[[], Mapping[tuple[str, str], str]]
 
 
 class Registration:
@@ -74,7 +76,7 @@ def _title(engine: str) -> str:
 def current_probe():
     """This machine, or the one DS_PLUGINS_SIMULATE describes."""
     from .probe import installed_engines, probe
-    simulated = os.environ.get("DS_PLUGINS_SIMULATE", "").strip()
+    simulated = settings.value("DS_PLUGINS_SIMULATE")
     if simulated:
         from .simulate import from_env_value
         return from_env_value(simulated, installed_engines())
@@ -102,8 +104,10 @@ def _fail(reg: Registration, exc: BaseException, log: logging.Logger) -> None:
         log.error("ds-plugins: %s. ds-plugins does nothing in this process; %s runs as shipped.", exc, title)
         return
     reg.state, reg.error = "failed", f"{type(exc).__name__}: {exc}"
-    debug = settings.BY_NAME["DS_PLUGINS_DEBUG"]
-    show = os.environ.get(debug.name, "0").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        show = settings.value("DS_PLUGINS_DEBUG") == "1"
+    except settings.ConfigError:  # reported already: a bad value fails settings.read before anything runs
+        show = False
     log.error("ds-plugins %s: internal error (%s), %s left as shipped%s", __version__, reg.error, title,
               "" if show else "; set DS_PLUGINS_DEBUG=1 for the traceback", exc_info=show)
 
@@ -130,7 +134,7 @@ def prepare(engine: str, via: str, log: logging.Logger) -> Registration:
 
 
 def register(engine: str, via: str, patches: PatchSource, log: logging.Logger,
-             served: Callable[[], Collection[tuple[str, str]]] = frozenset) -> Registration:
+             carriers: CarrierSource = dict) -> Registration:
     """The body of an engine entry point. Returns the per-process registration record."""
     with _lock:
         reg = get(engine)
@@ -155,7 +159,7 @@ def register(engine: str, via: str, patches: PatchSource, log: logging.Logger,
             declared = list(patches())
             reg.outcomes = patching.apply(declared, plan, log)
             reg.state = "registered"
-            log.info("%s", summary(plan, declared, reg.outcomes, served()))
+            log.info("%s", summary(plan, declared, reg.outcomes, carriers()))
         except Exception as exc:
             _fail(reg, exc, log)
         finally:
@@ -163,26 +167,16 @@ def register(engine: str, via: str, patches: PatchSource, log: logging.Logger,
         return reg
 
 
-def unserved(plan: Plan, declared: Sequence[patching.Patch],
-             without_patches: Collection[tuple[str, str]] = ()) -> list[str]:
-    """Active decisions that neither a patch of this build (for this engine version) nor a patch-less
-    feature of the adapter (`without_patches`: (decision, value) pairs, e.g. a connector module) implements."""
-    served = {(p.implements[0], v) for p in declared for v in p.implements[1]
-              if plan.engine_version is None or p.covers(plan.engine_version)} | set(without_patches)
-    return [f"{d.id}={d.value}" for d in plan.decisions if d.active and (d.id, d.value) not in served]
-
-
 def summary(plan: Plan, declared: Sequence[patching.Patch], outcomes: Sequence[patching.Outcome],
-            without_patches: Collection[tuple[str, str]] = ()) -> str:
+            carriers: Mapping[tuple[str, str], str]) -> str:
+    """The start-up line: the same account of the plan (ds_plugins.effects) as doctor's verdict."""
+    from .effects import account, sentence
     title = _title(plan.engine)
     head = f"ds-plugins {__version__} for {title} {plan.engine_version} on {plan.target}"
-    active = [f"{d.id}={d.value}" for d in plan.decisions if d.active]
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.state] = counts.get(o.state, 0) + 1
     patched = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())
                         if s not in ("not-selected", "other-version")) or "none"
-    missing = unserved(plan, declared, without_patches)
-    body = f"acting on {', '.join(active)}" if active else "stepping aside: upstream handles every feature here"
-    tail = f"; not in this build yet: {', '.join(missing)} (upstream behaviour kept)" if missing else ""
-    return f"{head}: {body}; patches: {patched}{tail}. `ds-plugins doctor` explains each decision."
+    body = sentence(title, account(plan, declared, carriers))
+    return f"{head}: {body}; patches: {patched}. `ds-plugins doctor` explains each decision."

@@ -108,13 +108,17 @@ def read(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {s.name: _normalise(s, env[s.name]) if s.name in env else s.default for s in SETTINGS}
 
 
+def value(name: str, env: Mapping[str, str] | None = None) -> str:
+    """One variable, parsed exactly as `read` parses it (ConfigError for a bad value)."""
+    env = os.environ if env is None else env
+    setting = BY_NAME[name]
+    return _normalise(setting, env[name]) if name in env else setting.default
+
+
 def disabled(env: Mapping[str, str] | None = None) -> bool:
     """DS_PLUGINS_DISABLE, read on its own so that it works even if another variable is bad.
 
-    An unparseable value counts as "disabled": the user tried to turn us off.
+    A value that is not a flag raises ConfigError like any other bad value, so every process and
+    `ds-plugins doctor` report it the same way (and ds-plugins does nothing where it is raised).
     """
-    env = os.environ if env is None else env
-    try:
-        return _normalise(BY_NAME["DS_PLUGINS_DISABLE"], env.get("DS_PLUGINS_DISABLE", "0")) == "1"
-    except ConfigError:
-        return True
+    return value("DS_PLUGINS_DISABLE", env) == "1"

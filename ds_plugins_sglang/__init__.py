@@ -27,10 +27,11 @@ def declared_patches():
     return PATCHES
 
 
-def served_without_patches() -> frozenset:
-    """Decisions served with no runtime patch: deepgemm=on is SGLang's own switch, set in the
-    environment (deepgemm=off sets it too, and has a patch for an already-imported gate)."""
-    return frozenset({("deepgemm", "on")})
+def adapter_carriers() -> dict:
+    """Decision values carried with no runtime patch (see ds_plugins.effects): deepgemm=on is SGLang's
+    own switch, set in the environment (deepgemm=off sets it too, and has a patch for an already-imported
+    gate)."""
+    return {("deepgemm", "on"): "SGLANG_ENABLE_JIT_DEEPGEMM=1 in the environment (SGLang's own switch)"}
 
 
 def _apply_env(reg) -> None:
@@ -54,7 +55,7 @@ def register(via: str = "sglang.srt.plugins") -> None:
         return
     # Decide and set SGLang's switch first: a patch's check reads it (the user's own value wins).
     _apply_env(decide("sglang", via=via, log=_log()))
-    run("sglang", via=via, patches=declared_patches, log=_log(), served=served_without_patches)
+    run("sglang", via=via, patches=declared_patches, log=_log(), carriers=adapter_carriers)
 
 
 def prepare(via: str) -> None:

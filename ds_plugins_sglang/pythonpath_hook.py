@@ -17,8 +17,11 @@ def _after_sglang(_module) -> None:
 
 def install() -> None:
     from ds_plugins import importhook, settings
-    if settings.disabled():
-        return
+    try:
+        if settings.disabled():
+            return
+    except settings.ConfigError:
+        pass  # armed anyway: the registration reports the bad value through SGLang's logger, once sglang loads
     # A before-hook cannot run for a module that is already imported; then the
     # after-hook runs at once, which is the most that is still possible.
     importhook.when_imported("sglang", _before_sglang, before=True)

@@ -205,23 +205,42 @@ def _case_einsum(device: str, small: bool) -> Result:
     return Result("fp8_einsum", device, _rel_error(out, ref) / BF16, 1.0, ms, f"b={tokens} h=8 r={r} d={d_out}")
 
 
-CASES = (_case_sparse_prefill, _case_sparse_decode, _case_mqa_logits, _case_paged_logits, _case_paged_topk,
-         _case_prenorm, _case_einsum)
+# (kernel name as the rows and ds_plugins.kernels call it, case)
+CASES = (("flash_mla_sparse_fwd", _case_sparse_prefill), ("flash_mla_with_kvcache", _case_sparse_decode),
+         ("fp8_mqa_logits", _case_mqa_logits), ("fp8_paged_mqa_logits", _case_paged_logits),
+         ("fp8_paged_mqa_topk", _case_paged_topk), ("tf32_hc_prenorm_gemm", _case_prenorm),
+         ("fp8_einsum", _case_einsum))
+
+EXIT_OK, EXIT_MISMATCH, EXIT_CANNOT_RUN = 0, 1, 2
+
+
+class CannotRun(RuntimeError):
+    """What this machine lacks for the selftest, with the command that adds it."""
+
+
+def missing_prerequisites(find_spec=None) -> list[str]:
+    """Packages the selftest needs and this interpreter lacks: torch and triton everywhere, and numpy
+    for Triton's CPU interpreter (a GPU-less machine). Checked without importing them."""
+    import importlib.util
+    find_spec = find_spec or importlib.util.find_spec
+    return [name for name in ("torch", "triton", "numpy") if find_spec(name) is None]
 
 
 def run() -> tuple[str, list[Result]]:
+    missing = missing_prerequisites()
+    if missing:
+        # numpy is needed only by Triton's CPU interpreter; but without torch we cannot tell, so ask for all
+        raise CannotRun(f"cannot run here: needs {', '.join(missing)} (pip install {' '.join(missing)}; "
+                        f"torch and triton come with vLLM and SGLang, numpy runs Triton's CPU interpreter)")
     device, where = _where()
-    import importlib.util
-    if importlib.util.find_spec("triton") is None:
-        raise RuntimeError("triton is not installed: the ds-plugins kernels need it (it comes with vLLM and SGLang)")
     import torch
     torch.manual_seed(0)
     results = []
-    for case in CASES:
+    for name, case in CASES:
         try:
             results.append(case(device, small=device == "cpu"))
         except Exception as exc:  # one broken kernel must not hide the others
-            results.append(Result(case.__name__.removeprefix("_case_"), device, float("inf"), 1.0, float("nan"),
+            results.append(Result(name, device, float("inf"), 1.0, float("nan"),
                                   f"failed: {type(exc).__name__}: {exc}"))
     return where, results
 
@@ -229,9 +248,11 @@ def run() -> tuple[str, list[Result]]:
 def main(as_json: bool = False) -> int:
     try:
         where, results = run()
-    except RuntimeError as exc:
+    except CannotRun as exc:
+        if as_json:
+            print(json.dumps({"device": None, "results": [], "error": str(exc), "exit_code": EXIT_CANNOT_RUN}))
         print(f"ds-plugins selftest: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CANNOT_RUN
     if as_json:
         print(json.dumps({"device": where, "results": [
             {**r._asdict(), "ok": r.ok, "error": r.error if r.error != float("inf") else None} for r in results]},
@@ -245,4 +266,4 @@ def main(as_json: bool = False) -> int:
         bad = [r.kernel for r in results if not r.ok]
         print(f"{len(results) - len(bad)}/{len(results)} kernels match their references"
               + (f"; FAILED: {', '.join(bad)}" if bad else ""))
-    return 0 if all(r.ok for r in results) else 1
+    return EXIT_OK if all(r.ok for r in results) else EXIT_MISMATCH

@@ -17,18 +17,21 @@ def declared_patches():
     return PATCHES
 
 
-def served_without_patches() -> frozenset[tuple[str, str]]:
-    """Decisions this adapter serves with no runtime patch: the Mooncake connector is a module vLLM
-    imports itself (`kv_connector_module_path`); the Ascend quantization config goes in through vLLM's
-    public register_quantization_config (ascend_quant.install, below)."""
-    return frozenset({("mooncake_connector", "ds_plugins"), ("ascend_quant", "ds_plugins")})
+def adapter_carriers() -> dict[tuple[str, str], str]:
+    """Decision values this adapter carries with no runtime patch (see ds_plugins.effects)."""
+    return {
+        ("mooncake_connector", "ds_plugins"):
+            "ds_plugins.vllm.mooncake_connector, imported by vLLM itself (kv_connector_module_path)",
+        ("ascend_quant", "ds_plugins"):
+            "AscendConfig, registered through vLLM's public register_quantization_config",
+    }
 
 
 def register() -> None:
     from ..registration import register as run
     log = logging.getLogger(LOGGER_NAME)
     reg = run("vllm", via="vllm.general_plugins", patches=declared_patches, log=log,
-              served=served_without_patches)
+              carriers=adapter_carriers)
     if reg.state == "registered" and reg.plan is not None and reg.plan.status == "supported":
         _ascend_quant(reg, log)
 

@@ -36,6 +36,7 @@ def test_doctor_says_what_this_build_does_not_implement(capsys, monkeypatch):
     code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "sglang==0.5.15", "--capability", "12.0")
     assert code == 0
     assert "not in this build yet: indexer=triton (upstream behaviour kept)" in out
+    assert "would change indexer=triton, which this build does not implement yet" in out.split("Verdict:")[1]
 
 
 def test_simulate_json_has_every_decision_with_a_reason(capsys):
@@ -71,19 +72,69 @@ def test_bad_switch_exits_1(capsys, monkeypatch):
     assert code == 1 and "DS_PLUGINS_INDEXER='fast'" in out and "auto, triton, upstream" in out
 
 
-def test_bad_simulation_flags_exit_1_naming_the_flag(capsys):
+def test_bad_simulation_flags_are_usage_errors_naming_the_flag(capsys):
     code, _, err = run(capsys, "doctor", "--simulate", "--lib", "deep_gemm=sm90")
-    assert code == 1 and "--lib 'deep_gemm=sm90'" in err and "features: sm12x" in err
+    assert code == 64 and "--lib 'deep_gemm=sm90'" in err and "sm12x" in err
     code, _, err = run(capsys, "doctor", "--simulate", "--lib", "cutlass=yes")
-    assert code == 1 and "unknown library 'cutlass'" in err
+    assert code == 64 and "unknown library 'cutlass'" in err
     code, _, err = run(capsys, "doctor", "--simulate", "--engine", "vllm=0.22.1")
-    assert code == 1 and "NAME==VERSION" in err
+    assert code == 64 and "NAME==VERSION" in err
+    code, out, err = run(capsys, "doctor", "--json", "--simulate", "--capability", "12")
+    assert code == 64 and "--capability '12'" in err
+    assert json.loads(out) == {"error": err.strip(), "exit_code": 64}  # --json always prints JSON
 
 
-def test_simulation_flags_need_simulate(capsys):
+@pytest.mark.parametrize("argv", [["doctor", "--capability", "12.0"], ["doctor", "--no-such-flag"], ["frobnicate"],
+                                  ["selftest", "--fast"]])
+def test_usage_errors_exit_64_not_2_which_means_unsupported(capsys, argv):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["doctor", "--capability", "12.0"])
-    assert exc.value.code == 2 and "--simulate" in capsys.readouterr().err
+        cli.main(argv)
+    assert exc.value.code == 64 and "error:" in capsys.readouterr().err
+
+
+def test_simulate_variable_is_not_silently_ignored_beside_the_flag(capsys, monkeypatch):
+    monkeypatch.setenv("DS_PLUGINS_SIMULATE", "--capability 9.0")
+    code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "vllm==0.30.0", "--capability", "12.0")
+    assert code == 0 and "DS_PLUGINS_SIMULATE is set but ignored: --simulate describes the machine" in out
+
+
+def test_bad_simulate_variable_names_the_variable(capsys, monkeypatch):
+    monkeypatch.setenv("DS_PLUGINS_SIMULATE", "--capability twelve")
+    code, _, err = run(capsys, "doctor")
+    assert code == 1 and err.startswith("ds-plugins doctor: DS_PLUGINS_SIMULATE:") and "'twelve'" in err
+
+
+@pytest.mark.parametrize("value", ["maybe", "2"])
+def test_bad_disable_value_is_a_config_error_in_doctor_and_in_the_engine(capsys, monkeypatch, value):
+    import logging
+
+    from ds_plugins import registration
+    monkeypatch.setenv("DS_PLUGINS_DISABLE", value)
+    code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "vllm==0.30.0")
+    assert code == 1 and f"DS_PLUGINS_DISABLE={value!r}" in out
+    monkeypatch.setattr(registration, "_registrations", {})
+    reg = registration.register("vllm", "test", lambda: [], logging.getLogger("test.cli"))
+    assert reg.state == "config-error" and f"DS_PLUGINS_DISABLE={value!r}" in reg.error
+
+
+def test_doctor_into_a_closed_pipe_is_quiet():
+    code = "import sys; from ds_plugins import cli; sys.exit(cli.main(['doctor', '--simulate', '--engine', 'vllm==0.30.0']))"
+    proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True, capture_output=True, text=True)
+    assert proc.stdout.startswith("ds-plugins") and "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_selftest_without_its_prerequisites_says_what_to_install(capsys, monkeypatch):
+    from ds_plugins.kernels import selftest
+    monkeypatch.setattr(selftest, "missing_prerequisites", lambda: ["torch", "triton"])
+    code, out, err = run(capsys, "selftest")
+    assert code == 2 and "cannot run here: needs torch, triton (pip install torch triton" in err and not out
+    code, out, _ = run(capsys, "selftest", "--json")
+    assert code == 2 and json.loads(out)["exit_code"] == 2
+
+
+def test_selftest_prerequisites_are_found_without_importing(monkeypatch):
+    from ds_plugins.kernels import selftest
+    assert selftest.missing_prerequisites(lambda name: None if name == "numpy" else object()) == ["numpy"]
 
 
 def test_sglang_path_is_a_folder_holding_only_sitecustomize(capsys):

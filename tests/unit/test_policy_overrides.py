@@ -104,5 +104,6 @@ def test_disable_flag_spellings():
         assert settings.disabled({"DS_PLUGINS_DISABLE": on})
     for off in ("0", "false", "no", "", "off"):
         assert not settings.disabled({"DS_PLUGINS_DISABLE": off})
-    assert settings.disabled({"DS_PLUGINS_DISABLE": "please"})  # unparseable: the user meant "off"
+    with pytest.raises(settings.ConfigError, match="DS_PLUGINS_DISABLE='please'"):
+        settings.disabled({"DS_PLUGINS_DISABLE": "please"})  # the same error everywhere, never a guess
     assert not settings.disabled({})

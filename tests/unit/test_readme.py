@@ -10,6 +10,7 @@ from ds_plugins.settings import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
+EVIDENCE = (ROOT / "docs" / "evidence.md").read_text()
 
 
 def test_switch_table_is_the_settings_table():
@@ -29,8 +30,13 @@ def test_decision_ids_are_documented():
 
 
 def test_exit_codes_are_documented():
-    assert (doctor.EXIT_OK, doctor.EXIT_CONFIG, doctor.EXIT_UNSUPPORTED) == (0, 1, 2)
-    assert "Exit status: 0 supported, 1 a bad" in README and "2 unsupported" in README
+    assert (doctor.EXIT_OK, doctor.EXIT_CONFIG, doctor.EXIT_UNSUPPORTED, doctor.EXIT_USAGE) == (0, 1, 2, 64)
+    text = " ".join(README.split())
+    assert "Doctor's exit status: 0 supported, 1 a bad `DS_PLUGINS_*` setting" in text
+    assert "2 unsupported" in text and "64 a usage error" in text
+    from ds_plugins.kernels import selftest
+    assert (selftest.EXIT_OK, selftest.EXIT_MISMATCH, selftest.EXIT_CANNOT_RUN) == (0, 1, 2)
+    assert "`selftest` exits 0 when every kernel matches, 1 when one does not, 2 when it cannot run here" in text
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -40,6 +46,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_startup_figures_are_the_committed_bench_results():
+    README = EVIDENCE  # the figures live with the rest of the evidence
     data = json.loads((ROOT / "bench/results/startup-cpu.json").read_text())
     vllm = data["vllm_load_general_plugins"]
     sgl = data["sglang_import_with_hook_shared_imports_preloaded"]
@@ -51,3 +58,46 @@ def test_startup_figures_are_the_committed_bench_results():
     assert f"{data['runs']} paired runs" in README
     for s in (vllm, sgl, sgl_all, start):
         assert s["heavy_modules_added_by_ds_plugins"] == []
+
+
+def _startup_line(engine, version, device, libs):
+    """The line registration logs in a process of that machine, with every selected patch armed (what
+    it logs at plugin time, before the engine imports the patched modules)."""
+    from ds_plugins import patching, registration
+    from ds_plugins.policy import decide
+    from ds_plugins.probe import Probe
+    probe = Probe("3.11", {engine: version}, None, None, (device,), "", libs)
+    plan = decide(probe, engine, env={})
+    declared = doctor.declared_patches(engine)
+    armed = [patching.Outcome(p.id, "armed") for p in declared if p.selected_by(plan) and p.covers(version)]
+    return registration.summary(plan, declared, armed, doctor.adapter_carriers(engine))
+
+
+def _example(marker):
+    block = README.split(f"<!-- startup-example:{marker} -->\n```\n", 1)[1]
+    return block.split("\n```", 1)[0]
+
+
+def test_startup_line_examples_are_what_the_code_logs():
+    from ds_plugins.probe import Device, Library
+    pro6000 = Device("cuda", 0, "NVIDIA RTX PRO 6000 Blackwell Workstation Edition", (12, 0))
+    vendored = {"vllm.third_party.deep_gemm": Library("vllm.third_party.deep_gemm", True, "0.22.1", None, ())}
+    assert _example("vllm") == _startup_line("vllm", "0.22.1", pro6000, vendored)
+    spark = Device("cuda", 0, "NVIDIA GB10", (12, 1))
+    no_sm12x = {"deep_gemm": Library("deep_gemm", True, "2.1.0", None, ())}
+    assert _example("sglang") == _startup_line("sglang", "0.5.12", spark, no_sm12x)
+
+
+def test_readme_links_resolve():
+    for target in re.findall(r"\]\(((?:docs|patches|ci)/[^)#]*)\)", README):
+        assert (ROOT / target).exists(), target
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.*)$", README, re.M)}
+    for anchor in re.findall(r"\]\(#([^)]*)\)", README):
+        assert anchor in anchors, anchor
+
+
+def test_known_failure_table_is_generated_from_the_records():
+    from ds_plugins import explain
+    block = README.split("<!-- known-failures:start -->\n", 1)[1].split("<!-- known-failures:end -->", 1)[0]
+    assert block.strip() == explain.markdown_table().strip()
