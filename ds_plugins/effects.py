@@ -104,6 +104,8 @@ def account(plan, declared: Sequence, adapter_carriers: Mapping[tuple[str, str],
     carriers: dict[str, list[str]] = {}
     for p in declared:
         decision, values = p.implements
+        if decision == "*":  # patching.EVERY_PLAN: plumbing, carries no decision value
+            continue
         if plan.engine_version is not None and not p.covers(plan.engine_version):
             continue
         for v in values:

@@ -25,6 +25,9 @@ from typing import Any, NamedTuple
 from . import importhook
 
 MARKER = "__ds_plugins_patch__"
+# `implements` of a patch that no decision selects: it serves every supported plan (ds-plugins' own
+# plumbing in the engine, e.g. its start-up line), and carries no decision value.
+EVERY_PLAN = "*"
 
 
 class Target(NamedTuple):
@@ -57,7 +60,7 @@ class Patch(NamedTuple):
 
     def selected_by(self, plan) -> bool:
         decision, values = self.implements
-        return plan.value(decision) in values
+        return decision == EVERY_PLAN or plan.value(decision) in values
 
 
 def replace_attribute(factory: Callable[[Any], Any]) -> Callable[[Target], Callable[[], None]]:

@@ -173,9 +173,11 @@ def summary(plan: Plan, declared: Sequence[patching.Patch], outcomes: Sequence[p
     from .effects import account, sentence
     title = _title(plan.engine)
     head = f"ds-plugins {__version__} for {title} {plan.engine_version} on {plan.target}"
+    plumbing = {p.id for p in declared if p.implements[0] == patching.EVERY_PLAN}  # carries no decision
     counts: dict[str, int] = {}
     for o in outcomes:
-        counts[o.state] = counts.get(o.state, 0) + 1
+        if o.patch_id not in plumbing:
+            counts[o.state] = counts.get(o.state, 0) + 1
     patched = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())
                         if s not in ("not-selected", "other-version")) or "none"
     body = sentence(title, account(plan, declared, carriers))

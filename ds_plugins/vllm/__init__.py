@@ -29,8 +29,9 @@ def adapter_carriers() -> dict[tuple[str, str], str]:
 
 def register() -> None:
     from ..registration import register as run
+    from .startup_log import Holding
     log = logging.getLogger(LOGGER_NAME)
-    reg = run("vllm", via="vllm.general_plugins", patches=declared_patches, log=log,
+    reg = run("vllm", via="vllm.general_plugins", patches=declared_patches, log=Holding(log),
               carriers=adapter_carriers)
     if reg.state == "registered" and reg.plan is not None and reg.plan.status == "supported":
         _ascend_quant(reg, log)

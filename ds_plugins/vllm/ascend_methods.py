@@ -4,6 +4,14 @@ Parameters are created in the checkpoint's dtypes and layouts, so vLLM's own wei
 them (output-dim for column-parallel and w1/w3, input-dim for row-parallel and w2; W4A8 packs along
 the output dim, which keeps both kinds of sharding exact). After loading, scales are flattened to
 fp32, zero offsets are checked and dropped, and the math runs in ds_plugins.quant.ascend.compute.
+
+Linear parameters other than `weight` are registered under the name the model's weight mapper gives
+the checkpoint tensor (AscendQuantConfig.loaded_name: `weight_scale_inv`, `input_scale_2` in vLLM's
+CPU DeepSeek-V4) and, where that differs, under the checkpoint's own name as well: vLLM hands
+`configure_quant_config` the model class's mapper, while a model may load with another one it builds
+per instance (the CPU DeepSeek-V4 with `expert_dtype` other than "fp4" keeps `.weight_scale`). The
+weight loaders mark what they loaded; after loading, the loaded one is kept under the scheme's own
+name, so the compute path and the rest of vLLM see one layout whatever the model file renames.
 """
 
 from __future__ import annotations
@@ -39,10 +47,52 @@ def _drop(layer, name: str) -> None:
         delattr(layer, name)
 
 
+def _marking(loader):
+    """The weight loader, recording on the parameter that a checkpoint tensor arrived in it."""
+    def load(param, loaded_weight, *args, **kwargs):
+        param.ds_loaded = True
+        return loader(param, loaded_weight, *args, **kwargs)
+    return load
+
+
+def _names(config, prefix: str, leaves) -> dict[str, tuple[str, ...]]:
+    """Checkpoint leaf -> the parameter names it may arrive under (the mapper's first)."""
+    return {leaf: tuple(dict.fromkeys((config.loaded_name(prefix, leaf), leaf))) for leaf in leaves}
+
+
+def _register(layer, names: dict[str, tuple[str, ...]], leaf: str, make) -> None:
+    """One parameter per name leaf may arrive under; make(weight_loader_wrapper) builds one."""
+    for name in names[leaf]:
+        layer.register_parameter(name, make(_marking))
+
+
+def _take(config, prefix: str, layer, names: dict[str, tuple[str, ...]], leaf: str) -> torch.Tensor:
+    """The loaded tensor of checkpoint leaf `leaf`, its parameters removed from the layer."""
+    candidates = names[leaf]
+    loaded = [n for n in candidates if getattr(getattr(layer, n), "ds_loaded", False)]
+    if len(candidates) > 1 and len(loaded) != 1:
+        raise AscendFormatError(config.checkpoint.description.path, f"{prefix}.{leaf}",
+                                f"vLLM's loader delivered it as {' and '.join(loaded) or 'none'} of "
+                                f"{', '.join(candidates)}; expected exactly one")
+    data = getattr(layer, (loaded or candidates)[0]).data
+    for n in candidates:
+        _drop(layer, n)
+    return data
+
+
 def _check_zero(config, prefix: str, t: torch.Tensor, what: str) -> None:
     if bool(t.ne(0).any()):
         raise AscendFormatError(config.checkpoint.description.path, f"{prefix}.{what}",
                                 "non-zero offset: asymmetric weights are not supported")
+
+
+def _check_finite(config, prefix: str, t: torch.Tensor, what: str) -> None:
+    """Scales are read after vLLM placed them (the header checks cannot see values): a NaN or inf scale
+    would turn every output of the layer into NaN, so it stops the load here, naming the layer."""
+    bad = ~torch.isfinite(t.float())
+    if bool(bad.any()):
+        raise AscendFormatError(config.checkpoint.description.path, f"{prefix}.{what}",
+                                f"{int(bad.sum())} of {t.numel()} values are NaN or infinite")
 
 
 def _shard_names(config, prefix: str) -> list[str]:
@@ -71,15 +121,17 @@ class W8A8DynamicLinearMethod(LinearMethodBase):
         layer.register_parameter("weight", ModelWeightParameter(
             data=torch.empty(out, input_size_per_partition, dtype=torch.int8), input_dim=1, output_dim=0,
             weight_loader=loader))
-        for name in ("weight_scale", "weight_offset"):
-            layer.register_parameter(name, ChannelQuantScaleParameter(
-                data=torch.empty(out, 1, dtype=torch.float32), output_dim=0, weight_loader=_column_loader(loader)))
+        self.names = _names(self.config, self.prefix, ("weight_scale", "weight_offset"))
+        for leaf in self.names:
+            _register(layer, self.names, leaf, lambda mark: ChannelQuantScaleParameter(
+                data=torch.empty(out, 1, dtype=torch.float32), output_dim=0,
+                weight_loader=mark(_column_loader(loader))))
 
     def process_weights_after_loading(self, layer) -> None:
-        _check_zero(self.config, self.prefix, layer.weight_offset.data, "weight_offset")
-        _drop(layer, "weight_offset")
-        scale = layer.weight_scale.data.reshape(-1).float().contiguous()
-        _drop(layer, "weight_scale")
+        take = lambda leaf: _take(self.config, self.prefix, layer, self.names, leaf)  # noqa: E731
+        _check_zero(self.config, self.prefix, take("weight_offset"), "weight_offset")
+        scale = take("weight_scale").reshape(-1).float().contiguous()
+        _check_finite(self.config, self.prefix, scale, "weight_scale")
         layer.weight_scale = Parameter(scale, requires_grad=False)
         layer.weight = Parameter(layer.weight.data.contiguous(), requires_grad=False)
 
@@ -104,32 +156,36 @@ class W8A8StaticLinearMethod(LinearMethodBase):
         layer.register_parameter("weight", ModelWeightParameter(
             data=torch.empty(out, input_size_per_partition, dtype=torch.int8), input_dim=1, output_dim=0,
             weight_loader=loader))
+        optional = [leaf for leaf in ("weight_scale", "weight_offset")  # written by msModelSlim, unused by the math
+                    if self.config.header(rf"^({'|'.join(re.escape(s) for s in _shard_names(self.config, self.prefix))})\.{leaf}$")]
+        self.names = _names(self.config, self.prefix, ("input_scale", "input_offset", "deq_scale", "quant_bias",
+                                                       *optional))
         offset_dtype = _header_dtype(self.config, self.prefix, "input_offset", torch.float32)
-        for name, dtype in (("input_scale", torch.float32), ("input_offset", offset_dtype)):
-            layer.register_parameter(name, PerTensorScaleParameter(
-                data=torch.zeros(n, dtype=dtype), weight_loader=_per_tensor_loader(loader)))
-        deq_dtype = _header_dtype(self.config, self.prefix, "deq_scale", torch.float32)
-        layer.register_parameter("deq_scale", ChannelQuantScaleParameter(
-            data=torch.empty(out, dtype=deq_dtype), output_dim=0, weight_loader=loader))
-        layer.register_parameter("quant_bias", ChannelQuantScaleParameter(
-            data=torch.empty(out, dtype=torch.int32), output_dim=0, weight_loader=loader))
-        for name in ("weight_scale", "weight_offset"):  # written by msModelSlim, unused by the math
-            if self.config.header(rf"^({'|'.join(re.escape(s) for s in _shard_names(self.config, self.prefix))})\.{name}$"):
-                layer.register_parameter(name, ChannelQuantScaleParameter(
-                    data=torch.empty(out, 1, dtype=torch.float32), output_dim=0, weight_loader=_column_loader(loader)))
+        for leaf, dtype in (("input_scale", torch.float32), ("input_offset", offset_dtype)):
+            _register(layer, self.names, leaf, lambda mark, dtype=dtype: _per_tensor(PerTensorScaleParameter(
+                data=torch.zeros(n, dtype=dtype), weight_loader=mark(_per_tensor_loader(loader)))))
+        for leaf, dtype in (("deq_scale", _header_dtype(self.config, self.prefix, "deq_scale", torch.float32)),
+                            ("quant_bias", torch.int32)):
+            _register(layer, self.names, leaf, lambda mark, dtype=dtype: ChannelQuantScaleParameter(
+                data=torch.empty(out, dtype=dtype), output_dim=0, weight_loader=mark(loader)))
+        for leaf in optional:
+            _register(layer, self.names, leaf, lambda mark: ChannelQuantScaleParameter(
+                data=torch.empty(out, 1, dtype=torch.float32), output_dim=0,
+                weight_loader=mark(_column_loader(loader))))
 
     def process_weights_after_loading(self, layer) -> None:
-        scales, offsets = layer.input_scale.data.float(), layer.input_offset.data.float()
+        taken = {leaf: _take(self.config, self.prefix, layer, self.names, leaf) for leaf in self.names}
+        scales, offsets = taken["input_scale"].float(), taken["input_offset"].float()
         if bool((scales != scales[0]).any()) or bool((offsets != offsets[0]).any()):
             raise AscendFormatError(self.config.checkpoint.description.path, f"{self.prefix}.input_scale",
                                     f"the shards of this fused layer have different activation scales/offsets "
                                     f"({scales.tolist()}, {offsets.tolist()}); static W8A8 needs one per layer")
-        deq = arith.decode_deq_scale(layer.deq_scale.data).reshape(-1).contiguous()
-        qb = layer.quant_bias.data.to(torch.int32).reshape(-1).contiguous()
+        deq = arith.decode_deq_scale(taken["deq_scale"]).reshape(-1).contiguous()
+        for what, t in (("input_scale", scales), ("input_offset", offsets), ("deq_scale", deq)):
+            _check_finite(self.config, self.prefix, t, what)
+        qb = taken["quant_bias"].to(torch.int32).reshape(-1).contiguous()
         if isinstance(layer, RowParallelLinear) and getattr(layer, "tp_rank", 0) != 0:
             qb = None  # the bias (and offset correction) is added once, on rank 0, before the all-reduce
-        for name in ("input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"):
-            _drop(layer, name)
         layer.input_scale = Parameter(scales[:1].reshape(()), requires_grad=False)
         layer.input_offset = Parameter(offsets[:1].reshape(()), requires_grad=False)
         layer.deq_scale = Parameter(deq, requires_grad=False)
@@ -139,6 +195,13 @@ class W8A8StaticLinearMethod(LinearMethodBase):
         # A float bias is folded into quant_bias by msModelSlim; vLLM's own bias param stays unused.
         return compute.linear_static(x, layer.weight, layer.input_scale, layer.input_offset, layer.quant_bias,
                                      layer.deq_scale)
+
+
+def _per_tensor(param):
+    """One value per checkpoint shard: vLLM's fused-layer loaders (the non-v2 `weight_loader` our methods
+    get) place shard i's scalar at index i only for parameters marked `needs_scalar_to_array`."""
+    set_weight_attrs(param, {"needs_scalar_to_array": True})
+    return param
 
 
 def _per_tensor_loader(loader):
@@ -190,6 +253,8 @@ class AscendMoEMethod(FusedMoEMethodBase):
         for name in ("w13_weight_offset", "w2_weight_offset", "w13_scale_bias", "w2_scale_bias"):
             _drop(layer, name)
         E = layer.w13_weight.shape[0]
+        for name in ("w13_weight_scale", "w2_weight_scale"):
+            _check_finite(self.config, self.prefix, getattr(layer, name).data, name)
         layer.w13_weight_scale = Parameter(layer.w13_weight_scale.data.reshape(E, -1).float().contiguous(),
                                            requires_grad=False)
         layer.w2_weight_scale = Parameter(layer.w2_weight_scale.data.reshape(E, -1).float().contiguous(),

@@ -8,7 +8,7 @@ subprocess), at the moment vLLM imports the target module.
 from __future__ import annotations
 
 from ..patching import Patch
-from . import deepgemm_gate
+from . import deepgemm_gate, startup_log
 from .dsv4 import cudagraph, registry, routes
 
 PATCHES: tuple[Patch, ...] = (
@@ -16,4 +16,5 @@ PATCHES: tuple[Patch, ...] = (
     registry.PATCH,           # dsv4_model=ds_plugins
     *routes.PATCHES,          # sparse_mla=triton, indexer=triton
     cudagraph.PATCH,          # cudagraph=off
+    startup_log.PATCH,        # every plan: the start-up line where vLLM configures logging late
 )

@@ -4,7 +4,7 @@ import tomllib
 from pathlib import Path
 
 from ds_plugins.doctor import declared_patches
-from ds_plugins.patching import Patch
+from ds_plugins.patching import EVERY_PLAN, Patch
 
 RECORDS = Path(__file__).resolve().parents[2] / "patches"
 FIELDS = ("id", "engine", "target", "versions", "decision", "why", "retire")
@@ -12,8 +12,9 @@ FIELDS = ("id", "engine", "target", "versions", "decision", "why", "retire")
 
 def record_of(patch: Patch) -> dict:
     decision, values = patch.implements
+    selected = decision if decision == EVERY_PLAN else f"{decision}={'|'.join(values)}"
     return {"id": patch.id, "engine": patch.engine, "target": patch.target, "versions": patch.versions,
-            "decision": f"{decision}={'|'.join(values)}", "why": patch.why, "retire": patch.retire}
+            "decision": selected, "why": patch.why, "retire": patch.retire}
 
 
 def mismatches(patches: list[Patch], folder: Path) -> list[str]:
