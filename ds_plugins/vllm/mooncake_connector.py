@@ -19,8 +19,11 @@ The classes are built on first access (module __getattr__), so importing this mo
 Flow (pull, like vllm-ascend): the proxy sends the prompt to P with {"do_remote_decode": true};
 P prefills, keeps the blocks, and returns kv_transfer_params naming its blocks per KV group and its
 handshake address; the proxy passes them to D, whose scheduler allocates blocks and whose worker
-reads P's blocks with the TransferEngine and tells P to free them. Failures (peer gone, stall past
-the timeout, bad answers) report the affected blocks as load errors, so vLLM recomputes them.
+reads P's blocks with the TransferEngine and tells P to free them. A read counts only once P confirms
+it still held the blocks (its answer to "done"). Failures (peer gone, stall past the timeout, bad
+answers, unusable kv_transfer_params from the client) are reported per request where vLLM takes that
+(KVConnectorTransferResults.failed_recving, 0.30+), so vLLM fails or recomputes that request alone
+per kv_load_failure_policy; older vLLM gets the affected block ids.
 """
 
 from __future__ import annotations
@@ -111,8 +114,10 @@ def load_config(vllm_config) -> MooncakeConfig:
            "kv_connector_extra_config": extra}
     # KVTransferConfig.kv_ip defaults to 127.0.0.1, which a peer on another node cannot reach:
     # an explicit extra "host" wins, then a non-default kv_ip, then the IP vLLM itself announces.
-    if kv.kv_ip and kv.kv_ip != "127.0.0.1":
-        top["kv_ip"] = kv.kv_ip
+    # vLLM 0.32 dropped the field (its config forbids unknown keys, so `kv_ip` cannot be passed there).
+    kv_ip = getattr(kv, "kv_ip", None)
+    if kv_ip and kv_ip != "127.0.0.1":
+        top["kv_ip"] = kv_ip
     default_host = "127.0.0.1"
     if "host" not in extra and "kv_ip" not in top:
         from vllm.utils.network_utils import get_ip
@@ -125,7 +130,11 @@ def load_config(vllm_config) -> MooncakeConfig:
 
 @dataclass
 class RecvSpec:
-    """D: fill `local_blocks` (per KV group; NULL_BLOCK where nothing is to be read) from a P request."""
+    """D: fill `local_blocks` (per KV group; NULL_BLOCK where nothing is to be read) from a P request.
+
+    `error` set: the request's kv_transfer_params were unusable; nothing is read and the worker reports
+    the load as failed, so vLLM fails or recomputes the request per kv_load_failure_policy.
+    """
     local_blocks: list[list[int]]
     remote_blocks: list[list[int]]
     remote_engine_id: str
@@ -133,16 +142,13 @@ class RecvSpec:
     remote_host: str
     remote_port: int
     remote_tp_size: int
+    error: str = ""
 
 
 @dataclass
 class MooncakeConnectorMetadata:
     recv: dict[str, RecvSpec] = field(default_factory=dict)
     send: dict[str, list[int]] = field(default_factory=dict)   # P: request -> TP ranks its sinks read
-
-
-def _params_complete(params: dict | None) -> bool:
-    return bool(params) and all(params.get(k) is not None for k in PARAM_KEYS)
 
 
 def _as_groups(block_ids) -> list[list[int]]:
@@ -152,50 +158,160 @@ def _as_groups(block_ids) -> list[list[int]]:
     return [list(g) for g in block_ids]
 
 
+class BadParams(ValueError):
+    """kv_transfer_params from the request (any HTTP client can send them) that cannot be used."""
+
+
+MAX_ID_LEN = 512
+MAX_BLOCK_ID = 2**31 - 1
+
+
+def _int_in(params: dict, key: str, low: int, high: int) -> int:
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadParams(f"{key} must be an integer in [{low}, {high}], got {value!r}"[:300])
+    return value
+
+
+def _text(params: dict, key: str) -> str:
+    value = params.get(key)
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LEN:
+        raise BadParams(f"{key} must be a non-empty string of at most {MAX_ID_LEN} characters, got {value!r}"[:300])
+    return value
+
+
+def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, decode_tp: int) -> dict:
+    """The remote fields of a decode request's kv_transfer_params, checked: types, ranges, sizes.
+
+    Raises BadParams naming the key. `num_groups` is the local KV group count (None: not known);
+    each group's block list may not be longer than the prompt (a block holds at least one token).
+    """
+    missing = [k for k in PARAM_KEYS if params.get(k) is None]
+    if missing:
+        raise BadParams(f"do_remote_prefill is set but {missing} are missing")
+    blocks = params["remote_block_ids"]
+    if not isinstance(blocks, (list, tuple)) or not blocks:
+        raise BadParams(f"remote_block_ids must be a non-empty list of block id lists, got {type(blocks).__name__}")
+    groups = [blocks] if not isinstance(blocks[0], (list, tuple)) else blocks
+    if num_groups is not None and len(groups) != num_groups:
+        raise BadParams(f"remote_block_ids has {len(groups)} KV groups, this instance has {num_groups}")
+    limit = max(num_prompt_tokens, 1)
+    for g, ids in enumerate(groups):
+        if not isinstance(ids, (list, tuple)):
+            raise BadParams(f"remote_block_ids[{g}] must be a list of block ids, got {type(ids).__name__}")
+        if len(ids) > limit:
+            raise BadParams(f"remote_block_ids[{g}] has {len(ids)} block ids, more than the {limit} prompt tokens")
+        for b in ids:
+            if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= MAX_BLOCK_ID:
+                raise BadParams(f"remote_block_ids[{g}] holds {b!r}, not a block id"[:300])
+    tp = params.get("remote_tp_size")
+    tp = decode_tp if tp is None else _int_in(params, "remote_tp_size", 1, 1 << 16)
+    if tp < decode_tp or tp % decode_tp:
+        raise BadParams(f"remote_tp_size {tp} cannot serve decode tp_size {decode_tp} (it must be a multiple)")
+    covered = params.get("remote_num_tokens")
+    if covered is not None:
+        _int_in(params, "remote_num_tokens", 1, max(num_prompt_tokens, 1))
+    host = _text(params, "remote_host")
+    if len(host) > 255 or any(c.isspace() or c in "/@?#" for c in host):
+        raise BadParams(f"remote_host {host!r} is not a host name or address"[:300])
+    return {"remote_blocks": [list(ids) for ids in groups],
+            "remote_engine_id": _text(params, "remote_engine_id"),
+            "remote_request_id": _text(params, "remote_request_id"),
+            "remote_host": host, "remote_port": _int_in(params, "remote_port", 1, 65535), "remote_tp_size": tp}
+
+
 class SchedulerSide:
     """The scheduler-process half; plain Python over vLLM's Request/KVCacheBlocks objects."""
 
-    def __init__(self, vllm_config, config: MooncakeConfig):
+    def __init__(self, vllm_config, config: MooncakeConfig, kv_cache_config=None, fail_requests: bool = True):
         self.config = config
         self.dp_rank = vllm_config.parallel_config.data_parallel_rank or 0
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        groups = getattr(kv_cache_config, "kv_cache_groups", None)
+        self.num_groups = len(groups) if groups else None
+        # vLLM with KVConnectorTransferResults.failed_recving (0.30+) can fail or recompute one request;
+        # older ones only take block ids, so unusable params are prefilled locally there instead.
+        self.fail_requests = fail_requests
         self._recv: dict[str, RecvSpec] = {}
         self._send: dict[str, list[int]] = {}
+        self._bad: dict[str, str] = {}   # request id -> why its params were refused (until allocation)
+
+    def _check(self, request, finished: bool = False) -> str:
+        """'' when the request's remote fields are usable, else the reason (logged once).
+
+        `finished`: from request_finished, where the prompt may no longer be there to bound block counts.
+        """
+        rid = request.request_id
+        if rid in self._bad:
+            return self._bad[rid]
+        try:
+            prompt = (1 << 30) if finished else len(request.prompt_token_ids or ())
+            parse_remote(request.kv_transfer_params, self.num_groups, prompt, self.config.decode.tp_size)
+            return ""
+        except BadParams as exc:
+            why = str(exc)
+        log.warning("mooncake: request %s: unusable kv_transfer_params (%s); %s", rid, why,
+                    "reporting its KV load as failed (kv_load_failure_policy decides)" if self.fail_requests
+                    else "prefilling it locally")
+        self._bad[rid] = why
+        return why
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params
-        if params and params.get("do_remote_prefill"):
-            if not _params_complete(params):
-                log.warning("mooncake: request %s has do_remote_prefill but lacks %s; prefilling locally",
-                            request.request_id, [k for k in PARAM_KEYS if params.get(k) is None])
+        if isinstance(params, dict) and params.get("do_remote_prefill"):
+            if self._check(request) and not self.fail_requests:
+                params["do_remote_prefill"] = False
+                self._bad.pop(request.request_id, None)
                 return 0, False
-            count = len(request.prompt_token_ids or ()) - num_computed_tokens
+            count = self._remote_tokens(request) - num_computed_tokens
             if count > 0:
                 return count, True
         return 0, False
 
+    @staticmethod
+    def _remote_tokens(request) -> int:
+        """Prompt tokens P's blocks cover: all of them, or fewer when P prefilled a shorter prompt.
+
+        A P that prefilled all but the last prompt token (as vllm-ascend does for models with
+        sliding-window or compressed KV) leaves D to compute that token as an ordinary prefill step,
+        with its whole attention window in place. Where P covered the whole prompt, vLLM recomputes the
+        last token after the load, with its sliding-window blocks allocated for the token after it,
+        which at prompt lengths L with (L - window + 1) % block_size == 0 lacks the window's oldest token.
+        """
+        total = len(request.prompt_token_ids or ())
+        covered = request.kv_transfer_params.get("remote_num_tokens")
+        if isinstance(covered, int) and not isinstance(covered, bool) and 0 < covered < total:
+            return covered
+        return total
+
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         params = request.kv_transfer_params
-        if not params or not params.get("do_remote_prefill"):
+        if not isinstance(params, dict) or not params.get("do_remote_prefill"):
             return
         params["do_remote_prefill"] = False  # once: a second call (after the load) must not read again
-        if not _params_complete(params):
+        error = self._check(request)
+        self._bad.pop(request.request_id, None)
+        if error:
+            if num_external_tokens > 0:
+                self._recv[request.request_id] = _failed_spec(error)
             return
         if num_external_tokens > 0:
             # Positions already valid here (local prefix-cache hits, which carry a hash) and padding
             # (null) blocks are not read; every other position is filled from the same position at P.
             local = [[NULL_BLOCK if (b.is_null or b.block_hash is not None) else b.block_id for b in group]
                      for group in blocks.blocks]
+            if self._remote_tokens(request) < len(request.prompt_token_ids or ()):
+                # P covered a shorter prompt: D's blocks past P's (the last token's, which D computes
+                # itself) have nothing at P to read. P's lists are as long as the tokens it covered.
+                remote = parse_remote(params, self.num_groups, 1 << 30, self.config.decode.tp_size)["remote_blocks"]
+                local = [ids[:len(r)] for ids, r in zip(local, remote)]
         else:
             local = [[] for _ in blocks.blocks]  # nothing to read, but P must still be told to free
         self._recv[request.request_id] = self._spec(params, local)
 
     def _spec(self, params: dict, local: list[list[int]]) -> RecvSpec:
-        return RecvSpec(local_blocks=local, remote_blocks=_as_groups(params["remote_block_ids"]),
-                        remote_engine_id=str(params["remote_engine_id"]),
-                        remote_request_id=str(params["remote_request_id"]),
-                        remote_host=str(params["remote_host"]), remote_port=int(params["remote_port"]),
-                        remote_tp_size=int(params.get("remote_tp_size") or self.config.prefill.tp_size))
+        remote = parse_remote(params, self.num_groups, 1 << 30, self.config.decode.tp_size)
+        return RecvSpec(local_blocks=local, **remote)
 
     def build_connector_meta(self, scheduler_output) -> MooncakeConnectorMetadata:
         meta = MooncakeConnectorMetadata(recv=self._recv, send=self._send)
@@ -210,8 +326,11 @@ class SchedulerSide:
         if params.get("do_remote_prefill"):
             # D, aborted before its blocks were allocated: no read, but P still holds blocks to free.
             params["do_remote_prefill"] = False
-            if _params_complete(params):
-                self._recv[request.request_id] = self._spec(params, [[] for _ in _as_groups(params["remote_block_ids"])])
+            if not self._check(request, finished=True):
+                spec = self._spec(params, [])
+                spec.local_blocks = [[] for _ in spec.remote_blocks]
+                self._recv[request.request_id] = spec
+            self._bad.pop(request.request_id, None)
             return False, None
         if not params.get("do_remote_decode") or not self.config.is_producer:
             return False, None
@@ -222,12 +341,20 @@ class SchedulerSide:
             return False, None
         ranks = source_ranks(request.request_id, self.tp_size, self.config.decode.tp_size)
         self._send[request.request_id] = ranks
-        return True, {
+        out = {
             "do_remote_prefill": True, "do_remote_decode": False,
             "remote_engine_id": self.config.engine_id, "remote_request_id": request.request_id,
             "remote_host": self.config.host, "remote_port": self.config.side_channel_port(self.dp_rank),
             "remote_block_ids": groups, "remote_tp_size": self.tp_size,
         }
+        if request.num_computed_tokens > 0:
+            out["remote_num_tokens"] = request.num_computed_tokens  # the tokens these blocks hold
+        return True, out
+
+
+def _failed_spec(error: str) -> RecvSpec:
+    return RecvSpec(local_blocks=[], remote_blocks=[], remote_engine_id="", remote_request_id="", remote_host="",
+                    remote_port=0, remote_tp_size=0, error=error)
 
 
 # ---------------------------------------------------------------- worker side
@@ -281,6 +408,12 @@ class WorkerSide:
         self.source = None
         self.sink = None
         self._load_errors: set[int] = set()
+        self._refused: set[str] = set()     # requests refused before any read (unusable params)
+        # Release-only notices (D read nothing: an abort before allocation, vLLM's pre-aborted stand-in
+        # for a rejected request, or everything cached here): P is told to free, vLLM is told nothing.
+        # Its scheduler has no such request waiting for KV (or none at all) and ends the engine on a
+        # finished_recving for it (0.32: `assert req_id in self.requests`).
+        self._release_only: set[str] = set()
 
     def register_kv_caches(self, kv_caches: dict) -> None:
         from ds_plugins.kv.mooncake.engine import Engine
@@ -313,22 +446,38 @@ class WorkerSide:
             else:
                 self.source.release(rid)
         for rid, spec in meta.recv.items():
-            if self.sink is None:
-                log.error("mooncake: request %s needs a remote read but this worker is not a consumer", rid)
+            if spec.error or self.sink is None:
+                if self.sink is None:
+                    log.error("mooncake: request %s needs a remote read but this worker is not a consumer", rid)
+                self._refused.add(rid)
                 continue
             src = source_ranks(spec.remote_request_id, spec.remote_tp_size, self.config.decode.tp_size)
             src_rank = src[self.tp_rank % len(src)]
             ref = SourceRef(spec.remote_host, spec.remote_port + src_rank, spec.remote_engine_id,
                             spec.remote_request_id)
+            if not any(b != NULL_BLOCK for g in spec.local_blocks for b in g):
+                self._release_only.add(rid)
             self.sink.fetch(rid, ref, spec.local_blocks, spec.remote_blocks)
 
-    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
+    def poll(self) -> tuple[set[str], set[str], set[str]]:
+        """(finished sending, finished receiving, failed receiving); a failed one is also in the second."""
         sending = self.source.poll_finished() if self.source else set()
-        recving = set()
+        recving, self._refused = set(self._refused), set()
+        failed = set(recving)
         if self.sink:
             for res in self.sink.poll():
+                if res.request_id in self._release_only:
+                    self._release_only.discard(res.request_id)
+                    continue
                 recving.add(res.request_id)
-                self._load_errors |= res.failed_blocks
+                if not res.ok or res.failed_blocks:
+                    failed.add(res.request_id)
+                    self._load_errors |= res.failed_blocks
+        return sending, recving, failed
+
+    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
+        """vLLM before failed_recving: failures reach the scheduler as block ids only."""
+        sending, recving, _ = self.poll()
         return sending or None, recving or None
 
     def take_load_errors(self) -> set[int]:
@@ -350,7 +499,14 @@ _built: dict[str, type] = {}
 
 
 def _build() -> type:
+    from vllm.distributed.kv_transfer.kv_connector.v1 import base
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole, SupportsHMA
+
+    # Feature detection: vLLM 0.30+ takes failed requests (KVConnectorTransferResults.failed_recving) and
+    # fails or recomputes each per kv_load_failure_policy; 0.32+ refuses block ids (invalid_block_ids)
+    # when there are several KV groups, as DeepSeek-V4 has, and ends the engine. Older ones take block ids.
+    results_cls = getattr(base, "KVConnectorTransferResults", None)
+    per_request = results_cls is not None and hasattr(KVConnectorBase_V1, "get_transfer_results")
 
     class DSV4MooncakeConnector(KVConnectorBase_V1, SupportsHMA):
         """KVConnectorBase_V1 + SupportsHMA over ds_plugins.kv.mooncake (see the module docstring)."""
@@ -361,7 +517,8 @@ def _build() -> type:
             self.ds_config = load_config(vllm_config)
             self.scheduler_side = self.worker_side = None
             if role == KVConnectorRole.SCHEDULER:
-                self.scheduler_side = SchedulerSide(vllm_config, self.ds_config)
+                self.scheduler_side = SchedulerSide(vllm_config, self.ds_config, kv_cache_config,
+                                                    fail_requests=per_request)
             else:
                 self.worker_side = WorkerSide(vllm_config, self.ds_config, kv_cache_config)
 
@@ -403,12 +560,29 @@ def _build() -> type:
             return self.worker_side.get_finished()
 
         def get_block_ids_with_load_errors(self):
-            return self.worker_side.take_load_errors()
+            errors = self.worker_side.take_load_errors()
+            return set() if per_request else errors
+
+        if per_request:
+            def get_transfer_results(self, finished_req_ids):
+                sending, recving, failed = self.worker_side.poll()
+                return results_cls(finished_sending=sending, finished_recving=recving, failed_recving=failed)
+
+        if hasattr(KVConnectorBase_V1, "get_loaded_kv_cache_group_ids"):
+            def get_loaded_kv_cache_group_ids(self, request):
+                # A P/D load restores the request's own blocks in every KV group (regions_of moves them
+                # all), not only the prefix-cacheable ones (vLLM's default).
+                return tuple(range(len(self._kv_cache_config.kv_cache_groups)))
 
         def shutdown(self):
             if self.worker_side is not None:
                 self.worker_side.shutdown()
 
+    try:  # vLLM 0.32+ labels external prefix-cache hits by where they came from (metrics only)
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+        DSV4MooncakeConnector._cache_hit_source = CacheHitSource.P2P
+    except ImportError:
+        pass
     DSV4MooncakeConnector.__module__ = __name__
     DSV4MooncakeConnector.__qualname__ = CLASS_NAME
     return DSV4MooncakeConnector

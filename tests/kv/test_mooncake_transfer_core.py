@@ -165,3 +165,19 @@ def test_source_killed_mid_transfer_fails_the_request_promptly(spawn):
     sink.send(op="quit")
     closed = sink.expect("closed")
     assert closed["inflight"] == 0 and closed["open_sockets"] == 0 and closed["registered"] == 0
+
+
+def test_read_of_blocks_the_source_no_longer_holds_does_not_count(spawn):
+    """The source freed the request (here: its hold expired) before the sink's Done: the sink's read
+    went through (the memory is still registered), but the source answers Done with "unknown request",
+    so the blocks may have been reused under the read and the result is a failure, not silent wrong KV."""
+    port = free_port()
+    src, _ = start(spawn, "source", engine_id="p0", port=port, seed=4, expose=["late"], abort_timeout_s=0.3)
+    assert src.expect("finished", timeout=10)["request_id"] == "late"  # expired and freed at the source
+    sink, _ = start(spawn, "sink", engine_id="d0", source_seed=4, source_engine_id="p0")
+    sink.send(op="fetch", request_id="late", port=port, **REQ_A)
+    res = sink.expect("result")
+    assert not res["ok"] and "did not confirm" in res["error"] and "unknown request 'late'" in res["error"], res
+    assert res["failed_blocks"] == sorted({b for g in REQ_A["local"] for b in g if b})
+    sink.send(op="quit")
+    assert sink.expect("closed")["inflight"] == 0

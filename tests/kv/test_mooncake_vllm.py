@@ -35,10 +35,32 @@ def test_scheduler_side_request_lifecycle_in_real_vllm(vllm_env):
     assert d["params_after"]["do_remote_prefill"] is False and out["d_meta_after"] == []
     assert out["d_finished"] == [False, None] and out["d_free_blocks_after"] == 63  # all but the null block
 
+    assert p["params"]["remote_num_tokens"] == 100
+    # A 113-token prompt at D whose first 100 tokens P holds: 100 loaded, D's 8 blocks cut to P's 7.
+    longer = out["d_longer"]
+    assert longer["matched"] == [100, True], longer
+    assert [len(g) for g in longer["local"]] == [7, 7, 7] and all(
+        loc == alloc[:7] for loc, alloc in zip(longer["local"], longer["allocated"])), longer
+
     # D aborted before allocation: a release-only notice for P, so P's blocks do not wait for the timeout.
     assert out["d_early"] == [False, None]
     assert out["d_early_spec"]["local_blocks"] == [[], [], []]
-    assert out["d_broken"] == [0, False]
+    # Forged kv_transfer_params never raise in the scheduler (that would end EngineCore); each request
+    # fails alone: reported as a failed load where vLLM takes per-request failures, else prefilled locally.
+    forged = out["forged"]
+    assert not [k for k, v in forged.items() if "raised" in v], forged
+    assert len(forged) == 13 and all(v["left"] == 0 and v["finished"] == [False, None] for v in forged.values())
+    if out["per_request"]:
+        assert all(v["matched"] == [100, True] and v["error"] for v in forged.values()), forged
+        assert "missing" in forged["incomplete"]["error"] and "remote_port" in forged["port_text"]["error"]
+        assert "2 KV groups, this instance has 3" in forged["blocks_groups"]["error"]
+        # vLLM 0.32+ asks which groups a load restores: all of them, as P/D moves every group.
+        assert out.get("loaded_groups", [0, 1, 2]) == [0, 1, 2]
+        # ... and counts the loaded tokens as peer-to-peer hits in its metrics.
+        assert out.get("hit_sources", {"p2p": 100}) == {"p2p": 100}
+    else:
+        assert all(v["matched"] == [0, False] and v["error"] is None for v in forged.values()), forged
+    assert out["d_free_blocks_after_forged"] == 63
     assert out["bad_tp"].startswith("ConfigError: kv_connector_extra_config.prefill.tp_size (1) must be >=")
 
 
@@ -52,7 +74,11 @@ def test_worker_side_moves_v4_groups_between_two_vllm_workers(spawn):
             "remote_port": port, "remote_tp_size": 1}
     cons = spawn(HERE / "vllm_worker_script.py", "consumer", str(port), json.dumps(spec))
     got = cons.expect("result", timeout=50)
-    assert got["done"] == ["d-req"] and got["load_errors"] == [], got
+    assert got["done"] == ["d-bad", "d-refused", "d-req"], got
+    if got["per_request"]:  # vLLM 0.30+: failed requests, never block ids (0.32+ ends the engine on those)
+        assert got["failed"] == ["d-bad", "d-refused"] and got["load_errors"] == [], got
+    else:
+        assert got["load_errors"] and got["failed"] == [], got
     assert got["mismatched"] == [] and got["filled"] == (7 + 3 + 7) * 2 and got["untouched_clean"], got
     assert got["registered_after"] == 0 and got["shut"]
     sent = prod.expect("result", timeout=20)

@@ -69,6 +69,7 @@ def main() -> None:
     blocks = mgr.allocate_slots(req, PROMPT)
     p.update_state_after_alloc(req, blocks, 0)
     block_ids = mgr.get_block_ids(req.request_id)
+    req.num_computed_tokens = PROMPT  # as after its prefill
     req.status = RequestStatus.FINISHED_LENGTH_CAPPED
     delay, params = p.request_finished_all_groups(req, block_ids)
     meta = p.build_connector_meta(SchedulerOutput.make_empty())
@@ -103,15 +104,68 @@ def main() -> None:
     dmgr.free(dreq)
     out["d_free_blocks_after"] = dmgr.block_pool.get_num_free_blocks()
 
+    # P prefilled the first 100 tokens of D's 113 (the P/D proxy sends P all but the last): D loads the 100
+    # tokens P holds, reads only the blocks P has (7 of its 8 per group), and computes the rest itself.
+    longer = Request(request_id="d-longer", prompt_token_ids=list(range(1000, 1000 + PROMPT + 13)),
+                     sampling_params=SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": dict(params)}),
+                     pooling_params=None)
+    n, load_async = d.get_num_new_matched_tokens(longer, 0)
+    dmgr.allocate_slots(longer, 0, num_external_computed_tokens=n, delay_cache_blocks=load_async)
+    d.update_state_after_alloc(longer, dmgr.get_blocks(longer.request_id), n)
+    spec = d.build_connector_meta(SchedulerOutput.make_empty()).recv["d-longer"]
+    out["d_longer"] = {"matched": [n, load_async], "allocated": [list(g) for g in dmgr.get_block_ids("d-longer")],
+                       "local": spec.local_blocks}
+    longer.status = RequestStatus.FINISHED_STOPPED
+    d.request_finished_all_groups(longer, dmgr.get_block_ids("d-longer"))
+    dmgr.free(longer)
+
     # D request aborted before allocation: P must still be told to free.
     early = request("d-early", dict(params))
     out["d_early"] = d.request_finished_all_groups(early, ((), (), ()))
     m = d.build_connector_meta(SchedulerOutput.make_empty())
     out["d_early_spec"] = m.recv["d-early"].__dict__ if "d-early" in m.recv else None
 
-    # Incomplete params: prefill locally, never wait for a transfer.
-    broken = request("d-broken", {"do_remote_prefill": True, "remote_engine_id": "p0"})
-    out["d_broken"] = list(d.get_num_new_matched_tokens(broken, 0))
+    # Unusable params from a client (incomplete, wrong types, impossible sizes): never an exception in
+    # the scheduler. Where vLLM takes failed requests (failed_recving), the request waits for a "load"
+    # that the worker reports failed at once (kv_load_failure_policy decides); before, it prefills locally.
+    forged = {
+        "incomplete": {"do_remote_prefill": True, "remote_engine_id": "p0"},
+        "blocks_int": {**params, "remote_block_ids": 5},
+        "blocks_mixed": {**params, "remote_block_ids": [[1], 7, [2]]},
+        "blocks_negative": {**params, "remote_block_ids": [[-1], [2], [3]]},
+        "blocks_groups": {**params, "remote_block_ids": [[1], [2]]},
+        "blocks_too_many": {**params, "remote_block_ids": [list(range(1, PROMPT + 2))] * 3},
+        "port_text": {**params, "remote_port": "x"},
+        "port_range": {**params, "remote_port": 1000000},
+        "tp_text": {**params, "remote_tp_size": "x"},
+        "tp_zero": {**params, "remote_tp_size": 0},
+        "host_url": {**params, "remote_host": "http://evil/"},
+        "engine_id_obj": {**params, "remote_engine_id": {"a": 1}},
+        "num_tokens_past_prompt": {**params, "remote_num_tokens": PROMPT + 5},
+    }
+    out["forged"] = {}
+    for name, bad in forged.items():
+        r = request(f"d-{name}", dict(bad))
+        try:
+            n, load_async = d.get_num_new_matched_tokens(r, 0)
+            if n:
+                dmgr.allocate_slots(r, 0, num_external_computed_tokens=n, delay_cache_blocks=load_async)
+            d.update_state_after_alloc(r, dmgr.get_blocks(r.request_id), n)
+            m = d.build_connector_meta(SchedulerOutput.make_empty())
+            spec = m.recv.get(r.request_id)
+            r.status = RequestStatus.FINISHED_ABORTED
+            fin = d.request_finished_all_groups(r, dmgr.get_block_ids(r.request_id))
+            dmgr.free(r)
+            out["forged"][name] = {"matched": [n, load_async], "error": spec.error if spec else None,
+                                   "finished": list(fin), "left": len(d.scheduler_side._bad)}
+        except Exception as exc:  # the engine would die here
+            out["forged"][name] = {"raised": f"{type(exc).__name__}: {exc}"}
+    out["per_request"] = d.scheduler_side.fail_requests
+    out["d_free_blocks_after_forged"] = dmgr.block_pool.get_num_free_blocks()
+    if hasattr(d, "get_loaded_kv_cache_group_ids"):
+        out["loaded_groups"] = list(d.get_loaded_kv_cache_group_ids(dreq))
+    if hasattr(d, "get_external_cache_hit_sources"):
+        out["hit_sources"] = {str(getattr(k, "value", k)): v for k, v in d.get_external_cache_hit_sources(dreq, 100).items()}
 
     # Config validation surfaces through vLLM's factory with the key named.
     try:

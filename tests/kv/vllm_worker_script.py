@@ -20,7 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
 
-from ds_plugins.vllm.mooncake_connector import MooncakeConnectorMetadata, RecvSpec
+from ds_plugins.vllm.mooncake_connector import MooncakeConnectorMetadata, RecvSpec, _failed_spec
 
 NUM_BLOCKS, BS = 24, 16
 LAYERS = [["l0.compressed", "l1.compressed"], ["l0.swa", "l1.swa"], ["l0.indexer", "l1.indexer"]]
@@ -58,21 +58,41 @@ def main() -> None:
         meta = MooncakeConnectorMetadata(send={"p-req": [0], "p-other-rank": [1]})
     else:
         spec = RecvSpec(**json.loads(sys.argv[3]))
-        meta = MooncakeConnectorMetadata(recv={"d-req": spec})
+        # Beside the good read: one request refused by the scheduler (unusable params), one naming a
+        # block the source does not have. Their local blocks are ones "d-req" leaves untouched.
+        spare = sorted(set(range(1, NUM_BLOCKS)) - {b for g in spec.local_blocks for b in g})
+        refused = _failed_spec("remote_port must be an integer in [1, 65535], got 'x'")
+        bad = RecvSpec(**{**spec.__dict__, "local_blocks": [[spare[0]], [spare[1]], [spare[2]]],
+                          "remote_blocks": [[NUM_BLOCKS + 5], [1], [1]], "remote_request_id": "p-bad"})
+        # And a release-only notice (D reads nothing, P is told to free): never reported to vLLM, whose
+        # scheduler has no such request waiting (0.32 ends the engine on an unknown finished_recving).
+        release = RecvSpec(**{**spec.__dict__, "local_blocks": [[], [], []], "remote_request_id": "p-release"})
+        meta = MooncakeConnectorMetadata(recv={"d-req": spec, "d-refused": refused, "d-bad": bad, "d-release": release})
     conn.bind_connector_metadata(meta)
     conn.start_load_kv(None)
     conn.clear_connector_metadata()
     print(json.dumps({"event": "ready"}), flush=True)
     done: set[str] = set()
     errors: set[int] = set()
-    want = {"p-req", "p-other-rank"} if role == "producer" else {"d-req"}
+    failed: set[str] = set()
+    want = {"p-req", "p-other-rank"} if role == "producer" else {"d-req", "d-refused", "d-bad"}
+    per_request = hasattr(conn, "get_transfer_results")
     deadline = time.monotonic() + 40
-    while done != want and time.monotonic() < deadline:
-        sending, recving = conn.get_finished(set())
+    settle_until = float("inf")
+    while time.monotonic() < min(deadline, settle_until):
+        if done == want and settle_until == float("inf"):
+            settle_until = time.monotonic() + 1.5  # time for the release-only notice to come back too
+        if per_request:  # vLLM 0.30+: what its model runner calls
+            res = conn.get_transfer_results(set())
+            sending, recving = res.finished_sending, res.finished_recving
+            failed |= res.failed_recving
+        else:
+            sending, recving = conn.get_finished(set())
         done |= (sending or set()) if role == "producer" else (recving or set())
         errors |= conn.get_block_ids_with_load_errors()
         time.sleep(0.01)
-    result = {"event": "result", "done": sorted(done), "load_errors": sorted(errors)}
+    result = {"event": "result", "done": sorted(done), "load_errors": sorted(errors), "failed": sorted(failed),
+              "per_request": per_request}
     if role == "consumer":
         ref = caches(11)
         bad, filled = [], 0

@@ -6,8 +6,9 @@ returns the requests whose blocks may now be freed, each exactly once.
 
 KVSink (decode worker): `fetch(...)` runs in a worker pool: layout handshake (cached per source),
 plan, one batched TransferEngine read, then Done to the source, always, whether the read worked or
-not, so the source frees its blocks in either case. `poll()` returns one RecvResult per fetch; on
-failure it names the local blocks that hold no valid data, for the engine to recompute.
+not, so the source frees its blocks in either case. A read counts only if the source acknowledges
+that Done (it still held the blocks); a rejected or unanswered Done fails the request. `poll()`
+returns one RecvResult per fetch; on failure it names the local blocks that hold no valid data.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from .layout import plan, spans
 from .messages import Ack, Done, FromSource, GetLayout, Layout, Region, Reject, ToSource
 
 log = logging.getLogger(__name__)
+
+SLOW_S = 1.0  # a fetch slower than this is logged with the time of each step
 
 
 class KVSource:
@@ -169,11 +172,14 @@ class KVSink:
              remote_blocks: list[list[int]]) -> None:
         wanted = {b for g in local_blocks for b in g if b != self._null}
         result = RecvResult(request_id, ok=True)
+        marks = [("start", time.monotonic())]
         try:
             if wanted:
                 layout = self._layout_of(source)
+                marks.append(("layout", time.monotonic()))
                 p = plan(self._groups, layout.groups, local_blocks, remote_blocks, self._null)
                 self._engine.read(layout.session, p.local, p.remote, p.lengths)
+                marks.append(("read", time.monotonic()))
                 result.nbytes = p.nbytes
                 if p.unfilled:
                     result.failed_blocks = {b for _, b in p.unfilled}
@@ -189,9 +195,18 @@ class KVSink:
                                  Done(engine_id=source.engine_id, request_id=source.request_id, ok=result.ok,
                                       error=result.error, requester=self.engine_id))
         except Exception as exc:
-            # The data may still be good; the source frees the blocks after its abort timeout.
+            # Unconfirmed: the source may have freed (and reused) the blocks before or while we read
+            # them (expired, released by someone else, restarted), so what we read cannot be trusted.
             log.warning("mooncake sink %s: could not tell %s:%d that request %s is done: %s", self.engine_id,
                         source.host, source.port, request_id, exc)
+            if result.ok and wanted:
+                result = RecvResult(request_id, ok=False, failed_blocks=wanted,
+                                    error=f"source did not confirm it held the blocks: {type(exc).__name__}: {exc}")
+        marks.append(("done", time.monotonic()))
+        if marks[-1][1] - marks[0][1] > SLOW_S:
+            log.warning("mooncake sink %s: request %s took %.1f s (%s)", self.engine_id, request_id,
+                        marks[-1][1] - marks[0][1],
+                        ", ".join(f"{name} {t - prev:.2f} s" for (_, prev), (name, t) in zip(marks, marks[1:])))
         with self._lock:
             self._results.append(result)
             self._inflight -= 1
