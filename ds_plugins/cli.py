@@ -21,15 +21,15 @@ def _doctor(args: argparse.Namespace) -> int:
         else:
             probe = current_probe()
     except simulate.SimulateError as exc:  # a bad --simulate flag: a usage error
-        return _fail(args, f"ds-plugins doctor: {exc}", doctor.EXIT_USAGE)
+        return fail(args, f"ds-plugins doctor: {exc}", doctor.EXIT_USAGE)
     except settings.ConfigError as exc:  # a bad DS_PLUGINS_SIMULATE (the message names it)
-        return _fail(args, f"ds-plugins doctor: {exc}", doctor.EXIT_CONFIG)
+        return fail(args, f"ds-plugins doctor: {exc}", doctor.EXIT_CONFIG)
     report = doctor.build(probe, notes=notes)
     print(json.dumps(report, indent=2) if args.json else doctor.render(report))
     return report["exit_code"]
 
 
-def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+def fail(args: argparse.Namespace, message: str, code: int) -> int:
     """One line on stderr; with --json also a JSON object on stdout, so scripts always get one."""
     if getattr(args, "json", False):
         print(json.dumps({"error": message, "exit_code": code}))

@@ -31,7 +31,10 @@ from . import __version__, known_failures, landscape
 from .known_failures import KnownFailure, Match, gpu_class
 from .probe import Probe
 
-EXIT_MATCH, EXIT_CONFIG, EXIT_NO_MATCH, EXIT_USAGE, EXIT_NOINPUT = 0, 1, 3, 64, 66
+# 1 and 64 are doctor's (a bad DS_PLUGINS_* setting, a usage error), for every subcommand alike.
+from .doctor import EXIT_CONFIG, EXIT_USAGE  # noqa: E402
+
+EXIT_MATCH, EXIT_NO_MATCH, EXIT_NOINPUT = 0, 3, 66
 HANDLED, NOT_HANDLED, NOT_APPLICABLE, UNKNOWN = "handled", "not handled", "not applicable", "unknown"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "known-failures.md"
 
@@ -269,13 +272,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     simulate.add_arguments(parser.add_argument_group("simulated environment (with --simulate)"))
 
 
-def _fail(args: argparse.Namespace, message: str, code: int) -> int:
-    if getattr(args, "json", False):
-        print(json.dumps({"error": message, "exit_code": code}))
-    print(message, file=sys.stderr)
-    return code
-
-
 def _read(args: argparse.Namespace) -> str:
     """The text to search; raises OSError (reading the log) or ValueError (nothing, or both, given)."""
     if args.log is not None and args.text:
@@ -295,6 +291,7 @@ def _read(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from . import settings, simulate
+    from .cli import fail
     from .registration import current_probe
     if args.list:
         print(json.dumps([_record_dict(r) for r in known_failures.RECORDS], indent=2) if args.json
@@ -303,17 +300,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         text = _read(args)
     except ValueError as exc:
-        return _fail(args, f"ds-plugins explain: {exc}", EXIT_USAGE)
+        return fail(args, f"ds-plugins explain: {exc}", EXIT_USAGE)
     except OSError as exc:
         name = "standard input" if args.log == "-" else args.log
-        return _fail(args, f"ds-plugins explain: cannot read {name}: {exc.strerror or exc}", EXIT_NOINPUT)
+        return fail(args, f"ds-plugins explain: cannot read {name}: {exc.strerror or exc}", EXIT_NOINPUT)
     try:
         probe = simulate.build(args) if args.simulate else current_probe()
         report = explain(text, probe)
     except simulate.SimulateError as exc:
-        return _fail(args, f"ds-plugins explain: {exc}", EXIT_USAGE)
+        return fail(args, f"ds-plugins explain: {exc}", EXIT_USAGE)
     except settings.ConfigError as exc:
-        return _fail(args, f"ds-plugins explain: {exc}", EXIT_CONFIG)
+        return fail(args, f"ds-plugins explain: {exc}", EXIT_CONFIG)
     print(json.dumps(report, indent=2) if args.json else render(report))
     return report["exit_code"]
 
