@@ -1,4 +1,4 @@
-"""The `ds-plugins` command: doctor, explain, selftest, sglang-path."""
+"""The `ds-plugins` command: doctor, explain, selftest, sglang-path, pd-proxy."""
 
 from __future__ import annotations
 
@@ -85,6 +85,12 @@ def parser() -> argparse.ArgumentParser:
                                      "3 nothing recognised, 64 bad command-line flags, 66 the log cannot be read.")
     explain.add_arguments(why)
     why.set_defaults(func=explain.run)
+    from . import pd_proxy
+    front = sub.add_parser("pd-proxy", help="an OpenAI-compatible front for vLLM prefill/decode instances "
+                                            "(Mooncake P/D with the ds-plugins connector)",
+                           description=pd_proxy.config.DESCRIPTION)
+    pd_proxy.add_arguments(front)
+    front.set_defaults(func=pd_proxy.run)
     return top
 
 

@@ -52,7 +52,7 @@ def build(probe: Probe, env: Mapping[str, str] | None = None, notes: list[str] |
         "ds_plugins": __version__,
         "simulated": probe.simulated,
         "probe": probe.to_dict(),
-        "switches": {k: v for k, v in sorted(env.items()) if k.startswith(settings.PREFIX)},
+        "switches": {k: settings.shown(k, v) for k, v in sorted(env.items()) if k.startswith(settings.PREFIX)},
         "disabled": False,
         "engines": {},
         "notes": list(notes or ()),

@@ -32,6 +32,15 @@ class Setting:
         return f"Setting({self.name!r})"
 
 
+# Variables whose value is a credential: reports show only that they are set, never the value.
+SECRETS = frozenset({"DS_PLUGINS_MOONCAKE_SECRET"})
+
+
+def shown(name: str, value: str) -> str:
+    """The value of a DS_PLUGINS_* variable as reports may print it."""
+    return f"(set, {len(value.encode())} bytes)" if name in SECRETS and value else value
+
+
 _FLAG = ("0", "1")
 # Spellings accepted for the on/off flags, normalised to "0"/"1".
 _FLAG_SPELLINGS = {
@@ -58,11 +67,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DS_PLUGINS_DSV4_MODEL", ("auto", "upstream"), "auto",
             "upstream: never register ds-plugins' DeepSeek-V4 model hook-up (vLLM); this also "
             "turns the Triton sparse-MLA/indexer path off, since it is reached through it."),
+    Setting("DS_PLUGINS_KV_CACHE_DTYPE", ("auto", "upstream"), "auto",
+            "upstream: leave vLLM's --kv-cache-dtype auto as it is for DeepSeek-V4 on SM12x (vLLM 0.20-0.29 then "
+            "asserts while building the model; pass --kv-cache-dtype fp8 yourself)."),
     Setting("DS_PLUGINS_ASCEND_QUANT", ("auto", "off"), "auto",
             "The msModelSlim `--quantization ascend` loader on stock vLLM (deferred to vllm-ascend "
             "where it is installed)."),
     Setting("DS_PLUGINS_MOONCAKE", ("auto", "off"), "auto",
             "The ds-plugins Mooncake KV connector for vLLM."),
+    Setting("DS_PLUGINS_MOONCAKE_SECRET", None, "",
+            "Shared secret (at least 16 bytes) that authenticates the Mooncake connector's side channel "
+            "between prefill and decode; same on every instance. kv_connector_extra_config.auth_secret_file "
+            "takes precedence."),
     Setting("DS_PLUGINS_SIMULATE", None, "",
             "Decide for a hypothetical environment instead of this one, e.g. "
             "'--capability 12.0 --lib deep_gemm=no-sm12x' (same flags as `ds-plugins doctor --simulate`). "

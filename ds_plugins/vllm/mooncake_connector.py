@@ -23,7 +23,13 @@ reads P's blocks with the TransferEngine and tells P to free them. A read counts
 it still held the blocks (its answer to "done"). Failures (peer gone, stall past the timeout, bad
 answers, unusable kv_transfer_params from the client) are reported per request where vLLM takes that
 (KVConnectorTransferResults.failed_recving, 0.30+), so vLLM fails or recomputes that request alone
-per kv_load_failure_policy; older vLLM gets the affected block ids.
+per kv_load_failure_policy; older vLLM takes only block ids, and only for one KV group, so there a
+decode instance of a model with several KV groups (DeepSeek-V4) refuses to start, saying so.
+
+The side channel is authenticated with a shared secret (kv_connector_extra_config.auth_secret_file
+or DS_PLUGINS_MOONCAKE_SECRET; see ds_plugins.kv.mooncake.auth) and limited to allowed_peers; without
+a secret it runs unauthenticated and says so at start-up. DS_PLUGINS_DISABLE=1 or
+DS_PLUGINS_MOONCAKE=off make building the connector fail with an error naming the switch.
 """
 
 from __future__ import annotations
@@ -106,6 +112,23 @@ def _rdma_devices() -> list[str]:
 # ---------------------------------------------------------------- configuration
 
 
+def check_switches() -> None:
+    """DS_PLUGINS_DISABLE=1 / DS_PLUGINS_MOONCAKE=off: refuse to build the connector, naming the switch.
+
+    vLLM loads this module because the user's --kv-transfer-config names it, so "off" cannot mean
+    "fall back": vLLM would otherwise run a P/D setup without its connector. A clear error it is.
+    """
+    from ds_plugins import settings
+    if settings.disabled():
+        switch = "DS_PLUGINS_DISABLE=1"
+    elif settings.value("DS_PLUGINS_MOONCAKE") == "off":
+        switch = "DS_PLUGINS_MOONCAKE=off"
+    else:
+        return
+    raise RuntimeError(f"ds-plugins' Mooncake connector is switched off ({switch}) but --kv-transfer-config "
+                       f"names it ({MODULE_PATH}); unset {switch.split('=')[0]} or use another kv_connector")
+
+
 def load_config(vllm_config) -> MooncakeConfig:
     """Our settings from vLLM's KVTransferConfig; the handshake host defaults to this machine's IP."""
     kv = vllm_config.kv_transfer_config
@@ -180,11 +203,13 @@ def _text(params: dict, key: str) -> str:
     return value
 
 
-def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, decode_tp: int) -> dict:
-    """The remote fields of a decode request's kv_transfer_params, checked: types, ranges, sizes.
+def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, decode_tp: int,
+                 allowed=None) -> dict:
+    """The remote fields of a decode request's kv_transfer_params, checked: types, ranges, sizes, peer.
 
     Raises BadParams naming the key. `num_groups` is the local KV group count (None: not known);
-    each group's block list may not be longer than the prompt (a block holds at least one token).
+    each group's block list may not be longer than the prompt (a block holds at least one token);
+    `allowed` (an AllowList) bounds remote_host.
     """
     missing = [k for k in PARAM_KEYS if params.get(k) is None]
     if missing:
@@ -214,6 +239,8 @@ def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, d
     host = _text(params, "remote_host")
     if len(host) > 255 or any(c.isspace() or c in "/@?#" for c in host):
         raise BadParams(f"remote_host {host!r} is not a host name or address"[:300])
+    if allowed is not None and not allowed.allows(host):
+        raise BadParams(f"remote_host {host!r} is not in kv_connector_extra_config.allowed_peers ({allowed!r})"[:300])
     return {"remote_blocks": [list(ids) for ids in groups],
             "remote_engine_id": _text(params, "remote_engine_id"),
             "remote_request_id": _text(params, "remote_request_id"),
@@ -224,17 +251,31 @@ class SchedulerSide:
     """The scheduler-process half; plain Python over vLLM's Request/KVCacheBlocks objects."""
 
     def __init__(self, vllm_config, config: MooncakeConfig, kv_cache_config=None, fail_requests: bool = True):
+        from ds_plugins.kv.mooncake.allow import AllowList
         self.config = config
         self.dp_rank = vllm_config.parallel_config.data_parallel_rank or 0
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        check_tp(config, self.tp_size)
+        self.allowed = AllowList(config.allowed_peers) if config.allowed_peers is not None else None
         groups = getattr(kv_cache_config, "kv_cache_groups", None)
         self.num_groups = len(groups) if groups else None
         # vLLM with KVConnectorTransferResults.failed_recving (0.30+) can fail or recompute one request;
         # older ones only take block ids, so unusable params are prefilled locally there instead.
         self.fail_requests = fail_requests
+        if config.is_consumer and not fail_requests and (self.num_groups or 1) > 1:
+            # Before failed_recving, vLLM's scheduler maps reported block ids back to requests through one
+            # KV group only (`(block_ids,) = get_block_ids(...)`): with several groups the first failed
+            # transfer would end the engine. Refused here, where it can be said plainly.
+            from ds_plugins.kv.mooncake.config import ConfigError
+            raise ConfigError(
+                f"this vLLM cannot be told that a KV load failed for a model with {self.num_groups} KV cache "
+                "groups (its scheduler takes failed block ids for one group only; failed requests through "
+                "KVConnectorTransferResults.failed_recving arrived in vLLM 0.30), so the decode instance would "
+                "die at the first transfer fault: use vLLM 0.30 or later for P/D of this model")
         self._recv: dict[str, RecvSpec] = {}
         self._send: dict[str, list[int]] = {}
         self._bad: dict[str, str] = {}   # request id -> why its params were refused (until allocation)
+        self._renewer = None             # HoldRenewer, made on the first remote prefill seen
 
     def _check(self, request, finished: bool = False) -> str:
         """'' when the request's remote fields are usable, else the reason (logged once).
@@ -246,7 +287,8 @@ class SchedulerSide:
             return self._bad[rid]
         try:
             prompt = (1 << 30) if finished else len(request.prompt_token_ids or ())
-            parse_remote(request.kv_transfer_params, self.num_groups, prompt, self.config.decode.tp_size)
+            parse_remote(request.kv_transfer_params, self.num_groups, prompt, self.config.decode.tp_size,
+                         self.allowed)
             return ""
         except BadParams as exc:
             why = str(exc)
@@ -265,8 +307,41 @@ class SchedulerSide:
                 return 0, False
             count = self._remote_tokens(request) - num_computed_tokens
             if count > 0:
+                if not self._check(request):
+                    self._hold(request)
                 return count, True
         return 0, False
+
+    def _hold(self, request) -> None:
+        """Keep P's blocks held while this request waits here for its blocks (renewed until allocation)."""
+        from ds_plugins.kv.mooncake.allow import AllowList
+        from ds_plugins.kv.mooncake.auth import Authenticator
+        from ds_plugins.kv.mooncake.handshake import HandshakeClient
+        from ds_plugins.kv.mooncake.peers import HoldRenewer
+        if self._renewer is None:
+            cfg = self.config
+            client = HandshakeClient(cfg.handshake_timeout_s, auth=Authenticator(cfg.secret),
+                                     allowed=AllowList(cfg.allowed_peers))
+            self._renewer = HoldRenewer(client, cfg.engine_id, cfg.abort_timeout_s / 3)
+        r = parse_remote(request.kv_transfer_params, self.num_groups, 1 << 30, self.config.decode.tp_size,
+                         self.allowed)
+        ranks = set(source_ranks(r["remote_request_id"], r["remote_tp_size"], self.config.decode.tp_size))
+        self._renewer.watch(request.request_id, r["remote_engine_id"],
+                            [(r["remote_host"], r["remote_port"] + k) for k in sorted(ranks)], r["remote_request_id"])
+
+    def _unhold(self, request_id: str) -> None:
+        if self._renewer is not None:
+            self._renewer.forget(request_id)
+
+    @property
+    def holding(self) -> int:
+        """Requests whose hold at P this side renews (seen, not yet allocated or finished)."""
+        return self._renewer.watched if self._renewer is not None else 0
+
+    def shutdown(self) -> None:
+        if self._renewer is not None:
+            self._renewer.close()
+            self._renewer = None
 
     @staticmethod
     def _remote_tokens(request) -> int:
@@ -289,6 +364,7 @@ class SchedulerSide:
         if not isinstance(params, dict) or not params.get("do_remote_prefill"):
             return
         params["do_remote_prefill"] = False  # once: a second call (after the load) must not read again
+        self._unhold(request.request_id)      # allocated: the read starts now, within P's current hold
         error = self._check(request)
         self._bad.pop(request.request_id, None)
         if error:
@@ -303,14 +379,15 @@ class SchedulerSide:
             if self._remote_tokens(request) < len(request.prompt_token_ids or ()):
                 # P covered a shorter prompt: D's blocks past P's (the last token's, which D computes
                 # itself) have nothing at P to read. P's lists are as long as the tokens it covered.
-                remote = parse_remote(params, self.num_groups, 1 << 30, self.config.decode.tp_size)["remote_blocks"]
+                remote = parse_remote(params, self.num_groups, 1 << 30, self.config.decode.tp_size,
+                                      self.allowed)["remote_blocks"]
                 local = [ids[:len(r)] for ids, r in zip(local, remote)]
         else:
             local = [[] for _ in blocks.blocks]  # nothing to read, but P must still be told to free
         self._recv[request.request_id] = self._spec(params, local)
 
     def _spec(self, params: dict, local: list[list[int]]) -> RecvSpec:
-        remote = parse_remote(params, self.num_groups, 1 << 30, self.config.decode.tp_size)
+        remote = parse_remote(params, self.num_groups, 1 << 30, self.config.decode.tp_size, self.allowed)
         return RecvSpec(local_blocks=local, **remote)
 
     def build_connector_meta(self, scheduler_output) -> MooncakeConnectorMetadata:
@@ -326,6 +403,7 @@ class SchedulerSide:
         if params.get("do_remote_prefill"):
             # D, aborted before its blocks were allocated: no read, but P still holds blocks to free.
             params["do_remote_prefill"] = False
+            self._unhold(request.request_id)
             if not self._check(request, finished=True):
                 spec = self._spec(params, [])
                 spec.local_blocks = [[] for _ in spec.remote_blocks]
@@ -350,6 +428,17 @@ class SchedulerSide:
         if request.num_computed_tokens > 0:
             out["remote_num_tokens"] = request.num_computed_tokens  # the tokens these blocks hold
         return True, out
+
+
+def check_tp(config: MooncakeConfig, tp_size: int) -> None:
+    """This instance's --tensor-parallel-size against the side of the config it plays (ConfigError)."""
+    from ds_plugins.kv.mooncake.config import EXTRA, ConfigError
+    sides = ([("prefill", config.prefill)] if config.is_producer else []) + \
+            ([("decode", config.decode)] if config.is_consumer else [])
+    for name, sizes in sides:
+        if sizes.tp_size != tp_size:
+            raise ConfigError(f"{EXTRA}.{name}.tp_size is {sizes.tp_size} but this {name} instance runs "
+                              f"--tensor-parallel-size {tp_size}; they must match (and be the same on every instance)")
 
 
 def _failed_spec(error: str) -> RecvSpec:
@@ -414,27 +503,42 @@ class WorkerSide:
         # Its scheduler has no such request waiting for KV (or none at all) and ends the engine on a
         # finished_recving for it (0.32: `assert req_id in self.requests`).
         self._release_only: set[str] = set()
+        self._suspended: list[tuple[int, int]] = []   # spans unregistered for sleep mode
 
     def register_kv_caches(self, kv_caches: dict) -> None:
+        from ds_plugins.kv.mooncake.allow import AllowList
+        from ds_plugins.kv.mooncake.auth import Authenticator
         from ds_plugins.kv.mooncake.engine import Engine
         from ds_plugins.kv.mooncake.peers import KVSink, KVSource
         groups = regions_of(self.kv_cache_config, kv_caches)
         cfg = self.config
+        auth, allowed = Authenticator(cfg.secret), AllowList(cfg.allowed_peers)
         self.engine = Engine(cfg.host, cfg.protocol, cfg.device_name, cfg.transfer_timeout_s)
         try:
             if cfg.is_producer:
                 self.source = KVSource(self.engine, cfg.engine_id, self.tp_rank, groups, cfg.host,
-                                       cfg.handshake_port(self.dp_rank, self.tp_rank), cfg.abort_timeout_s)
+                                       cfg.handshake_port(self.dp_rank, self.tp_rank), cfg.abort_timeout_s,
+                                       auth=auth, allowed=allowed, tp_size=cfg.prefill.tp_size,
+                                       decode_tp_size=cfg.decode.tp_size)
             if cfg.is_consumer:
                 # kv_both: the source registered the memory already; one registration serves both.
                 self.sink = KVSink(self.engine, cfg.engine_id, groups, cfg.handshake_timeout_s, cfg.num_workers,
-                                   NULL_BLOCK, register=self.source is None)
+                                   NULL_BLOCK, register=self.source is None, auth=auth, allowed=allowed,
+                                   tp_size=cfg.decode.tp_size)
         except BaseException:
             self.shutdown()
             raise
-        log.info("mooncake: engine %s tp%d registered %d KV groups (%d regions) at %s%s", cfg.engine_id,
-                 self.tp_rank, len(groups), sum(len(g) for g in groups), self.engine.session,
-                 f", handshake {self.source.address[0]}:{self.source.address[1]}" if self.source else "")
+        log.info("mooncake: engine %s tp%d registered %d KV groups (%d regions) at %s%s; side channel %s, "
+                 "peers: %r", cfg.engine_id, self.tp_rank, len(groups), sum(len(g) for g in groups),
+                 self.engine.session,
+                 f", handshake {self.source.address[0]}:{self.source.address[1]}" if self.source else "",
+                 f"authenticated (secret from {cfg.secret_from})" if cfg.secret else "UNAUTHENTICATED", allowed)
+        if cfg.secret is None:
+            log.warning("mooncake: no shared secret is configured (kv_connector_extra_config.auth_secret_file "
+                        "or DS_PLUGINS_MOONCAKE_SECRET): the side channel is unauthenticated, so anyone who "
+                        "reaches %s can read this instance's KV layout and release its transfers%s",
+                        f"{self.source.address[0]}:{self.source.address[1]}" if self.source else "its peers",
+                        "" if allowed.restricted else ", and no allowed_peers limits who that is")
 
     def start_load_kv(self, meta: MooncakeConnectorMetadata) -> None:
         from ds_plugins.kv.mooncake.peers import SourceRef
@@ -454,7 +558,7 @@ class WorkerSide:
             src = source_ranks(spec.remote_request_id, spec.remote_tp_size, self.config.decode.tp_size)
             src_rank = src[self.tp_rank % len(src)]
             ref = SourceRef(spec.remote_host, spec.remote_port + src_rank, spec.remote_engine_id,
-                            spec.remote_request_id)
+                            spec.remote_request_id, tp_size=spec.remote_tp_size)
             if not any(b != NULL_BLOCK for g in spec.local_blocks for b in g):
                 self._release_only.add(rid)
             self.sink.fetch(rid, ref, spec.local_blocks, spec.remote_blocks)
@@ -480,6 +584,18 @@ class WorkerSide:
         sending, recving, _ = self.poll()
         return sending or None, recving or None
 
+    def suspend(self) -> None:
+        """Drop the memory registration (sleep); idempotent."""
+        if self.engine is not None and self.engine.registered:
+            self._suspended = list(self.engine.registered)
+            self.engine.unregister_all()
+
+    def resume(self) -> None:
+        """Register again what suspend() dropped (wake-up); idempotent."""
+        if self.engine is not None and self._suspended:
+            self.engine.register(self._suspended)
+            self._suspended = []
+
     def take_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
         return out
@@ -504,7 +620,9 @@ def _build() -> type:
 
     # Feature detection: vLLM 0.30+ takes failed requests (KVConnectorTransferResults.failed_recving) and
     # fails or recomputes each per kv_load_failure_policy; 0.32+ refuses block ids (invalid_block_ids)
-    # when there are several KV groups, as DeepSeek-V4 has, and ends the engine. Older ones take block ids.
+    # when there are several KV groups, as DeepSeek-V4 has, and ends the engine. Older ones take block ids
+    # of one group only (SchedulerSide refuses a multi-group consumer there). The scheduler facts this
+    # relies on are checked in every matrix wheel's source by tests/kv/test_mooncake_vllm_contract.py.
     results_cls = getattr(base, "KVConnectorTransferResults", None)
     per_request = results_cls is not None and hasattr(KVConnectorBase_V1, "get_transfer_results")
 
@@ -512,6 +630,7 @@ def _build() -> type:
         """KVConnectorBase_V1 + SupportsHMA over ds_plugins.kv.mooncake (see the module docstring)."""
 
         def __init__(self, vllm_config, role, kv_cache_config=None):
+            check_switches()
             super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
             log_through(log)
             self.ds_config = load_config(vllm_config)
@@ -574,9 +693,18 @@ def _build() -> type:
                 # all), not only the prefix-cacheable ones (vLLM's default).
                 return tuple(range(len(self._kv_cache_config.kv_cache_groups)))
 
+        # Sleep mode (vLLM 0.33+): transfers are drained before; the cache keeps its virtual addresses.
+        def unregister_kv_caches(self):
+            self.worker_side.suspend()
+
+        def restore_kv_caches(self):
+            self.worker_side.resume()
+
         def shutdown(self):
             if self.worker_side is not None:
                 self.worker_side.shutdown()
+            if self.scheduler_side is not None:
+                self.scheduler_side.shutdown()
 
     try:  # vLLM 0.32+ labels external prefix-cache hits by where they came from (metrics only)
         from vllm.v1.metrics.cache_hit_source import CacheHitSource

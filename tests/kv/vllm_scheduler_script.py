@@ -9,7 +9,9 @@ as the compressed KV and the indexer keys are, and one sliding-window group). Pr
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 
 import torch
 from vllm.config import DeviceConfig, KVTransferConfig, VllmConfig
@@ -34,7 +36,7 @@ def kv_cache_config(num_blocks: int = 64) -> KVCacheConfig:
     return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
 
 
-def connector(role: str, engine_id: str, extra: dict | None = None):
+def connector(role: str, engine_id: str, extra: dict | None = None, tp: int = 1):
     kv = KVTransferConfig(kv_connector="MooncakeConnectorV1",
                           kv_connector_module_path="ds_plugins.vllm.mooncake_connector",
                           kv_role=role, engine_id=engine_id, kv_port="30000",
@@ -43,6 +45,7 @@ def connector(role: str, engine_id: str, extra: dict | None = None):
     cfg = VllmConfig(kv_transfer_config=kv, device_config=DeviceConfig(device="cpu"))
     cfg.scheduler_config.disable_hybrid_kv_cache_manager = False
     cfg.parallel_config.data_parallel_rank = 1
+    cfg.parallel_config.tensor_parallel_size = tp
     kcc = kv_cache_config()
     return KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, kcc), kcc
 
@@ -58,7 +61,8 @@ def request(rid: str, params: dict | None) -> Request:
 
 
 def main() -> None:
-    out: dict = {}
+    import vllm
+    out: dict = {"vllm_file": vllm.__file__, "vllm_version": vllm.__version__}
     # ---------------- prefill instance
     p, kcc = connector("kv_producer", "p0")
     out["class"] = f"{type(p).__module__}.{type(p).__qualname__}"
@@ -82,12 +86,23 @@ def main() -> None:
     out["p_meta_after"] = p.build_connector_meta(SchedulerOutput.make_empty()).send
 
     # ---------------- decode instance, fed P's params as the proxy would
-    d, kcc = connector("kv_consumer", "d0")
+    try:
+        d, kcc = connector("kv_consumer", "d0", {"allowed_peers": ["10.1.2.0/24"]})
+    except Exception as exc:  # vLLM before failed_recving: a multi-group consumer is refused
+        out["d_refused"] = f"{type(exc).__name__}: {exc}"
+    else:
+        decode(out, d, kcc, params)
+    checks(out)
+    print("RESULT " + json.dumps(out, default=str), flush=True)
+
+
+def decode(out: dict, d, kcc, params: dict) -> None:
     dmgr = manager(kcc)
     dreq = request("d-req", dict(params))
     out["d_params_seen"] = dreq.kv_transfer_params == params
     computed, num_computed = dmgr.get_computed_blocks(dreq)[:2]
     n, load_async = d.get_num_new_matched_tokens(dreq, num_computed)
+    out["holding_while_waiting"] = d.scheduler_side.holding  # P's hold renewed while D's queue holds it
     blocks = dmgr.allocate_slots(dreq, 0, num_new_computed_tokens=num_computed, new_computed_blocks=computed,
                                  num_external_computed_tokens=n, delay_cache_blocks=load_async)
     d.update_state_after_alloc(dreq, dmgr.get_blocks(dreq.request_id), n)
@@ -99,6 +114,7 @@ def main() -> None:
                 "recv_keys": sorted(meta.recv), "spec": spec.__dict__ if spec else None,
                 "params_after": dreq.kv_transfer_params}
     out["d_meta_after"] = sorted(d.build_connector_meta(SchedulerOutput.make_empty()).recv)
+    out["holding_after_alloc"] = d.scheduler_side.holding
     dreq.status = RequestStatus.FINISHED_STOPPED
     out["d_finished"] = d.request_finished_all_groups(dreq, dmgr.get_block_ids(dreq.request_id))
     dmgr.free(dreq)
@@ -140,6 +156,7 @@ def main() -> None:
         "tp_text": {**params, "remote_tp_size": "x"},
         "tp_zero": {**params, "remote_tp_size": 0},
         "host_url": {**params, "remote_host": "http://evil/"},
+        "host_not_allowed": {**params, "remote_host": "169.254.169.254"},
         "engine_id_obj": {**params, "remote_engine_id": {"a": 1}},
         "num_tokens_past_prompt": {**params, "remote_num_tokens": PROMPT + 5},
     }
@@ -161,19 +178,35 @@ def main() -> None:
         except Exception as exc:  # the engine would die here
             out["forged"][name] = {"raised": f"{type(exc).__name__}: {exc}"}
     out["per_request"] = d.scheduler_side.fail_requests
+    out["holding_after_forged"] = d.scheduler_side.holding  # forged params: never a renewal sent for them
+    d.shutdown()
+    out["renewer_threads_after_shutdown"] = sum(t.name == "mooncake-hold-renewer" for t in threading.enumerate())
     out["d_free_blocks_after_forged"] = dmgr.block_pool.get_num_free_blocks()
     if hasattr(d, "get_loaded_kv_cache_group_ids"):
         out["loaded_groups"] = list(d.get_loaded_kv_cache_group_ids(dreq))
     if hasattr(d, "get_external_cache_hit_sources"):
         out["hit_sources"] = {str(getattr(k, "value", k)): v for k, v in d.get_external_cache_hit_sources(dreq, 100).items()}
 
+
+
+def checks(out: dict) -> None:
     # Config validation surfaces through vLLM's factory with the key named.
-    try:
-        connector("kv_consumer", "d1", {"prefill": {"dp_size": 1, "tp_size": 1}, "decode": {"dp_size": 1, "tp_size": 2}})
-        out["bad_tp"] = None
-    except Exception as exc:
-        out["bad_tp"] = f"{type(exc).__name__}: {exc}"
-    print("RESULT " + json.dumps(out, default=str), flush=True)
+    def error_of(*args, **kwargs):
+        try:
+            connector(*args, **kwargs)
+            return None
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+    out["bad_tp"] = error_of("kv_consumer", "d1", {"prefill": {"dp_size": 1, "tp_size": 1},
+                                                   "decode": {"dp_size": 1, "tp_size": 2}})
+    # The instance's own TP against its side of the config: caught when the connector is made, not at
+    # the first finished request (where source_ranks could not pick TP ranks that do not exist).
+    out["tp_not_configured"] = error_of("kv_producer", "p1", tp=2)
+    # The switches: a clear refusal naming the switch, in every process that builds the connector.
+    for switch, value in (("DS_PLUGINS_MOONCAKE", "off"), ("DS_PLUGINS_DISABLE", "1")):
+        os.environ[switch] = value
+        out[f"switch_{switch}"] = error_of("kv_consumer", "d2")
+        del os.environ[switch]
 
 
 if __name__ == "__main__":

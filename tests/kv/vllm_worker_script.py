@@ -109,6 +109,15 @@ def main() -> None:
                       untouched_clean=all(not kvs[n][b].any() for grp in LAYERS for n in grp for b in untouched))
     ws = conn.worker_side
     engine = ws.engine
+    # Sleep mode (vLLM 0.33 calls these around sleep/wake-up): registration dropped, then restored; twice
+    # in a row is harmless.
+    before = list(engine.registered)
+    conn.unregister_kv_caches()
+    conn.unregister_kv_caches()
+    asleep = len(engine.registered)
+    conn.restore_kv_caches()
+    conn.restore_kv_caches()
+    result.update(sleep={"asleep": asleep, "restored": engine.registered == before and bool(before)})
     conn.shutdown()
     result.update(registered_after=len(engine.registered), shut=ws.engine is None)
     print(json.dumps(result), flush=True)

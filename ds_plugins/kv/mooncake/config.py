@@ -6,19 +6,30 @@
                                    "decode": {"dp_size": 32, "tp_size": 1},
                                    "mooncake_protocol": "rdma", "device_name": "",
                                    "handshake_timeout_s": 5, "transfer_timeout_s": 30,
-                                   "abort_timeout_s": 480, "num_workers": 4}}
+                                   "abort_timeout_s": 480, "num_workers": 4,
+                                   "auth_secret_file": "/etc/ds-plugins/mooncake.key",
+                                   "allowed_peers": ["10.0.0.0/24"]}}
 
 Ports follow vllm-ascend: each data-parallel rank owns `tp_size` consecutive handshake ports starting
 at `kv_port + dp_rank * tp_size`; TP rank t of it listens on that base + t.
+
+The side channel's shared secret comes from the file `auth_secret_file` names, else from the
+environment variable DS_PLUGINS_MOONCAKE_SECRET; never from the JSON itself, which vLLM logs at
+start-up. Without either the channel runs unauthenticated and the connector warns at start-up.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from ds_plugins import settings
+
+from .auth import MIN_SECRET_BYTES
 
 PROTOCOLS = ("rdma", "tcp", "ascend")
 ROLES = {"kv_producer": "producer", "kv_consumer": "consumer", "kv_both": "both"}
@@ -49,6 +60,9 @@ class MooncakeConfig:
     transfer_timeout_s: float = 30.0
     abort_timeout_s: float = 480.0
     num_workers: int = 4
+    secret: bytes | None = field(default=None, repr=False)   # None: unauthenticated side channel
+    secret_from: str = ""                                    # where it came from, for the start-up line
+    allowed_peers: tuple[str, ...] | None = None             # None: any address
 
     @property
     def is_producer(self) -> bool:
@@ -70,7 +84,8 @@ class MooncakeConfig:
         return self.decode if self.role == "consumer" else self.prefill
 
     @classmethod
-    def from_mapping(cls, top: Mapping[str, Any], default_host: str = "127.0.0.1") -> MooncakeConfig:
+    def from_mapping(cls, top: Mapping[str, Any], default_host: str = "127.0.0.1",
+                     env: Mapping[str, str] | None = None) -> MooncakeConfig:
         extra = top.get(EXTRA) or {}
         if not isinstance(extra, Mapping):
             raise ConfigError(f"{EXTRA} must be a mapping, got {type(extra).__name__}")
@@ -91,6 +106,10 @@ class MooncakeConfig:
         if prefill.tp_size % decode.tp_size:
             raise ConfigError(f"{EXTRA}.prefill.tp_size ({prefill.tp_size}) must be a multiple of "
                               f"{EXTRA}.decode.tp_size ({decode.tp_size})")
+        if "auth_secret" in extra:
+            raise ConfigError(f"{EXTRA}.auth_secret is not accepted (vLLM logs this JSON at start-up): put the "
+                              f"secret in a file and name it in {EXTRA}.auth_secret_file, or set {SECRET_ENV}")
+        secret, secret_from = _secret(extra, env)
         return cls(
             engine_id=str(engine_id), role=role,
             host=str(extra.get("host") or top.get("kv_ip") or default_host),
@@ -101,6 +120,7 @@ class MooncakeConfig:
             transfer_timeout_s=_float(extra, "transfer_timeout_s", 30.0),
             abort_timeout_s=_float(extra, "abort_timeout_s", 480.0),
             num_workers=_int(extra.get("num_workers", 4), f"{EXTRA}.num_workers", low=1, high=256),
+            secret=secret, secret_from=secret_from, allowed_peers=_allowed(extra.get("allowed_peers")),
         )
 
 
@@ -115,6 +135,50 @@ def source_ranks(request_id: str, prefill_tp: int, decode_tp: int) -> list[int]:
         return list(range(decode_tp))
     seed = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little")
     return random.Random(seed).sample(range(prefill_tp), decode_tp)
+
+
+SECRET_ENV = "DS_PLUGINS_MOONCAKE_SECRET"
+
+
+def _secret(extra: Mapping[str, Any], env: Mapping[str, str] | None) -> tuple[bytes | None, str]:
+    path = extra.get("auth_secret_file")
+    if path not in (None, ""):
+        key = f"{EXTRA}.auth_secret_file"
+        try:
+            with open(str(path), "rb") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path!r} ({exc.strerror or exc})") from None
+        where = f"{key} {path}"
+    else:
+        secret = settings.value(SECRET_ENV, env).encode()
+        if not secret:
+            return None, ""
+        where = SECRET_ENV
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(f"{where}: the shared secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)} "
+                          "(e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
+    return secret, where
+
+
+def _allowed(raw: Any) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    key = f"{EXTRA}.allowed_peers"
+    if isinstance(raw, str) or not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"{key} must be a list of addresses, networks or host names, got {raw!r}")
+    out = []
+    for entry in raw:
+        if not isinstance(entry, str) or not entry.strip() or any(c.isspace() for c in entry.strip()):
+            raise ConfigError(f"{key} holds {entry!r}, not an address, network or host name")
+        entry = entry.strip()
+        if "/" in entry:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ConfigError(f"{key} holds {entry!r}, not a network (e.g. 10.0.0.0/24)") from None
+        out.append(entry)
+    return tuple(out)
 
 
 def _sizes(extra: Mapping[str, Any], side: str) -> Sizes:

@@ -1,10 +1,12 @@
 """The handshake messages, typed: msgspec msgpack with a tag per message, never pickle.
 
 A source (prefill worker) answers two requests:
-  GetLayout(engine_id)                      -> Layout | Reject   the memory the sink will read from
+  GetLayout(engine_id, decode_tp_size)      -> Layout | Reject   the memory the sink will read from
   Done(engine_id, request_id, ok, error)    -> Ack | Reject      the sink is finished: release the blocks
+  Hold(engine_id, request_ids)              -> Ack | Reject      renew the hold of requests still queued at D
 `engine_id` names the source the sender means to talk to: a source rejects any other, so a request
 that reached the wrong instance (stale routing, reused port) cannot release someone else's blocks.
+On the wire each message travels sealed (auth.py): authenticated when a shared secret is configured.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Region(msgspec.Struct, frozen=True, array_like=True):
 class GetLayout(msgspec.Struct, tag=True):
     engine_id: str
     requester: str = ""
+    decode_tp_size: int = 0           # the sink's TP size (0: not said); a source configured otherwise refuses
 
 
 class Done(msgspec.Struct, tag=True):
@@ -33,11 +36,19 @@ class Done(msgspec.Struct, tag=True):
     requester: str = ""
 
 
+class Hold(msgspec.Struct, tag=True):
+    """The decode side still means to read these requests (they wait in its queue): keep them longer."""
+    engine_id: str
+    request_ids: list[str]
+    requester: str = ""
+
+
 class Layout(msgspec.Struct, tag=True):
     engine_id: str
     tp_rank: int
     session: str                      # "host:rpc_port" of the source's TransferEngine
     groups: list[list[Region]]        # per KV cache group, the regions of its layers, in layer order
+    tp_size: int = 0                  # the source's TP size, checked by the sink against the request's
 
 
 class Ack(msgspec.Struct, tag=True):
@@ -48,7 +59,7 @@ class Reject(msgspec.Struct, tag=True):
     reason: str
 
 
-ToSource = GetLayout | Done
+ToSource = GetLayout | Done | Hold
 FromSource = Layout | Ack | Reject
 
 _encoder = msgspec.msgpack.Encoder()
@@ -64,11 +75,11 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode_to_source(data: bytes) -> GetLayout | Done:
+def decode_to_source(data: bytes) -> GetLayout | Done | Hold:
     try:
         return _to_source.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise MalformedMessage(f"not a GetLayout/Done message ({len(data)} bytes): {exc}") from None
+        raise MalformedMessage(f"not a GetLayout/Done/Hold message ({len(data)} bytes): {exc}") from None
 
 
 def decode_from_source(data: bytes) -> Layout | Ack | Reject:
