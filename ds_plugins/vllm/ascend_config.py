@@ -1,7 +1,9 @@
 """The "ascend" QuantizationConfig for stock vLLM (imports vLLM: loaded only by ascend_quant._register).
 
-The checkpoint is read and validated in `maybe_update_config`, which vLLM calls while it builds the
-VllmConfig, before the model exists: a bad checkpoint stops `vllm serve` there, naming file and key.
+A local checkpoint is read and validated in `maybe_update_config`, which vLLM calls while it builds the
+VllmConfig, before the model exists: a bad checkpoint stops `vllm serve` there, naming file and key. A hub
+id gets the checks its JSON files allow there, and the rest when the model is built, before any weight is
+placed (ds_plugins/vllm/ascend_remote.py).
 Layers then ask `get_quant_method(layer, prefix)`; prefixes are vLLM module names, which are matched
 to checkpoint modules through the DeepSeek-V4 renames (ds_plugins.quant.ascend.names), the model's
 own `hf_to_vllm_mapper` (given to `apply_vllm_mapper`) and its `packed_modules_mapping`.
@@ -28,16 +30,22 @@ import re
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from ..quant.ascend import names
+from . import ascend_compat
 from ..quant.ascend.description import FILENAME
 from ..quant.ascend.errors import AscendFormatError
-from ..quant.ascend.loader import Checkpoint
+from ..quant.ascend.loader import Checkpoint, check_json
 from ..quant.ascend.schemes import EXPERT_RE
+
+
+def _download_dir() -> str | None:
+    """vLLM's --download-dir, so the weights land where vLLM's own loader looks for them."""
+    from vllm.config import get_current_vllm_config
+    return getattr(get_current_vllm_config().load_config, "download_dir", None)
 
 
 class AscendQuantConfig(QuantizationConfig):
@@ -45,6 +53,7 @@ class AscendQuantConfig(QuantizationConfig):
         super().__init__()
         self.raw = config or {}
         self.checkpoint: Checkpoint | None = None
+        self._remote: tuple[str, str | None] | None = None  # (hub id, revision) until the weights are fetched
         self._mapper = None
         self._index: dict[str, set[str]] | None = None  # vLLM module name -> schemes
         self._experts: dict[str, dict[str, set[str]]] | None = None  # vLLM MoE prefix -> member -> schemes
@@ -72,13 +81,18 @@ class AscendQuantConfig(QuantizationConfig):
 
     # --- loading the description -------------------------------------------------------------
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None):
-        directory = model_name
-        if not os.path.isdir(directory):
-            from huggingface_hub import snapshot_download
-            directory = snapshot_download(model_name, revision=revision, allow_patterns=["*.json", "*.safetensors"])
-        self.checkpoint = Checkpoint(directory)
+        """A local directory is checked whole here (Checkpoint). A hub id: only its JSON is fetched here
+        (ascend_remote) and given the checks JSON allows (loader.check_json); the weights are fetched and
+        the whole check runs when the model is built (_need_checkpoint, from the first get_quant_method),
+        before vLLM's loader places a weight."""
         self.num_hidden_layers = getattr(hf_config, "num_hidden_layers", None) if hf_config is not None else None
         self._index = None
+        if os.path.isdir(model_name):
+            self.checkpoint, self._remote = Checkpoint(model_name), None
+            return
+        from . import ascend_remote
+        check_json(ascend_remote.fetch_json(model_name, revision))
+        self.checkpoint, self._remote = None, (model_name, revision)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper):
         self._mapper = hf_to_vllm_mapper
@@ -118,6 +132,9 @@ class AscendQuantConfig(QuantizationConfig):
         self._index, self._experts, self._leaves = index, experts, leaves
 
     def _need_checkpoint(self) -> Checkpoint:
+        if self.checkpoint is None and self._remote is not None:
+            from . import ascend_remote
+            self.checkpoint = Checkpoint(ascend_remote.fetch_weights(*self._remote, _download_dir()))
         if self.checkpoint is None:
             raise ValueError(f"--quantization ascend: {FILENAME} was not loaded (maybe_update_config was not "
                              "called with the model directory)")
@@ -180,13 +197,10 @@ class AscendQuantConfig(QuantizationConfig):
             if scheme == "W8A8":
                 return methods.W8A8StaticLinearMethod(self, prefix)
             raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not a linear scheme")
-        if isinstance(layer, RoutedExperts):
+        if isinstance(layer, ascend_compat.MoELayer):
             scheme = self.scheme_for(prefix, moe=True)
             if scheme == "FLOAT":
-                from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
-                    UnquantizedFusedMoEMethod,
-                )
-                return UnquantizedFusedMoEMethod(layer.moe_config)
+                return None  # every vLLM of the matrix then builds its own UnquantizedFusedMoEMethod
             if scheme in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
                 return methods.AscendMoEMethod(layer.moe_config, scheme, self, prefix)
             raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not an MoE scheme")

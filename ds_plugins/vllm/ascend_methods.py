@@ -20,14 +20,13 @@ import re
 
 import torch
 from torch.nn import Parameter
-from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
-from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
 from vllm.model_executor.layers.linear import LinearMethodBase, RowParallelLinear
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter, PerTensorScaleParameter
 from vllm.model_executor.utils import set_weight_attrs
 
 from ..quant.ascend import arith, compute
 from ..quant.ascend.errors import AscendFormatError
+from .ascend_compat import FusedMoEMethodBase, FusedMoeWeightScaleSupported
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "int8": torch.int8}
@@ -87,8 +86,9 @@ def _check_zero(config, prefix: str, t: torch.Tensor, what: str) -> None:
 
 
 def _check_finite(config, prefix: str, t: torch.Tensor, what: str) -> None:
-    """Scales are read after vLLM placed them (the header checks cannot see values): a NaN or inf scale
-    would turn every output of the layer into NaN, so it stops the load here, naming the layer."""
+    """The scales as vLLM placed them. Checkpoint() already refused NaN or infinite scales in the files
+    (ds_plugins/quant/ascend/values.py); this catches a load that changed them (a mapper that routed
+    another tensor here), which would turn every output of the layer into NaN."""
     bad = ~torch.isfinite(t.float())
     if bool(bad.any()):
         raise AscendFormatError(config.checkpoint.description.path, f"{prefix}.{what}",

@@ -30,7 +30,9 @@ three `expert_dtype` settings, because vLLM's CPU DeepSeek-V4 weight mapper rena
    served comparison itself has not run yet: the dev box has no AVX512-BF16.
 3. `test_bad_checkpoint_refused_by_the_server` (any x86 CPU): real `vllm serve` processes on broken twins
    exit non-zero, with ds-plugins' one-line AscendFormatError naming file and key, before any engine
-   process starts (or, for a NaN scale, which only the loaded values show, from the worker while loading).
+   process starts (a NaN scale too: the scales' values are read with the headers, before the model exists).
+4. `test_bad_hub_checkpoint_offline_refused_before_the_engine` (any x86 CPU): the same for a hub id served
+   offline, which vLLM swaps for its cached snapshot folder before ds-plugins sees it.
 """
 
 from __future__ import annotations
@@ -261,9 +263,9 @@ def _nan_scale(d: Path):
             if key in h.keys():
                 t = h.get_tensor(key).clone()
     t[3] = float("nan")
-    _rewrite_tensor(d, key, t)
-    # vLLM's name for the layer the scale loads into (wq_a and wkv run as one fused layer)
-    return DESC, "model.layers.0.attn.fused_wqa_wkv.weight_scale", "1 of 768 values are NaN or infinite"
+    f = _rewrite_tensor(d, key, t)
+    # The value checks run with the header checks (ds_plugins/quant/ascend/values.py): the shard and the key.
+    return f.name, key, f"1 of {t.numel()} values are NaN or infinite"
 
 
 BAD = {"wrong_dtype": _wrong_dtype, "missing_scale": _missing_scale, "listed_absent": _listed_absent,
@@ -292,5 +294,47 @@ def test_bad_checkpoint_refused_by_the_server(case, twins, vllm_cpu_python, e2e_
     engine = any("EngineCore" in line for line in log.splitlines())
     print(f"{case}: exit after {took:.0f} s; error line: {ours[-1].strip()[:200]}; "
           f"{len(ours)} line(s) with it, {tb} traceback frame lines in the log, engine process started: {engine}")
-    if case != "nan_scale":  # refused while vLLM builds its config: no engine process was started
-        assert not engine, log[-3000:]
+    assert not engine, log[-3000:]  # refused while vLLM builds its config: no engine process was started
+
+
+# --- 4. a hub id, offline: vLLM swaps it for the cached snapshot, which is checked whole ---------------
+
+HUB_REPO, HUB_COMMIT = "org/tiny-dsv4-w8a8", "1f2e3d4c5b6a79880123456789abcdef01234567"
+
+
+def _hub_cache(src: Path, root: Path) -> Path:
+    """A Hugging Face cache holding checkpoint `src` as HUB_REPO (the layout huggingface_hub reads offline)."""
+    repo = root / f"models--{HUB_REPO.replace('/', '--')}"
+    snap = repo / "snapshots" / HUB_COMMIT
+    shutil.copytree(src, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return snap
+
+
+def test_bad_hub_checkpoint_offline_refused_before_the_engine(twins, vllm_cpu_python, e2e_log_dir, tmp_path):
+    """`vllm serve org/name --quantization ascend` with HF_HUB_OFFLINE=1: vLLM itself replaces the id by the
+    cached snapshot folder (EngineArgs, `get_model_path`) before it builds its config, so ds-plugins sees a
+    local directory and checks it whole there: a NaN scale in a cached shard stops the server before an
+    engine process exists, naming the snapshot's file. (Online, the id reaches ds-plugins and only its JSON
+    is fetched then: tests/unit/test_ascend_remote.py, on the real huggingface_hub and ModelScope clients.)"""
+    cache = tmp_path / "hub"
+    snap = _hub_cache(twins["w8a8_dynamic"]["dir"], cache)
+    file_name, key, problem = _nan_scale(snap)
+    srv = Server(vllm_cpu_python, HUB_REPO, e2e_log_dir / "ascend-hub-offline-nan_scale.log",
+                 flags=["--quantization", "ascend"], start_timeout_s=BAD_EXIT_TIMEOUT_S,
+                 env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
+    t0 = time.monotonic()
+    with pytest.raises(ServerError) as err:
+        srv.start()
+    took = time.monotonic() - t0
+    timings.record("ascend bad hub checkpoint offline: server exit", took)
+    assert "exited with 1 before" in str(err.value), str(err.value)[-3000:]
+    log = srv.log_text()
+    assert f"replace model_id [{HUB_REPO}] to model_path [{snap}]" in log, log[-3000:]  # vLLM's own swap
+    want = f"msModelSlim checkpoint: {snap / file_name}, key {key!r}: {problem}"
+    ours = [line for line in log.splitlines() if "msModelSlim checkpoint: " in line]
+    assert ours and all(want in line for line in ours), (want, ours, log[-3000:])
+    assert "ds-plugins: fetched" not in log, log[-3000:]  # nothing fetched: the snapshot is local
+    assert not any("EngineCore" in line for line in log.splitlines()), log[-3000:]
+    print(f"hub id offline: exit after {took:.0f} s, before any engine process; error line: {ours[-1].strip()[-200:]}")

@@ -1,5 +1,6 @@
 """Description + safetensors headers: the good path, and every bad input raising AscendFormatError that
-names the file and the tensor key, before any tensor data is read (safe_open is made to fail)."""
+names the file and the tensor key, before any weight is placed; of the tensor data only scales and a
+few packed W4A8 rows are read (safe_open is wrapped to record every read)."""
 
 import json
 import shutil
@@ -31,18 +32,59 @@ def ckpt(good, tmp_path):
     return d
 
 
-def _refuse_tensor_reads(monkeypatch):
-    """Validation must not read tensor data: any safe_open call fails the test."""
-    import safetensors
+class _Reads:
+    """Records what validation reads through safetensors: (key, rows read or None for the whole tensor)."""
 
-    def refuse(*a, **k):
-        raise AssertionError("tensor data was read during validation")
-    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    def __init__(self, monkeypatch):
+        import safetensors
+        self.log: list[tuple[str, tuple]] = []
+        real = safetensors.safe_open
+        reads = self
+
+        class Slice:
+            def __init__(self, inner, key):
+                self.inner, self.key = inner, key
+
+            def __getitem__(self, idx):
+                t = self.inner[idx]
+                reads.log.append((self.key, tuple(t.shape)))
+                return t
+
+        class Handle:
+            def __init__(self, *a, **k):
+                self.inner = real(*a, **k)
+
+            def get_tensor(self, key):
+                t = self.inner.get_tensor(key)
+                reads.log.append((key, tuple(t.shape)))
+                return t
+
+            def get_slice(self, key):
+                return Slice(self.inner.get_slice(key), key)
+
+        monkeypatch.setattr(safetensors, "safe_open", Handle)
+
+    def assert_small(self):
+        """Only scales (and offsets) whole, and W4A8 weights as a few packed rows: never a whole weight."""
+        from ds_plugins.quant.ascend import values
+        for key, shape in self.log:
+            if key.endswith(".weight"):
+                assert shape[0] <= values.SAMPLE_ROWS, (key, shape)
+            else:
+                assert key.rpartition(".")[2] in ("weight_scale", "input_scale", "input_offset", "deq_scale",
+                                                  "scale_bias"), key
+
+
+def _refuse_tensor_reads(monkeypatch):
+    """Validation reads only small tensors; returns the recorder (checked by assert_small)."""
+    return _Reads(monkeypatch)
 
 
 @pytest.fixture
 def no_tensor_reads(monkeypatch):
-    _refuse_tensor_reads(monkeypatch)
+    reads = _Reads(monkeypatch)
+    yield reads
+    reads.assert_small()
 
 
 def test_good_checkpoint_validates_from_headers(good, no_tensor_reads):
@@ -120,10 +162,14 @@ def _missing_required(d):
 
 
 def _mixed_fused(d):
+    _rewrite_tensor(d, "layers.0.attn.wkv.weight", torch.randn(32, 64).to(torch.bfloat16))
+    for suffix in ("weight_scale", "weight_offset"):
+        _drop_tensor(d, f"layers.0.attn.wkv.{suffix}")
     data = _desc(d)
     for k in list(data):
         if k.startswith("layers.0.attn.wkv."):
             data[k] = "FLOAT"
+    data = {k: v for k, v in data.items() if k in ("layers.0.attn.wkv.weight",) or not k.startswith("layers.0.attn.wkv.")}
     _set_desc(d, data)
     return DESC, "weight", "mixed quant types inside one fused module"
 
@@ -194,6 +240,10 @@ def _per_group_tensor(d):
     data[key] = "W4A8_DYNAMIC"
     _set_desc(d, data)
     save_file({key: torch.ones(32, 1)}, str(d / "extra.safetensors"))
+    idx = d / "quant_model_weights.safetensors.index.json"
+    m = json.loads(idx.read_text())
+    m["weight_map"][key] = "extra.safetensors"
+    idx.write_text(json.dumps(m))
     return ".safetensors", key, "per-group W4A8 tensors are not supported"
 
 
@@ -259,9 +309,10 @@ CASES = [_listed_absent, _present_unlisted, _missing_required, _mixed_fused, _mi
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
 def test_bad_input_is_a_clear_error_before_any_weight(case, ckpt, monkeypatch):
     file_part, key, problem = case(ckpt)
-    _refuse_tensor_reads(monkeypatch)
+    reads = _refuse_tensor_reads(monkeypatch)
     with pytest.raises(AscendFormatError) as info:
         Checkpoint(ckpt)
+    reads.assert_small()
     err = info.value
     assert file_part in err.file, (err.file, str(err))
     if key is not None:

@@ -22,9 +22,10 @@ KNOWN_UNSUPPORTED = ("W8A16", "W8A8_MIX", "W4A16", "W4A4_DYNAMIC", "W4A4_FLATQUA
 
 # Global (non-tensor) keys. The attention/KV-cache ones must be absent or empty here: quantized
 # KV caches and attention are vllm-ascend features ds-plugins does not implement.
+# `n_mtp_layers`: how many MTP layers the DeepSeek-V4 adapter quantized (`mtp.<i>.*`, i < n).
 GLOBAL_KEYS = ("version", "model_quant_type", "group_size", "metadata", "optional", "is_rot_used",
                "ascend_quant_method", "kv_cache_type", "fa_quant_type", "indexer_quant_type",
-               "reduce_quant_type", "kv_quant_type")
+               "reduce_quant_type", "kv_quant_type", "n_mtp_layers")
 UNSUPPORTED_GLOBALS = ("kv_cache_type", "fa_quant_type", "indexer_quant_type", "reduce_quant_type",
                        "kv_quant_type")
 
@@ -45,6 +46,12 @@ class Description:
     def is_deepseek_native(self) -> bool:
         """DeepSeek-V4 msModelSlim checkpoints keep DeepSeek's own names (`hc_head_fn`, `layers.N.attn...`)."""
         return "hc_head_fn" in self.types or any(k.startswith("layers.") for k in self.types)
+
+
+def _looks_like_tensor(key: str) -> bool:
+    """Tensor keys are dotted module paths; DeepSeek-V4's few top-level tensors (`hc_head_fn`, ...) are
+    the undotted exception, and they are only taken as tensors when they carry a quant type."""
+    return "." in key
 
 
 def parse(path: str | Path) -> Description:
@@ -69,6 +76,9 @@ def from_dict(raw, path: str = FILENAME) -> Description:
         if key in GLOBAL_KEYS:
             extras[key] = value
             continue
+        if not _looks_like_tensor(key) and (not isinstance(value, str) or value not in SUPPORTED_TYPES):
+            raise AscendFormatError(path, key, f"unknown global key (value {value!r}): neither a tensor name nor "
+                                               f"one of the global keys {', '.join(GLOBAL_KEYS)}")
         if not isinstance(value, str):
             raise AscendFormatError(path, key, f"a tensor's quant type must be a string, got {value!r}")
         if value not in SUPPORTED_TYPES:
@@ -85,6 +95,9 @@ def from_dict(raw, path: str = FILENAME) -> Description:
     group_size = extras.get("group_size", 0)
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
         raise AscendFormatError(path, "group_size", f"must be a non-negative integer, got {group_size!r}")
+    n_mtp = extras.get("n_mtp_layers", None)
+    if n_mtp is not None and (not isinstance(n_mtp, int) or isinstance(n_mtp, bool) or n_mtp < 0):
+        raise AscendFormatError(path, "n_mtp_layers", f"must be a non-negative integer, got {n_mtp!r}")
     if group_size and "W4A8_DYNAMIC" in types.values():
         raise AscendFormatError(path, "group_size", f"per-group W4A8 (group_size={group_size}) is not supported "
                                                     "(vllm-ascend rejects it too); only per-channel (0)")

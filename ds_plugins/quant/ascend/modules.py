@@ -63,9 +63,16 @@ class QuantExperts(nn.Module):
     def __init__(self, ckpt: Checkpoint, moe: str, num_experts: int, swiglu_limit: float | None):
         super().__init__()
         names = ("w1", "w3", "w2") if f"{moe}.0.w1" in ckpt.modules else ("gate_proj", "up_proj", "down_proj")
-        schemes = {ckpt.scheme_of(f"{moe}.{e}.{n}") for e in range(num_experts) for n in names}
+        members = [f"{moe}.{e}.{n}" for e in range(num_experts) for n in names]
+        absent = next((m for m in members if m not in ckpt.modules and f"{m}.weight" not in ckpt.tensors), None)
+        if absent is not None:
+            raise AscendFormatError(str(ckpt.description.path), f"{absent}.weight",
+                                    f"the layer has {num_experts} routed experts, but the checkpoint has no {absent}")
+        schemes = {ckpt.scheme_of(m) for m in members}
         if len(schemes) != 1 or not schemes <= {"W8A8_DYNAMIC", "W4A8_DYNAMIC"}:
-            raise AscendFormatError(str(ckpt.description.path), f"{moe}.0.{names[0]}.weight",
+            odd = next(m for m in members if ckpt.scheme_of(m) not in ("W8A8_DYNAMIC", "W4A8_DYNAMIC")) \
+                if not schemes <= {"W8A8_DYNAMIC", "W4A8_DYNAMIC"} else members[0]
+            raise AscendFormatError(str(ckpt.description.path), f"{odd}.weight",
                                     f"routed experts need one of W8A8_DYNAMIC / W4A8_DYNAMIC, found {sorted(schemes)}")
         self.scheme = schemes.pop()
         self.packed = self.scheme == "W4A8_DYNAMIC"

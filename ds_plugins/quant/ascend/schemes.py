@@ -1,7 +1,8 @@
 """Which tensors each scheme stores, with their dtypes and shapes (research §1.5-1.8, §2).
 
 `validate` turns a description plus the safetensors headers into one `ModuleSpec` per quantized
-module, or raises `AscendFormatError` naming the file and key. Nothing here touches tensor data.
+module, or raises `AscendFormatError` naming the file and key. Nothing here touches tensor data;
+the checks across modules (experts, fused layers, the model's layers) are in structure.py.
 """
 
 from __future__ import annotations
@@ -12,9 +13,18 @@ from dataclasses import dataclass
 
 from .checkpoint import TensorInfo
 from .description import Description
+from . import structure
 from .errors import AscendFormatError
+from .layout import Layout
 
 FLOATS = ("float32", "bfloat16", "float16")
+# FLOAT tensors that are integer by nature: DeepSeek-V4's hash-routing table (token id -> expert ids).
+INTEGER_FLOAT_SUFFIXES = ("tid2eid",)
+# Tensor names of other quantization formats, for the hint when one turns up in a msModelSlim checkpoint.
+FOREIGN_SUFFIXES = {"weight_packed": "compressed-tensors (LLM Compressor)", "weight_shape": "compressed-tensors",
+                    "weight_zero_point": "compressed-tensors", "weight_global_scale": "compressed-tensors",
+                    "qweight": "GPTQ/AWQ", "qzeros": "GPTQ/AWQ", "scales": "GPTQ/AWQ", "g_idx": "GPTQ",
+                    "weight_scale_inv": "DeepSeek FP8", "scale": "DeepSeek FP8"}
 # Per-expert tensors: `...experts.<E>.<w1|w2|w3|gate_proj|up_proj|down_proj>`.
 EXPERT_RE = re.compile(r"^(?P<moe>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)$")
 GATE_UP = ("w1", "w3", "gate_proj", "up_proj")
@@ -86,15 +96,25 @@ def _split(key: str) -> tuple[str, str]:
     return module, suffix
 
 
+def _suffix_hint(suffix: str) -> str:
+    if not suffix.isascii():
+        return f"; the name {suffix!r} has non-ASCII characters (a mangled 'weight...'?)"
+    if suffix in FOREIGN_SUFFIXES:
+        return f"; `{suffix}` is a {FOREIGN_SUFFIXES[suffix]} tensor name, not msModelSlim's"
+    return ""
+
+
 def validate(desc: Description, tensors: Mapping[str, TensorInfo],
-             fused: Mapping[str, Iterable[str]] = DEFAULT_FUSED) -> dict[str, ModuleSpec]:
-    """Check the description against the checkpoint headers; return the quantized modules."""
+             fused: Mapping[str, Iterable[str]] = DEFAULT_FUSED, layout: Layout | None = None) -> dict[str, ModuleSpec]:
+    """Check the description against the checkpoint headers (and, given the model's layout from
+    config.json, against the model); return the quantized modules."""
     for key, info in tensors.items():
         if key not in desc.types:
             raise AscendFormatError(info.file, key, f"tensor is in the checkpoint but not listed in {desc.path}")
     for key in desc.types:
         if key not in tensors:
             raise AscendFormatError(desc.path, key, "listed in the description but no safetensors file holds it")
+    _check_float_types(desc, tensors)
 
     by_module: dict[str, dict[str, TensorInfo]] = {}
     for key, info in tensors.items():
@@ -104,18 +124,57 @@ def validate(desc: Description, tensors: Mapping[str, TensorInfo],
     specs: dict[str, ModuleSpec] = {}
     for module, parts in by_module.items():
         weight_key = f"{module}.weight" if module else "weight"
-        scheme = desc.types.get(weight_key, "FLOAT") if "weight" in parts else "FLOAT"
+        if "weight" not in parts:
+            quantized = sorted((i.key, s) for s, i in parts.items() if desc.types[i.key] != "FLOAT")
+            if quantized:
+                # name the tensor that stands where `weight` should, if one looks like it
+                key, suffix = next(((k, s) for k, s in quantized if _suffix_hint(s)), quantized[0])
+                raise AscendFormatError(desc.path, key, f"a {desc.types[key]} tensor, but its module has no "
+                                                        f"{weight_key} tensor{_suffix_hint(suffix)}")
+            continue
+        scheme = desc.types[weight_key]
         for suffix, info in parts.items():
             t = desc.types[info.key]
             if t != scheme and not (suffix == "bias" and t == "FLOAT"):
                 raise AscendFormatError(desc.path, info.key, f"quant type {t} differs from its module's "
-                                                             f"{weight_key} ({scheme})")
+                                                             f"{weight_key} ({scheme}){_suffix_hint(suffix)}")
         if scheme == "FLOAT":
             continue
         _check_module(module, scheme, parts, desc)
         specs[module] = ModuleSpec(module, scheme, dict(parts))
     _check_fused(desc, by_module, specs, fused)
+    _check_half_dtypes(tensors, layout)
+    structure.check(desc, by_module, specs, fused, layout)
     return specs
+
+
+def _check_float_types(desc: Description, tensors: Mapping[str, TensorInfo]) -> None:
+    """FLOAT tensors are floats (the hash-routing table aside)."""
+    for key, info in tensors.items():
+        if desc.types[key] != "FLOAT" or info.dtype in FLOATS:
+            continue
+        if key.rpartition(".")[2] in INTEGER_FLOAT_SUFFIXES and info.dtype in ("int32", "int64"):
+            continue
+        hint = (" (a quantized weight labelled FLOAT? give it its quant type)" if info.dtype in ("int8", "uint8")
+                else " (FP8 tensors are not a msModelSlim type)" if info.dtype.startswith("float8") else "")
+        raise AscendFormatError(info.file, key, f"FLOAT tensors must be {' or '.join(FLOATS)}, got {info.dtype}{hint}")
+
+
+def _check_half_dtypes(tensors: Mapping[str, TensorInfo], layout: Layout | None) -> None:
+    """Every 16-bit float tensor is in the model's one 16-bit dtype: a bfloat16 tensor read as float16
+    (or the reverse) loads without an error as wrong numbers, so the two never mix in one checkpoint."""
+    halves = {}
+    for _, info in sorted(tensors.items()):
+        if info.dtype in ("bfloat16", "float16"):
+            halves.setdefault(info.dtype, []).append(info)
+    want = layout.dtype if layout is not None and layout.dtype else None
+    if want is None and len(halves) > 1:  # no model dtype given: the commoner one
+        want = max(halves, key=lambda d: (len(halves[d]), d))
+    for dtype, infos in halves.items():
+        if want is not None and dtype != want:
+            source = f"{layout.file} torch_dtype" if layout is not None and layout.dtype else "the checkpoint's other tensors"
+            raise AscendFormatError(infos[0].file, infos[0].key, f"{dtype} tensor in a {want} model ({source}); "
+                                    "16-bit tensors must all be in the model dtype (float32 is always accepted)")
 
 
 def _check_module(module: str, scheme: str, parts: Mapping[str, TensorInfo], desc: Description) -> None:
@@ -134,7 +193,7 @@ def _check_module(module: str, scheme: str, parts: Mapping[str, TensorInfo], des
             if suffix in ("weight_scale_second", "weight_offset_second"):
                 raise AscendFormatError(info.file, info.key, "per-group W4A8 tensors are not supported "
                                                              "(only per-channel W4A8_DYNAMIC)")
-            raise AscendFormatError(info.file, info.key, f"unexpected tensor for a {scheme} module")
+            raise AscendFormatError(info.file, info.key, f"unexpected tensor for a {scheme} module{_suffix_hint(suffix)}")
         dtypes, shapes, _ = rule
         if info.dtype not in dtypes:
             raise AscendFormatError(info.file, info.key, f"{scheme} {suffix} must be {' or '.join(dtypes)}, got {info.dtype}")
