@@ -12,6 +12,7 @@ variable once, at import, the same way. Dispatch for the public functions:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -33,6 +34,33 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+# A capability the launch planners use instead of the device's (launch_target): lets an SM90 GPU run
+# the SM12x launch configurations, and the offline compile check plan launches for any target.
+_forced_capability: tuple[int, int] | None = None
+
+
+@contextlib.contextmanager
+def launch_target(capability: tuple[int, int] | None):
+    """Plan launches inside this block as for a GPU of this compute capability, e.g. (12, 0)
+    (None: the device's own). Only tile sizes and warps change; the math is the same."""
+    global _forced_capability
+    previous, _forced_capability = _forced_capability, (tuple(capability) if capability is not None else None)
+    try:
+        yield
+    finally:
+        _forced_capability = previous
+
+
+def target_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability launches are planned for: launch_target's, else a CUDA device's own,
+    else None (CPU: the interpreter or the reference)."""
+    if _forced_capability is not None:
+        return _forced_capability
+    if device.type == "cuda":
+        return tuple(torch.cuda.get_device_capability(device))
+    return None
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -60,8 +60,13 @@ SCALE_WORD_BYTES = 4                                # fp32 scale, or 4 packed UE
 # FP4 keys are dequantised in registers first, and the top-k programs also hold the best list.
 LOGITS_BLOCK_N = 128        # keys (output columns) per logits program
 LOGITS_SUB_N = {False: 128, True: 32}           # by is_fp4
-TOPK_SUB_N = {False: 64, True: 16}
-TOPK_WARPS = {False: 8, True: 4}
+# Top-k: (keys per dot, warps, pipeline stages, register cap or None) by (is_fp4, paged). Paged FP8
+# at 32 keys and FP4 at 8 warps: no spills on sm_90a/sm_120a/sm_121a (tests/kernels/test_no_spills.py).
+# FP4 ragged: left to itself, ptxas holds that kernel to 128 registers on sm_120a and spills (64/48
+# bytes); an explicit cap of 255 (.maxnreg) lets it use 220 and spill nothing (one program per SM
+# either way at 8 warps: 2 would need <= 128).
+TOPK_TILES = {(False, False): (64, 8, 3, None), (False, True): (32, 8, 3, None), (True, False): (16, 8, 3, 255),
+              (True, True): (16, 8, 3, None)}
 MAX_SPLITS = 64             # top-k splits per row (bounds the workspace)
 MIN_TILES_PER_SPLIT = 8     # a split walks at least this many top-k tiles before we add splits
 SORT_MERGE_MAX_INTERPRETED = 64     # largest top-k tile merged by tl.topk under the interpreter
@@ -546,9 +551,11 @@ def _paged_mqa_logits_triton(q_values, q_scales, kv_cache, weights, context_lens
     return out
 
 
-def _topk_tile(topk: int, is_fp4: bool) -> tuple[int, int]:
-    tile = max(16, next_pow2(topk))                   # the running best list, and keys per merge
-    return tile, min(tile, TOPK_SUB_N[is_fp4])
+def _topk_tile(topk: int, is_fp4: bool, paged: bool) -> tuple[int, int, int, int, int | None]:
+    """(T: the running best list and keys per merge, keys per dot, warps, stages, register cap)."""
+    tile = max(16, next_pow2(topk))
+    sub_n, warps, stages, maxnreg = TOPK_TILES[(is_fp4, paged)]
+    return tile, min(tile, sub_n), warps, stages, maxnreg
 
 
 def _sort_merge(tile: int) -> bool:
@@ -569,7 +576,7 @@ def _mqa_topk_triton(q_values, q_scales, k_values, k_scales, weights, ks, ke, is
     n_keys = k_values.shape[0]
     if rows == 0:
         return torch.empty((0, topk), dtype=torch.int32, device=q_values.device)
-    tile, sub_n = _topk_tile(topk, is_fp4)
+    tile, sub_n, warps, stages, maxnreg = _topk_tile(topk, is_fp4, paged=False)
     n_splits, split_len = _plan_splits(n_keys, tile, num_splits)
     workspace = torch.empty((rows, n_splits, tile), dtype=torch.int64, device=q_values.device)
     q_arg, qsf_arg = _query_args(q_values, q_scales)
@@ -578,7 +585,7 @@ def _mqa_topk_triton(q_values, q_scales, k_values, k_scales, weights, ks, ke, is
         q_arg, qsf_arg, k_arg, ksf_arg, weights, ks, ke, workspace,
         heads, n_keys, weights.stride(0), split_len, n_splits,
         IS_FP4=is_fp4, BLOCK_H=_block_h(heads), D=head_dim, T=tile, SUB_N=sub_n, SORT_MERGE=_sort_merge(tile),
-        INTERPRET=INTERPRET, num_warps=TOPK_WARPS[is_fp4],
+        INTERPRET=INTERPRET, num_warps=warps, num_stages=stages, maxnreg=maxnreg,
     )
     return _merge_splits(workspace, topk, tile)
 
@@ -589,7 +596,7 @@ def _paged_topk_triton(q_values, q_scales, kv_cache, weights, context_lens, bloc
     rows = batch * next_n
     if rows == 0:
         return torch.empty((0, topk), dtype=torch.int32, device=q_values.device)
-    tile, sub_n = _topk_tile(topk, is_fp4)
+    tile, sub_n, warps, stages, maxnreg = _topk_tile(topk, is_fp4, paged=True)
     n_splits, split_len = _plan_splits(max_context_len, tile, num_splits)
     workspace = torch.empty((rows, n_splits, tile), dtype=torch.int64, device=q_values.device)
     q_arg, qsf_arg = _query_args(q_values, q_scales)
@@ -600,7 +607,7 @@ def _paged_topk_triton(q_values, q_scales, kv_cache, weights, context_lens, bloc
         block_table.stride(0), weights.stride(0), split_len, n_splits,
         CTX_2D=context_lens.dim() == 2, IS_FP4=is_fp4, BLOCK_KV=kv_cache.shape[1], BLOCK_H=_block_h(heads),
         D=head_dim, T=tile, SUB_N=sub_n, SORT_MERGE=_sort_merge(tile), INTERPRET=INTERPRET,
-        num_warps=TOPK_WARPS[is_fp4],
+        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
     )
     return _merge_splits(workspace, topk, tile)
 

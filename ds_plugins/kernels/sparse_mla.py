@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ds_plugins.kernels._runtime import INTERPRET, KernelInputError, cdiv, expect, next_pow2, use_triton
+from ds_plugins.kernels._runtime import (INTERPRET, KernelInputError, cdiv, expect, next_pow2, target_capability,
+                                        use_triton)
 from ds_plugins.kernels._tl import dot
 from ds_plugins.kernels.kv_cache import BYTES_PER_TOKEN, CACHE_DTYPES, HEAD_DIM
 from ds_plugins.kernels.reference.sparse_mla import ref_flash_mla_sparse_fwd, ref_sparse_decode
@@ -371,11 +372,17 @@ def _expect_same_device(q: torch.Tensor, **tensors) -> None:
             expect(name, t, device=q.device)
 
 
-def prefill_config(device: torch.device) -> LaunchConfig:
-    """SM12x (RTX PRO 6000, DGX Spark) has 99 KiB of shared memory per block: smaller head blocks."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 12:
+def prefill_config(capability: tuple[int, int] | None) -> LaunchConfig:
+    """SM12x (RTX PRO 6000, DGX Spark) has 99 KiB of shared memory per block: smaller head blocks.
+    capability: what target_capability() says for the launch (None off-GPU)."""
+    if capability is not None and capability[0] == 12:
         return PREFILL_CONFIG_SM12X
     return PREFILL_CONFIG
+
+
+def decode_config(capability: tuple[int, int] | None) -> LaunchConfig:
+    """The same decode tiles on every target (they fit SM12x's shared memory and spill nowhere)."""
+    return DECODE_CONFIG
 
 
 def _target_programs(device: torch.device) -> int:
@@ -433,7 +440,7 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
     if s_q == 0 or h_q == 0:
         return out, max_logits, lse
-    config = prefill_config(q.device)
+    config = prefill_config(target_capability(q.device))
     block_h = _head_block(h_q, config.block_h)
     sink = attn_sink.contiguous() if attn_sink is not None else out
     lengths = topk_length.contiguous() if topk_length is not None else indices
@@ -559,7 +566,7 @@ def _sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, e
 
     topk = indices.shape[-1]
     extra_topk = extra_indices.shape[-1] if extra_k_cache is not None else 0
-    config = DECODE_CONFIG
+    config = decode_config(target_capability(q.device))
     chunks = cdiv(topk, config.block_n) + cdiv(extra_topk, config.block_n)
     if num_splits is None:
         num_splits = decode_num_splits(b, s_q, h_q, topk, extra_topk, _target_programs(q.device))

@@ -21,13 +21,14 @@ def _bench():
 
 def test_every_bench_case_runs_its_kernel_and_reference_on_cpu():
     cases = _bench()._cases("cpu", small=True)
-    assert [c.name for c in cases] == ["flash_mla_with_kvcache", "flash_mla_sparse_fwd", "fp8_mqa_logits",
-                                       "fp8_paged_mqa_logits", "fp8_paged_mqa_topk", "tf32_hc_prenorm_gemm",
-                                       "fp8_einsum"]
+    assert list(dict.fromkeys(c.name for c in cases)) == ["flash_mla_with_kvcache", "flash_mla_sparse_fwd",
+                                                          "fp8_mqa_logits", "fp8_paged_mqa_logits",
+                                                          "fp8_paged_mqa_topk", "tf32_hc_prenorm_gemm", "fp8_einsum"]
     for case in cases:
         assert case.flops > 0 and case.bytes > 0
         case.kernel()
-        case.reference()
+        if case.reference is not None:
+            case.reference()
 
 
 def test_selftest_passes_here_and_reports_where_it_ran():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ds_plugins.kernels import sparse_mla
-from ds_plugins.kernels._runtime import KernelInputError
+from ds_plugins.kernels._runtime import KernelInputError, launch_target
 from ds_plugins.kernels.reference.sparse_mla import ref_flash_mla_sparse_fwd
 from ds_plugins.kernels.sparse_mla import flash_mla_sparse_fwd
 
@@ -21,6 +21,19 @@ OUT_ATOL = 2.0 ** -8          # times max|kv|
 OUT_RTOL = 2.0 ** -7
 STAT_TOL = 2.0 ** -15
 SCALE = 512 ** -0.5
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 def make_inputs(s_q, h_q, s_kv, topk, sink=True, lengths=True):
@@ -70,9 +83,14 @@ def test_matches_reference(h_q, device):
 
 def test_sm12x_launch_config(monkeypatch, device):
     """The smaller head block SM12x gets (shared memory) computes the same thing: 128 heads -> 4 blocks."""
-    monkeypatch.setattr(sparse_mla, "prefill_config", lambda device: sparse_mla.PREFILL_CONFIG_SM12X)
+    assert sparse_mla.prefill_config((12, 0)) is sparse_mla.PREFILL_CONFIG_SM12X
     assert sparse_mla.PREFILL_CONFIG_SM12X.block_h == 32
-    check(*make_inputs(s_q=2, h_q=128, s_kv=60, topk=40), device=device)
+    launched = []
+    real = sparse_mla._sparse_prefill_kernel
+    monkeypatch.setattr(sparse_mla, "_sparse_prefill_kernel", _Recorder(real, launched))
+    with launch_target((12, 0)):
+        check(*make_inputs(s_q=2, h_q=128, s_kv=60, topk=40), device=device)
+    assert [kw["BLOCK_H"] for kw in launched] == [32]
 
 
 def test_no_sink_no_lengths_and_other_scale(device):
