@@ -200,7 +200,25 @@ def _lift_triton_interpreter() -> str:
             for gname, value in list(vars(mod).items()):
                 if isinstance(value, types.FunctionType) and id(value) in replaced:
                     setattr(mod, gname, replaced[id(value)])
+                elif isinstance(value, type) and value.__module__.startswith("vllm."):
+                    # kernel-owner classes that bind a module-level kernel: `kernel = staticmethod(fn)`
+                    for attr, member in list(value.__dict__.items()):
+                        fn = member.__func__ if isinstance(member, staticmethod) else member
+                        if isinstance(fn, types.FunctionType) and id(fn) in replaced:
+                            setattr(value, attr, replaced[id(fn)])
+                elif _holds_replaced_kernel(value, replaced):
+                    # vLLM 0.32's warm-up wrappers (VllmTritonJitKernel and the kernels its decorator
+                    # builds) are module-level instances that kept the plain function in `self.kernel`
+                    # when the module was imported, before this lift.
+                    value.__dict__["kernel"] = replaced[id(value.__dict__["kernel"])]
     return f"{count} kernels of {len(INTERPRETED_MODULES)} modules interpreted"
+
+
+def _holds_replaced_kernel(value, replaced: dict) -> bool:
+    if isinstance(value, (type, types.ModuleType, types.FunctionType)):
+        return False
+    held = getattr(value, "__dict__", {}).get("kernel") if hasattr(value, "__dict__") else None
+    return isinstance(held, types.FunctionType) and id(held) in replaced
 
 
 # --- tile-scheduler-keys --------------------------------------------------------------------------
