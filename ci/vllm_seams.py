@@ -483,6 +483,48 @@ def check_configure_logging(src: Path, patch) -> None:
         raise SeamMismatch(f"{rel(src, path)}: nothing in vllm.logger calls configure_logging")
 
 
+def check_block_fp8_post_load(src: Path, patch) -> None:
+    """CutlassFp8BlockScaledMMKernel derives from Fp8BlockScaledMMLinearKernel, its
+    process_weights_after_loading(self, layer) (its own or inherited) is a def, and it has
+    apply_block_scaled_mm: the post-load step ds_plugins/vllm/dsv4/fp8_block_scales.py extends."""
+    path = module_file(src, patch.module)
+    owner, _, name = patch.attribute.rpartition(".")
+    cls = find_class(src, patch.module, owner)
+    if "Fp8BlockScaledMMLinearKernel" not in [ast.unparse(b) for b in cls.bases]:
+        raise SeamMismatch(f"{where(src, path, cls)}: class {owner} does not derive from Fp8BlockScaledMMLinearKernel")
+    fn = resolve_attribute(src, patch.module, patch.attribute).node
+    if not isinstance(fn, ast.FunctionDef) or [a.arg for a in fn.args.args] != ["self", "layer"]:
+        raise SeamMismatch(f"{where(src, path, cls)}: {owner}.{name} is not a def (self, layer)")
+    if _member(src, patch.module, cls, "apply_block_scaled_mm") is None:
+        raise SeamMismatch(f"{where(src, path, cls)}: class {owner} has no apply_block_scaled_mm")
+
+
+def check_kv_cache_hook(src: Path, patch) -> None:
+    """DeepseekV4ForCausalLMConfig.verify_and_update_config is a staticmethod (vllm_config) it inherits from
+    VerifyAndUpdateConfig (the patch gives the class its own), MODELS_CONFIG_MAP sends DeepseekV4ForCausalLM
+    to that class, and VllmConfig calls the hook of the model's config class."""
+    from ds_plugins.vllm.dsv4.kv_cache import ARCHITECTURE
+    path, tree = tree_of(src, patch.module)
+    owner, _, name = patch.attribute.rpartition(".")
+    cls = find_class(src, patch.module, owner)
+    if name in {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}:
+        raise SeamMismatch(f"{where(src, path, cls)}: {owner} defines its own {name}: wrapping it needs a new look")
+    fn = resolve_attribute(src, patch.module, patch.attribute).node
+    if not isinstance(fn, ast.FunctionDef) or _decorator_names(fn) != ["staticmethod"] \
+            or [a.arg for a in fn.args.args] != ["vllm_config"]:
+        raise SeamMismatch(f"{where(src, path, cls)}: {owner}.{name} is not a staticmethod (vllm_config)")
+    mapping = next((n.value for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign)) and isinstance(n.value, ast.Dict)
+                    and "MODELS_CONFIG_MAP" in ast.unparse(n.targets[0] if isinstance(n, ast.Assign) else n.target)), None)
+    if mapping is None or not any(getattr(k, "value", None) == ARCHITECTURE and getattr(v, "id", None) == owner
+                                  for k, v in zip(mapping.keys, mapping.values)):
+        raise SeamMismatch(f"{rel(src, path)}: MODELS_CONFIG_MAP does not send {ARCHITECTURE} to {owner}")
+    vllm_py = module_file(src, "vllm.config.vllm")
+    text = vllm_py.read_text()
+    if "cls.verify_and_update_config(self)" not in text or "self.try_verify_and_update_config()" not in text:
+        raise SeamMismatch(f"{rel(src, vllm_py)}: VllmConfig no longer calls the model config class's "
+                           f"verify_and_update_config")
+
+
 # --- dispatch ----------------------------------------------------------------------------------------------
 
 @functools.cache
@@ -498,6 +540,9 @@ def _specific() -> dict[str, Any]:
     table[registry.PATCH.id] = check_registry
     table[cudagraph.PATCH.id] = check_cudagraph
     table[startup_log.PATCH.id] = check_configure_logging
+    from ds_plugins.vllm.dsv4 import fp8_block_scales, kv_cache
+    table[fp8_block_scales.PATCH.id] = check_block_fp8_post_load
+    table[kv_cache.PATCH.id] = check_kv_cache_hook
     return table
 
 

@@ -56,6 +56,11 @@ TABLE: dict[str, dict[str, Effect]] = {
         "upstream": _UPSTREAM,
         "ds_plugins": Effect(CHANGES, "DeepseekV4ForCausalLM goes to the ds-plugins hook-up of vLLM's own classes"),
     },
+    "kv_cache_dtype": {
+        "upstream": _UPSTREAM,
+        "fp8": Effect(CHANGES, "vLLM's --kv-cache-dtype auto becomes fp8 for DeepSeek-V4 (its fp8_ds_mla layout "
+                               "accepts only fp8 there)"),
+    },
     "ascend_quant": {
         "upstream": _UPSTREAM,
         "ds_plugins": Effect(OFFERS, "--quantization ascend (msModelSlim checkpoints) is available"),

@@ -203,8 +203,9 @@ RECORDS: tuple[KnownFailure, ...] = (
                        "layout (their use_fp8_ds_mla_layout class attribute; SM100's FlashInfer class stores plain "
                        "rows), and 'auto' is not resolved to fp8 before 0.30.0; vllm#47174 reports it on SM120"),
         ),
-        handled_by=None,
-        remedy=("Add `--kv-cache-dtype fp8`: DeepSeek-V4 keeps its KV cache as fp8_ds_mla (584 bytes per "
+        handled_by=("kv_cache_dtype", ("fp8",)),
+        remedy=("On SM12x ds-plugins turns `auto` (only `auto`) into fp8 where it decides kv_cache_dtype=fp8. "
+                "Elsewhere (SM90), or with DS_PLUGINS_KV_CACHE_DTYPE=upstream: add `--kv-cache-dtype fp8`: DeepSeek-V4 keeps its KV cache as fp8_ds_mla (584 bytes per "
                 "token) and has no bf16 layout on this path. vLLM 0.30.0 resolves `auto` to fp8 itself."),
         upstream=("vllm-project/vllm#47174", "vllm-project/vllm#54233", "vllm-project/vllm#55134"),
         retire="the oldest supported vLLM is 0.30.0 or newer (it resolves `auto` to fp8_ds_mla)",
@@ -268,8 +269,9 @@ RECORDS: tuple[KnownFailure, ...] = (
             Where("sglang", ">=0.5.13,<0.5.19",
                   note="SGLang's V4 prefill goes to FlashMLA's sparse kernel for large prefills (over 11673 "
                        "query tokens) and, from 0.5.15, by default (SGLANG_OPT_FLASHMLA_SPARSE_PREFILL; "
-                       "sglang#31578); 0.5.19 skips it on SM120. Set SGLANG_OPT_FLASHMLA_SPARSE_PREFILL=0 and "
-                       "keep --chunked-prefill-size below 11673, or upgrade to SGLang 0.5.19+"),
+                       "sglang#31578); 0.5.19 skips it on SM120. On 0.5.15-0.5.18 ds-plugins decides sparse_mla=triton "
+                       "and sets SGLANG_OPT_FLASHMLA_SPARSE_PREFILL=0 itself; on 0.5.13-0.5.14 keep "
+                       "--chunked-prefill-size below 11673, or upgrade to SGLang 0.5.19+"),
         ),
         handled_by=("sparse_mla", ("triton",)),
         remedy=("ds-plugins routes V4's sparse attention to its Triton kernels where it decides "
@@ -322,6 +324,37 @@ RECORDS: tuple[KnownFailure, ...] = (
             Evidence("heads for heads, _ in _DECODE_DSV4_DISPATCH", "sglang",
                      "sglang/kernels/ops/attention/flash_mla_sm120.py", present=("0.5.20", "0.5.21", "0.5.23"),
                      absent=("0.5.19",), origin="_flashinfer_dsv4_decode_capabilities()"),
+        ),
+    ),
+    KnownFailure(
+        id="dspark_topk192_sm120",
+        title="DeepSeek-V4's DSpark draft asks FlashInfer's SM120 decode for top-k 192, which that FlashInfer lacks",
+        example=("tvm.error.InternalError: Check failed: num_tokens > 64 (5 vs. 64) : Decode (num_tokens <= 64) "
+                 "must go through sparse_mla_sm120_decode_dsv3_2 or sparse_mla_sm120_decode_dsv4; got num_tokens=5"),
+        patterns=(r"Decode \(num_tokens <= 64\) must go through sparse_mla_sm120_decode",
+                  r"Unsupported sparse-MLA prefill configuration: model=DSV4 .*topk=192"),
+        where=(
+            Where("sglang", ">=0.5.15", libraries=(("flashinfer", ">=0.6.16,<0.6.18"),),
+                  note="SGLang pads the DSpark draft's 128-token window plus its draft tokens to top-k 192; "
+                       "FlashInfer's SM120 V4 decode table has (heads, 192) from 0.6.18 (0.5.19+ pin it), not "
+                       "in 0.6.16, so the call falls through to the prefill kernel, which refuses <= 64 tokens"),
+        ),
+        handled_by=None,
+        remedy=("Install the FlashInfer your SGLang pins (0.6.18+), or set SGLANG_SM120_FLASHMLA_BACKEND=triton "
+                "(SGLang's own Triton SM120 attention: every V4 attention call goes there, slower on the hot path)."),
+        upstream=("sgl-project/sglang#33943", "sgl-project/sglang#33985", "sgl-project/sglang#33407"),
+        retire="no FlashInfer without (heads, 192) in its SM120 V4 decode table installs beside a supported SGLang",
+        evidence=(
+            Evidence("(32, 192)", "flashinfer-python", "flashinfer/mla/_sparse_mla_sm120.py",
+                     present=("0.6.18",), absent=("0.6.16.post3",),
+                     origin="_DECODE_DSV4_DISPATCH, the (heads, top-k) pairs FlashInfer's SM120 V4 decode serves"),
+            Evidence("must go through sparse_mla_sm120_decode_dsv3_2 ", "",
+                     "flashinfer-ai/flashinfer@v0.6.18:csrc/sparse_mla_sm120.cu",
+                     origin="read in the flashinfer-python 0.6.18 wheel (flashinfer/data/csrc/sparse_mla_sm120.cu): "
+                            "the prefill orchestrator's TVM_FFI check on num_tokens"),
+            Evidence("_sm120_default_backend = envs.SGLANG_SM120_FLASHMLA_BACKEND.get()", "sglang",
+                     "sglang/kernels/ops/attention/flash_mla_sm120.py", present=("0.5.19", "0.5.21", "0.5.23"),
+                     origin="the switch the remedy names, read once at import"),
         ),
     ),
     KnownFailure(

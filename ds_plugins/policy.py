@@ -9,6 +9,7 @@ rules or a named override). Values:
   indexer             upstream | triton        (the indexer and V4's other DeepGEMM calls: o_proj einsum, mHC prenorm)
   cudagraph           upstream | on | off           (only about the ds-plugins kernel path)
   dsv4_model          upstream | ds_plugins         (ds_plugins: our vLLM model hook-up)
+  kv_cache_dtype      upstream | fp8                (fp8: vLLM's --kv-cache-dtype auto becomes fp8 for V4)
   ascend_quant        upstream | ds_plugins | vllm-ascend | off
   mooncake_connector  upstream | ds_plugins | unavailable | off
 
@@ -22,17 +23,18 @@ from typing import NamedTuple
 
 from packaging.version import Version
 
-from . import effects, landscape, settings
+from . import effects, landscape, paths, settings
 from .probe import Device, Library, Probe
 
-DECISION_IDS = ("deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_model", "ascend_quant",
-                "mooncake_connector")
+DECISION_IDS = ("deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_model", "kv_cache_dtype",
+                "ascend_quant", "mooncake_connector")
 OVERRIDE_VAR = {
     "deepgemm": "DS_PLUGINS_DEEPGEMM",
     "sparse_mla": "DS_PLUGINS_SPARSE_MLA",
     "indexer": "DS_PLUGINS_INDEXER",
     "cudagraph": "DS_PLUGINS_CUDAGRAPH",
     "dsv4_model": "DS_PLUGINS_DSV4_MODEL",
+    "kv_cache_dtype": "DS_PLUGINS_KV_CACHE_DTYPE",
     "ascend_quant": "DS_PLUGINS_ASCEND_QUANT",
     "mooncake_connector": "DS_PLUGINS_MOONCAKE",
 }
@@ -144,24 +146,47 @@ def _deepgemm(probe: Probe, engine: str, version: str, facts, t: _Target) -> Dec
     lib = _effective_deep_gemm(probe, engine)
     if not lib.present:
         return Decision("deepgemm", "upstream", "no DeepGEMM installed: the engine will not use it")
-    where = f"{lib.describe()} at {lib.location}" if lib.location else lib.describe()
-    has = lib.has("sm12x")
-    desc = _engine_desc(engine, version)
-    crash = "would fail at weight load ('Unknown SF transformation')"
-    if engine == "vllm":
-        if "deepgemm_gate_sm12x" not in facts:
-            return Decision("deepgemm", "upstream", f"{desc} already keeps DeepGEMM off on SM12x")
-        if has:
-            return Decision("deepgemm", "upstream", f"{desc} enables DeepGEMM on SM12x and {where} has SM12x kernels")
-        return Decision("deepgemm", "off",
-                        f"{desc} enables DeepGEMM on SM12x but {where} has no SM12x kernels: {crash}")
-    # SGLang: its gate learned SM120 in 0.5.13 and SM121 in 0.5.21.
+    if engine == "sglang":
+        return _deepgemm_sglang(lib, _engine_desc(engine, version), facts, t, version)
+    return _deepgemm_vllm(lib, _engine_desc(engine, version), facts, t)
+
+
+_DEEPGEMM_CRASH = "would fail at weight load ('Unknown SF transformation')"
+
+
+def _where(lib: Library) -> str:
+    return f"{lib.describe()} at {lib.location}" if lib.location else lib.describe()
+
+
+def _deepgemm_vllm(lib: Library, desc: str, facts, t: _Target) -> Decision:
+    if "deepgemm_gate_sm12x" not in facts:
+        return Decision("deepgemm", "upstream", f"{desc} already keeps DeepGEMM off on SM12x")
+    if lib.has("sm12x"):
+        return Decision("deepgemm", "upstream", f"{desc} enables DeepGEMM on SM12x and {_where(lib)} has SM12x kernels")
+    return Decision("deepgemm", "off",
+                    f"{desc} enables DeepGEMM on SM12x but {_where(lib)} has no SM12x kernels: {_DEEPGEMM_CRASH}")
+
+
+# SGLang's gate returns False for sm_version 120 outright in these releases (0.5.20 began probing DeepGEMM).
+SGLANG_GATE_EXCLUDES_SM120 = ">=0.5.13,<0.5.20"
+
+
+def _deepgemm_sglang(lib: Library, desc: str, facts, t: _Target, version: str) -> Decision:
+    # SGLang's gate learned SM120 in 0.5.13 (excluded; probed from 0.5.20) and SM121 in 0.5.21. Its probe
+    # only checks that DeepGEMM's SM12x names are callable, which a DeepGEMM without the SM12x kernels
+    # (sgl-deep-gemm 0.1.0) passes: ds-plugins' kernel-file probe is the judge wherever SGLang probes.
+    if t.capability == (12, 0) and landscape.in_range(SGLANG_GATE_EXCLUDES_SM120, version):
+        return Decision("deepgemm", "upstream", f"{desc} already keeps DeepGEMM off on {t.sm} itself")
     guarded = "deepgemm_gate_sm120_guarded" if t.capability == (12, 0) else "deepgemm_gate_sm121_guarded"
+    if lib.has("sm12x"):
+        return Decision("deepgemm", "upstream", f"{desc} enables DeepGEMM on {t.sm} and {_where(lib)} has SM12x kernels")
     if guarded in facts:
-        return Decision("deepgemm", "upstream", f"{desc} already guards DeepGEMM on {t.sm} itself")
-    if has:
-        return Decision("deepgemm", "upstream", f"{desc} enables DeepGEMM on {t.sm} and {where} has SM12x kernels")
-    return Decision("deepgemm", "off", f"{desc} enables DeepGEMM on {t.sm} but {where} has no SM12x kernels: {crash}")
+        return Decision("deepgemm", "off",
+                        f"{desc} checks only that DeepGEMM's SM12x names exist on {t.sm}, and {_where(lib)} has no "
+                        f"SM12x kernels: ds-plugins holds the gate off in every process (SGLang alone "
+                        f"{_DEEPGEMM_CRASH})")
+    return Decision("deepgemm", "off",
+                    f"{desc} enables DeepGEMM on {t.sm} but {_where(lib)} has no SM12x kernels: {_DEEPGEMM_CRASH}")
 
 
 def _sparse_mla(probe: Probe, engine: str, version: str, facts, t: _Target) -> Decision:
@@ -172,13 +197,35 @@ def _sparse_mla(probe: Probe, engine: str, version: str, facts, t: _Target) -> D
     if "sm12x_dsv4_attention" not in facts:
         return Decision("sparse_mla", "triton",
                         f"{desc} has no SM12x sparse-MLA path for DeepSeek-V4 (FlashMLA is SM90/SM100 only)")
-    if engine == "sglang":
-        return Decision("sparse_mla", "upstream", f"{desc} has its own SM120 FlashMLA replacement")
+    rule = _sparse_mla_vllm if engine == "vllm" else _sparse_mla_sglang
+    return rule(probe, desc, facts, t)
+
+
+def _sparse_mla_vllm(probe: Probe, desc: str, facts, t: _Target) -> Decision:
     fi = probe.library("flashinfer")
     if fi.has("sm120_sparse_mla"):
         return Decision("sparse_mla", "upstream", f"{desc} uses FlashInfer's SM120 sparse MLA ({fi.describe()})")
+    # The probe reads FlashInfer's capability (SM12x branch, the parameters vLLM passes), not the name.
+    detail = f" ({fi.note})" if fi.present and fi.note else ""
     return Decision("sparse_mla", "triton",
-                    f"{desc} routes SM12x to FlashInfer's SM120 sparse MLA, which {fi.describe()} lacks")
+                    f"{desc} routes SM12x to FlashInfer's SM120 sparse MLA, which {fi.describe()} lacks{detail}")
+
+
+# SGLang 0.5.15-0.5.18 on SM12x: SGLANG_OPT_FLASHMLA_SPARSE_PREFILL (on by default) sends every prefill to
+# FlashMLA's SM90a/SM100f-only sparse kernel, and 0.5.15's default SM120 decode imports a FlashInfer
+# module its pinned 0.6.12 lacks (ds_plugins/paths/sglang.py). sparse_mla=triton covers both.
+SGLANG_SPARSE_PREFILL_DEFAULT = ">=0.5.15,<0.5.19"
+
+
+def _sparse_mla_sglang(probe: Probe, desc: str, facts, t: _Target) -> Decision:
+    version = probe.engines.get("sglang")
+    if version and landscape.in_range(SGLANG_SPARSE_PREFILL_DEFAULT, version):
+        return Decision("sparse_mla", "triton",
+                        f"{desc} sends V4 prefill on {t.sm} to FlashMLA's sparse kernel (SM90a/SM100f only; "
+                        f"SGLANG_OPT_FLASHMLA_SPARSE_PREFILL on by default) and its default SM120 decode to a "
+                        f"FlashInfer module its pinned FlashInfer lacks: ds-plugins turns sparse prefill off and "
+                        f"answers SGLang's SM120 FlashMLA entry with its Triton kernel")
+    return Decision("sparse_mla", "upstream", f"{desc} has its own SM120 FlashMLA replacement")
 
 
 def _indexer(probe: Probe, engine: str, version: str, facts, t: _Target) -> Decision:
@@ -189,14 +236,39 @@ def _indexer(probe: Probe, engine: str, version: str, facts, t: _Target) -> Deci
     if "sm12x_dsv4_attention" not in facts:
         return Decision("indexer", "triton", f"{desc} has no SM12x path for DeepSeek-V4's DeepGEMM calls "
                                              f"(indexer logits, o_proj einsum, mHC prenorm)")
-    if engine == "sglang":
-        return Decision("indexer", "upstream", f"{desc} has its own SM120 path for DeepSeek-V4")
-    lib = _effective_deep_gemm(probe, engine)
+    rule = _indexer_vllm if engine == "vllm" else _indexer_sglang
+    return rule(probe, desc, facts, t)
+
+
+def _indexer_vllm(probe: Probe, desc: str, facts, t: _Target) -> Decision:
+    lib = _effective_deep_gemm(probe, "vllm")
     if lib.has("sm12x"):
         return Decision("indexer", "upstream", f"{desc} computes indexer logits with {lib.describe()}'s SM12x kernels")
     return Decision("indexer", "triton",
                     f"{desc} computes V4's indexer logits, o_proj einsum and mHC prenorm with DeepGEMM, and "
                     f"{lib.describe()} has no SM12x kernels")
+
+
+def _indexer_sglang(probe: Probe, desc: str, facts, t: _Target) -> Decision:
+    return Decision("indexer", "upstream", f"{desc} has its own SM120 path for DeepSeek-V4")
+
+
+def _kv_cache_dtype(engine: str, version: str, t: _Target) -> Decision:
+    """fp8 exactly where the path manifest has a KV-dtype blocker this decision covers: V4's fp8_ds_mla
+    layout asserts an fp8 KV-cache dtype and the engine's default (auto) does not give one."""
+    reason = _no_change_reason(t)
+    if reason:
+        return Decision("kv_cache_dtype", "upstream", reason)
+    device = paths.device_class(t.capability)
+    rows = [r for r in paths.rows(engine) if r.cover and r.cover.decision == "kv_cache_dtype"
+            and r.upstream == "blocker" and r.applies(version, device)]
+    if not rows:
+        return Decision("kv_cache_dtype", "upstream", f"{_engine_desc(engine, version)} accepts its default KV-cache "
+                                                      f"dtype for DeepSeek-V4 on {t.sm}")
+    return Decision("kv_cache_dtype", rows[0].cover.value,
+                    f"{_engine_desc(engine, version)} asserts an fp8 KV-cache dtype for DeepSeek-V4's fp8_ds_mla "
+                    f"layout on {t.sm} and its default is auto ({rows[0].refs[0] if rows[0].refs else 'upstream'}): "
+                    f"ds-plugins turns auto (only auto) into fp8")
 
 
 def _forced(d: Decision, overrides: Mapping[str, str], mapping: Mapping[str, str]) -> Decision:
@@ -272,6 +344,8 @@ def decide(probe: Probe, engine: str, env: Mapping[str, str] | None = None) -> P
     else:
         cudagraph = Decision("cudagraph", "upstream", "the ds-plugins kernel path is not in use")
 
+    kv_cache_dtype = _forced(_kv_cache_dtype(engine, version, t), overrides, {"upstream": "upstream"})
+
     if engine == "vllm":
         ascend = _ascend_quant(probe, t)
         mooncake = _mooncake(probe)
@@ -283,9 +357,33 @@ def decide(probe: Probe, engine: str, env: Mapping[str, str] | None = None) -> P
     ascend = _forced(ascend, overrides, {"off": "off"})
     mooncake = _forced(mooncake, overrides, {"off": "off"})
 
-    decisions = (deepgemm, sparse_mla, indexer, cudagraph, dsv4_model, ascend, mooncake)
+    decisions = (deepgemm, sparse_mla, indexer, cudagraph, dsv4_model, kv_cache_dtype, ascend, mooncake)
     assert tuple(d.id for d in decisions) == DECISION_IDS
+    if t.kind == "cuda":
+        blocked = paths.blockers(engine, version, t.capability, {d.id: d.value for d in decisions},
+                                 lambda name, feature: _installed(probe, engine, name).has(feature))
+        if blocked:
+            return _blocked(engine, version, t, blocked)
     return Plan(engine, version, "supported", status_reason, t.note, decisions)
+
+
+def _installed(probe: Probe, engine: str, name: str) -> Library:
+    """The library the engine would use, for the manifest's `unless` (DeepGEMM: vLLM's effective one)."""
+    return _effective_deep_gemm(probe, engine) if name == "deep_gemm" else probe.library(name)
+
+
+def _blocked(engine: str, version: str, t: _Target, blocked: paths.Blockers) -> Plan:
+    """A version whose DeepSeek-V4 path on this GPU reaches a kernel that fails there and that
+    ds-plugins does not cover (the path manifest): unsupported, never half-served."""
+    first = blocked.rows[0]
+    more = f" (and {len(blocked.rows) - 1} more)" if len(blocked.rows) > 1 else ""
+    title = landscape.ENGINE_TITLE[engine]
+    upgrade = (f"upgrade to {title} >= {blocked.upgrade_to}" if blocked.upgrade_to
+               else f"no {title} release is known to serve it there yet")
+    why = (f"unsupported on {t.sm} with {_engine_desc(engine, version)}: {first.kernel} ({first.why}){more}; "
+           f"{upgrade}")
+    return Plan(engine, version, "unsupported", why, t.note,
+                tuple(Decision(i, "unsupported", why) for i in DECISION_IDS))
 
 
 def _ascend_quant(probe: Probe, t: _Target) -> Decision:

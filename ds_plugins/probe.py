@@ -266,12 +266,57 @@ def flashinfer_at(root: Path | None, version: str | None) -> Library:
     note = (f"flashinfer.decode provides {FLASHINFER_SM120_SPARSE_MLA}" if has
             else f"flashinfer.decode has no {FLASHINFER_SM120_SPARSE_MLA} (no SM120 sparse MLA for V4)")
     if has:
+        lacks = _dsv4_sm120_decode_gaps(root)
+        if lacks:
+            has = False
+            note = f"flashinfer's {FLASHINFER_SM120_SPARSE_MLA} {lacks} (no SM120 sparse MLA for V4)"
+    if has:
         missing = _missing_dsv4_decode_shapes(root)
         if missing:
             has = False
             note = (f"flashinfer.decode provides {FLASHINFER_SM120_SPARSE_MLA}, but its SM120 dispatch table lacks "
                     f"V4's decode shapes (heads, top-k) {', '.join(map(str, missing))}")
     return Library("flashinfer", True, version, str(root), ("sm120_sparse_mla",) if has else (), note)
+
+
+# What vLLM >= 0.24's SM120 V4 attention passes to FlashInfer beyond the base decode arguments (the SWA
+# window and the extra sparse set; tests/contract/test_flashinfer_sm120_probe.py re-reads every matrix
+# vLLM's call sites). A build whose function lacks them, or has no SM12x branch, fails on the first call.
+DSV4_SM120_DECODE_PARAMS = ("swa_topk_lens", "extra_sparse_indices", "extra_sparse_topk_lens")
+# Where FlashInfer defines the function (flashinfer.decode re-exports it from flashinfer.mla).
+_FLASHINFER_DSV4_SOURCES = ("decode.py", "mla/_core.py", "mla/__init__.py", "mla.py")
+
+
+def _dsv4_sm120_decode_gaps(root: Path) -> str:
+    """What FlashInfer's V4 decode lacks for vLLM's SM120 call, in words ("" if nothing): the parameters
+    vLLM passes, and an SM12x branch in its body. Read from the source (no import): only the function's
+    own text is parsed."""
+    import ast
+    for rel in _FLASHINFER_DSV4_SOURCES:
+        try:
+            text = (root / rel).read_text()
+        except OSError:
+            continue
+        m = re.search(rf"^def {FLASHINFER_SM120_SPARSE_MLA}\(", text, re.MULTILINE)
+        if m is None:
+            continue
+        end = re.compile(r"^(?=[^\s)#])", re.MULTILINE).search(text, m.end())
+        try:
+            func = ast.parse(text[m.start():end.start() if end else len(text)]).body[0]
+        except (SyntaxError, IndexError):
+            return "could not be read"
+        a = func.args
+        if a.vararg is not None or a.kwarg is not None:
+            return ""  # a forwarder (*args / **kwargs): its signature says nothing
+        names = {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)}
+        missing = [p for p in DSV4_SM120_DECODE_PARAMS if p not in names]
+        if missing:
+            return f"does not take {', '.join(missing)}"
+        body = ast.unparse(func)
+        if "sm12x" not in body and "sm120" not in body:
+            return "has no SM12x branch"
+        return ""
+    return ""  # defined where we do not look: the name is all there is to go on
 
 
 # (padded query heads per GPU, window top-k) of DeepSeek-V4's SM120 decode without speculative decoding:

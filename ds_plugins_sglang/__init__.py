@@ -30,8 +30,12 @@ def declared_patches():
 def adapter_carriers() -> dict:
     """Decision values carried with no runtime patch (see ds_plugins.effects): deepgemm=on is SGLang's
     own switch, set in the environment (deepgemm=off sets it too, and has a patch for an already-imported
-    gate)."""
-    return {("deepgemm", "on"): "SGLANG_ENABLE_JIT_DEEPGEMM=1 in the environment (SGLang's own switch)"}
+    gate); sparse_mla=triton also sets SGLang's sparse-prefill and SM120-backend switches (0.5.13+ /
+    0.5.15+), which is what covers FlashMLA's sparse prefill (no patch can: SGLang reads the switch at
+    each prefill), beside its routes."""
+    return {("deepgemm", "on"): "SGLANG_ENABLE_JIT_DEEPGEMM=1 in the environment (SGLang's own switch)",
+            ("sparse_mla", "triton"): "SGLANG_OPT_FLASHMLA_SPARSE_PREFILL=0 and SGLANG_SM120_FLASHMLA_BACKEND=triton "
+                                      "in the environment (SGLang's own switches)"}
 
 
 def _apply_env(reg) -> None:

@@ -11,11 +11,12 @@ So the decision is carried in two layers:
 
 1. The environment (`apply_env`, run by prepare/register before SGLang's body or its workers run):
    SGLANG_ENABLE_JIT_DEEPGEMM=0 for `off`, =1 for `on` (and, on 0.5.12 with indexer=triton,
-   SGLANG_OPT_FP8_WO_A_GEMM=0: see WO_A_SWITCH). Spawned schedulers, TP workers and the
-   detokenizer inherit os.environ, so the configurer computes the decided value in each of them. A
-   value the user set is never overridden (one log line says so). `on` cannot lift a version's own
-   architecture exclusion (the scale-layout constants that go with it differ per version): it only
-   keeps ds-plugins from switching DeepGEMM off.
+   SGLANG_OPT_FP8_WO_A_GEMM=0: see WO_A_SWITCH; with sparse_mla=triton on 0.5.13+,
+   SGLANG_OPT_FLASHMLA_SPARSE_PREFILL=0 and, on 0.5.15+, SGLANG_SM120_FLASHMLA_BACKEND=triton).
+   Spawned schedulers, TP workers and the detokenizer inherit os.environ, so the configurer computes
+   the decided value in each of them. A value the user set is never overridden (one log line says
+   so). `on` cannot lift a version's own architecture exclusion (the scale-layout constants that go
+   with it differ per version): it only keeps ds-plugins from switching DeepGEMM off.
 2. CONFIGURER_OFF, a declared patch for processes where the configurer was imported before ds-plugins
    decided: it sets the constants to SGLang's own "disabled" values and rebinds the copies other
    sglang modules took (matched by name and value: the constants are bools, so SGLang's HookRegistry
@@ -77,15 +78,35 @@ WO_A_SWITCH = "SGLANG_OPT_FP8_WO_A_GEMM"
 WO_A_VERSIONS = ">=0.5.12,<0.5.13"
 
 
+# sparse_mla=triton on SGLang's own SM120 path (0.5.13+; the policy decides it on 0.5.15-0.5.18, or a user
+# forces it): every prefill goes to the SM120 FlashMLA entry ds-plugins routes, not to FlashMLA's
+# SM90a/SM100f-only sparse prefill (on by default from 0.5.15, sglang#31578), and where a route is refused
+# SGLang's own Triton decode answers instead of its FlashInfer default (0.5.15's pinned FlashInfer 0.6.12
+# has no flashinfer.mla._sparse_mla_sm120). Both are read from os.environ when SGLang first needs them
+# (environ.EnvBool/EnvStr; the backend choice at flash_mla_sm120's import), in every process.
+SPARSE_PREFILL_SWITCH = "SGLANG_OPT_FLASHMLA_SPARSE_PREFILL"
+SPARSE_PREFILL_VERSIONS = ">=0.5.13"
+SM120_BACKEND_SWITCH = "SGLANG_SM120_FLASHMLA_BACKEND"
+SM120_BACKEND_VERSIONS = ">=0.5.15"
+
+
+def _in(versions: str, version: str | None) -> bool:
+    from ds_plugins.landscape import in_range
+    return bool(version) and in_range(versions, version)
+
+
 def wanted(plan) -> dict[str, str]:
     """SGLang switches the plan asks for: {name: value}."""
     out = {}
     if plan.value("deepgemm") in _WANT:
         out[SWITCH] = _WANT[plan.value("deepgemm")]
-    if plan.value("indexer") == "triton" and plan.engine_version:
-        from packaging.specifiers import SpecifierSet
-        if SpecifierSet(WO_A_VERSIONS).contains(plan.engine_version, prereleases=True):
-            out[WO_A_SWITCH] = "0"
+    if plan.value("indexer") == "triton" and _in(WO_A_VERSIONS, plan.engine_version):
+        out[WO_A_SWITCH] = "0"
+    if plan.value("sparse_mla") == "triton":
+        if _in(SPARSE_PREFILL_VERSIONS, plan.engine_version):
+            out[SPARSE_PREFILL_SWITCH] = "0"
+        if _in(SM120_BACKEND_VERSIONS, plan.engine_version):
+            out[SM120_BACKEND_SWITCH] = "triton"
     return out
 
 
@@ -100,7 +121,7 @@ def set_switch(name: str, want: str, why: str, log: logging.Logger, env=os.envir
         ours[name] = want
         env[OURS] = ",".join(f"{k}={v}" for k, v in sorted(ours.items()))
         return "kept" if already else "set"
-    if _as_bool(user) == _as_bool(want):
+    if (_as_bool(user) == _as_bool(want) if _as_bool(want) is not None else user.strip().lower() == want):
         return "agrees"
     if name not in _env_said:
         _env_said.add(name)
@@ -112,7 +133,9 @@ def set_switch(name: str, want: str, why: str, log: logging.Logger, env=os.envir
 def apply_env(plan, log: logging.Logger, env=os.environ) -> dict[str, str]:
     """Every SGLang switch the plan asks for (see wanted()); {name: what happened}."""
     why = {SWITCH: f"deepgemm={plan.value('deepgemm')}", WO_A_SWITCH: "indexer=triton (0.5.12: o_proj without "
-           "DeepGEMM's fp8_einsum)"}
+           "DeepGEMM's fp8_einsum)",
+           SPARSE_PREFILL_SWITCH: "sparse_mla=triton (V4 prefill off FlashMLA's SM90a/SM100f-only sparse kernel)",
+           SM120_BACKEND_SWITCH: "sparse_mla=triton (SGLang's SM120 attention off its FlashInfer default)"}
     return {name: set_switch(name, value, why[name], log, env) for name, value in wanted(plan).items()}
 
 

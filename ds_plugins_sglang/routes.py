@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ds_plugins.patching import Patch, accepts_what_the_original_takes, parameters, route_to  # noqa: F401
+from ds_plugins.patching import Patch, Target, accepts_what_the_original_takes, parameters, route_to  # noqa: F401
 
 SPARSE = ("sparse_mla", ("triton",))
 INDEXER = ("indexer", ("triton",))
@@ -66,12 +66,40 @@ class Route(NamedTuple):
     implements: tuple[str, tuple[str, ...]]
     why: str
     retire: str
+    # Routes of one group apply wholly or not at all: each one's check runs every member's check on
+    # the same module first, so a refused member (say decode, against a flash_mla whose kernel takes
+    # parameters ours does not) refuses the others too, before any of them is installed.
+    group: str = ""
+
+
+def _accepts(route: Route):
+    return accepts_what_the_original_takes(lambda _: adapter(route.attribute))
+
+
+def _check(route: Route):
+    own = _accepts(route)
+    if not route.group:
+        return own
+
+    def check(target: Target) -> str | None:
+        for other in ROUTES:
+            if other.group != route.group or other.module != route.module:
+                continue
+            if other is route:
+                why = own(target)
+            else:
+                value = getattr(target.module, other.attribute, None)
+                why = _accepts(other)(Target(target.module, target.module, other.attribute, value))
+                why = why if why is None else f"{why} (group {route.group!r}: {route.id} falls back with {other.id})"
+            if why is not None:
+                return why
+        return None
+    return check
 
 
 def _patch(route: Route) -> Patch:
     return Patch(route.id, "sglang", route.module, route.attribute, route.versions, route.implements,
-                 route.why, route.retire, accepts_what_the_original_takes(lambda _: adapter(route.attribute)),
-                 route_to(route.id, lambda _: adapter(route.attribute)))
+                 route.why, route.retire, _check(route), route_to(route.id, lambda _: adapter(route.attribute)))
 
 
 FLASHMLA = "FlashMLA has no SM12x kernels and SGLang 0.5.12 calls it for every V4 {} (decode and prefill)"
@@ -80,10 +108,10 @@ SM120 = ("DS_PLUGINS_SPARSE_MLA=triton: SGLang's SM120 FlashMLA replacement is s
          "Triton kernel at its call sites (decode, and prefill on the SM120 branch)")
 ROUTES: tuple[Route, ...] = (
     Route("sglang.route.decode", "flash_mla", "flash_mla_with_kvcache", V0512, SPARSE,
-          FLASHMLA.format("sparse attention"), RETIRE_0512),
+          FLASHMLA.format("sparse attention"), RETIRE_0512, group="flash_mla"),
     Route("sglang.route.decode_plan", "flash_mla", "get_mla_metadata", V0512, SPARSE,
           "the routed flash_mla_with_kvcache takes ds-plugins' plan, so the plan SGLang asks FlashMLA for "
-          "(_create_flashmla_metadata) comes from ds-plugins too", RETIRE_0512),
+          "(_create_flashmla_metadata) comes from ds-plugins too", RETIRE_0512, group="flash_mla"),
     Route("sglang.route.indexer_logits", "deep_gemm", "fp8_paged_mqa_logits", V0512, INDEXER,
           DEEPGEMM.format("fp8_paged_mqa_logits", "C4 indexer"), RETIRE_0512),
     Route("sglang.route.indexer_schedule", "deep_gemm", "get_paged_mqa_logits_metadata", V0512, INDEXER,

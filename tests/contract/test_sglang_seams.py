@@ -32,6 +32,7 @@ BACKEND = "sglang/srt/layers/attention/deepseek_v4_backend.py"
 INDEXER = "sglang/srt/layers/attention/dsv4/indexer.py"
 METADATA = "sglang/srt/layers/attention/dsv4/metadata.py"
 MODEL = "sglang/srt/models/deepseek_v4.py"
+MHC = "sglang/srt/layers/mhc.py"
 
 
 def tree(version: str, rel: str) -> ast.Module:
@@ -196,12 +197,23 @@ def check_indexer_schedule_0512(version: str) -> None:
 
 
 def check_mhc_prenorm_0512(version: str) -> None:
-    model = tree(version, MODEL)
+    # Both callers: deepseek_v4.py:hc_pre (num_splits=None, 2-D outputs) and the default one,
+    # layers/mhc.py:mhc_pre (SGLANG_OPT_USE_TILELANG_MHC_PRE on): num_splits=n_splits, 3-D split-K outputs.
+    model, mhc = tree(version, MODEL), tree(version, MHC)
     sites = calls_to(model, "deep_gemm.tf32_hc_prenorm_gemm")
-    assert sites
-    for fn, call in sites:
+    default = calls_to(mhc, "deep_gemm.tf32_hc_prenorm_gemm")
+    assert sites and [fn.name for fn, _ in default] == ["mhc_pre"], f"sglang {version}: the mHC prenorm callers moved"
+    for fn, call in sites + default:
         assert imports_module_locally(fn, "deep_gemm", "deep_gemm")
         assert len(call.args) == 4 and keywords(call) <= kernel_params("tf32_hc_prenorm_gemm")
+    [(fn, call)] = default
+    assert [ast.unparse(k.value) for k in call.keywords if k.arg == "num_splits"] == ["n_splits"]
+    # the outputs it passes are (n_splits, num_tokens, hc_mult3) and (n_splits, num_tokens)
+    shapes = {t.id: [ast.unparse(a) for a in n.value.args]
+              for n in ast.walk(fn) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+              and dotted(n.value.func) == "torch.empty" for t in n.targets if isinstance(t, ast.Name)}
+    out, sqr = (ast.unparse(a) for a in call.args[2:4])
+    assert shapes[out] == ["n_splits", "num_tokens", "hc_mult3"] and shapes[sqr] == ["n_splits", "num_tokens"], shapes
     assert module_level_bindings(version, "deep_gemm", "tf32_hc_prenorm_gemm") == []
 
 
@@ -277,7 +289,7 @@ def test_a_moved_seam_fails_its_check(version, tmp_path, monkeypatch):
     patch = next(p for p in PATCHES if p.covers(version) and p.id != "sglang.deepgemm_off.configurer")
     src = upstream.source("sglang", version)
     fake = tmp_path / "tree"
-    for rel in (BACKEND, INDEXER, METADATA, MODEL, CONFIGURER, "sglang/srt/environ.py",
+    for rel in (BACKEND, INDEXER, METADATA, MODEL, MHC, CONFIGURER, "sglang/srt/environ.py",
                 "sglang/kernels/ops/attention/flash_mla_sm120.py"):
         if (src / rel).exists():
             (fake / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -310,3 +322,40 @@ def test_0512_wo_a_switch_keeps_the_o_proj_off_deepgemm_source_ast():
         assert any("_dequant_fp8_wo_a" in ast.unparse(g) for g in guards)
         for fn, _ in calls_to(model, "deep_gemm.fp8_einsum") + calls_to(model, "transform_sf_into_required_layout"):
             assert fn.name in ("forward", "_setup_fp8_wo_a_scales"), fn.name
+
+
+def _environ_fields(version: str) -> dict[str, ast.AST]:
+    return {t.id: n.value for n in ast.walk(tree(version, "sglang/srt/environ.py"))
+            if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+
+
+def test_sparse_mla_triton_switches_are_sglangs_own_and_read_after_registration_source_ast():
+    """sparse_mla=triton on 0.5.13+ sets SGLANG_OPT_FLASHMLA_SPARSE_PREFILL=0 and (0.5.15+)
+    SGLANG_SM120_FLASHMLA_BACKEND=triton (deepgemm_gate.wanted). Each is an environ.py field of SGLang's own,
+    the sparse-prefill switch is read at call time by the V4 backend's prefill condition, and the backend
+    choice once, at the SM120 FlashMLA module's import (which SGLang's attention backend does inside a
+    function, after our registration), then compared with "triton"/"flashinfer"."""
+    prefill = [v for v in MATRIX if landscape.in_range(deepgemm_gate.SPARSE_PREFILL_VERSIONS, v)]
+    backend = [v for v in MATRIX if landscape.in_range(deepgemm_gate.SM120_BACKEND_VERSIONS, v)]
+    assert prefill[0] == "0.5.13" and backend[0] == "0.5.15"
+    for version in prefill:
+        fields = _environ_fields(version)
+        assert ast.unparse(fields[deepgemm_gate.SPARSE_PREFILL_SWITCH]).startswith("EnvBool("), version
+        reads = [n for fn, n in enclosing_functions(tree(version, BACKEND))
+                 if ast.unparse(n) == f"envs.{deepgemm_gate.SPARSE_PREFILL_SWITCH}.get()"]
+        assert reads, f"sglang {version}: the V4 backend no longer reads {deepgemm_gate.SPARSE_PREFILL_SWITCH}"
+    for version in backend:
+        assert ast.unparse(_environ_fields(version)[deepgemm_gate.SM120_BACKEND_SWITCH]) == "EnvStr('flashinfer')"
+        rel = ("sglang/srt/layers/attention/flash_mla_sm120.py" if landscape.in_range(">=0.5.13,<0.5.16", version)
+               else "sglang/kernels/ops/attention/flash_mla_sm120.py")
+        module = tree(version, rel)
+        top = {t.id: n.value for n in module.body if isinstance(n, ast.Assign) for t in n.targets
+               if isinstance(t, ast.Name)}
+        assert ast.unparse(top["_sm120_default_backend"]) == f"envs.{deepgemm_gate.SM120_BACKEND_SWITCH}.get()"
+        compared = {ast.unparse(n.comparators[0]) for n in ast.walk(module) if isinstance(n, ast.Compare)
+                    and ast.unparse(n.left) == "_sm120_default_backend"}
+        assert {"'triton'", "'flashinfer'"} <= compared, (version, compared)
+        # SGLang's attention backend imports that module inside a function: our switch is set by then
+        importers = [fn for fn, n in enclosing_functions(tree(version, BACKEND)) if isinstance(n, ast.ImportFrom)
+                     and (n.module or "").endswith("flash_mla_sm120")]
+        assert importers, f"sglang {version}: the V4 backend imports flash_mla_sm120 at module level"

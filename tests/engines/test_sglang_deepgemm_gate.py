@@ -120,22 +120,31 @@ def test_the_hook_sets_the_switch_only_where_sglang_has_deepseek_v4(sglang_env):
         assert res.state["status"] == "unsupported" and res.state["outcomes"] == []
 
 
-def test_simulated_0512_on_sm120_sets_both_switches_by_default(sglang_plugins_env, tmp_path):
-    """The policy's default for SGLang 0.5.12 on SM120 (DS_PLUGINS_SIMULATE names the version; the SGLang
-    code is 0.5.23's): deepgemm=off and indexer=triton, so SGLANG_ENABLE_JIT_DEEPGEMM=0 and
-    SGLANG_OPT_FP8_WO_A_GEMM=0 reach the spawned child, and the user's own value of one of them stays."""
-    simulate = {"DS_PLUGINS_SIMULATE": "--engine sglang==0.5.12 --capability 12.0 --lib deep_gemm=no-sm12x"}
+def test_simulated_policy_defaults_set_the_switches_in_the_spawned_child(sglang_plugins_env, tmp_path):
+    """The policy's defaults, named by DS_PLUGINS_SIMULATE (the SGLang code is 0.5.23's): SGLang 0.5.13 on
+    SM121 with a DeepGEMM without SM12x kernels decides deepgemm=off, so SGLANG_ENABLE_JIT_DEEPGEMM=0 reaches
+    the spawned child. 0.5.12 on SM12x is unsupported (the path manifest) and sets nothing; its
+    SGLANG_OPT_FP8_WO_A_GEMM=0 goes with indexer=triton where 0.5.12 is served (forced, on SM90), and the
+    user's own value of it stays."""
+    simulate = {"DS_PLUGINS_SIMULATE": "--engine sglang==0.5.13 --capability 12.1 --lib deep_gemm=no-sm12x"}
     res = run_script(sglang_plugins_env, "hook", "spawn", simulate, tmp_path)
     child = gate_reports(res)["child"]
     assert child["registration"]["decisions"]["deepgemm"] == "off"
     assert child["env"] == "0" and child["ENABLE_JIT_DEEPGEMM"] is False
+    unsupported = sglang_plugins_env.run(
+        "import os, sglang\nprint('ENV', os.environ.get('SGLANG_ENABLE_JIT_DEEPGEMM'), "
+        "os.environ.get('SGLANG_OPT_FP8_WO_A_GEMM'))\n", pythonpath=HOOK,
+        env={"DS_PLUGINS_SIMULATE": "--engine sglang==0.5.12 --capability 12.0 --lib deep_gemm=no-sm12x"}).ok()
+    assert "ENV None None" in unsupported.proc.stdout and unsupported.state["status"] == "unsupported"
+    forced = {"DS_PLUGINS_SIMULATE": "--engine sglang==0.5.12 --capability 9.0", "DS_PLUGINS_INDEXER": "triton"}
     res = sglang_plugins_env.run(
         "import os, sglang\nprint('WO_A', os.environ.get('SGLANG_OPT_FP8_WO_A_GEMM'))\n"
         "from sglang.srt.environ import envs\nprint('SGLANG_SAYS', envs.SGLANG_OPT_FP8_WO_A_GEMM.get())\n",
-        pythonpath=HOOK, env=simulate).ok()
+        pythonpath=HOOK, env=forced).ok()
+    assert res.state["decisions"]["indexer"] == "triton"
     assert "WO_A 0" in res.proc.stdout and "SGLANG_SAYS False" in res.proc.stdout
     mine = sglang_plugins_env.run(
         "import os, sglang\nprint('WO_A', os.environ.get('SGLANG_OPT_FP8_WO_A_GEMM'))\n",
-        pythonpath=HOOK, env={**simulate, "SGLANG_OPT_FP8_WO_A_GEMM": "1"}).ok()
+        pythonpath=HOOK, env={**forced, "SGLANG_OPT_FP8_WO_A_GEMM": "1"}).ok()
     assert "WO_A 1" in mine.proc.stdout
     assert len(mine.lines("SGLANG_OPT_FP8_WO_A_GEMM=1 was set explicitly")) == 1

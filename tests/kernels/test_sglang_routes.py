@@ -12,7 +12,8 @@ Call shapes (read from the wheels; tests/contract/test_sglang_seams.py pins them
   `fp8_paged_mqa_logits(q_fp8 [b,1,64,128], cache [blocks,64,1,132] uint8, weights [b,64], c4_lens [b,1],
   page_table, metadata, max_c4_seq_len, False)`.
 - 0.5.12 deepseek_v4 mHC: `tf32_hc_prenorm_gemm(x_flat bf16 [m, hc*hidden], hc_fn fp32 [mix, hc*hidden],
-  d_out [m, mix] fp32, s_out [m] fp32, num_splits=None)`.
+  d_out [m, mix] fp32, s_out [m] fp32, num_splits=None)`; its default caller layers/mhc.py:mhc_pre passes
+  `num_splits=S` (SGLang's `_compute_num_split_for_mhc_pre`) with d [S, m, mix] and sqr_sum [S, m].
 - 0.5.13+ (forced): `flash_mla_with_kvcache_sm120(q=..., k_cache=..., head_dim_v=..., softmax_scale=...,
   indices=..., topk_length=..., attn_sink=..., extra_k_cache=..., extra_indices_in_kvcache=...,
   extra_topk_length=...)[0]`, here on the real installed SGLang module, also against SGLang's own
@@ -48,9 +49,15 @@ def install_on_placeholder(patch: patching.Patch):
     machine): a module whose original function must never be reached once the route is in place."""
     module = types.ModuleType(patch.module)
 
-    def original(*args, **kwargs):
-        raise AssertionError(f"{patch.module}.{patch.attribute} was called: the route is not in place")
-    setattr(module, patch.attribute, original)
+    def placeholder(attribute):
+        def original(*args, **kwargs):
+            raise AssertionError(f"{patch.module}.{attribute} was called: the route is not in place")
+        return original
+    # every route on that module is there (a route group checks each member before any is installed)
+    for other in routes.ROUTES:
+        if other.module == patch.module:
+            setattr(module, other.attribute, placeholder(other.attribute))
+    original = getattr(module, patch.attribute)
     target = patching.resolve(patch, module)
     assert patch.check(target) is None
     patch.install(target)
@@ -158,6 +165,47 @@ def test_0512_mhc_prenorm_route_matches_reference():
     hc_prenorm_gemm(x_flat, hc_fn.float(), d_ref, s_ref)
     torch.testing.assert_close(d_out, d_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_out, s_ref, rtol=1e-5, atol=1e-5)
+
+
+def sglang_0512_num_splits(num_tokens: int, hc_hidden_size: int, sms: int) -> int:
+    """SGLang 0.5.12's own `_compute_num_split_for_mhc_pre` (layers/mhc.py), read from the official wheel
+    and run as written, for a GPU with `sms` multiprocessors (it asks torch.cuda for the count)."""
+    import ast
+
+    from ci import upstream
+    source = (upstream.source("sglang", "0.5.12") / "sglang/srt/layers/mhc.py").read_text()
+    [fn] = [n for n in ast.parse(source).body
+            if isinstance(n, ast.FunctionDef) and n.name == "_compute_num_split_for_mhc_pre"]
+    cuda = types.SimpleNamespace(get_device_properties=lambda index: types.SimpleNamespace(
+        multi_processor_count=sms))
+    namespace = {"torch": types.SimpleNamespace(cuda=cuda)}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "sglang/srt/layers/mhc.py", "exec"), namespace)  # noqa: S102
+    return namespace["_compute_num_split_for_mhc_pre"](num_tokens, hc_hidden_size)
+
+
+@pytest.mark.parametrize("num_tokens,sms", [(5, 188), (70, 48)])   # RTX PRO 6000 (188 SMs), GB10 (48)
+def test_0512_mhc_prenorm_route_from_the_default_caller_mhc_pre(num_tokens, sms):
+    """The default caller (SGLANG_OPT_USE_TILELANG_MHC_PRE is on in 0.5.12): layers/mhc.py:mhc_pre asks for
+    SGLang's split count and passes 3-D split-K outputs, which its fused TileLang kernel then sums:
+    `tf32_hc_prenorm_gemm(residual_flat.view(num_tokens, hc_hidden_size), fn, gemm_out_mul [S, m, mix],
+    gemm_out_sqrsum [S, m], num_splits=S)`."""
+    deep_gemm = install_on_placeholder(route("sglang.route.mhc_prenorm"))
+    hc_mult, hidden = 4, 4096                                           # V4-Flash: hc_mult 4, hidden 4096
+    hc_mult3, hc_hidden = hc_mult * 2 + hc_mult * hc_mult, hc_mult * hidden
+    residual = torch.randn(num_tokens, hc_mult, hidden).bfloat16()
+    fn = torch.randn(hc_mult3, hc_hidden) * 0.02
+    n_splits = sglang_0512_num_splits(num_tokens, hc_hidden, sms)
+    assert n_splits > 1                                                  # the split-K form, not the 2-D one
+    gemm_out_mul = torch.empty(n_splits, num_tokens, hc_mult3, dtype=torch.float32)
+    gemm_out_sqrsum = torch.empty(n_splits, num_tokens, dtype=torch.float32)
+    residual_flat = residual.view(-1, hc_mult, hidden)
+    deep_gemm.tf32_hc_prenorm_gemm(residual_flat.view(num_tokens, hc_hidden), fn, gemm_out_mul, gemm_out_sqrsum,
+                                   num_splits=n_splits)
+    d_ref = torch.empty(num_tokens, hc_mult3)
+    s_ref = torch.empty(num_tokens)
+    hc_prenorm_gemm(residual_flat.view(num_tokens, hc_hidden), fn, d_ref, s_ref)
+    torch.testing.assert_close(gemm_out_mul.sum(0), d_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gemm_out_sqrsum.sum(0), s_ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.fixture

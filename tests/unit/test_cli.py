@@ -41,13 +41,13 @@ def test_doctor_says_what_this_build_does_not_implement(capsys, monkeypatch):
 
 def test_simulate_json_has_every_decision_with_a_reason(capsys):
     code, out, _ = run(capsys, "doctor", "--json", "--simulate", "--engine", "vllm==0.30.0", "--engine",
-                       "sglang==0.5.12", "--capability", "12.1", "--lib", "deep_gemm=no-sm12x")
+                       "sglang==0.5.13", "--capability", "12.1", "--lib", "deep_gemm=no-sm12x")
     report = json.loads(out)
     assert code == 0 and report["exit_code"] == 0 and report["simulated"]
     for engine in ("vllm", "sglang"):
         decisions = report["engines"][engine]["decisions"]
         assert [d["id"] for d in decisions] == ["deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_model",
-                                                "ascend_quant", "mooncake_connector"]
+                                                "kv_cache_dtype", "ascend_quant", "mooncake_connector"]
         assert all(d["reason"] for d in decisions)
     assert {d["id"]: d["value"] for d in report["engines"]["sglang"]["decisions"]}["deepgemm"] == "off"
 
@@ -70,6 +70,15 @@ def test_bad_switch_exits_1(capsys, monkeypatch):
     monkeypatch.setenv("DS_PLUGINS_INDEXER", "fast")
     code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "vllm==0.30.0")
     assert code == 1 and "DS_PLUGINS_INDEXER='fast'" in out and "auto, triton, upstream" in out
+
+
+def test_doctor_never_prints_the_mooncake_secret(capsys, monkeypatch):
+    secret = "s3cr3t-value-for-the-side-channel"
+    monkeypatch.setenv("DS_PLUGINS_MOONCAKE_SECRET", secret)
+    for args in (("doctor",), ("doctor", "--json")):
+        code, out, err = run(capsys, *args, "--simulate", "--engine", "vllm==0.30.0")
+        assert code == 0 and secret not in out + err
+        assert "DS_PLUGINS_MOONCAKE_SECRET" in out and f"(set, {len(secret)} bytes)" in out
 
 
 def test_bad_simulation_flags_are_usage_errors_naming_the_flag(capsys):

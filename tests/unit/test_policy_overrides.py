@@ -28,19 +28,28 @@ def test_deepgemm_override_values():
 def test_sparse_mla_and_indexer_overrides():
     p = plan(version="0.30.0", DS_PLUGINS_SPARSE_MLA="triton")
     assert p.value("sparse_mla") == "triton" and p.value("dsv4_model") == "ds_plugins"
-    p = plan(DS_PLUGINS_SPARSE_MLA="upstream", DS_PLUGINS_INDEXER="upstream")
+    p = plan(version="0.30.0", DS_PLUGINS_SPARSE_MLA="upstream", DS_PLUGINS_INDEXER="upstream")
     assert p.value("sparse_mla") == p.value("indexer") == p.value("dsv4_model") == "upstream"
     assert p.value("cudagraph") == "upstream"
+    # Where upstream has no SM12x kernel (0.22.1: FlashMLA, DeepGEMM), forcing it is not served half-way:
+    # the plan is unsupported and says which kernel and what to upgrade to.
+    p = plan(DS_PLUGINS_SPARSE_MLA="upstream", DS_PLUGINS_INDEXER="upstream")
+    assert p.status == "unsupported" and {d.value for d in p.decisions} == {"unsupported"}
+    assert p.status_reason.startswith("unsupported on SM120 with vLLM 0.22.1: FP8 block-scaled linear (CUTLASS")
+    assert "(and 5 more)" in p.status_reason  # o_proj, FlashMLA prefill/decode, indexer logits/paged logits
+    assert p.status_reason.endswith("upgrade to vLLM >= 0.30.0")
     # forcing our kernels is allowed on any CUDA GPU, but means nothing on a CPU
     assert plan(device="SM90", DS_PLUGINS_SPARSE_MLA="triton").value("sparse_mla") == "triton"
     assert plan(device="CPU", DS_PLUGINS_SPARSE_MLA="triton").value("sparse_mla") == "upstream"
 
 
 def test_dsv4_model_upstream_switches_the_triton_path_off():
-    p = plan(DS_PLUGINS_DSV4_MODEL="upstream")
+    p = plan(version="0.30.0", DS_PLUGINS_DSV4_MODEL="upstream")
     assert p.value("dsv4_model") == "upstream"
-    assert p.value("sparse_mla") == "upstream" and "model hook-up" in p.decision("sparse_mla").reason
+    assert p.value("indexer") == "upstream" and "model hook-up" in p.decision("indexer").reason
     assert p.value("cudagraph") == "upstream"
+    # on 0.22.1 the Triton path is the only one that serves SM12x: without the hook-up it is unsupported
+    assert plan(DS_PLUGINS_DSV4_MODEL="upstream").status == "unsupported"
 
 
 def test_cudagraph_override_only_on_our_path():

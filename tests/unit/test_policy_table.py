@@ -52,12 +52,15 @@ TABLE = {
     # SGLang before 0.5.12: no DeepSeek-V4.
     ("sglang", "0.5.10"): dict.fromkeys(DEVICES, ALL_X),
     ("sglang", "0.5.11"): dict.fromkeys(DEVICES, ALL_X),
-    # 0.5.12: FlashMLA only; DeepGEMM on for every sm >= 90 -> off on SM12x, Triton attention + indexer.
-    ("sglang", "0.5.12"): {**dict.fromkeys(DEVICES, ASIDE), "SM120": (O, T, T, U), "SM121": (O, T, T, U)},
-    # 0.5.15: own SM12x path (since 0.5.13); gate excludes 120 but not 121.
-    ("sglang", "0.5.15"): {**dict.fromkeys(DEVICES, ASIDE), "SM120": (U, U, U, U), "SM121": (O, U, U, U)},
-    # 0.5.23: probes DeepGEMM's SM12x symbols itself (since 0.5.21).
-    ("sglang", "0.5.23"): dict.fromkeys(DEVICES, ASIDE),
+    # 0.5.12: unsupported on SM12x (path manifest: no MXFP4 MoE runner, top-k v2 over SM120's shared memory,
+    # attention through a flash_mla package no dependency provides): upgrade to 0.5.13.
+    ("sglang", "0.5.12"): {**dict.fromkeys(DEVICES, ASIDE), "SM120": ALL_X, "SM121": ALL_X},
+    # 0.5.15: own SM12x path (since 0.5.13), but sparse prefill on FlashMLA by default and a FlashInfer decode
+    # the pinned FlashInfer lacks -> Triton attention; the gate excludes SM120 but not SM121.
+    ("sglang", "0.5.15"): {**dict.fromkeys(DEVICES, ASIDE), "SM120": (U, T, U, U), "SM121": (O, T, U, U)},
+    # 0.5.23: probes DeepGEMM's SM12x names itself (since 0.5.21), which a DeepGEMM without the kernels
+    # passes: ds-plugins' kernel-file probe holds it off.
+    ("sglang", "0.5.23"): {**dict.fromkeys(DEVICES, ASIDE), "SM120": (O, U, U, U), "SM121": (O, U, U, U)},
 }
 
 CASES = [(e, v, dev, exp) for (e, v), row in TABLE.items() for dev, exp in row.items()]
@@ -75,7 +78,8 @@ def test_landscape_row(engine, version, device, expected):
     if expected == ALL_X:
         assert plan.status == "unsupported"
         minimum = "0.20.0" if engine == "vllm" else "0.5.12"
-        assert f">= {minimum}" in plan.status_reason
+        # before the engine's V4 minimum, or a version the path manifest blocks on this GPU
+        assert f">= {minimum}" in plan.status_reason or "upgrade to" in plan.status_reason
     else:
         assert plan.status == "supported"
     # cudagraph follows the ds-plugins kernel path
@@ -151,11 +155,11 @@ def test_vllm_025_without_flashinfer_sm120_uses_triton_attention():
 
 def test_sglang_gate_rows_respect_installed_deepgemm():
     ok = libs(deep_gemm=["sm12x"])
-    assert decide(make_probe("sglang", "0.5.12", "SM120", ok), "sglang", env={}).value("deepgemm") == "upstream"
+    assert decide(make_probe("sglang", "0.5.13", "SM121", ok), "sglang", env={}).value("deepgemm") == "upstream"
     assert decide(make_probe("sglang", "0.5.15", "SM121", ok), "sglang", env={}).value("deepgemm") == "upstream"
     # SGLang reads site-packages deep_gemm only: a vLLM-vendored copy is irrelevant
     vendored = libs(vllm__third_party__deep_gemm=[])
-    assert decide(make_probe("sglang", "0.5.12", "SM120", vendored), "sglang", env={}).value("deepgemm") == "upstream"
+    assert decide(make_probe("sglang", "0.5.13", "SM121", vendored), "sglang", env={}).value("deepgemm") == "upstream"
 
 
 def test_versions_between_rows_and_after_the_newest():
@@ -171,11 +175,12 @@ def test_versions_between_rows_and_after_the_newest():
     assert dev.status == "supported" and dev.value("sparse_mla") == "upstream"
     rc = decide(make_probe("vllm", "0.20.0rc1", "SM120", sm120), "vllm", env={})
     assert rc.status == "supported"
-    assert decide(make_probe("sglang", "0.5.12", "SM121", sm120), "sglang", env={}).value("sparse_mla") == "triton"
+    old = decide(make_probe("sglang", "0.5.12", "SM121", sm120), "sglang", env={})
+    assert old.status == "unsupported" and "upgrade to SGLang >= 0.5.13" in old.status_reason
     assert decide(make_probe("sglang", "0.5.13", "SM121", sm120), "sglang", env={}).value("sparse_mla") == "upstream"
     assert decide(make_probe("sglang", "0.5.13", "SM120", sm120), "sglang", env={}).value("deepgemm") == "upstream"
     assert decide(make_probe("sglang", "0.5.20", "SM121", sm120), "sglang", env={}).value("deepgemm") == "off"
-    assert decide(make_probe("sglang", "0.5.21", "SM121", sm120), "sglang", env={}).value("deepgemm") == "upstream"
+    assert decide(make_probe("sglang", "0.5.21", "SM121", sm120), "sglang", env={}).value("deepgemm") == "off"
 
 
 def test_absent_engine():

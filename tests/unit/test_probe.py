@@ -40,6 +40,24 @@ def test_flashinfer_sm120_sparse_mla_is_read_from_its_source(tmp_path):
     assert old.present and not old.has("sm120_sparse_mla")
 
 
+def test_flashinfer_v4_decode_is_judged_by_its_parameters_and_sm12x_branch(tmp_path):
+    (tmp_path / "mla").mkdir()
+    (tmp_path / "decode.py").write_text("from .mla import trtllm_batch_decode_sparse_mla_dsv4\n")
+    head = "def trtllm_batch_decode_sparse_mla_dsv4(query, swa_kv_cache, out=None{}):\n"
+    full = ", swa_topk_lens=None, extra_sparse_indices=None, extra_sparse_topk_lens=None"
+    branch = "    if is_sm12x_supported(query.device):\n        return _sm120(query)\n    return None\n"
+    cases = {"ok": (full, branch), "old": ("", branch), "no-branch": (full, "    return None\n")}
+    found = {}
+    for name, (params, body) in cases.items():
+        (tmp_path / "mla" / "_core.py").write_text("import torch\n\n\n" + head.format(params) + body
+                                                   + "\n\ndef after():\n    pass\n")
+        found[name] = probe.flashinfer_at(tmp_path, "0.6")
+    assert found["ok"].has("sm120_sparse_mla")
+    assert not found["old"].has("sm120_sparse_mla")
+    assert "does not take swa_topk_lens, extra_sparse_indices, extra_sparse_topk_lens" in found["old"].note
+    assert not found["no-branch"].has("sm120_sparse_mla") and "no SM12x branch" in found["no-branch"].note
+
+
 def test_torch_cuda_version_from_version_py(tmp_path):
     (tmp_path / "version.py").write_text("__version__ = '2.13.0+cu130'\ncuda: Optional[str] = '13.0'\n")
     assert probe.torch_cuda_version(tmp_path) == "13.0"

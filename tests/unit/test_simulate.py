@@ -31,7 +31,8 @@ def test_stock_vllm_0_24_on_sm120_turns_its_vendored_deepgemm_off():
     probe = probe_for("--engine vllm==0.24.0 --capability 12.0")
     vendored = probe.library("vllm.third_party.deep_gemm")
     assert vendored.present and vendored.version == "0.24.0" and not vendored.has("sm12x")
-    assert probe.library("flashinfer").version == "0.6.12" and probe.library("flashinfer").has("sm120_sparse_mla")
+    # 0.6.12 names V4's decode but takes none of the SM120 arguments vLLM 0.24 passes (probe.py)
+    assert probe.library("flashinfer").version == "0.6.12" and not probe.library("flashinfer").has("sm120_sparse_mla")
     assert not probe.library("deep_gemm").present
     deepgemm = decide(probe, "vllm", env={}).decision("deepgemm")
     assert deepgemm.value == "off"
@@ -54,8 +55,9 @@ def test_stock_sglang_brings_its_pinned_deepgemm_and_flashinfer():
     probe = probe_for("--engine sglang==0.5.12 --capability 12.0")
     assert probe.library("deep_gemm").version == "0.1.0" and not probe.library("deep_gemm").has("sm12x")
     assert probe.library("flashinfer").version == "0.6.11.post1"
-    deepgemm = decide(probe, "sglang", env={}).decision("deepgemm")
-    assert deepgemm.value == "off" and "deep_gemm 0.1.0 has no SM12x kernels" in deepgemm.reason
+    assert decide(probe, "sglang", env={}).status == "unsupported"  # 0.5.12 on SM12x: the path manifest
+    deepgemm = plan_for("--engine sglang==0.5.13 --capability 12.1", "sglang").decision("deepgemm")
+    assert deepgemm.value == "off" and "deep_gemm 0.1.2 has no SM12x kernels" in deepgemm.reason
     # 0.5.19 pins an sgl-deep-gemm with SM12x kernels; its gate does not guard SM121 yet
     plan = plan_for("--engine sglang==0.5.19 --capability 12.1", "sglang")
     assert plan.value("deepgemm") == "upstream" and "deep_gemm 0.1.7 has SM12x kernels" in plan.decision("deepgemm").reason
@@ -64,7 +66,7 @@ def test_stock_sglang_brings_its_pinned_deepgemm_and_flashinfer():
 def test_library_notes_say_they_come_from_the_stock_wheel():
     libs = probe_for("--engine vllm==0.24.0 --capability 12.0").libraries
     assert libs["vllm.third_party.deep_gemm"].note == "stock vllm 0.24.0 wheel: vendored, no SM12x kernels"
-    assert libs["flashinfer"].note.startswith("stock vllm 0.24.0 wheel: pinned, has SM120 sparse-MLA decode")
+    assert libs["flashinfer"].note.startswith("stock vllm 0.24.0 wheel: pinned, no SM120 sparse-MLA decode")
     text = doctor.render(doctor.build(probe_for("--engine vllm==0.24.0 --capability 12.0"), env={}))
     assert "vllm.third_party.deep_gemm 0.24.0 (stock vllm 0.24.0 wheel: vendored, no SM12x kernels)" in text
 

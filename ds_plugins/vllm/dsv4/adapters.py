@@ -117,7 +117,47 @@ def get_paged_mqa_logits_metadata(context_lens, block_size, num_sms, indices=Non
 
 
 def fp8_einsum(equation, a, b, d, c=None, recipe=(1, 128, 128)):
+    """V4's o_proj `fp8_einsum("bhr,hdr->bhd", (o, o_scale), (wo_a.weight, wo_a's scale), z, recipe=...)`.
+
+    With DeepGEMM serving, wo_a arrives as DeepGEMM's post-processing left it (3-D, transformed scales)
+    and goes to the kernel unchanged. Without it (DeepGEMM off on SM12x) vLLM hands over the linear's
+    own parameters: weight 2-D [groups * o_lora_rank, r] (group-major rows: the layer's `bmm_batch_size`
+    groups of o_lora_rank output rows) and its 128x128 block scale 2-D [groups * o_lora_rank / 128,
+    r / 128], e8m0 from the checkpoint or float32 (fp8_block_scales.py turned it). Those are viewed as
+    [groups, o_lora_rank, r] and [groups, o_lora_rank / 128, r / 128] float32 (e8m0 exactly, 2**(e-127)),
+    and the recipe's gran_n becomes 128: the scales are per 128 rows, whatever vLLM's recipe says for
+    DeepGEMM's per-row layout ((1, 1, 128) on SM100/SM12x)."""
+    b, recipe = _wo_a_as_grouped(b, d, recipe)
     einsum.fp8_einsum(equation, a, b, d, c, recipe=recipe)
+
+
+def _wo_a_as_grouped(b, d, recipe):
+    from ds_plugins.kernels._runtime import KernelInputError, expect
+    from ds_plugins.kernels.reference.einsum import SCALE_BLOCK_K
+
+    from .fp8_block_scales import e8m0_to_float32
+
+    if not (isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], torch.Tensor) and b[0].dim() == 2):
+        return b, recipe  # DeepGEMM's 3-D layout (or a bad argument the kernel names)
+    weight, scale = b
+    expect("d", d, ndim=3)
+    expect("b[1]", scale, dtype=(torch.float8_e8m0fnu, torch.float32), ndim=2, device=weight.device)
+    groups, rows = d.shape[1], d.shape[2]
+    length = weight.shape[1]
+    block = SCALE_BLOCK_K
+    if weight.shape[0] != groups * rows:
+        raise KernelInputError(f"b[0]: a 2-D wo_a weight must have d's groups x rows = {groups} x {rows} rows, "
+                               f"got shape {list(weight.shape)}")
+    if rows % block:
+        raise KernelInputError(f"d: o_lora_rank {rows} is not a multiple of the 128-row scale block, so wo_a's "
+                               f"2-D block scales cannot be split by group")
+    expect("b[1]", scale, shape=(groups * rows // block, -(-length // block)))
+    if not (isinstance(recipe, (tuple, list)) and len(recipe) == 3 and recipe[1] in (1, block)):
+        raise KernelInputError(f"recipe: supported are (1, 1, 128) and (1, 128, 128), got {recipe!r}")
+    if scale.dtype == torch.float8_e8m0fnu:
+        scale = e8m0_to_float32(scale)
+    grouped = (weight.view(groups, rows, length), scale.reshape(groups, rows // block, scale.shape[1]))
+    return grouped, (recipe[0], block, recipe[2])
 
 
 def tf32_hc_prenorm_gemm(x, fn, out, sqrsum, num_split):

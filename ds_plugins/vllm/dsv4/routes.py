@@ -99,6 +99,8 @@ ROUTES: tuple[Route, ...] = (
     _site("indexer_schedule", "vllm.v1.attention.backends.mla.indexer", "get_paged_mqa_logits_metadata", ">=0.20",
           INDEXER, "get_paged_mqa_logits_metadata",
           "the indexer metadata builder asks DeepGEMM for a paged-logits schedule on every CUDA GPU"),
+    # o_proj: with DeepGEMM off vLLM passes wo_a as its FP8 linear left it (2-D weight, 2-D 128x128 block scales);
+    # adapters.fp8_einsum views it per group (tests/engines/test_vllm_covers_fp8_oproj.py).
     _site("o_proj_einsum_legacy", LEGACY, "fp8_einsum", ">=0.20,<0.22", INDEXER, "fp8_einsum",
           "V4's grouped output projection (wo_a) is DeepGEMM's fp8_einsum, with no SM12x kernel installed"),
     _site("o_proj_einsum_op", "vllm.models.deepseek_v4.attention", "fp8_einsum", ">=0.22,<0.23", INDEXER,
@@ -175,9 +177,10 @@ def problems(plan=None) -> list[str]:
     plan = plan or get("vllm").plan
     if plan is None:
         return ["ds-plugins registration did not run in this process"]
+    from .fp8_block_scales import PATCH as E8M0_SCALES  # the model's first linear needs it as much as a route
     found = patching.outcomes()
     out = []
-    for patch in PATCHES:
+    for patch in (*PATCHES, E8M0_SCALES):
         if not patch.selected_by(plan) or not patch.covers(plan.engine_version):
             continue
         outcome = found.get(patch.id)
