@@ -85,7 +85,7 @@ def test_startup_line_examples_are_what_the_code_logs():
     assert _example("vllm") == _startup_line("vllm", "0.22.1", pro6000, vendored)
     spark = Device("cuda", 0, "NVIDIA GB10", (12, 1))
     no_sm12x = {"deep_gemm": Library("deep_gemm", True, "2.1.0", None, ())}
-    assert _example("sglang") == _startup_line("sglang", "0.5.12", spark, no_sm12x)
+    assert _example("sglang") == _startup_line("sglang", "0.5.15", spark, no_sm12x)
 
 
 def test_readme_links_resolve():
@@ -101,3 +101,38 @@ def test_known_failure_table_is_generated_from_the_records():
     from ds_plugins import explain
     block = README.split("<!-- known-failures:start -->\n", 1)[1].split("<!-- known-failures:end -->", 1)[0]
     assert block.strip() == explain.markdown_table().strip()
+
+
+def _readme_versions(cell: str, matrix: list[str]) -> list[str]:
+    """The matrix versions a first-column cell ("0.20 - 0.23", "0.25", "0.30 - 0.33") names."""
+    from packaging.version import Version
+    lo, _, hi = cell.partition(" - ")
+    hi = hi or lo
+    minor = lambda v: Version(".".join(v.split(".")[:2]))  # noqa: E731
+    return [v for v in matrix if minor(lo) <= minor(v) <= minor(hi)]
+
+
+def test_vllm_version_table_is_what_the_policy_decides_with_stock_libraries():
+    from ci import upstream
+    from ds_plugins import effects, stock
+    from ds_plugins.policy import decide
+    from ds_plugins.probe import Device, Probe
+    matrix = [v for e, v in upstream.matrix() if e == "vllm"]
+    block = README.split("<!-- vllm-versions:start -->\n", 1)[1].split("<!-- vllm-versions:end -->", 1)[0]
+    seen = []
+    for row in block.splitlines()[2:]:
+        cell, verdict, what = [c.strip() for c in row.strip("|").split(" | ")]
+        listed = set(re.findall(r"`(\w+=\w+)`", what))
+        for version in _readme_versions(cell, matrix):
+            seen.append(version)
+            for capability in ((12, 0), (12, 1)):
+                probe = Probe("", {"vllm": version}, None, None, (Device("cuda", 0, "gpu", capability),), "",
+                              stock.libraries("vllm", version), simulated=True)
+                plan = decide(probe, "vllm", env={})
+                assert verdict == plan.status, (version, capability, plan.status_reason)
+                changes = {f"{d.id}={d.value}" for d in plan.decisions
+                           if effects.effect(d.id, d.value).kind == effects.CHANGES}
+                assert listed == changes, (version, capability)
+    from ds_plugins.landscape import MINIMUM
+    from packaging.version import Version
+    assert seen == [v for v in matrix if Version(v) >= Version(MINIMUM["vllm"])], "every vLLM with V4 has a row"
