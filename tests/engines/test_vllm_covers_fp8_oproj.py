@@ -9,6 +9,7 @@ reference. Every matrix version: what vLLM passes at those points, by AST and so
 """
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -16,11 +17,17 @@ import pytest
 import torch
 from packaging.version import Version
 
-from ci import upstream
-from ds_plugins.kernels._runtime import KernelInputError
-from ds_plugins.kernels.reference import einsum as ref
-from ds_plugins.landscape import in_range
-from ds_plugins.vllm.dsv4 import adapters, fp8_block_scales, routes
+# This module imports ds_plugins.kernels at collection (tests/engines is collected before tests/kernels):
+# TRITON_INTERPRET must be set first, as tests/kernels/conftest.py does, or every later kernel test in
+# the session gets compiled-mode @triton.jit functions that cannot run on a CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ci import upstream  # noqa: E402
+from ds_plugins.kernels._runtime import KernelInputError  # noqa: E402
+from ds_plugins.kernels.reference import einsum as ref  # noqa: E402
+from ds_plugins.landscape import in_range  # noqa: E402
+from ds_plugins.vllm.dsv4 import adapters, fp8_block_scales, routes  # noqa: E402
 
 HERE = Path(__file__).parent
 V4_VLLM = [v for e, v in upstream.matrix() if e == "vllm" and Version(v) >= Version("0.20")]
