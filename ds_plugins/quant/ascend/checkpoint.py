@@ -142,12 +142,7 @@ def scan(directory: str | Path) -> dict[str, TensorInfo]:
     indexed: dict[str, str] = {}
     indexes = sorted(directory.glob("*.safetensors.index.json"))
     for index in indexes:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map must map tensor keys to file names")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AscendFormatError(str(index), "weight_map", f"unreadable index ({exc})") from None
+        weight_map = read_weight_map(index)
         for key, fname in weight_map.items():
             info = tensors.get(key)
             if info is None or Path(info.file).name != fname:
@@ -160,3 +155,14 @@ def scan(directory: str | Path) -> dict[str, TensorInfo]:
                 raise AscendFormatError(str(indexes[0]), key, f"{Path(info.file).name} holds this tensor but the "
                                         "index does not list it; regenerate the index")
     return tensors
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The `weight_map` of a *.safetensors.index.json (tensor key -> file name), or one AscendFormatError."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor keys to file names")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AscendFormatError(str(index), "weight_map", f"unreadable index ({exc})") from None
+    return weight_map

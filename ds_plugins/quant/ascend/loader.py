@@ -9,7 +9,6 @@ W4A8 weight rows are read. `check_json(dir)` is the part of these checks the JSO
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -29,12 +28,7 @@ def check_json(directory: str | Path) -> tuple[description.Description, model_la
     indexed: dict[str, Path] = {}
     indexes = sorted(directory.glob("*.safetensors.index.json"))
     for index in indexes:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map must map tensor keys to file names")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AscendFormatError(str(index), "weight_map", f"unreadable index ({exc})") from None
+        weight_map = checkpoint.read_weight_map(index)
         for key in weight_map:
             if key not in desc.types:
                 raise AscendFormatError(str(index), key, f"the index lists this tensor but {desc.path} does not")
