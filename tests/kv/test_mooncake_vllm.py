@@ -47,9 +47,23 @@ def test_scheduler_side_on_the_wheel_source_of_versions_not_installed(version):
     # Before failed_recving (0.30) the multi-group consumer is refused; from it, the decode side runs.
     assert ("d_refused" in out) == (version < "0.30"), out.get("d_refused")
     check_scheduler_side(out)
+    assert ("transfer_groups" in out) == (version >= "0.30"), version
+
+
+def check_transfer_groups(out: dict) -> None:
+    """vLLM 0.30+ (KVCacheConfig.transfer_group_ids): a group vLLM does not transfer (enable_kv_transfer
+    False, HiSparse's host-resident ones) is neither handed off by P nor read or reported loaded by D."""
+    tg = out["transfer_groups"]
+    assert tg["transfer_group_ids"] == [0, 2, 3] and len(tg["p_groups"]) == 4, tg
+    assert tg["p_remote_block_ids"] == [tg["p_groups"][i] for i in (0, 2, 3)], tg
+    assert tg["d_error"] in (None, "") and len(tg["d_local"]) == 3, tg
+    assert tg["d_local"][0] == tg["d_allocated"][0] and tg["d_local"][2] == tg["d_allocated"][3], tg
+    assert tg.get("d_loaded_groups", [0, 2, 3]) == [0, 2, 3], tg
 
 
 def check_scheduler_side(out: dict) -> None:
+    if "transfer_groups" in out:
+        check_transfer_groups(out)
     # vLLM's factory found our class under the name vllm-ascend users write, and HMA is accepted.
     assert out["class"] == "ds_plugins.vllm.mooncake_connector.DSV4MooncakeConnector" and out["hma"]
 
@@ -125,21 +139,32 @@ def common_checks(out: dict) -> None:
 
 
 def test_worker_side_moves_v4_groups_between_two_vllm_workers(spawn):
+    """Caches as vLLM plans and allocates V4's (block-outermost packing, see vllm_worker_script.py).
+
+    The block lists interleave groups and leave gaps (15, 19, 21 untouched between read blocks), so a read
+    that spilt past a layer's page into the next block (the 0.1 connector read one whole packed block from
+    each layer's page onward) shows as a dirty untouched block or a mismatched page.
+    """
     port = free_port()
     prod = spawn(HERE / "vllm_worker_script.py", "producer", str(port))
     prod.expect("ready", timeout=80)
-    spec = {"local_blocks": [[5, 6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 12, 13, 14], [15, 16, 17, 18, 19, 20, 1]],
-            "remote_blocks": [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19, 20, 21]],
+    spec = {"local_blocks": [[5, 6, 7], [0, 0, 9], [12, 13, 20], [14, 16, 18, 1]],
+            "remote_blocks": [[1, 2, 3], [4, 8, 10], [22, 11, 30], [31, 33, 32, 35]],
             "remote_engine_id": "p0", "remote_request_id": "p-req", "remote_host": "127.0.0.1",
             "remote_port": port, "remote_tp_size": 1}
     cons = spawn(HERE / "vllm_worker_script.py", "consumer", str(port), json.dumps(spec))
     got = cons.expect("result", timeout=90)
+    # vLLM's own grouping of V4's specs: two sliding-window KV groups, compressed KV with the indexer keys,
+    # and the compressor states (main and indexer) -- the groups the served tiny V4 has.
+    assert got["groups"] == [["l0.swa"], ["l1.swa"], ["l1.compressed", "l1.indexer"],
+                             ["l1.state", "l1.indexer_state"]], got
     assert got["done"] == ["d-bad", "d-refused", "d-req"], got
     if got["per_request"]:  # vLLM 0.30+: failed requests, never block ids (0.32+ ends the engine on those)
         assert got["failed"] == ["d-bad", "d-refused"] and got["load_errors"] == [], got
     else:
         assert got["load_errors"] and got["failed"] == [], got
-    assert got["mismatched"] == [] and got["filled"] == (7 + 3 + 7) * 2 and got["untouched_clean"], got
+    assert got["mismatched"] == [] and got["dirty"] == [], got
+    assert got["filled"] == 3 * 1 + 1 * 1 + 3 * 2 + 4 * 2, got
     assert got["registered_after"] == 0 and got["shut"]
     assert got["sleep"] == {"asleep": 0, "restored": True}, got
     sent = prod.expect("result", timeout=20)

@@ -36,7 +36,7 @@ def kv_cache_config(num_blocks: int = 64) -> KVCacheConfig:
     return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
 
 
-def connector(role: str, engine_id: str, extra: dict | None = None, tp: int = 1):
+def connector(role: str, engine_id: str, extra: dict | None = None, tp: int = 1, kcc: KVCacheConfig | None = None):
     kv = KVTransferConfig(kv_connector="MooncakeConnectorV1",
                           kv_connector_module_path="ds_plugins.vllm.mooncake_connector",
                           kv_role=role, engine_id=engine_id, kv_port="30000",
@@ -46,7 +46,7 @@ def connector(role: str, engine_id: str, extra: dict | None = None, tp: int = 1)
     cfg.scheduler_config.disable_hybrid_kv_cache_manager = False
     cfg.parallel_config.data_parallel_rank = 1
     cfg.parallel_config.tensor_parallel_size = tp
-    kcc = kv_cache_config()
+    kcc = kcc or kv_cache_config()
     return KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, kcc), kcc
 
 
@@ -92,8 +92,47 @@ def main() -> None:
         out["d_refused"] = f"{type(exc).__name__}: {exc}"
     else:
         decode(out, d, kcc, params)
+    if hasattr(KVCacheConfig, "transfer_group_ids"):  # vLLM 0.30+
+        transfer_groups(out)
     checks(out)
     print("RESULT " + json.dumps(out, default=str), flush=True)
+
+
+def transfer_groups(out: dict) -> None:
+    """vLLM 0.30+: a group vLLM marks enable_kv_transfer=False (its host-resident HiSparse groups) is not
+    moved: P hands off, D loads and asks for the transfer groups only, as vLLM's own Mooncake connector."""
+    def config():
+        kcc = kv_cache_config()
+        host = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=584, dtype=torch.uint8)
+        kcc.kv_cache_groups.insert(1, KVCacheGroupSpec(["layers.0.host"], host, enable_kv_transfer=False))
+        return kcc
+    res: dict = {}
+    kcc = config()
+    p, _ = connector("kv_producer", "p0", kcc=kcc)
+    mgr = manager(kcc)
+    req = request("p-tg", {"do_remote_decode": True, "do_remote_prefill": False})
+    mgr.allocate_slots(req, PROMPT)
+    block_ids = mgr.get_block_ids(req.request_id)
+    req.num_computed_tokens = PROMPT
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    _, params = p.request_finished_all_groups(req, block_ids)
+    res["transfer_group_ids"] = list(kcc.transfer_group_ids)
+    res["p_groups"] = [list(g) for g in block_ids]
+    res["p_remote_block_ids"] = params["remote_block_ids"]
+    d, _ = connector("kv_consumer", "d0", {"allowed_peers": ["10.1.2.0/24"]}, kcc=kcc)
+    dmgr = manager(kcc)
+    dreq = request("d-tg", dict(params))
+    n, load_async = d.get_num_new_matched_tokens(dreq, 0)
+    dmgr.allocate_slots(dreq, 0, num_external_computed_tokens=n, delay_cache_blocks=load_async)
+    d.update_state_after_alloc(dreq, dmgr.get_blocks(dreq.request_id), n)
+    spec = d.build_connector_meta(SchedulerOutput.make_empty()).recv["d-tg"]
+    res["d_allocated"] = [list(g) for g in dmgr.get_block_ids(dreq.request_id)]
+    res["d_local"] = spec.local_blocks
+    res["d_error"] = spec.error
+    if hasattr(d, "get_loaded_kv_cache_group_ids"):  # vLLM 0.32+
+        res["d_loaded_groups"] = list(d.get_loaded_kv_cache_group_ids(dreq))
+    d.shutdown()
+    out["transfer_groups"] = res
 
 
 def decode(out: dict, d, kcc, params: dict) -> None:

