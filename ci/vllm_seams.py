@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ci.upstream_facts import calls, compares_to, parse
+from ci.upstream_facts import calls, compares_to, functions, method, parse
 
 
 class SeamMismatch(AssertionError):
@@ -525,6 +525,67 @@ def check_kv_cache_hook(src: Path, patch) -> None:
                            f"verify_and_update_config")
 
 
+# --- custom all-reduce (custom_all_reduce=off) ---------------------------------------------------------------
+
+def _constant_return(fn: ast.FunctionDef):
+    """The value of a body that is one `return <constant>` (after a docstring), else a sentinel."""
+    body = [n for n in fn.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    if len(body) == 1 and isinstance(body[0], ast.Return) and isinstance(body[0].value, ast.Constant):
+        return body[0].value.value
+    return SeamMismatch
+
+
+def check_custom_all_reduce(src: Path, patch) -> None:
+    """The path ds_plugins/vllm/custom_all_reduce.py relies on, from the engine arguments to the workers:
+    ParallelConfig.__post_init__ is a def (self) of the class that has the annotated fields
+    disable_custom_all_reduce (bool, default False) and tensor_parallel_size; EngineArgs.create_engine_config
+    passes disable_custom_all_reduce=self.disable_custom_all_reduce to ParallelConfig(...) (the user's flag
+    reaches the field before the wrapper reads it); the GPU worker's init_worker_distributed_environment calls
+    set_custom_all_reduce(not <parallel_config>.disable_custom_all_reduce) (the field is what the workers obey);
+    and CudaPlatformBase.use_custom_allreduce returns True (ParallelConfig's own validator leaves the field
+    alone on CUDA, so without the patch it stays False there)."""
+    path = module_file(src, patch.module)
+    owner, _, name = patch.attribute.rpartition(".")
+    fn = resolve_attribute(src, patch.module, patch.attribute).node
+    if not isinstance(fn, ast.FunctionDef) or [a.arg for a in fn.args.posonlyargs + fn.args.args] != ["self"] \
+            or fn.args.vararg or fn.args.kwarg or fn.args.kwonlyargs:
+        raise SeamMismatch(f"{where(src, path, fn)}: {owner}.{name} is not a def (self)")
+    cls = find_class(src, patch.module, owner)
+    flag = _field(cls, "disable_custom_all_reduce")
+    if flag is None or ast.unparse(flag.annotation) != "bool" or not (
+            isinstance(flag.value, ast.Constant) and flag.value.value is False):
+        raise SeamMismatch(f"{where(src, path, cls)}: {owner} has no field disable_custom_all_reduce: bool = False")
+    if _field(cls, "tensor_parallel_size") is None:
+        raise SeamMismatch(f"{where(src, path, cls)}: {owner} has no annotated tensor_parallel_size field")
+
+    args_path, args_tree = tree_of(src, "vllm.engine.arg_utils")
+    create = method(args_tree, "EngineArgs", "create_engine_config")
+    passes = create is not None and any(
+        isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == owner
+        and any(k.arg == "disable_custom_all_reduce" and ast.unparse(k.value) == "self.disable_custom_all_reduce"
+                for k in c.keywords) for c in ast.walk(create))
+    if not passes:
+        raise SeamMismatch(f"{rel(src, args_path)}: EngineArgs.create_engine_config does not build {owner}(..., "
+                           f"disable_custom_all_reduce=self.disable_custom_all_reduce)")
+
+    worker_path, worker_tree = tree_of(src, "vllm.v1.worker.gpu_worker")
+    init = next(functions(worker_tree, "init_worker_distributed_environment"), None)
+    obeys = init is not None and any(
+        isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "set_custom_all_reduce"
+        and len(c.args) == 1 and isinstance(c.args[0], ast.UnaryOp) and isinstance(c.args[0].op, ast.Not)
+        and isinstance(c.args[0].operand, ast.Attribute) and c.args[0].operand.attr == "disable_custom_all_reduce"
+        for c in ast.walk(init))
+    if not obeys:
+        raise SeamMismatch(f"{rel(src, worker_path)}: init_worker_distributed_environment does not call "
+                           f"set_custom_all_reduce(not parallel_config.disable_custom_all_reduce)")
+
+    cuda_path = module_file(src, "vllm.platforms.cuda")
+    use = resolve_attribute(src, "vllm.platforms.cuda", "CudaPlatformBase.use_custom_allreduce").node
+    if not isinstance(use, ast.FunctionDef) or _constant_return(use) is not True:
+        raise SeamMismatch(f"{where(src, cuda_path, use)}: CudaPlatformBase.use_custom_allreduce is not "
+                           f"`return True`: on CUDA vLLM may keep custom all-reduce off itself")
+
+
 # --- dispatch ----------------------------------------------------------------------------------------------
 
 @functools.cache
@@ -543,6 +604,8 @@ def _specific() -> dict[str, Any]:
     from ds_plugins.vllm.dsv4 import fp8_block_scales, kv_cache
     table[fp8_block_scales.PATCH.id] = check_block_fp8_post_load
     table[kv_cache.PATCH.id] = check_kv_cache_hook
+    from ds_plugins.vllm import custom_all_reduce
+    table[custom_all_reduce.PATCH.id] = check_custom_all_reduce
     return table
 
 

@@ -148,6 +148,9 @@ def render(report: dict) -> str:
     out.append(row("accelerators", ", ".join(devices) or "none"))
     if p.get("device_note"):
         out.append(row("", p["device_note"]))
+    if len([d for d in p["devices"] if d["kind"] == "cuda"]) > 1:
+        links = p.get("gpu_links", "unknown")
+        out.append(row("gpu links", links + (f" ({p['gpu_links_note']})" if p.get("gpu_links_note") else "")))
     libs = [_library_line(lib) for lib in p["libraries"].values()]
     for i, line in enumerate(libs or ["none"]):
         out.append(row("libraries" if i == 0 else "", line))

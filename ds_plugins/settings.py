@@ -70,6 +70,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DS_PLUGINS_KV_CACHE_DTYPE", ("auto", "upstream"), "auto",
             "upstream: leave vLLM's --kv-cache-dtype auto as it is for DeepSeek-V4 on SM12x (vLLM 0.20-0.29 then "
             "asserts while building the model; pass --kv-cache-dtype fp8 yourself)."),
+    Setting("DS_PLUGINS_CUSTOM_ALL_REDUCE", ("auto", "off", "upstream"), "auto",
+            "vLLM's custom all-reduce. auto: off (as --disable-custom-all-reduce, tensor parallel only) on SM120/SM121 "
+            "where NVML finds more than one visible GPU and no NVLink between them; off: on any vLLM box; "
+            "upstream: leave it to vLLM."),
     Setting("DS_PLUGINS_ASCEND_QUANT", ("auto", "off"), "auto",
             "The msModelSlim `--quantization ascend` loader on stock vLLM (deferred to vllm-ascend "
             "where it is installed)."),

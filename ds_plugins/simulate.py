@@ -8,7 +8,9 @@ command runs on:
   library replaces an earlier one's of the same name, as a later `pip install` would;
 - each `--lib NAME=SPEC` then replaces that library outright (`--lib vllm.third_party.deep_gemm=no`
   removes it);
-- without `--engine` the machine starts with no library at all.
+- without `--engine` the machine starts with no library at all;
+- with two or more `--capability` GPUs, `--gpu-link` says how they are connected (nvlink, pcie, mixed);
+  without it the topology is unknown, as on a machine whose NVML cannot be read.
 
 DS_PLUGINS_SIMULATE, read inside a real engine process, keeps that engine's real version unless
 --engine says otherwise (without stock libraries for it: only an --engine flag brings those).
@@ -21,7 +23,7 @@ import shlex
 import sys
 
 from . import stock
-from .probe import ENGINES, Device, Library, Probe
+from .probe import ENGINES, LINK_MIXED, LINK_NVLINK, LINK_PCIE, LINK_SINGLE, LINK_UNKNOWN, Device, Library, Probe
 from .settings import ConfigError
 
 # Libraries a simulation may name, with the features each can have (stock.FEATURES), and the other
@@ -32,6 +34,10 @@ FEATURE_ALIASES: dict[str, dict[str, str]] = {
     stock.VENDORED_DEEP_GEMM: {"sm120": "sm12x", "sm121": "sm12x"},
     "flashinfer": {"sm120": "sm120_sparse_mla"},
 }
+
+
+# What --gpu-link accepts (probe.LINKS, less what the GPU count decides: single).
+GPU_LINKS = (LINK_NVLINK, LINK_PCIE, LINK_MIXED, LINK_UNKNOWN)
 
 
 class SimulateError(ValueError):
@@ -52,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable, one per engine)")
     parser.add_argument("--capability", action="append", default=[], metavar="MAJOR.MINOR",
                         help="a CUDA GPU of this compute capability, e.g. 12.0 (repeatable, one per GPU)")
+    parser.add_argument("--gpu-link", default=None, metavar="KIND",
+                        help=f"how the --capability GPUs are connected: {', '.join(GPU_LINKS)} (NVLink between every "
+                             f"pair, none, some); default: unknown, as where NVML cannot be read")
     parser.add_argument("--npu", default=None, metavar="N", help="N Ascend NPUs (0 or more)")
     parser.add_argument("--lib", action="append", default=[], metavar="NAME=SPEC",
                         help="replaces that library, stock or not: yes, no, its features or no-<feature>, "
@@ -99,6 +108,20 @@ def _count(text) -> int:
     if n is None or n < 0:
         raise SimulateError(f"--npu {str(text)!r}: expected a number of NPUs, 0 or more")
     return n
+
+
+def _links(text, gpus: int) -> tuple[str, str]:
+    """(Probe.gpu_links, its note) for --gpu-link and the number of simulated GPUs."""
+    kind = None if text is None else str(text).strip().lower()
+    if kind is not None and kind not in GPU_LINKS:
+        raise SimulateError(f"--gpu-link {str(text)!r}: expected one of {', '.join(GPU_LINKS)}")
+    if gpus < 2:
+        if kind not in (None, LINK_UNKNOWN):
+            raise SimulateError(f"--gpu-link {text!r}: it needs two or more --capability GPUs to connect")
+        return LINK_SINGLE, "fewer than two simulated GPUs"
+    if kind is None:
+        return LINK_UNKNOWN, "--gpu-link not given"
+    return kind, f"from --gpu-link {kind}"
 
 
 def _feature(text: str, name: str, token: str) -> str:
@@ -160,6 +183,7 @@ def build(args: argparse.Namespace, base_engines: dict[str, str] | None = None) 
         engines[name] = version
         libraries.update(stock.libraries(name, version))
     devices = [Device("cuda", i, "simulated GPU", _capability(c)) for i, c in enumerate(args.capability)]
+    links, links_note = _links(getattr(args, "gpu_link", None), len(devices))
     devices += [Device("npu", i, "simulated Ascend NPU") for i in range(_count(args.npu))]
     torch = _version("--torch", args.torch.strip(), args.torch, "2.11.0") if args.torch is not None else None
     stocked = dict(libraries)
@@ -181,6 +205,8 @@ def build(args: argparse.Namespace, base_engines: dict[str, str] | None = None) 
         simulated=True,
         # a stock install: the engine's own distribution (a real engine kept by DS_PLUGINS_SIMULATE: unknown)
         distributions={name: name for name in named},
+        gpu_links=links,
+        gpu_links_note=links_note,
     )
 
 

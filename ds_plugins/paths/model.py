@@ -56,7 +56,10 @@ class Evidence(NamedTuple):
 
 class Cover(NamedTuple):
     """The ds-plugins decision that fills a blocker; `patch`, where set, is the declared patch that
-    carries it (its version range must include the row's)."""
+    carries it (its version range must include the row's). An `unverified` row may name one too: where
+    the failure depends on what the probe reads rather than on the device class (the GPU topology), the
+    decision that takes the path away where the probe sees that condition; it never makes a version
+    unsupported (only blockers do)."""
     decision: str  # a policy.DECISION_IDS entry
     value: str  # the value that covers: "triton", "off", ...
     patch: str | None = None

@@ -368,10 +368,14 @@ ROWS: tuple[Row, ...] = (
     Row("vllm", "collective", "custom all-reduce (tensor parallel)", "engine_c",
         ">=0.20.0", SM12X, "unverified",
         "vLLM's custom all-reduce needs peer access; on PCIe-only SM12x boxes community recipes pass "
-        "--disable-custom-all-reduce (vllm#47266); not settled by a multi-GPU SM120 run",
+        "--disable-custom-all-reduce (vllm#47266), and ds-plugins sets it (tensor parallel > 1) where NVML "
+        "finds no NVLink between the visible GPUs; not settled by a multi-GPU SM120 run",
         (_src("vllm/distributed/device_communicators/custom_all_reduce.py", r"class CustomAllreduce"),
+         _src("vllm/v1/worker/gpu_worker.py",
+              r"set_custom_all_reduce\(not parallel_config\.disable_custom_all_reduce\)"),
          _reading("vllm#47266", "custom all-reduce on PCIe-only SM12x")),
-        refs=("vllm#47266",), requires="--disable-custom-all-reduce on PCIe-only multi-GPU boxes"),
+        cover=Cover("custom_all_reduce", "off", "vllm.custom_all_reduce.off"), refs=("vllm#47266",),
+        requires="--disable-custom-all-reduce on PCIe-only multi-GPU boxes where NVML cannot be read"),
     Row("vllm", "collective", "custom all-reduce (tensor parallel)", "engine_c",
         ">=0.20.0", HOPPER, "has_code",
         "vLLM's custom all-reduce, NVLink-aware; ds-plugins does not change it",

@@ -47,7 +47,8 @@ def test_simulate_json_has_every_decision_with_a_reason(capsys):
     for engine in ("vllm", "sglang"):
         decisions = report["engines"][engine]["decisions"]
         assert [d["id"] for d in decisions] == ["deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_model",
-                                                "kv_cache_dtype", "ascend_quant", "mooncake_connector"]
+                                                "kv_cache_dtype", "custom_all_reduce", "ascend_quant",
+                                                "mooncake_connector"]
         assert all(d["reason"] for d in decisions)
     assert {d["id"]: d["value"] for d in report["engines"]["sglang"]["decisions"]}["deepgemm"] == "off"
 
