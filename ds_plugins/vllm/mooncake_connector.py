@@ -221,11 +221,17 @@ def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, d
     if num_groups is not None and len(groups) != num_groups:
         raise BadParams(f"remote_block_ids has {len(groups)} KV groups, this instance has {num_groups}")
     limit = max(num_prompt_tokens, 1)
+    skips = params.get("remote_block_skip", [0] * len(groups))
+    if not isinstance(skips, (list, tuple)) or len(skips) != len(groups) or any(
+            isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= limit for k in skips):
+        raise BadParams(f"remote_block_skip must be one count in [0, {limit}] per KV group of remote_block_ids, "
+                        f"got {skips!r}"[:300])
     for g, ids in enumerate(groups):
         if not isinstance(ids, (list, tuple)):
             raise BadParams(f"remote_block_ids[{g}] must be a list of block ids, got {type(ids).__name__}")
-        if len(ids) > limit:
-            raise BadParams(f"remote_block_ids[{g}] has {len(ids)} block ids, more than the {limit} prompt tokens")
+        if skips[g] + len(ids) > limit:
+            raise BadParams(f"remote_block_ids[{g}] covers {skips[g] + len(ids)} blocks, more than the {limit} "
+                            "prompt tokens")
         for b in ids:
             if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= MAX_BLOCK_ID:
                 raise BadParams(f"remote_block_ids[{g}] holds {b!r}, not a block id"[:300])
@@ -241,7 +247,7 @@ def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, d
         raise BadParams(f"remote_host {host!r} is not a host name or address"[:300])
     if allowed is not None and not allowed.allows(host):
         raise BadParams(f"remote_host {host!r} is not in kv_connector_extra_config.allowed_peers ({allowed!r})"[:300])
-    return {"remote_blocks": [list(ids) for ids in groups],
+    return {"remote_blocks": [[NULL_BLOCK] * k + list(ids) for k, ids in zip(skips, groups)],
             "remote_engine_id": _text(params, "remote_engine_id"),
             "remote_request_id": _text(params, "remote_request_id"),
             "remote_host": host, "remote_port": _int_in(params, "remote_port", 1, 65535), "remote_tp_size": tp}
@@ -440,12 +446,18 @@ class SchedulerSide:
             return False, None
         ranks = source_ranks(request.request_id, self.tp_size, self.config.decode.tp_size)
         self._send[request.request_id] = ranks
+        skip = [next((i for i, b in enumerate(ids) if b != NULL_BLOCK), len(ids)) for ids in groups]
         out = {
             "do_remote_prefill": True, "do_remote_decode": False,
             "remote_engine_id": self.config.engine_id, "remote_request_id": request.request_id,
             "remote_host": self.config.host, "remote_port": self.config.side_channel_port(self.dp_rank),
-            "remote_block_ids": groups, "remote_tp_size": self.tp_size,
+            "remote_block_ids": [ids[k:] for ids, k in zip(groups, skip)], "remote_tp_size": self.tp_size,
         }
+        if any(skip):
+            # Sliding-window groups (V4: the SWA KV and the compressor states) hold null blocks for every
+            # position before the window: sent as a count, as vLLM's own connector clips these lists, so
+            # the parameters stay small however long the prompt (V4's ratio-4 state group: a block per 4 tokens).
+            out["remote_block_skip"] = skip
         if request.num_computed_tokens > 0:
             out["remote_num_tokens"] = request.num_computed_tokens  # the tokens these blocks hold
         return True, out

@@ -71,6 +71,15 @@ def check_scheduler_side(out: dict) -> None:
     p = out["p"]
     assert p["delay"] is True
     assert p["params"]["remote_block_ids"] == p["block_ids"] and len(p["block_ids"]) == 3
+    assert "remote_block_skip" not in p["params"]  # no null block leads any list: nothing to count
+    # The sliding-window group's blocks before its 32-token window are null after the prefill: P sends the
+    # rest and their count (the lists stay as short as the window, however long the prompt), D puts the
+    # nulls back where they were, so block i still covers the same tokens on both sides.
+    t = out["p_trim"]
+    skip = t["params"]["remote_block_skip"]
+    assert skip[0] == skip[2] == 0 and skip[1] > 0 and t["block_ids"][1][:skip[1]] == [0] * skip[1], t
+    assert t["params"]["remote_block_ids"] == [g[k:] for g, k in zip(t["block_ids"], skip)], t
+    assert t["restored"] == t["block_ids"], t
     assert all(len(g) == 7 for g in p["block_ids"])  # 100 tokens / 16 per block
     assert p["params"]["remote_port"] == 30000 + 1  # kv_port + dp_rank(1) * tp_size(1)
     assert p["params"]["remote_host"] == "10.1.2.3" and p["params"]["remote_engine_id"] == "p0"
@@ -113,7 +122,7 @@ def check_scheduler_side(out: dict) -> None:
     # fails alone: reported as a failed load where vLLM takes per-request failures, else prefilled locally.
     forged = out["forged"]
     assert not [k for k, v in forged.items() if "raised" in v], forged
-    assert len(forged) == 14 and all(v["left"] == 0 and v["finished"] == [False, None] for v in forged.values())
+    assert len(forged) == 16 and all(v["left"] == 0 and v["finished"] == [False, None] for v in forged.values())
     assert out["per_request"]  # only vLLM with failed_recving gets here (see d_refused above)
     assert all(v["matched"] == [100, True] and v["error"] for v in forged.values()), forged
     assert "missing" in forged["incomplete"]["error"] and "remote_port" in forged["port_text"]["error"]

@@ -84,6 +84,19 @@ def main() -> None:
     aborted.status = RequestStatus.FINISHED_ABORTED
     out["p_aborted"] = p.request_finished_all_groups(aborted, mgr.get_block_ids(aborted.request_id))
     out["p_meta_after"] = p.build_connector_meta(SchedulerOutput.make_empty()).send
+    # After its prefill, vLLM's sliding-window manager has replaced the blocks before the window with the
+    # null block (remove_skipped_blocks, as its scheduler calls it): P sends them as a count, D restores them.
+    from ds_plugins.vllm.mooncake_connector import parse_remote
+    trim = request("p-trim", {"do_remote_decode": True, "do_remote_prefill": False})
+    mgr.allocate_slots(trim, PROMPT)
+    trim.num_computed_tokens = PROMPT
+    mgr.remove_skipped_blocks(trim.request_id, PROMPT)
+    trim.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    trim_ids = [list(g) for g in mgr.get_block_ids(trim.request_id)]
+    _, trim_params = p.request_finished_all_groups(trim, mgr.get_block_ids(trim.request_id))
+    out["p_trim"] = {"block_ids": trim_ids, "params": trim_params,
+                     "restored": parse_remote(trim_params, 3, PROMPT, 1)["remote_blocks"]}
+    p.build_connector_meta(SchedulerOutput.make_empty())
 
     # ---------------- decode instance, fed P's params as the proxy would
     try:
@@ -198,6 +211,8 @@ def decode(out: dict, d, kcc, params: dict) -> None:
         "host_not_allowed": {**params, "remote_host": "169.254.169.254"},
         "engine_id_obj": {**params, "remote_engine_id": {"a": 1}},
         "num_tokens_past_prompt": {**params, "remote_num_tokens": PROMPT + 5},
+        "skip_text": {**params, "remote_block_skip": "x"},
+        "skip_past_prompt": {**params, "remote_block_skip": [PROMPT, 0, 0]},
     }
     out["forged"] = {}
     for name, bad in forged.items():
