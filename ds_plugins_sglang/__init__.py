@@ -53,23 +53,23 @@ def _apply_env(reg) -> None:
 def register(via: str = "sglang.srt.plugins") -> None:
     """SGLang general-plugin entry point: idempotent, cheap, never raises into SGLang."""
     try:
-        from ds_plugins.registration import prepare as decide, register as run
+        import ds_plugins.registration as registration
     except Exception as exc:  # a broken install must not take SGLang down
         _log().error("ds-plugins could not load (%s: %s); SGLang runs as shipped", type(exc).__name__, exc)
         return
     # Decide and set SGLang's switch first: a patch's check reads it (the user's own value wins).
-    _apply_env(decide("sglang", via=via, log=_log()))
-    run("sglang", via=via, patches=declared_patches, log=_log(), carriers=adapter_carriers)
+    _apply_env(registration.prepare("sglang", via=via, log=_log()))
+    registration.register("sglang", via=via, patches=declared_patches, log=_log(), carriers=adapter_carriers)
 
 
 def prepare(via: str) -> None:
     """Decide before SGLang is imported (it reads some switches into constants at import)."""
     try:
-        from ds_plugins.registration import prepare as run
+        import ds_plugins.registration as registration
     except Exception as exc:
         _log().error("ds-plugins could not load (%s: %s); SGLang runs as shipped", type(exc).__name__, exc)
         return
-    _apply_env(run("sglang", via=via, log=_log()))
+    _apply_env(registration.prepare("sglang", via=via, log=_log()))
 
 
 def sglang_path() -> str:
