@@ -254,22 +254,14 @@ def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, d
 
 
 def transfer_group_ids(kv_cache_config) -> tuple[int, ...] | None:
-    """The KV cache groups P/D moves: vLLM's own `transfer_group_ids` where it has them (0.33+: not the
-    host-resident HiSparse groups, which vLLM marks `enable_kv_transfer=False`), else every group; None
-    when the config has no groups to say (a scheduler built without one)."""
+    """The KV cache groups P/D moves: vLLM's own `transfer_group_ids` where it has them (0.30+: not the
+    groups it marks `enable_kv_transfer=False`, such as 0.33's host-resident HiSparse groups), else every
+    group; None when the config has no groups to say (a scheduler built without one)."""
     groups = getattr(kv_cache_config, "kv_cache_groups", None)
     if not groups:
         return None
     ids = getattr(kv_cache_config, "transfer_group_ids", None)
     return tuple(ids) if ids is not None else tuple(range(len(groups)))
-
-
-def _select(per_group, ids: tuple[int, ...] | None, total: int | None) -> list:
-    """The transfer groups' entries of a per-group list vLLM gives for all its groups."""
-    per_group = list(per_group)
-    if ids is None or total is None or len(per_group) != total or len(ids) == total:
-        return per_group
-    return [per_group[i] for i in ids]
 
 
 class SchedulerSide:
@@ -282,10 +274,9 @@ class SchedulerSide:
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         check_tp(config, self.tp_size)
         self.allowed = AllowList(config.allowed_peers) if config.allowed_peers is not None else None
-        groups = getattr(kv_cache_config, "kv_cache_groups", None)
-        self._all_groups = len(groups) if groups else None
-        self.transfer_groups = transfer_group_ids(kv_cache_config)
-        self.num_groups = len(self.transfer_groups) if self.transfer_groups else None
+        self._kv_cache_config = kv_cache_config
+        transfer = transfer_group_ids(kv_cache_config)
+        self.num_groups = len(transfer) if transfer else None
         # vLLM with KVConnectorTransferResults.failed_recving (0.30+) can fail or recompute one request;
         # older ones only take block ids, so unusable params are prefilled locally there instead.
         self.fail_requests = fail_requests
@@ -402,7 +393,7 @@ class SchedulerSide:
             # Positions already valid here (local prefix-cache hits, which carry a hash) and padding
             # (null) blocks are not read; every other position is filled from the same position at P.
             local = [[NULL_BLOCK if (b.is_null or b.block_hash is not None) else b.block_id for b in group]
-                     for group in _select(blocks.blocks, self.transfer_groups, self._all_groups)]
+                     for group in self._transfer_part(blocks.blocks)]
             if self._remote_tokens(request) < len(request.prompt_token_ids or ()):
                 # P covered a shorter prompt: D's blocks past P's (the last token's, which D computes
                 # itself) have nothing at P to read. P's lists are as long as the tokens it covered.
@@ -412,6 +403,16 @@ class SchedulerSide:
         else:
             local = [[] for _ in range(self.num_groups or len(blocks.blocks))]  # nothing to read; P must free
         self._recv[request.request_id] = self._spec(params, local)
+
+    def _transfer_part(self, per_group) -> list:
+        """The transfer groups' entries of a list vLLM gives per KV group (its own
+        select_transfer_block_ids, 0.30+); a list not one per group is left as it is (vLLM's raises)."""
+        per_group = list(per_group)
+        select = getattr(self._kv_cache_config, "select_transfer_block_ids", None)
+        groups = getattr(self._kv_cache_config, "kv_cache_groups", None) or ()
+        if select is None or len(per_group) != len(groups):
+            return per_group
+        return list(select(per_group))
 
     def _spec(self, params: dict, local: list[list[int]]) -> RecvSpec:
         remote = parse_remote(params, self.num_groups, 1 << 30, self.config.decode.tp_size, self.allowed)
@@ -441,7 +442,7 @@ class SchedulerSide:
             return False, None
         if request.status != RequestStatus.FINISHED_LENGTH_CAPPED:
             return False, None  # aborted or stopped: nobody will read these blocks
-        groups = _select(_as_groups(block_ids), self.transfer_groups, self._all_groups)
+        groups = self._transfer_part(_as_groups(block_ids))
         if not any(groups):
             return False, None
         ranks = source_ranks(request.request_id, self.tp_size, self.config.decode.tp_size)
@@ -747,7 +748,7 @@ def _build() -> type:
         if hasattr(KVConnectorBase_V1, "get_loaded_kv_cache_group_ids"):
             def get_loaded_kv_cache_group_ids(self, request):
                 # A P/D load restores the request's own blocks in every group it moves (regions_of: vLLM's
-                # transfer groups, all of them before 0.33), not only the prefix-cacheable ones (vLLM's default).
+                # transfer groups), not only the prefix-cacheable ones (vLLM's default).
                 return transfer_group_ids(self._kv_cache_config) or ()
 
         # Sleep mode (vLLM 0.33+): transfers are drained before; the cache keeps its virtual addresses.
