@@ -44,7 +44,8 @@ TORCH = "torch==2.13.0"
 BROKEN_BESIDE_CPU_TORCH = ("torchvision", "torchaudio", "torchcodec")
 # What SGLang imports at start-up that vLLM's dependencies do not bring.
 SGLANG_EXTRA = ("orjson", "IPython")
-TEST_TOOLS = ("pytest>=8",)
+# pytest-xdist: ci/test.py runs the tests that start no server on both cores (see there).
+TEST_TOOLS = ("pytest>=8", "pytest-xdist>=3.5")
 RECIPE_VERSION = "1"  # bump to force a rebuild when the recipe below changes
 
 

@@ -8,6 +8,10 @@
 3. checks that docs/compat.md is what ci/compat.py generates,
 4. runs pytest in the main environment, with every engine test required (not skipped); the
    kernel tests run the Triton kernels in Triton's CPU interpreter (tests/kernels/conftest.py).
+   Without arguments it runs in two parts: every folder but tests/e2e on all cores (pytest-xdist,
+   one worker per core, at most 4, each test file kept in one worker so its module fixtures are
+   built once), then tests/e2e alone, whose servers bind half the cores each (tests/e2e/test_pd_e2e.py:
+   servers that share cores stall each other). With arguments, one pytest run with exactly those.
 Downloads are cached under $DSP_CACHE (default ~/.cache/ds-plugins) and pip's cache.
 """
 
@@ -36,9 +40,24 @@ def main(argv: list[str]) -> int:
     # mooncake-transfer-engine and the native libraries it loads, for the KV-transfer tests (tests/kv/)
     env.update(mooncake_env.setup())
     stale = subprocess.run([main_python, "ci/compat.py", "check"], cwd=upstream.ROOT, env=env).returncode
-    tests = subprocess.run([main_python, "-m", "pytest", "-p", "no:cacheprovider", *argv],
-                           cwd=upstream.ROOT, env=env).returncode
+    tests = 0
+    for args in _runs(argv):
+        tests = subprocess.run([main_python, "-m", "pytest", "-p", "no:cacheprovider", *args],
+                               cwd=upstream.ROOT, env=env).returncode or tests
     return tests or stale
+
+
+E2E = "tests/e2e"
+
+
+def _runs(argv: list[str]) -> list[list[str]]:
+    """The pytest runs: the caller's arguments as one run, or the whole suite in its two parts."""
+    if argv:
+        return [argv]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(cores, 4)
+    parallel = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
+    return [[*parallel, f"--ignore={E2E}"], [E2E]]
 
 
 if __name__ == "__main__":

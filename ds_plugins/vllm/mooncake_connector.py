@@ -570,6 +570,12 @@ class WorkerSide:
         from ds_plugins.kv.mooncake.peers import KVSink, KVSource
         groups = regions_of(self.kv_cache_config, kv_caches)
         cfg = self.config
+        if cfg.is_consumer:
+            from ds_plugins.kv.amx import allow_amx_tiles
+            # A decode instance's first forward can be a decode over loaded KV (see ds_plugins.kv.amx).
+            if allow_amx_tiles(kv_caches.values()):
+                log.info("mooncake: asked Linux for AMX tiles for this CPU worker (vLLM's CPU attention uses "
+                         "them without asking; a first forward over loaded KV would otherwise end with SIGILL)")
         auth, allowed = Authenticator(cfg.secret), AllowList(cfg.allowed_peers)
         self.engine = Engine(cfg.host, cfg.protocol, cfg.device_name, cfg.transfer_timeout_s)
         try:
