@@ -115,8 +115,3 @@ def when_imported(name: str, callback: Callback, *, before: bool = False) -> boo
         (_before if before else _after).setdefault(name, []).append(callback)
         _ensure_finder()
     return True
-
-
-def pending(name: str) -> bool:
-    with _lock:
-        return name in _before or name in _after

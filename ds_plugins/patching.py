@@ -115,6 +115,29 @@ def route_to(patch_id: str, pick: Callable[[Any], Callable]) -> Callable[[Target
     return replace_attribute(factory)
 
 
+class Route(NamedTuple):
+    """A function an engine calls, at `module.attribute`, answered by a ds-plugins adapter: the rows of
+    both engines' route tables (ds_plugins/vllm/dsv4/routes.py, ds_plugins_sglang/routes.py); `patch`
+    makes the Patch that binds it."""
+    id: str
+    module: str
+    attribute: str
+    versions: str
+    implements: tuple[str, tuple[str, ...]]
+    why: str
+    retire: str
+    adapter: str = ""  # the adapter's name, where the engine adapter chooses by name
+    # Routes of one group apply wholly or not at all (the engine adapter's `check` enforces it).
+    group: str = ""
+
+    def patch(self, engine: str, pick: Callable[[Any], Callable],
+              check: Callable[[Target], str | None] | None = None) -> Patch:
+        """The Patch rebinding the site to `pick(original)`; by default it checks that the adapter
+        takes every parameter the original takes."""
+        return Patch(self.id, engine, self.module, self.attribute, self.versions, self.implements, self.why,
+                     self.retire, check or accepts_what_the_original_takes(pick), route_to(self.id, pick))
+
+
 def _static_value(owner: Any, name: str) -> Any:
     """The attribute as stored (a classmethod stays a classmethod), like inspect.getattr_static
     for the cases patches meet: module attributes and class attributes along the MRO.
@@ -269,8 +292,3 @@ def revert(applied: Iterable[Outcome]) -> None:
         if outcome.undo is not None:
             outcome.undo()
         _record(Outcome(outcome.patch_id, "reverted", "undone after a registration failure"))
-
-
-def reset_for_tests() -> None:
-    with _lock:
-        _outcomes.clear()

@@ -25,9 +25,7 @@ not) is skipped with one warning by ds_plugins.patching, and SGLang keeps its ow
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-from ds_plugins.patching import Patch, Target, accepts_what_the_original_takes, parameters, route_to  # noqa: F401
+from ds_plugins.patching import Patch, Route, Target, accepts_what_the_original_takes, parameters, route_to  # noqa: F401
 
 SPARSE = ("sparse_mla", ("triton",))
 INDEXER = ("indexer", ("triton",))
@@ -58,25 +56,14 @@ def adapter(name: str):
     return getattr(kernels, name)
 
 
-class Route(NamedTuple):
-    id: str
-    module: str
-    attribute: str
-    versions: str
-    implements: tuple[str, tuple[str, ...]]
-    why: str
-    retire: str
-    # Routes of one group apply wholly or not at all: each one's check runs every member's check on
-    # the same module first, so a refused member (say decode, against a flash_mla whose kernel takes
-    # parameters ours does not) refuses the others too, before any of them is installed.
-    group: str = ""
-
-
 def _accepts(route: Route):
     return accepts_what_the_original_takes(lambda _: adapter(route.attribute))
 
 
 def _check(route: Route):
+    """Routes of one group apply wholly or not at all: each one's check runs every member's check on the
+    same module first, so a refused member (say decode, against a flash_mla whose kernel takes
+    parameters ours does not) refuses the others too, before any of them is installed."""
     own = _accepts(route)
     if not route.group:
         return own
@@ -98,8 +85,7 @@ def _check(route: Route):
 
 
 def _patch(route: Route) -> Patch:
-    return Patch(route.id, "sglang", route.module, route.attribute, route.versions, route.implements,
-                 route.why, route.retire, _check(route), route_to(route.id, lambda _: adapter(route.attribute)))
+    return route.patch("sglang", lambda _: adapter(route.attribute), _check(route))
 
 
 FLASHMLA = "FlashMLA has no SM12x kernels and SGLang 0.5.12 calls it for every V4 {} (decode and prefill)"

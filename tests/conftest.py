@@ -36,11 +36,12 @@ def module_factory(tmp_path, monkeypatch):
 @pytest.fixture
 def fresh_state():
     """Per-process registration/patch records reset around a test."""
-    from ds_plugins import patching, registration
-    patching.reset_for_tests()
+    from ds_plugins import registration
+    from tests.internals import clear_patch_records
+    clear_patch_records()
     registration._registrations.clear()
     yield
-    patching.reset_for_tests()
+    clear_patch_records()
     registration._registrations.clear()
 
 

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from ds_plugins_sglang import sglang_path
+from tests.internals import HOOK_PENDING_SRC
 
 pytestmark = pytest.mark.engines
 
@@ -28,8 +29,8 @@ def test_load_plugins_discovers_and_runs_ds_plugins(sglang_plugins_env):
 def test_hook_decides_before_sglang_runs_and_registers_after(sglang_env):
     res = sglang_env.run(
         "import sys\n"
-        "from ds_plugins import importhook\n"
-        "assert importhook.pending('sglang') and 'ds_plugins.registration' not in sys.modules\n"
+        "from ds_plugins import importhook\n" + HOOK_PENDING_SRC +
+        "assert hook_pending('sglang') and 'ds_plugins.registration' not in sys.modules\n"
         "seen = {}\n"
         "def early(_m):\n"
         "    import ds_plugins.registration as r\n"
@@ -118,9 +119,9 @@ def test_an_existing_sitecustomize_still_runs(sglang_env, tmp_path):
     (other / "sitecustomize.py").write_text("import builtins\nbuiltins.OTHER_SITECUSTOMIZE_RAN = True\n")
     res = sglang_env.run(
         "import builtins, sys\n"
-        "from ds_plugins import importhook\n"
+        "from ds_plugins import importhook\n" + HOOK_PENDING_SRC +
         "print('OTHER', getattr(builtins, 'OTHER_SITECUSTOMIZE_RAN', False))\n"
-        "print('ARMED', importhook.pending('sglang'))\n"
+        "print('ARMED', hook_pending('sglang'))\n"
         "print('MODULE', sys.modules['sitecustomize'].__file__)\n",
         pythonpath=(*HOOK, str(other)), state=False).ok()
     assert "OTHER True" in res.proc.stdout and "ARMED True" in res.proc.stdout
@@ -129,7 +130,8 @@ def test_an_existing_sitecustomize_still_runs(sglang_env, tmp_path):
 
 def test_disable_keeps_the_hook_unarmed(sglang_env):
     res = sglang_env.run(
-        "from ds_plugins import importhook\nprint('ARMED', importhook.pending('sglang'))\nimport sglang\n",
+        "from ds_plugins import importhook\n" + HOOK_PENDING_SRC
+        + "print('ARMED', hook_pending('sglang'))\nimport sglang\n",
         pythonpath=HOOK, env={"DS_PLUGINS_DISABLE": "1"}).ok()
     assert "ARMED False" in res.proc.stdout
     assert res.state["calls"] == 0

@@ -1,6 +1,7 @@
 import sys
 
 from ds_plugins import importhook
+from tests.internals import hook_pending
 
 
 def test_before_and_after_run_around_the_module_body(module_factory):
@@ -20,11 +21,11 @@ def test_before_and_after_run_around_the_module_body(module_factory):
 
     assert importhook.when_imported(name, before, before=True)
     assert importhook.when_imported(name, after)
-    assert importhook.pending(name)
+    assert hook_pending(name)
     import dsp_hook_target_a
     assert order == [("before", False), ("after", 41)]
     assert dsp_hook_target_a.seen_flag == "set before"  # the before-hook ran ahead of the body
-    assert not importhook.pending(name)
+    assert not hook_pending(name)
     # the module sees its real loader, not our wrapper
     assert type(dsp_hook_target_a.__loader__).__name__ == "SourceFileLoader"
     assert type(dsp_hook_target_a.__spec__.loader).__name__ == "SourceFileLoader"
@@ -70,7 +71,7 @@ def test_failed_import_keeps_the_hook_for_a_retry(module_factory):
         __import__(name)
     except ImportError:
         pass
-    assert got == [] and importhook.pending(name)
+    assert got == [] and hook_pending(name)
     sys.modules.pop(name, None)
     # clean up the pending hook so it cannot leak into other tests
     importhook._after.pop(name, None)

@@ -6,6 +6,7 @@ import pytest
 from ds_plugins import patching
 from ds_plugins.patching import Patch, replace_attribute
 from ds_plugins.policy import Decision, Plan
+from tests.internals import clear_patch_records
 
 LOG = logging.getLogger("test.ds_plugins")
 
@@ -53,7 +54,7 @@ def test_applies_now_when_module_is_imported_and_twice_is_a_noop(module_factory,
     patching.apply([patch], plan(), LOG)
     assert mod.Platform.__dict__["support_deep_gemm"] is replaced
     # even with the per-process record gone (e.g. our module reloaded), the marker says it is done
-    patching.reset_for_tests()
+    clear_patch_records()
     [again] = patching.apply([patch], plan(), LOG)
     assert again.state == "applied" and again.detail == "already in place"
     assert mod.Platform.__dict__["support_deep_gemm"] is replaced
@@ -94,7 +95,7 @@ def test_not_selected_and_out_of_range(module_factory, fresh_state, caplog):
     mod = __import__(name)
     [o] = patching.apply([gate_patch(name)], plan(value="upstream"), LOG)
     assert o.state == "not-selected" and o.detail == "deepgemm=upstream"
-    patching.reset_for_tests()
+    clear_patch_records()
     [o] = patching.apply([gate_patch(name)], plan(version="0.22.1"), LOG)
     assert o.state == "other-version" and "written for vllm >=0.24" in o.detail
     assert not [r for r in caplog.records if r.levelname == "WARNING"]  # another release's site: no warning

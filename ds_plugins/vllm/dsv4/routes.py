@@ -22,10 +22,10 @@ vLLM's own top-k kernels (vllm._C) are built for SM120 and stay.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 from ... import patching
-from ...patching import (Patch, Target, accepts_what_the_original_takes, parameters,  # noqa: F401
+from ...patching import (Patch, Route, Target, accepts_what_the_original_takes, parameters,  # noqa: F401
                          replace_attribute, route_to)
 
 ADAPTERS = "ds_plugins.vllm.dsv4.adapters"
@@ -42,17 +42,6 @@ def _adapter(name: str):
     return getattr(importlib.import_module(ADAPTERS), name)
 
 
-class Route(NamedTuple):
-    id: str
-    module: str
-    attribute: str
-    versions: str
-    implements: tuple[str, tuple[str, ...]]
-    adapter: str  # adapters.<name>; for "varlen" sites, chosen by the original's parameters
-    why: str
-    retire: str
-
-
 def _choose(route: Route, original: Any) -> str:
     if route.adapter == "fp8_fp4_mqa_logits":
         params = parameters(original) or ()
@@ -66,14 +55,13 @@ def _pick(route: Route):
 
 
 def _function_patch(route: Route) -> Patch:
-    return Patch(route.id, "vllm", route.module, route.attribute, route.versions, route.implements,
-                 route.why, route.retire, accepts_what_the_original_takes(_pick(route)),
-                 route_to(route.id, _pick(route)))
+    return route.patch("vllm", _pick(route))
 
 
 def _site(name: str, module: str, attribute: str, versions: str, implements, adapter: str, why: str) -> Route:
     retire = RETIRE_ATTN if implements is SPARSE else RETIRE_DG
-    return Route(f"vllm.route.{name}", module, attribute, versions, implements, adapter, why, retire)
+    # adapter: adapters.<name>; for "varlen" sites, chosen by the original's parameters (_choose)
+    return Route(f"vllm.route.{name}", module, attribute, versions, implements, why, retire, adapter=adapter)
 
 
 FLASHMLA_WHY = "FlashMLA has no SM12x kernels; V4's sparse {} goes to the ds-plugins Triton kernel"
