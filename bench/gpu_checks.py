@@ -343,7 +343,8 @@ def graph_checks(device: str, small: bool, deadline: float | None = None) -> lis
         qv = q[0]
         checks.append(_graph_check(f"indexer paged logits, {fmt}", device, [qv, w, lens],
                                    lambda q=q, c=cache, t=table, l=lens, w=w, m=meta:
-                                   k.fp8_fp4_paged_mqa_logits(q, c, w, l, t, m, context), fill(w, lens), deadline=deadline))
+                                   k.fp8_fp4_paged_mqa_logits(q, c, w, l, t, m, context), fill(w, lens),
+                                   deadline=deadline))
         checks.append(_graph_check(f"indexer paged top-k={topk}, {fmt}", device, [qv, w, lens],
                                    lambda q=q, c=cache, t=table, l=lens, w=w, fp4=fp4:
                                    k.fp8_paged_mqa_topk(q if fp4 else q[0], c, w, l, t, topk, context),
@@ -355,7 +356,8 @@ def graph_checks(device: str, small: bool, deadline: float | None = None) -> lis
                                    fill(rw), deadline=deadline))
         checks.append(_graph_check(f"indexer ragged top-k={topk}, {fmt}", device, [rw],
                                    lambda q=rq, kv=kv, w=rw, ks=ks, ke=ke, fp4=fp4:
-                                   k.fp8_mqa_topk(q if fp4 else q[0], kv, w, ks, ke, topk), fill(rw), deadline=deadline))
+                                   k.fp8_mqa_topk(q if fp4 else q[0], kv, w, ks, ke, topk), fill(rw),
+                                   deadline=deadline))
 
     mm, kk = (4, 1024) if small else (4096, 16384)
     a = torch.randn(mm, kk, device=device).bfloat16()

@@ -156,12 +156,14 @@ def step_pytest(run: Run, cpu_smoke: bool, have_pytest: bool) -> None:
     except subprocess.TimeoutExpired as exc:
         # Stopped at the budget: what ran is read from pytest's progress characters (. pass, F fail, E error).
         partial = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        progress = "".join(line.split(" [")[0] for line in partial.splitlines() if line and set(line.split(" [")[0]) <= set(".FEsxX"))
+        progress = "".join(line.split(" [")[0] for line in partial.splitlines()
+                           if line and set(line.split(" [")[0]) <= set(".FEsxX"))
         counts = {c: progress.count(c) for c in ".FEs"}
         bad = counts["F"] + counts["E"]
         run.record("gpu-marked tests", "failed" if bad else "passed",
-                   f"stopped at the time budget after {time.monotonic() - t0:.0f}s: {counts['.']} passed, {bad} failed, "
-                   f"{counts['s']} skipped before that" + (f"; not collected here: {skipped_files}" if skipped_files else ""),
+                   f"stopped at the time budget after {time.monotonic() - t0:.0f}s: {counts['.']} passed, {bad} "
+                   f"failed, {counts['s']} skipped before that"
+                   + (f"; not collected here: {skipped_files}" if skipped_files else ""),
                    time.monotonic() - t0, output=partial.splitlines()[-30:], not_collected=absent, incomplete=True)
         return
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             goal = ", ".join(g for g in (r["goal"], "10x ref" if r["speedup"] else None) if g)
             verdict = f"{goal}: {'met' if r['goal_met'] else 'NOT met'}" if goal else ""
             ratio = f" {r['vs_4k_per_token']:.2f}x 4K" if "vs_4k_per_token" in r else ""
-            print(f"  {r['kernel'][:22]:<22} {r['problem'][:34]:<34} {r['ms']:8.3f} ms {r['bandwidth_fraction']:4.0%} copy "
+            print(f"  {r['kernel'][:22]:<22} {r['problem'][:34]:<34} {r['ms']:8.3f} ms "
+                  f"{r['bandwidth_fraction']:4.0%} copy "
                   f"{r['compute_fraction']:4.0%} gemm {r['roofline_fraction']:4.0%} roof "
                   f"{(str(round(r['speedup'])) + 'x ref') if r['speedup'] else '':>8} {verdict}{ratio}")
     print(f"results: {out}")

@@ -67,7 +67,8 @@ def main(argv: list[str]) -> dict:
         for bl in block_bytes:
             g = []
             for _ in range(2):
-                b = np.random.default_rng(1).integers(0, 256, bl * nb, dtype=np.uint8) if fill else np.zeros(bl * nb, np.uint8)
+                b = (np.random.default_rng(1).integers(0, 256, bl * nb, dtype=np.uint8) if fill
+                     else np.zeros(bl * nb, np.uint8))
                 bufs.append(b)
                 g.append(Region(base=b.ctypes.data, block_len=bl, stride=bl, num_blocks=nb))
             groups.append(g)
@@ -131,7 +132,8 @@ def main(argv: list[str]) -> dict:
     med_ours, med_raw = statistics.median(ours), statistics.median(raw)
     result = {
         "bench": "kv_transfer", "transport": "tcp loopback (127.0.0.1)", "host": platform.node(),
-        "cpus": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2), "mooncake": __import__("importlib.metadata").metadata.version("mooncake-transfer-engine"),
+        "cpus": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "mooncake": __import__("importlib.metadata").metadata.version("mooncake-transfer-engine"),
         "side_channel": "unauthenticated" if secret is None else "authenticated (HMAC-SHA256, shared secret)",
         "mib": args.mib, "bytes_per_request": nbytes, "segments_per_request": len(p.lengths), "reps": args.reps,
         "order": "alternating (ours first on even reps, raw first on odd)",

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ds_plugins.quant.ascend import arith, compute  # noqa: E402
+from ds_plugins.quant.ascend import compute  # noqa: E402
 from ds_plugins.quant.ascend.loader import Checkpoint  # noqa: E402
 from ds_plugins.quant.ascend.modules import QuantExperts, QuantLinear, resident_nbytes  # noqa: E402
 

@@ -87,8 +87,9 @@ def _shared_imports(python: str) -> str:
             "ds_plugins.probe, ds_plugins.landscape, ds_plugins.patching; "
             "print(','.join(sorted(m for m in set(sys.modules) - b if not m.startswith('ds_plugins'))))")
     engine = "import sys; b = set(sys.modules); import sglang; print(','.join(sorted(set(sys.modules) - b)))"
-    run = lambda code: set(subprocess.run([python, "-c", code], capture_output=True, text=True, env=_env(),
-                                          check=True).stdout.strip().split(","))
+    def run(code):
+        return set(subprocess.run([python, "-c", code], capture_output=True, text=True, env=_env(),
+                                  check=True).stdout.strip().split(","))
     return ",".join(sorted(run(ours) & run(engine)))
 
 

@@ -229,7 +229,8 @@ def runtime_helpers(src: Path) -> None:
     name = moe_layer(src)
     klass = _class_of(src, FUSED_MOE, name)
     for node in ast.walk(klass):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
         if any(isinstance(t, ast.Attribute) and t.attr == "moe_config" and isinstance(t.value, ast.Name)
                and t.value.id == "self" for t in targets):
             return

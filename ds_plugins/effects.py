@@ -63,8 +63,8 @@ TABLE: dict[str, dict[str, Effect]] = {
     },
     "custom_all_reduce": {
         "upstream": _UPSTREAM,
-        "off": Effect(CHANGES, "vLLM's custom all-reduce is off for tensor parallelism (as --disable-custom-all-reduce): "
-                               "NCCL all-reduces between GPUs without NVLink"),
+        "off": Effect(CHANGES, "vLLM's custom all-reduce is off for tensor parallelism "
+                               "(as --disable-custom-all-reduce): NCCL all-reduces between GPUs without NVLink"),
     },
     "ascend_quant": {
         "upstream": _UPSTREAM,
@@ -122,6 +122,8 @@ def account(plan, declared: Sequence, adapter_carriers: Mapping[tuple[str, str],
             carriers.setdefault(f"{decision}={v}", []).append(p.id)
     for (decision, v), what in adapter_carriers.items():
         carriers.setdefault(f"{decision}={v}", []).append(what)
+    changes: list[str]
+    offers: list[str]
     changes, offers, missing = [], [], []
     for d in plan.decisions:
         kind = effect(d.id, d.value).kind

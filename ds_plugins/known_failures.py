@@ -205,7 +205,8 @@ RECORDS: tuple[KnownFailure, ...] = (
         ),
         handled_by=("kv_cache_dtype", ("fp8",)),
         remedy=("On SM12x ds-plugins turns `auto` (only `auto`) into fp8 where it decides kv_cache_dtype=fp8. "
-                "Elsewhere (SM90), or with DS_PLUGINS_KV_CACHE_DTYPE=upstream: add `--kv-cache-dtype fp8`: DeepSeek-V4 keeps its KV cache as fp8_ds_mla (584 bytes per "
+                "Elsewhere (SM90), or with DS_PLUGINS_KV_CACHE_DTYPE=upstream: add `--kv-cache-dtype fp8`: "
+                "DeepSeek-V4 keeps its KV cache as fp8_ds_mla (584 bytes per "
                 "token) and has no bf16 layout on this path. vLLM 0.30.0 resolves `auto` to fp8 itself."),
         upstream=("vllm-project/vllm#47174", "vllm-project/vllm#54233", "vllm-project/vllm#55134"),
         retire="the oldest supported vLLM is 0.30.0 or newer (it resolves `auto` to fp8_ds_mla)",

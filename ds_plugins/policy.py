@@ -181,7 +181,8 @@ def _deepgemm_sglang(lib: Library, desc: str, facts, t: _Target, version: str) -
         return Decision("deepgemm", "upstream", f"{desc} already keeps DeepGEMM off on {t.sm} itself")
     guarded = "deepgemm_gate_sm120_guarded" if t.capability == (12, 0) else "deepgemm_gate_sm121_guarded"
     if lib.has("sm12x"):
-        return Decision("deepgemm", "upstream", f"{desc} enables DeepGEMM on {t.sm} and {_where(lib)} has SM12x kernels")
+        return Decision("deepgemm", "upstream",
+                        f"{desc} enables DeepGEMM on {t.sm} and {_where(lib)} has SM12x kernels")
     if guarded in facts:
         return Decision("deepgemm", "off",
                         f"{desc} checks only that DeepGEMM's SM12x names exist on {t.sm}, and {_where(lib)} has no "
@@ -267,7 +268,7 @@ def _kv_cache_dtype(engine: str, version: str, t: _Target) -> Decision:
     if not rows:
         return Decision("kv_cache_dtype", "upstream", f"{_engine_desc(engine, version)} accepts its default KV-cache "
                                                       f"dtype for DeepSeek-V4 on {t.sm}")
-    return Decision("kv_cache_dtype", rows[0].cover.value,
+    return Decision("kv_cache_dtype", rows[0].cover.value,  # type: ignore[union-attr]  # rows: those with a cover
                     f"{_engine_desc(engine, version)} asserts an fp8 KV-cache dtype for DeepSeek-V4's fp8_ds_mla "
                     f"layout on {t.sm} and its default is auto ({rows[0].refs[0] if rows[0].refs else 'upstream'}): "
                     f"ds-plugins turns auto (only auto) into fp8")
@@ -371,7 +372,8 @@ def decide(probe: Probe, engine: str, env: Mapping[str, str] | None = None) -> P
         else:
             dsv4_model = Decision("dsv4_model", "ds_plugins",
                                   "DeepseekV4ForCausalLM and its MTP model go to the ds-plugins hook-up, "
-                                  "whose kernel routes (sparse attention, indexer, o_proj einsum, mHC prenorm) go to Triton")
+                                  "whose kernel routes (sparse attention, indexer, o_proj einsum, mHC prenorm) "
+                                  "go to Triton")
     elif engine == "vllm":
         dsv4_model = Decision("dsv4_model", "upstream", "upstream kernels serve every feature here")
     else:

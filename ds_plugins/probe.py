@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 ENGINES = ("vllm", "sglang")
 
@@ -43,7 +43,7 @@ LINKS = (LINK_NVLINK, LINK_PCIE, LINK_MIXED, LINK_SINGLE, LINK_UNKNOWN)
 
 class Device(NamedTuple):
     kind: str  # "cuda" | "npu"
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index: NamedTuple allows it
     name: str
     capability: tuple[int, int] | None = None  # CUDA compute capability
     uuid: str | None = None  # GPU-... or MIG-... (real GPUs only)
@@ -158,7 +158,7 @@ def _dist_owning(package_dir: Path, package: str) -> tuple[str, str] | None:
     norm = package.lower().replace("-", "_")
     likely = [p for p in infos if p.name.lower().replace("-", "_").startswith(norm)]
     for info in likely + [p for p in infos if p not in likely]:
-        dist = md.Distribution.at(info)
+        dist: md.Distribution = md.Distribution.at(info)
         listing = (dist.read_text("RECORD") or dist.read_text("SOURCES.txt") or "")
         top = (dist.read_text("top_level.txt") or "").split()
         if marker in listing or package in top:
@@ -313,7 +313,7 @@ def _dsv4_sm120_decode_gaps(root: Path) -> str:
             continue
         end = re.compile(r"^(?=[^\s)#])", re.MULTILINE).search(text, m.end())
         try:
-            func = ast.parse(text[m.start():end.start() if end else len(text)]).body[0]
+            func = cast(ast.FunctionDef, ast.parse(text[m.start():end.start() if end else len(text)]).body[0])
         except (SyntaxError, IndexError):
             return "could not be read"
         a = func.args
@@ -349,7 +349,8 @@ def _missing_dsv4_decode_shapes(root: Path) -> tuple[tuple[int, int], ...]:
         return ()
     import ast
     try:
-        node = ast.parse(text[start:text.index("\n)", start) + 2]).body[0].value
+        # an Assign here; any other statement raises AttributeError, caught below
+        node = ast.parse(text[start:text.index("\n)", start) + 2]).body[0].value  # type: ignore[attr-defined]
         shapes = {tuple(e.value for e in elt.elts) for elt in node.args[0].elts}
     except (ValueError, SyntaxError, AttributeError, IndexError):
         return ()
@@ -382,7 +383,7 @@ def libraries() -> dict[str, Library]:
 class Host(NamedTuple):
     """The parts of the machine the device probe reads. The defaults are the real ones; tests pass a
     fake NVML module (and driver marker, device listing) to run the whole path."""
-    nvml: Callable[[], object]  # returns the pynvml module; raises ImportError when it is not installed
+    nvml: Callable[[], Any]  # returns the pynvml module; raises ImportError when it is not installed
     driver_loaded: Callable[[], bool]  # is an NVIDIA driver loaded (cheap file check, before any NVML import)
     dev_entries: Callable[[], list[str]]  # names under /dev (Ascend NPUs are /dev/davinciN)
 
@@ -471,6 +472,7 @@ def select_visible(gpus: list[_Gpu], value: str | None) -> tuple[list[tuple[_Gpu
         return [(g, None) for g in gpus], ""
     entries = [e.strip() for e in value.split(",")]
     chosen: list[tuple[_Gpu, str | None]] = []
+    hits: list[_Gpu] | list[tuple[_Gpu, str]]
     for pos, entry in enumerate(entries):
         found: tuple[_Gpu, str | None] | None = None
         if entry.isdigit():

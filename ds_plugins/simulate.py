@@ -51,7 +51,7 @@ def _features_help() -> str:
                      for name, features in LIBRARY_FEATURES.items() if features)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--engine", action="append", default=[], metavar="NAME==VERSION",
                         help="an engine installed as `pip install NAME==VERSION` would, with the kernel libraries "
                              "its stock wheel vendors or pins, e.g. vllm==0.24.0 or sglang==0.5.12 "

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
 from ds_plugins.patching import Patch, Target
 
@@ -92,7 +92,7 @@ SM120_BACKEND_VERSIONS = ">=0.5.15"
 
 def _in(versions: str, version: str | None) -> bool:
     from ds_plugins.landscape import in_range
-    return bool(version) and in_range(versions, version)
+    return bool(version) and in_range(versions, cast(str, version))  # bool(version): not None, not ""
 
 
 def wanted(plan) -> dict[str, str]:

@@ -46,7 +46,8 @@ def launch_target(capability: tuple[int, int] | None):
     """Plan launches inside this block as for a GPU of this compute capability, e.g. (12, 0)
     (None: the device's own). Only tile sizes and warps change; the math is the same."""
     global _forced_capability
-    previous, _forced_capability = _forced_capability, (tuple(capability) if capability is not None else None)
+    # tuple() of the (major, minor) pair is a pair; mypy widens it to tuple[int, ...]
+    previous, _forced_capability = _forced_capability, (tuple(capability) if capability is not None else None)  # type: ignore[assignment]
     try:
         yield
     finally:

@@ -477,7 +477,7 @@ class SparseDecodeSchedMeta:
         h_k: int
         causal: bool
         is_fp8_kvcache: bool
-        topk: int | None
+        topk: int
         extra_page_block_size: int | None
         extra_topk: int | None
 

@@ -84,7 +84,7 @@ class Row(NamedTuple):
     # kernels), the blocker does not hold on that machine.
     unless: tuple[str, str] | None = None
 
-    def applies(self, version: str, device: str) -> bool:
+    def applies(self, version: str, device: str | None) -> bool:
         return device in self.devices and in_range(self.versions, version, what=f"row {self.kernel!r}")
 
     def covered_by(self, values: dict[str, str]) -> bool:

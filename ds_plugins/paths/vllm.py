@@ -329,7 +329,8 @@ ROWS: tuple[Row, ...] = (
     Row("vllm", "moe", "MXFP4 routed experts (FusedMoE, backend chosen per capability)", "engine_c",
         ">=0.20.0", SM12X, "unverified",
         "the checkpoint's expert_dtype fp4 experts go through FusedMoE's MXFP4 method, whose backend is picked "
-        "by the MXFP4 oracle (the first of its priority list whose kernel supports the capability); no SM120 run has settled which one and that it runs",
+        "by the MXFP4 oracle (the first of its priority list whose kernel supports the capability); "
+        "no SM120 run has settled which one and that it runs",
         (_src(_MXFP4_ORACLE, r"def (select_mxfp4_moe_backend|get_mxfp4_backend)\("),
          _reading(_MXFP4_ORACLE, "priority list filtered by each kernel's is_supported_config"))),
     Row("vllm", "moe", "MXFP4 routed experts (FusedMoE)", "engine_c",

@@ -94,7 +94,7 @@ class Proxy:
     async def _probe(self, inst: Instance) -> str | None:
         timeout = aiohttp.ClientTimeout(total=min(self.config.health_interval_s, self.config.connect_timeout_s + 5))
         try:
-            async with self.session.get(inst.url + "/health", timeout=timeout) as r:
+            async with self.session.get(inst.url + "/health", timeout=timeout) as r:  # type: ignore[union-attr]  # start() set it
                 await r.read()
                 return None if r.status == 200 else f"/health answered {r.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -110,11 +110,13 @@ class Proxy:
         while True:
             inst = side.pick(exclude=tried)
             if inst is None:
-                raise SideError(503, side_name, None, f"no {side_name} instance can be reached ({side.why_unavailable()})")
+                raise SideError(503, side_name, None,
+                                f"no {side_name} instance can be reached ({side.why_unavailable()})")
             tried.append(inst)
             with side.using(inst):
                 try:
-                    resp = await self.session.request(method, inst.url + path, json=body, headers=headers)
+                    # for mypy, below: self.session is set by start(), before the app serves a request
+                    resp = await self.session.request(method, inst.url + path, json=body, headers=headers)  # type: ignore[union-attr]
                 except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                     side.mark(inst, _why(exc))  # down until its /health answers; the next instance is tried
                     continue

@@ -31,7 +31,7 @@ def register() -> None:
     from ..registration import register as run
     from .startup_log import Holding
     log = logging.getLogger(LOGGER_NAME)
-    reg = run("vllm", via="vllm.general_plugins", patches=declared_patches, log=Holding(log),
+    reg = run("vllm", via="vllm.general_plugins", patches=declared_patches, log=Holding(log),  # type: ignore[arg-type]  # Logger-like
               carriers=adapter_carriers)
     if reg.state == "registered" and reg.plan is not None and reg.plan.status == "supported":
         _ascend_quant(reg, log)

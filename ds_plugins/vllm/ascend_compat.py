@@ -17,6 +17,7 @@ into its one warning and leaves vLLM as shipped, instead of a layer failing half
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from vllm.model_executor.layers import fused_moe as _fused_moe
 
@@ -42,7 +43,7 @@ def moe_layer_class(module=_fused_moe) -> type:
                       "layer is not one ds-plugins knows")
 
 
-def unsupported_moe_apply_params(base: type) -> list[str]:
+def unsupported_moe_apply_params(base: type[Any]) -> list[str]:
     """Parameters of `base.apply` (vLLM's FusedMoEMethodBase) that AscendMoEMethod.apply does not take."""
     params = inspect.signature(base.apply).parameters
     return [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)

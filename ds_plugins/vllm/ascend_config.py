@@ -101,7 +101,7 @@ class AscendQuantConfig(QuantizationConfig):
     # --- names ---------------------------------------------------------------------------------
     def _engine_names(self, key: str) -> set[str]:
         out = {key}
-        desc = self.checkpoint.description
+        desc = self.checkpoint.description  # type: ignore[union-attr]  # checkpoint: set by _build_index
         if desc.is_deepseek_native:
             out.add(names.dsv4_to_vllm(key, self.num_hidden_layers or 0))
         if self._mapper is not None:
@@ -145,15 +145,18 @@ class AscendQuantConfig(QuantizationConfig):
         if self._index is None:
             self._build_index()
         if moe:
-            members = self._experts.get(prefix, {})
+            members = self._experts.get(prefix, {})  # type: ignore[union-attr]  # _build_index set it
             sources = {m: s for m, s in members.items()}
         else:
-            sources = {m: self._index.get(m, set()) for m in self.shards_of(prefix)}
+            # for mypy, below: _build_index set it
+            sources = {m: self._index.get(m, set()) for m in self.shards_of(prefix)}  # type: ignore[union-attr]
         found = {s for v in sources.values() for s in v}
         if len(found) > 1:
             detail = ", ".join(f"{m}: {'/'.join(sorted(v)) or 'absent'}" for m, v in sorted(sources.items()))
-            raise AscendFormatError(self.checkpoint.description.path, prefix,
-                                    f"vLLM runs these checkpoint modules as one layer but their quant types differ ({detail})")
+            # for mypy, below: the checkpoint is set once the index is (_build_index)
+            raise AscendFormatError(self.checkpoint.description.path, prefix,  # type: ignore[union-attr]
+                                    f"vLLM runs these checkpoint modules as one layer but their quant types differ "
+                                    f"({detail})")
         return found.pop() if found else "FLOAT"
 
     def shards_of(self, prefix: str) -> list[str]:
@@ -162,12 +165,12 @@ class AscendQuantConfig(QuantizationConfig):
         DeepSeek-V4), the fused layers vLLM builds (names.VLLM_FUSED)."""
         if self._index is None:
             self._build_index()
-        if prefix in self._index:
+        if prefix in self._index:  # type: ignore[operator]  # _build_index set it
             return [prefix]
         parent, _, last = prefix.rpartition(".")
         shards = self.packed_modules_mapping.get(last) or names.VLLM_FUSED.get(last, ())
         found = [f"{parent}.{s}" if parent else s for s in shards]
-        return [m for m in found if m in self._index] or [prefix]
+        return [m for m in found if m in self._index] or [prefix]  # type: ignore[operator]  # _build_index set it
 
     def loaded_name(self, prefix: str, leaf: str) -> str:
         """The parameter name under which the model's loader hands over the checkpoint tensors
@@ -176,11 +179,12 @@ class AscendQuantConfig(QuantizationConfig):
         `leaf` itself without a mapper or where the mapper keeps it."""
         if self._index is None:
             self._build_index()
-        found = set()
+        found: set[str] = set()
         for shard in self.shards_of(prefix):
-            found |= self._leaves.get((shard, leaf), set())
+            found |= self._leaves.get((shard, leaf), set())  # type: ignore[union-attr]  # _build_index set it
         if len(found) > 1:
-            raise AscendFormatError(self.checkpoint.description.path, f"{prefix}.{leaf}",
+            # for mypy, below: the checkpoint is set once the index is (_build_index)
+            raise AscendFormatError(self.checkpoint.description.path, f"{prefix}.{leaf}",  # type: ignore[union-attr]
                                     f"vLLM's weight mapper gives the shards of this layer different names for "
                                     f"{leaf} ({', '.join(sorted(found))}); they cannot load into one parameter")
         return found.pop() if found else leaf
@@ -196,18 +200,22 @@ class AscendQuantConfig(QuantizationConfig):
                 return methods.W8A8DynamicLinearMethod(self, prefix)
             if scheme == "W8A8":
                 return methods.W8A8StaticLinearMethod(self, prefix)
-            raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not a linear scheme")
+            # for mypy, below: the checkpoint is set once the index is (_build_index)
+            raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not a linear scheme")  # type: ignore[union-attr]
         if isinstance(layer, ascend_compat.MoELayer):
             scheme = self.scheme_for(prefix, moe=True)
             if scheme == "FLOAT":
                 return None  # every vLLM of the matrix then builds its own UnquantizedFusedMoEMethod
             if scheme in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
-                return methods.AscendMoEMethod(layer.moe_config, scheme, self, prefix)
-            raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not an MoE scheme")
+                # for mypy, below: an instance of vLLM's MoE layer class
+                return methods.AscendMoEMethod(layer.moe_config, scheme, self, prefix)  # type: ignore[attr-defined]
+            # for mypy, below: the checkpoint is set once the index is (_build_index)
+            raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not an MoE scheme")  # type: ignore[union-attr]
         if isinstance(layer, VocabParallelEmbedding):
             scheme = self.scheme_for(prefix)
             if scheme != "FLOAT":
-                raise AscendFormatError(self.checkpoint.description.path, prefix,
+                # for mypy, below: the checkpoint is set once the index is (_build_index)
+                raise AscendFormatError(self.checkpoint.description.path, prefix,  # type: ignore[union-attr]
                                         f"quantized embeddings / LM heads ({scheme}) are not supported")
         return None
 

@@ -109,6 +109,17 @@ def _header_dtype(config, prefix: str, suffix: str, default: torch.dtype) -> tor
     return _DTYPES[kinds.pop()] if kinds else default
 
 
+def _int8_weight(layer, input_size_per_partition: int, output_partition_sizes, loader) -> int:
+    """The W8A8 linears' int8 weight [out, in] (vLLM's ModelWeightParameter, loaded by the layer's own
+    loader); returns out, the fused output width."""
+    out = sum(output_partition_sizes)
+    layer.logical_widths = output_partition_sizes
+    layer.register_parameter("weight", ModelWeightParameter(
+        data=torch.empty(out, input_size_per_partition, dtype=torch.int8), input_dim=1, output_dim=0,
+        weight_loader=loader))
+    return out
+
+
 class W8A8DynamicLinearMethod(LinearMethodBase):
     def __init__(self, config, prefix: str):
         self.config, self.prefix = config, prefix
@@ -116,11 +127,7 @@ class W8A8DynamicLinearMethod(LinearMethodBase):
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
         loader = extra_weight_attrs.get("weight_loader")
-        out = sum(output_partition_sizes)
-        layer.logical_widths = output_partition_sizes
-        layer.register_parameter("weight", ModelWeightParameter(
-            data=torch.empty(out, input_size_per_partition, dtype=torch.int8), input_dim=1, output_dim=0,
-            weight_loader=loader))
+        out = _int8_weight(layer, input_size_per_partition, output_partition_sizes, loader)
         self.names = _names(self.config, self.prefix, ("weight_scale", "weight_offset"))
         for leaf in self.names:
             _register(layer, self.names, leaf, lambda mark: ChannelQuantScaleParameter(
@@ -150,14 +157,11 @@ class W8A8StaticLinearMethod(LinearMethodBase):
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
         loader = extra_weight_attrs.get("weight_loader")
-        out = sum(output_partition_sizes)
+        out = _int8_weight(layer, input_size_per_partition, output_partition_sizes, loader)
         n = len(output_partition_sizes)
-        layer.logical_widths = output_partition_sizes
-        layer.register_parameter("weight", ModelWeightParameter(
-            data=torch.empty(out, input_size_per_partition, dtype=torch.int8), input_dim=1, output_dim=0,
-            weight_loader=loader))
+        shards = "|".join(re.escape(s) for s in _shard_names(self.config, self.prefix))
         optional = [leaf for leaf in ("weight_scale", "weight_offset")  # written by msModelSlim, unused by the math
-                    if self.config.header(rf"^({'|'.join(re.escape(s) for s in _shard_names(self.config, self.prefix))})\.{leaf}$")]
+                    if self.config.header(rf"^({shards})\.{leaf}$")]
         self.names = _names(self.config, self.prefix, ("input_scale", "input_offset", "deq_scale", "quant_bias",
                                                        *optional))
         offset_dtype = _header_dtype(self.config, self.prefix, "input_offset", torch.float32)
@@ -245,7 +249,8 @@ class AscendMoEMethod(FusedMoEMethodBase):
     def _discard(self, param, loaded_weight, weight_name, shard_id=None, expert_id=None, return_success=False,
                  **_):
         if "offset" in weight_name and bool(loaded_weight.ne(0).any()):
-            raise AscendFormatError(self.config.checkpoint.description.path, f"{weight_name} (expert {expert_id}, {shard_id})",
+            raise AscendFormatError(self.config.checkpoint.description.path,
+                                    f"{weight_name} (expert {expert_id}, {shard_id})",
                                     "non-zero offset: asymmetric weights are not supported")
         return True if return_success else None
 

@@ -3,7 +3,8 @@
 While vLLM builds its config (`maybe_update_config`, in the API server process) only the JSON files the early
 checks read are fetched, one file each: the description (required), config.json and the safetensors index
 (where the repository has them); they get the checks JSON allows (ds_plugins.quant.ascend.loader.check_json),
-the rest runs on the fetched weights (loader.Checkpoint) before vLLM places one. The weights are fetched when the model is built (the first layer asks for
+the rest runs on the fetched weights (loader.Checkpoint) before vLLM places one.
+The weights are fetched when the model is built (the first layer asks for
 its method, in the worker, right before vLLM's own loader would fetch them), through vLLM's own download
 functions with vLLM's download directory, so vLLM's loader then finds them in its cache and fetches nothing
 twice. The hub is the one vLLM uses: ModelScope when `vllm.envs.VLLM_USE_MODELSCOPE` is set, else the
@@ -84,7 +85,7 @@ def fetch_json(model: str, revision: str | None) -> Path:
             got.append(name)
             folder = folder or path.parent
     logger.info("ds-plugins: fetched %s of %s from %s (the weights load with the model)", ", ".join(got), model, hub)
-    return folder
+    return folder  # type: ignore[return-value]  # set: FILENAME, fetched first, is a Path or raises
 
 
 def fetch_weights(model: str, revision: str | None, download_dir: str | None) -> Path:

@@ -39,10 +39,14 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ds_plugins.kv.mooncake import log_through
 from ds_plugins.kv.mooncake.config import MooncakeConfig, source_ranks
+
+if TYPE_CHECKING:  # the transfer classes import msgspec/zmq/mooncake: only when a connector is built
+    from ds_plugins.kv.mooncake.engine import Engine
+    from ds_plugins.kv.mooncake.peers import HoldRenewer, KVSink, KVSource
 
 # Under vLLM's logger tree, so vLLM's logging configuration applies (the core's records too, below).
 log = logging.getLogger("vllm.ds_plugins.mooncake")
@@ -293,7 +297,7 @@ class SchedulerSide:
         self._recv: dict[str, RecvSpec] = {}
         self._send: dict[str, list[int]] = {}
         self._bad: dict[str, str] = {}   # request id -> why its params were refused (until allocation)
-        self._renewer = None             # HoldRenewer, made on the first remote prefill seen
+        self._renewer: HoldRenewer | None = None  # made on the first remote prefill seen
 
     def _check(self, request, finished: bool = False) -> str:
         """'' when the request's remote fields are usable, else the reason (logged once).
@@ -510,7 +514,7 @@ def regions_of(kv_cache_config, kv_caches: dict) -> list[list]:
     groups = []
     for g in transfer_group_ids(kv_cache_config) or ():
         spec = kv_cache_config.kv_cache_groups[g]
-        regions = []
+        regions: list[Region] = []
         for name in spec.layer_names:
             if name not in kv_caches:
                 raise KeyError(f"KV group {g}: layer {name!r} has no registered cache tensor")
@@ -521,8 +525,9 @@ def regions_of(kv_cache_config, kv_caches: dict) -> list[list]:
                 raise ValueError(f"KV group {g} layer {name!r}: cache shape {tuple(t.shape)} has neither "
                                  f"num_blocks={num_blocks} nor (2, num_blocks) leading")
             for p in parts:
+                pieces = _block_pieces(p, f"KV group {g} layer {name!r}")
                 regions.extend(Region(base=b.data_ptr(), block_len=n, stride=b.stride(0) * b.element_size(),
-                                      num_blocks=num_blocks) for b, n in _block_pieces(p, f"KV group {g} layer {name!r}"))
+                                      num_blocks=num_blocks) for b, n in pieces)
         groups.append(regions)
     return groups
 
@@ -551,9 +556,9 @@ class WorkerSide:
         self.kv_cache_config = kv_cache_config
         self.tp_rank = _tp_rank(vllm_config)
         self.dp_rank = vllm_config.parallel_config.data_parallel_rank or 0
-        self.engine = None
-        self.source = None
-        self.sink = None
+        self.engine: Engine | None = None
+        self.source: KVSource | None = None
+        self.sink: KVSink | None = None
         self._load_errors: set[int] = set()
         self._refused: set[str] = set()     # requests refused before any read (unusable params)
         # Release-only notices (D read nothing: an abort before allocation, vLLM's pre-aborted stand-in
@@ -629,7 +634,7 @@ class WorkerSide:
 
     def poll(self) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving); a failed one is also in the second."""
-        sending = self.source.poll_finished() if self.source else set()
+        sending: set[str] = self.source.poll_finished() if self.source else set()
         recving, self._refused = set(self._refused), set()
         failed = set(recving)
         if self.sink:

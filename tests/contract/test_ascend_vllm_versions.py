@@ -59,7 +59,8 @@ def test_abstract_methods_check_names_what_a_class_lacks(tmp_path):
     assert anchor in text
     base.write_text(text.replace(anchor, anchor + "\n    @abstractmethod\n    def new_hook(self):\n        ...\n", 1))
     with pytest.raises(SeamMismatch, match=r"LinearMethodBase .* has abstract new_hook, which "
-                                           r"ds_plugins/vllm/ascend_methods.py:W8A8DynamicLinearMethod does not define"):
+                                           r"ds_plugins/vllm/ascend_methods.py:W8A8DynamicLinearMethod "
+                                           r"does not define"):
         ascend_seams.abstract_methods_implemented(src)
 
 
@@ -133,7 +134,7 @@ def _check_live(found: dict) -> None:
 
 
 @pytest.mark.engines
-def test_registered_and_probed_in_live_vllm(vllm_env):
+def test_registered_and_probed_in_live_vllm(vllm_env):  # noqa: F811  (the pytest fixture imported above)
     _check_live(_live(vllm_env.python))
 
 

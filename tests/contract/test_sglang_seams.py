@@ -221,7 +221,8 @@ def check_sm120(module_path: str):
     def check(version: str) -> None:
         rel = module_path.replace(".", "/") + ".py"
         module = tree(version, rel)
-        entries = [n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "flash_mla_with_kvcache_sm120"]
+        entries = [n for n in module.body
+                   if isinstance(n, ast.FunctionDef) and n.name == "flash_mla_with_kvcache_sm120"]
         assert len(entries) == 1, f"sglang {version}: {rel} defines no flash_mla_with_kvcache_sm120"
         entry = entries[0]
         assert entry.args.kwarg is not None and not entry.args.args, "expected flash_mla_with_kvcache_sm120(**kwargs)"

@@ -119,10 +119,12 @@ def check_twin(directory):
         r = rows(layer, shard, layer.weight.shape[0])
         same(f"{native}.weight", layer.weight.data[r], ckpt[f"{native}.weight"])
         if scheme == "W8A8_DYNAMIC":
-            same(f"{native}.weight_scale", layer.weight_scale.data[r], ckpt[f"{native}.weight_scale"].float().reshape(-1))
+            same(f"{native}.weight_scale", layer.weight_scale.data[r],
+                 ckpt[f"{native}.weight_scale"].float().reshape(-1))
         else:
             same(f"{native}.input_scale", layer.input_scale.data.reshape(1), ckpt[f"{native}.input_scale"].reshape(1))
-            same(f"{native}.input_offset", layer.input_offset.data.reshape(1), ckpt[f"{native}.input_offset"].reshape(1))
+            same(f"{native}.input_offset", layer.input_offset.data.reshape(1),
+                 ckpt[f"{native}.input_offset"].reshape(1))
             same(f"{native}.deq_scale", layer.deq_scale.data[r], ckpt[f"{native}.deq_scale"].float())
             same(f"{native}.quant_bias", layer.quant_bias.data[r], ckpt[f"{native}.quant_bias"])
     return {"load_s": round(t_load, 1), "modules": len(schemes), "checked": checked, "mismatches": mismatches[:10],

@@ -106,7 +106,8 @@ class Proxy:
             return None
         prompt = body.get("prompt")
         if isinstance(prompt, str):
-            async with self._session.post(prefill + "/tokenize", json={"model": body.get("model"), "prompt": prompt}) as r:
+            async with self._session.post(prefill + "/tokenize",
+                                          json={"model": body.get("model"), "prompt": prompt}) as r:
                 if r.status != 200:
                     return None
                 prompt = (await r.json()).get("tokens")

@@ -470,7 +470,8 @@ def test_forged_kv_transfer_params_fail_alone(cluster):
         status, resp = c.decode(prompt, forged_params(real, change), timeout=60)
         outcomes[name] = (status, round(time.monotonic() - t0, 1))
         assert status >= 500, (name, resp)
-    timings.record(f"pd {c.name}: {len(FORGED)} forged requests, each to its failure", sum(t for _, t in outcomes.values()))
+    timings.record(f"pd {c.name}: {len(FORGED)} forged requests, each to its failure",
+                   sum(t for _, t in outcomes.values()))
     # The real owner still gets its blocks from P (no forged request released them) and is exact.
     status, resp = c.decode(prompt, real)
     assert status == 200 and answer(resp) == want, (outcomes, resp)

@@ -92,7 +92,8 @@ def test_the_group_applies_together_where_every_member_fits(installed):
     import inspect
 
     import ds_plugins.kernels as kernels
-    source = "\n".join(f"def {n}{inspect.signature(getattr(kernels, n)).replace(return_annotation=inspect.Signature.empty)}:"
+    source = "\n".join(f"def {n}"
+                       f"{inspect.signature(getattr(kernels, n)).replace(return_annotation=inspect.Signature.empty)}:"
                        f"\n    pass\n" for n in NAMES)
     module = flash_mla_from(source.replace("'", ""))
     got = installed(module)

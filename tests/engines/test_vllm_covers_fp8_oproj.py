@@ -128,7 +128,8 @@ def _method(cls: ast.ClassDef, name: str) -> ast.FunctionDef | None:
 def _cuda_block_kernels(version: str) -> list[str]:
     tree = ast.parse(_src(version, "vllm/model_executor/kernels/linear/__init__.py"))
     table = next(n.value for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
-                 and "_POSSIBLE_FP8_BLOCK_KERNELS" in ast.unparse(n.targets[0] if isinstance(n, ast.Assign) else n.target))
+                 and "_POSSIBLE_FP8_BLOCK_KERNELS" in ast.unparse(n.targets[0] if isinstance(n, ast.Assign)
+                                                                  else n.target))
     cuda = next(v for k, v in zip(table.keys, table.values) if ast.unparse(k) == "PlatformEnum.CUDA")
     return [e.id for e in cuda.elts]
 
@@ -194,7 +195,8 @@ def test_o_proj_site_hands_the_route_wo_a_as_the_linear_left_it_ast(version):
     weight_arg = ast.unparse(call.args[2])
     if weight_arg == "(b, b_scale)":  # 0.20-0.22: through the deepseek_v4_fp8_einsum custom op
         assert "wo_a_fp8 = self.wo_a.weight" in site and "wo_a_scale = self.wo_a.weight_scale_inv" in site
-        assert re.search(r"torch\.ops\.vllm\.deepseek_v4_fp8_einsum\(\s*o_fp8,\s*o_scale,\s*wo_a_fp8,\s*wo_a_scale,\s*z,",
+        assert re.search(r"torch\.ops\.vllm\.deepseek_v4_fp8_einsum\(\s*o_fp8,\s*o_scale,"
+                         r"\s*wo_a_fp8,\s*wo_a_scale,\s*z,",
                          site)
         assert "recipe=tuple(recipe)" in ast.unparse(call)
     else:  # 0.23+: deep_gemm_fp8_o_proj

@@ -105,7 +105,8 @@ sys.meta_path.insert(0, MovedSeam())
 def test_a_seam_that_moved_is_skipped_with_one_warning_and_the_model_refuses_clearly(vllm_env):
     module = "vllm.models.deepseek_v4.nvidia.flashmla"
     res = vllm_env.run(
-        MOVED.format(module=module, edits=[("    flash_mla_with_kvcache,\n", "    flash_mla_with_kvcache as flash_mla_decode_v2,\n"),
+        MOVED.format(module=module, edits=[("    flash_mla_with_kvcache,\n",
+                                            "    flash_mla_with_kvcache as flash_mla_decode_v2,\n"),
                                           ("flash_mla_with_kvcache(", "flash_mla_decode_v2(")]) + LOAD +
         f"import {module} as f\n"
         "assert not hasattr(f, 'flash_mla_with_kvcache') and callable(f.flash_mla_decode_v2)\n"
@@ -128,7 +129,8 @@ def test_a_selector_with_another_signature_is_left_alone(vllm_env):
     module = "vllm.models.deepseek_v4.nvidia.model"
     res = vllm_env.run(
         MOVED.format(module=module, edits=[("def _select_dsv4_attn_cls(vllm_config: VllmConfig)",
-                                          "def _select_dsv4_attn_cls(vllm_config: VllmConfig, layer_id: int = 0)")]) + LOAD +
+                                          "def _select_dsv4_attn_cls(vllm_config: VllmConfig, "
+                                          "layer_id: int = 0)")]) + LOAD +
         f"import {module} as m\n"
         "assert 'ds-plugins' not in repr(getattr(m._select_dsv4_attn_cls, '__wrapped__', ''))\n"
         "assert not hasattr(m._select_dsv4_attn_cls, '__wrapped__')\n"

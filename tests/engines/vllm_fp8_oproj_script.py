@@ -108,7 +108,8 @@ print("UPSTREAM-KEEPS", str(shipped.weight_scale_inv.dtype).replace("torch.", ""
       tuple(shipped.weight.shape), tuple(shipped.weight_scale_inv.shape))
 try:  # the kernel itself, as the route called it before its adapter took vLLM's 2-D wo_a
     our_einsum.fp8_einsum("bhr,hdr->bhd", ref.quantize_per_token(torch.randn(1, GROUPS, WIDTH)),
-                          (shipped.weight, shipped.weight_scale_inv), torch.empty(1, GROUPS, RANK, dtype=torch.bfloat16),
+                          (shipped.weight, shipped.weight_scale_inv),
+                          torch.empty(1, GROUPS, RANK, dtype=torch.bfloat16),
                           recipe=(1, 1, 128))
     raise SystemExit("the kernel accepted a 2-D wo_a without the route's adapter")
 except KernelInputError as exc:
@@ -120,7 +121,8 @@ moved = patching.Target(cutlass, cutlass.CutlassFp8BlockScaledMMKernel, "apply_b
 print("CHECK-MOVED", fp8_block_scales._check(moved))  # a seam of another shape is refused
 values = dict.fromkeys(DECISION_IDS, "upstream")
 values["indexer"] = "triton"
-plan = Plan("vllm", vllm.__version__, "supported", "", "SM120", tuple(Decision(i, v, "test") for i, v in values.items()))
+plan = Plan("vllm", vllm.__version__, "supported", "", "SM120",
+            tuple(Decision(i, v, "test") for i, v in values.items()))
 oproj_route = next(p for p in routes.PATCHES if p.id == "vllm.route.o_proj_einsum")
 applied = patching.apply([fp8_block_scales.PATCH, oproj_route], plan, logging.getLogger("vllm.ds_plugins"))
 print("OUTCOMES", sorted((o.patch_id, o.state) for o in applied))

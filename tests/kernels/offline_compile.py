@@ -157,7 +157,8 @@ def _cases():
     for fmt, q, cache_ in (("fp8", (pq8, None), cache8), ("fp4", pq4, cache4)):
         for lens in (torch.full((b, next_n), ctx, dtype=torch.int32),):     # 1-D lens: one load less
             cases.append((f"paged_logits {fmt} context_lens {lens.dim()}-D",
-                          lambda q=q, c=cache_, lens=lens: k.fp8_fp4_paged_mqa_logits(q, c, pw, lens, table, meta, ctx)))
+                          lambda q=q, c=cache_, lens=lens:
+                          k.fp8_fp4_paged_mqa_logits(q, c, pw, lens, table, meta, ctx)))
             cases.append((f"paged_topk {fmt} topk=512 context_lens {lens.dim()}-D",
                           lambda q=q, c=cache_, lens=lens: k.fp8_paged_mqa_topk(
                               q if fmt == "fp4" else q[0], c, pw, lens, table, 512, ctx)))

@@ -410,7 +410,8 @@ def test_overlap_compressor_first_block_uses_only_its_own_half():
     close(over[0], own_half[0], atol=1e-6, rtol=1e-6)
     # fewer tokens than one block: nothing to compress yet, for both kinds
     assert ref.compress_kv(x[:3], wkv, wgate, ape, norm_w, inv_freq, ratio, overlap=True).shape == (0, d)
-    assert ref.compress_kv(x[:3], wkv[d:], wgate[d:], ape[:, d:], norm_w, inv_freq, ratio, overlap=False).shape == (0, d)
+    assert ref.compress_kv(x[:3], wkv[d:], wgate[d:], ape[:, d:], norm_w, inv_freq, ratio,
+                           overlap=False).shape == (0, d)
 
 
 # ----------------------------------------------------------------------------------------------

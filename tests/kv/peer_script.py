@@ -102,8 +102,9 @@ def run_sink(spec: dict) -> None:
             if cmd is not None:
                 if cmd["op"] == "quit":
                     break
-                ref = SourceRef(cmd.get("host", "127.0.0.1"), cmd["port"], cmd.get("engine_id", spec["source_engine_id"]),
-                                cmd["request_id"], tp_size=cmd.get("tp_size", 0))
+                ref = SourceRef(cmd.get("host", "127.0.0.1"), cmd["port"],
+                                cmd.get("engine_id", spec["source_engine_id"]), cmd["request_id"],
+                                tp_size=cmd.get("tp_size", 0))
                 started[cmd["request_id"]] = (cmd, time.perf_counter())
                 sink.fetch(cmd["request_id"], ref, cmd["local"], cmd["remote"])
                 waiting = cmd.get("wait", True)

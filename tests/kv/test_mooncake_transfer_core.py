@@ -133,7 +133,8 @@ def test_side_channel_needs_the_shared_secret_and_discloses_nothing_before(spawn
     src, ready = start(spawn, "source", engine_id="p0", port=port, seed=2, expose=["held"], secret=SECRET)
     get = messages.encode(messages.GetLayout(engine_id="p0", requester="x"))
     release = messages.encode(messages.Done(engine_id="p0", request_id="held", ok=False, error="forged"))
-    stranger, other, friend = RawPeer(port), RawPeer(port, b"another-secret-of-enough-length"), RawPeer(port, SECRET.encode())
+    stranger, other, friend = (RawPeer(port), RawPeer(port, b"another-secret-of-enough-length"),
+                               RawPeer(port, SECRET.encode()))
     late = RawPeer(port, SECRET.encode(), clock=lambda: time.time() - 600)
     try:
         answers = []

@@ -20,7 +20,7 @@ def result_of(stdout: str) -> dict:
     return json.loads(next(line[7:] for line in stdout.splitlines() if line.startswith("RESULT ")))
 
 
-def test_scheduler_side_request_lifecycle_in_real_vllm(vllm_env):
+def test_scheduler_side_request_lifecycle_in_real_vllm(vllm_env):  # noqa: F811  (the pytest fixture imported above)
     res = vllm_env.run(script=HERE / "vllm_scheduler_script.py", state=False, timeout=100).ok()
     out = result_of(res.proc.stdout)
     assert out["vllm_version"] == vllm_env.version

@@ -155,8 +155,8 @@ def decode(out: dict, d, kcc, params: dict) -> None:
     computed, num_computed = dmgr.get_computed_blocks(dreq)[:2]
     n, load_async = d.get_num_new_matched_tokens(dreq, num_computed)
     out["holding_while_waiting"] = d.scheduler_side.holding  # P's hold renewed while D's queue holds it
-    blocks = dmgr.allocate_slots(dreq, 0, num_new_computed_tokens=num_computed, new_computed_blocks=computed,
-                                 num_external_computed_tokens=n, delay_cache_blocks=load_async)
+    dmgr.allocate_slots(dreq, 0, num_new_computed_tokens=num_computed, new_computed_blocks=computed,
+                        num_external_computed_tokens=n, delay_cache_blocks=load_async)
     d.update_state_after_alloc(dreq, dmgr.get_blocks(dreq.request_id), n)
     d.update_state_after_alloc(dreq, dmgr.get_blocks(dreq.request_id), 0)  # the second, post-load call
     meta = d.build_connector_meta(SchedulerOutput.make_empty())
@@ -239,7 +239,8 @@ def decode(out: dict, d, kcc, params: dict) -> None:
     if hasattr(d, "get_loaded_kv_cache_group_ids"):
         out["loaded_groups"] = list(d.get_loaded_kv_cache_group_ids(dreq))
     if hasattr(d, "get_external_cache_hit_sources"):
-        out["hit_sources"] = {str(getattr(k, "value", k)): v for k, v in d.get_external_cache_hit_sources(dreq, 100).items()}
+        out["hit_sources"] = {str(getattr(k, "value", k)): v
+                              for k, v in d.get_external_cache_hit_sources(dreq, 100).items()}
 
 
 

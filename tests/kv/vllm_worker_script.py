@@ -69,7 +69,8 @@ def caches(kcc, seed: int | None) -> tuple[dict[str, torch.Tensor], torch.Tensor
 
 def main() -> None:
     role, port = sys.argv[1], int(sys.argv[2])
-    kv = KVTransferConfig(kv_connector="MooncakeConnectorV1", kv_connector_module_path="ds_plugins.vllm.mooncake_connector",
+    kv = KVTransferConfig(kv_connector="MooncakeConnectorV1",
+                          kv_connector_module_path="ds_plugins.vllm.mooncake_connector",
                           kv_role=f"kv_{role}", engine_id="p0" if role == "producer" else "d0", kv_port=port,
                           kv_connector_extra_config={"host": "127.0.0.1", "mooncake_protocol": "tcp",
                                                      "handshake_timeout_s": 2, "transfer_timeout_s": 5})

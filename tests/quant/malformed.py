@@ -1,7 +1,8 @@
 """Named malformed msModelSlim checkpoints (issue #17, items 1-4), each a function that damages a
 copy of the fixture checkpoint (fixtures.layer_checkpoint) in one way and returns what the error
 must say: (a part of the file name, a part of the key ("" where any tensor key will do, None for
-a whole-file error), a part of the message). Shared by test_malformed.py (one test each) and test_fuzz.py (the same oracle).
+a whole-file error), a part of the message). Shared by test_malformed.py (one test each) and
+test_fuzz.py (the same oracle).
 
 The damage is done at the byte level (safetensors headers rewritten by hand) where the case is one
 that safetensors' own writer cannot produce.
@@ -358,7 +359,8 @@ def non_ascii_suffix(d):
 
 
 def missing_routed_expert(d):
-    drop_tensors(d, [k for e in (2,) for p in ("w1", "w3", "w2") for k in module_keys(d, f"layers.0.ffn.experts.{e}.{p}")])
+    drop_tensors(d, [k for e in (2,) for p in ("w1", "w3", "w2")
+                     for k in module_keys(d, f"layers.0.ffn.experts.{e}.{p}")])
     return DESC, "layers.0.ffn.experts.2.w1", "routed expert 2"
 
 

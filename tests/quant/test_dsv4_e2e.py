@@ -88,7 +88,8 @@ def models(tmp_path_factory):
     for layer in range(cfg.num_hidden_layers):
         hf_moe = names.dsv4_to_transformers(f"layers.{layer}.ffn.experts.0.w1.weight").rsplit(".", 3)[0]
         parent, attr = hf_moe.rsplit(".", 1)
-        setattr(quant.get_submodule(parent), attr, QuantExperts(ckpt, f"layers.{layer}.ffn.experts", E, cfg.swiglu_limit))
+        setattr(quant.get_submodule(parent), attr,
+                QuantExperts(ckpt, f"layers.{layer}.ffn.experts", E, cfg.swiglu_limit))
     for native, scheme in plan.items():
         if ".ffn.experts." in native:
             continue

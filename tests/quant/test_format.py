@@ -169,7 +169,8 @@ def _mixed_fused(d):
     for k in list(data):
         if k.startswith("layers.0.attn.wkv."):
             data[k] = "FLOAT"
-    data = {k: v for k, v in data.items() if k in ("layers.0.attn.wkv.weight",) or not k.startswith("layers.0.attn.wkv.")}
+    data = {k: v for k, v in data.items()
+            if k in ("layers.0.attn.wkv.weight",) or not k.startswith("layers.0.attn.wkv.")}
     _set_desc(d, data)
     return DESC, "weight", "mixed quant types inside one fused module"
 

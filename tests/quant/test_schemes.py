@@ -125,7 +125,8 @@ def test_moe_w8a8_dynamic_experts(tmp_path, path):
     x = torch.randn(T, H)
     ids = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0], [1, 2]])
     tw = torch.rand(T, 2)
-    torch.testing.assert_close(layer(x, ids, tw).double(), formulas.moe(x, tw, ids, experts, None), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(layer(x, ids, tw).double(), formulas.moe(x, tw, ids, experts, None),
+                               rtol=1e-3, atol=1e-4)
 
 
 def test_moe_expert_map_drops_experts_of_other_ranks(ck, path):
@@ -147,7 +148,8 @@ def test_scale_bias_is_the_kernel_helper_not_part_of_the_math(ck):
     for name, chunks in (("w1", 1), ("w2", 16)):
         t = c.module_tensors(f"layers.0.ffn.experts.1.{name}")
         w = arith.unpack_int4(t["weight"])
-        torch.testing.assert_close(arith.scale_bias(w, t["weight_scale"], chunks), t["scale_bias"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(arith.scale_bias(w, t["weight_scale"], chunks), t["scale_bias"],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_resident_weights_stay_quantized(ck):

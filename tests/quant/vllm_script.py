@@ -93,7 +93,6 @@ from vllm.model_executor.layers.linear import (  # noqa: E402
     MergedColumnParallelLinear, RowParallelLinear, UnquantizedLinearMethod)
 from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM  # noqa: E402
 
-from ds_plugins.quant.ascend import arith  # noqa: E402
 from ds_plugins.vllm import ascend_methods as methods  # noqa: E402
 
 # As vLLM's configure_quant_config does: the model's packed map (0.30 declares one, 0.28 does not).
@@ -126,7 +125,8 @@ with set_current_vllm_config(VllmConfig()):
     y = fused(x)
     y = y[0] if isinstance(y, tuple) else y
     want = ref["fused_wqa_wkv"]
-    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), want, rtol=1e-2, atol=1e-3), (y.float() - want).abs().max()
+    assert (y.dtype == torch.bfloat16
+            and torch.allclose(y.float(), want, rtol=1e-2, atol=1e-3)), (y.float() - want).abs().max()
     assert fused.weight.dtype == torch.int8 and not hasattr(fused, "weight_offset")
     print("OK linear_w8a8_dynamic", flush=True)
 

@@ -128,9 +128,11 @@ def test_bad_disable_value_is_a_config_error_in_doctor_and_in_the_engine(capsys,
 
 
 def test_doctor_into_a_closed_pipe_is_quiet():
-    code = "import sys; from ds_plugins import cli; sys.exit(cli.main(['doctor', '--simulate', '--engine', 'vllm==0.30.0']))"
+    code = ("import sys; from ds_plugins import cli; "
+            "sys.exit(cli.main(['doctor', '--simulate', '--engine', 'vllm==0.30.0']))")
     proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True, capture_output=True, text=True)
-    assert proc.stdout.startswith("ds-plugins") and "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr
+    assert (proc.stdout.startswith("ds-plugins") and "BrokenPipeError" not in proc.stderr
+            and "Traceback" not in proc.stderr)
 
 
 def test_selftest_without_its_prerequisites_says_what_to_install(capsys, monkeypatch):

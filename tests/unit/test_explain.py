@@ -22,10 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TRACEBACK = """\
 (EngineCore_DP0 pid=52442) ERROR 06-09 10:53:44 [core.py:1165] EngineCore failed to start.
 (EngineCore_DP0 pid=52442) ERROR 06-09 10:53:44 [core.py:1165] Traceback (most recent call last):
-(EngineCore_DP0 pid=52442) ERROR 06-09 10:53:44 [core.py:1165]   File "/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", line 905, in __init__
+(EngineCore_DP0 pid=52442) ERROR 06-09 10:53:44 [core.py:1165]   File \
+"/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", line 905, in __init__
 (EngineCore_DP0 pid=52442) ERROR 06-09 10:53:44 [core.py:1165]     super().__init__(
 (Worker_TP0 pid=52609) ERROR 06-09 10:53:44 [multiproc_executor.py:962] {line}
-(EngineCore_DP0 pid=52442) ERROR 06-09 10:53:44 [core.py:1165] RuntimeError: Engine core initialization failed. See root cause above.
+(EngineCore_DP0 pid=52442) ERROR 06-09 10:53:44 [core.py:1165] RuntimeError: Engine core initialization failed. \
+See root cause above.
 """
 
 # record id -> error lines as the engine or kernel library prints them

@@ -1,7 +1,5 @@
 """The path manifest's model (ds_plugins.paths.model) and the policy's verdict from it, on real vLLM rows."""
 
-import pytest
-
 from ds_plugins import paths
 from ds_plugins.paths.model import Blockers, device_class, uncovered
 from ds_plugins.probe import Device, Library, Probe

@@ -276,7 +276,8 @@ def test_dead_prefill_is_503_and_instance_comes_back_after_health_check():
     async def test(client, ps, ds, _):
         port = ps[0].server.port
         await ps[0].server.close()
-        r = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+        r = await client.post("/v1/chat/completions",
+                              json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
         err = (await r.json())["error"]
         assert r.status == 503 and err["side"] == "prefill" and not ds[0].seen, err
         again = Fake("prefill", "p0-again")

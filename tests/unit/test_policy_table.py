@@ -43,8 +43,8 @@ TABLE = {
     # 0.20-0.24: FlashMLA only, DeepGEMM gate SM90/SM100 -> our Triton path on SM12x, gate already off.
     ("vllm", "0.20.2"): {**dict.fromkeys(DEVICES, ASIDE), "SM120": (U, T, T, D), "SM121": (U, T, T, D)},
     ("vllm", "0.22.1"): {**dict.fromkeys(DEVICES, ASIDE), "SM120": (U, T, T, D), "SM121": (U, T, T, D)},
-    # 0.25+ (0.24+ by the wheels): FlashInfer SM120 sparse MLA upstream; the gate claims DeepGEMM on SM12x -> off (no SM12x
-    # kernels installed), and the indexer (DeepGEMM MQA logits) goes to Triton.
+    # 0.25+ (0.24+ by the wheels): FlashInfer SM120 sparse MLA upstream; the gate claims DeepGEMM on SM12x -> off
+    # (no SM12x kernels installed), and the indexer (DeepGEMM MQA logits) goes to Triton.
     ("vllm", "0.25.0"): {**dict.fromkeys(DEVICES, ASIDE), "SM120": (O, U, T, D), "SM121": (O, U, T, D)},
     ("vllm", "0.28.0"): {**dict.fromkeys(DEVICES, ASIDE), "SM120": (O, U, T, D), "SM121": (O, U, T, D)},
     ("vllm", "0.30.0"): {**dict.fromkeys(DEVICES, ASIDE), "SM120": (O, U, T, D), "SM121": (O, U, T, D)},

@@ -52,9 +52,11 @@ def test_startup_figures_are_the_committed_bench_results():
     sgl = data["sglang_import_with_hook_shared_imports_preloaded"]
     sgl_all = data["sglang_import_with_hook"]
     start = data["python_start_with_hook"]
-    assert f"| {vllm['with_ms']:.1f} ms | {vllm['without_ms']:.1f} ms | {vllm['ratio']:.2f} | {vllm['ours_ms']:.1f} ms |" in README
+    assert (f"| {vllm['with_ms']:.1f} ms | {vllm['without_ms']:.1f} ms | {vllm['ratio']:.2f} | "
+            f"{vllm['ours_ms']:.1f} ms |") in README
     assert f"{sgl['ours_ms']:.1f} ms ({sgl_all['ours_ms']:.1f} ms counting imports SGLang makes anyway)" in README
-    assert f"| {start['with_ms']:.1f} ms | {start['without_ms']:.1f} ms | {start['ratio']:.2f} | {start['added_ms']:.1f} ms added |" in README
+    assert (f"| {start['with_ms']:.1f} ms | {start['without_ms']:.1f} ms | {start['ratio']:.2f} | "
+            f"{start['added_ms']:.1f} ms added |") in README
     assert f"{data['runs']} paired runs" in README
     for s in (vllm, sgl, sgl_all, start):
         assert s["heavy_modules_added_by_ds_plugins"] == []

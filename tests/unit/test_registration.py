@@ -33,7 +33,8 @@ def records(caplog, level):
 def test_register_is_idempotent_and_says_what_it_did_once(target, fresh_state, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("DS_PLUGINS_SIMULATE", SM120_VLLM_0_30)
-    source = lambda: [gate(target.__name__)]
+    def source():
+        return [gate(target.__name__)]
     first = registration.register("vllm", "vllm.general_plugins", source, LOG)
     replaced = target.support_deep_gemm
     second = registration.register("vllm", "vllm.general_plugins", source, LOG)

@@ -60,7 +60,8 @@ def test_stock_sglang_brings_its_pinned_deepgemm_and_flashinfer():
     assert deepgemm.value == "off" and "deep_gemm 0.1.2 has no SM12x kernels" in deepgemm.reason
     # 0.5.19 pins an sgl-deep-gemm with SM12x kernels; its gate does not guard SM121 yet
     plan = plan_for("--engine sglang==0.5.19 --capability 12.1", "sglang")
-    assert plan.value("deepgemm") == "upstream" and "deep_gemm 0.1.7 has SM12x kernels" in plan.decision("deepgemm").reason
+    assert (plan.value("deepgemm") == "upstream"
+            and "deep_gemm 0.1.7 has SM12x kernels" in plan.decision("deepgemm").reason)
 
 
 def test_library_notes_say_they_come_from_the_stock_wheel():
@@ -90,7 +91,8 @@ def test_a_later_engine_replaces_an_earlier_ones_library_as_a_later_pip_install_
     assert probe.library("flashinfer").version == "0.6.11.post1"  # sglang's pin, installed last
     assert probe.library("vllm.third_party.deep_gemm").has("sm12x")
     # vLLM prefers a site-packages DeepGEMM over its vendored one: sglang's sgl-deep-gemm 0.1.0 here
-    assert plan_for("--engine vllm==0.30.0 --engine sglang==0.5.12 --capability 12.0", "vllm").value("deepgemm") == "off"
+    assert (plan_for("--engine vllm==0.30.0 --engine sglang==0.5.12 --capability 12.0", "vllm")
+            .value("deepgemm") == "off")
 
 
 # --- --lib overrides ----------------------------------------------------------------
@@ -115,7 +117,8 @@ def test_lib_replaces_a_stock_library_and_says_so():
 
 def test_lib_adds_a_site_deepgemm_that_vllm_prefers():
     plan = plan_for("--engine vllm==0.27.0 --capability 12.0 --lib deep_gemm=sm12x,version=2.5.0", "vllm")
-    assert plan.value("deepgemm") == "upstream" and "deep_gemm 2.5.0 has SM12x kernels" in plan.decision("deepgemm").reason
+    assert (plan.value("deepgemm") == "upstream"
+            and "deep_gemm 2.5.0 has SM12x kernels" in plan.decision("deepgemm").reason)
 
 
 @pytest.mark.parametrize("name,alias,feature", [

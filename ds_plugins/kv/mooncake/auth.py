@@ -36,7 +36,7 @@ _REQUEST = b"dsp-mooncake-1/request\0"
 _ANSWER = b"dsp-mooncake-1/answer\0"
 
 
-class Sealed(msgspec.Struct, array_like=True):
+class Sealed(msgspec.Struct, array_like=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     time: float
     nonce: bytes
     body: bytes

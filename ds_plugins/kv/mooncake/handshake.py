@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import cast
 
 import msgspec
 import zmq
@@ -96,7 +97,7 @@ class HandshakeServer:
             frames = self._sock.recv_multipart(copy=False)
             envelope, payload = frames[:-1], frames[-1]
             try:
-                peer = payload.get("Peer-Address")
+                peer = cast(str, payload.get("Peer-Address"))  # a str property (zmq types every get as int | str)
             except zmq.ZMQError:
                 peer = ""
             self._sock.send_multipart([*envelope, self._answer(payload.bytes, peer)])
@@ -201,7 +202,8 @@ class HandshakeClient:
                         if left <= 0:
                             raise PeerTimeout(f"no answer from {host}:{port} to {type(msg).__name__} "
                                               f"within {self.timeout_s:g} s")
-                        if sock.poll(min(left, 0.5) * 1000, zmq.POLLIN):
+                        # pyzmq takes float milliseconds; its stubs say int
+                        if sock.poll(min(left, 0.5) * 1000, zmq.POLLIN):  # type: ignore[arg-type]
                             data = sock.recv()
                             break
                 except BaseException:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import msgspec
 
 
-class Region(msgspec.Struct, frozen=True, array_like=True):
+class Region(msgspec.Struct, frozen=True, array_like=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     """One cache tensor of one layer: `num_blocks` blocks of `block_len` bytes, `stride` bytes apart."""
     base: int
     block_len: int
@@ -22,13 +22,13 @@ class Region(msgspec.Struct, frozen=True, array_like=True):
     num_blocks: int
 
 
-class GetLayout(msgspec.Struct, tag=True):
+class GetLayout(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     engine_id: str
     requester: str = ""
     decode_tp_size: int = 0           # the sink's TP size (0: not said); a source configured otherwise refuses
 
 
-class Done(msgspec.Struct, tag=True):
+class Done(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     engine_id: str
     request_id: str
     ok: bool
@@ -36,14 +36,14 @@ class Done(msgspec.Struct, tag=True):
     requester: str = ""
 
 
-class Hold(msgspec.Struct, tag=True):
+class Hold(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     """The decode side still means to read these requests (they wait in its queue): keep them longer."""
     engine_id: str
     request_ids: list[str]
     requester: str = ""
 
 
-class Layout(msgspec.Struct, tag=True):
+class Layout(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     engine_id: str
     tp_rank: int
     session: str                      # "host:rpc_port" of the source's TransferEngine
@@ -51,11 +51,11 @@ class Layout(msgspec.Struct, tag=True):
     tp_size: int = 0                  # the source's TP size, checked by the sink against the request's
 
 
-class Ack(msgspec.Struct, tag=True):
+class Ack(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     pass
 
 
-class Reject(msgspec.Struct, tag=True):
+class Reject(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     reason: str
 
 

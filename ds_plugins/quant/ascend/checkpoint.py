@@ -119,7 +119,8 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             raise AscendFormatError(name, key, f"bad safetensors header: data_offsets [{begin}, {end}] {what}")
         pos = end
     if pos != data:
-        raise AscendFormatError(name, None, f"{data - pos} bytes after the last tensor's data (not a safetensors layout)")
+        raise AscendFormatError(name, None,
+                                f"{data - pos} bytes after the last tensor's data (not a safetensors layout)")
     return out
 
 
@@ -134,6 +135,7 @@ def scan(directory: str | Path) -> dict[str, TensorInfo]:
     if not files:
         raise AscendFormatError(str(directory), None, "no *.safetensors files")
     tensors: dict[str, TensorInfo] = {}
+    info: TensorInfo | None
     for file in files:
         for key, info in read_header(file).items():
             if key in tensors:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from . import checkpoint, description, schemes, structure, values
 from . import layout as model_layout
@@ -52,7 +53,7 @@ class Checkpoint:
         self.layout = layout if layout is not None else model_layout.read(self.directory)
         self.modules = schemes.validate(self.description, self.tensors, fused, self.layout)
         values.check(self.modules)
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, Any] = {}  # safetensors' safe_open handles
 
     def scheme_of(self, module: str) -> str:
         spec = self.modules.get(module)

@@ -13,6 +13,7 @@ transformers: its `conversion_mapping["deepseek_v4"]` renames (the float model t
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # Layers vLLM builds by fusing checkpoint modules (its DeepSeek-V4 loaders' stacked_params_mapping,
 # and the usual HF fusions), for models that do not declare packed_modules_mapping.
@@ -55,7 +56,7 @@ def dsv4_to_vllm(key: str, num_hidden_layers: int) -> str:
 
 
 # (pattern, replacement), applied in order, as transformers' DeepSeek-V4 conversion renames them.
-_HF_RULES = [
+_HF_RULES: list[tuple[Any, str]] = [  # the patterns, compiled just below
     (r"\.attn\.", ".self_attn."), (r"\.ffn\.", ".mlp."),
     (r"\.indexer\.compressor\.", ".compressor.indexer."),
     (r"^embed\.", "embed_tokens."), (r"^head\.", "lm_head."),

@@ -163,7 +163,7 @@ def _check_float_types(desc: Description, tensors: Mapping[str, TensorInfo]) -> 
 def _check_half_dtypes(tensors: Mapping[str, TensorInfo], layout: Layout | None) -> None:
     """Every 16-bit float tensor is in the model's one 16-bit dtype: a bfloat16 tensor read as float16
     (or the reverse) loads without an error as wrong numbers, so the two never mix in one checkpoint."""
-    halves = {}
+    halves: dict[str, list[TensorInfo]] = {}
     for _, info in sorted(tensors.items()):
         if info.dtype in ("bfloat16", "float16"):
             halves.setdefault(info.dtype, []).append(info)
@@ -172,7 +172,8 @@ def _check_half_dtypes(tensors: Mapping[str, TensorInfo], layout: Layout | None)
         want = max(halves, key=lambda d: (len(halves[d]), d))
     for dtype, infos in halves.items():
         if want is not None and dtype != want:
-            source = f"{layout.file} torch_dtype" if layout is not None and layout.dtype else "the checkpoint's other tensors"
+            source = (f"{layout.file} torch_dtype" if layout is not None and layout.dtype
+                      else "the checkpoint's other tensors")
             raise AscendFormatError(infos[0].file, infos[0].key, f"{dtype} tensor in a {want} model ({source}); "
                                     "16-bit tensors must all be in the model dtype (float32 is always accepted)")
 
@@ -180,7 +181,8 @@ def _check_half_dtypes(tensors: Mapping[str, TensorInfo], layout: Layout | None)
 def _check_module(module: str, scheme: str, parts: Mapping[str, TensorInfo], desc: Description) -> None:
     weight = parts["weight"]
     if len(weight.shape) != 2:
-        raise AscendFormatError(weight.file, weight.key, f"{scheme} weight must be 2-D [out, in], got {list(weight.shape)}")
+        raise AscendFormatError(weight.file, weight.key,
+                                f"{scheme} weight must be 2-D [out, in], got {list(weight.shape)}")
     if scheme == "W4A8_DYNAMIC" and not EXPERT_RE.match(module):
         raise AscendFormatError(desc.path, weight.key, "W4A8_DYNAMIC is defined for MoE experts only "
                                                        "(`...experts.<E>.<proj>`), as in vllm-ascend")
@@ -193,17 +195,21 @@ def _check_module(module: str, scheme: str, parts: Mapping[str, TensorInfo], des
             if suffix in ("weight_scale_second", "weight_offset_second"):
                 raise AscendFormatError(info.file, info.key, "per-group W4A8 tensors are not supported "
                                                              "(only per-channel W4A8_DYNAMIC)")
-            raise AscendFormatError(info.file, info.key, f"unexpected tensor for a {scheme} module{_suffix_hint(suffix)}")
+            raise AscendFormatError(info.file, info.key,
+                                    f"unexpected tensor for a {scheme} module{_suffix_hint(suffix)}")
         dtypes, shapes, _ = rule
         if info.dtype not in dtypes:
-            raise AscendFormatError(info.file, info.key, f"{scheme} {suffix} must be {' or '.join(dtypes)}, got {info.dtype}")
+            raise AscendFormatError(info.file, info.key,
+                                    f"{scheme} {suffix} must be {' or '.join(dtypes)}, got {info.dtype}")
         allowed = shapes(out, inp)
         if info.shape not in allowed:
             want = " or ".join(str(list(s)) for s in sorted(allowed, key=len, reverse=True))
-            raise AscendFormatError(info.file, info.key, f"{scheme} {suffix} must have shape {want}, got {list(info.shape)}")
+            raise AscendFormatError(info.file, info.key,
+                                    f"{scheme} {suffix} must have shape {want}, got {list(info.shape)}")
     for suffix, (_, _, required) in rules.items():
         if required and suffix not in parts:
-            raise AscendFormatError(desc.path, f"{module}.{suffix}", f"{scheme} module {module} lacks its {suffix} tensor")
+            raise AscendFormatError(desc.path, f"{module}.{suffix}",
+                                    f"{scheme} module {module} lacks its {suffix} tensor")
 
 
 def _check_fused(desc: Description, by_module, specs, fused) -> None:
@@ -221,7 +227,8 @@ def _check_fused(desc: Description, by_module, specs, fused) -> None:
             first = sorted(members)[0]
             other = next(k for k in sorted(members) if members[k] != members[first])
             raise AscendFormatError(desc.path, f"{other}.weight", f"experts of {moe} mix quant types "
-                                    f"({first}: {members[first]}, {other}: {members[other]}); one fused MoE layer needs one")
+                                    f"({first}: {members[first]}, {other}: {members[other]}); "
+                                    "one fused MoE layer needs one")
     for shards in fused.values():
         shards = tuple(shards)
         parents = {m.rpartition(".")[0] for m in by_module if m.rpartition(".")[2] == shards[0]}

@@ -63,12 +63,13 @@ def _check_mlps(by_module, specs) -> None:
             dg, du, dd = (_dims(m, by_module[m], specs) for m in (g, u, d))
             if None in (dg, du, dd):
                 continue
+            # dg, du, dd are not None past `None in (...)`, a check mypy does not narrow on
             if du != dg:
-                raise AscendFormatError(_weight(by_module, u).file, f"{u}.weight", f"[out, in] {list(du)} differs "
-                                        f"from {g}'s {list(dg)}; the gate and up parts of one MLP must match")
-            if dd != (dg[1], dg[0]):
-                raise AscendFormatError(_weight(by_module, d).file, f"{d}.weight", f"[out, in] {list(dd)}, but "
-                                        f"{g} is {list(dg)}: the down part must be [{dg[1]}, {dg[0]}] "
+                raise AscendFormatError(_weight(by_module, u).file, f"{u}.weight", f"[out, in] {list(du)} differs "  # type: ignore[arg-type]
+                                        f"from {g}'s {list(dg)}; the gate and up parts of one MLP must match")  # type: ignore[arg-type]
+            if dd != (dg[1], dg[0]):  # type: ignore[index]
+                raise AscendFormatError(_weight(by_module, d).file, f"{d}.weight", f"[out, in] {list(dd)}, but "  # type: ignore[arg-type]
+                                        f"{g} is {list(dg)}: the down part must be [{dg[1]}, {dg[0]}] "  # type: ignore[arg-type, index]
                                         "(its input is the gate/up output)")
 
 
@@ -116,6 +117,7 @@ def _check_fused_inputs(by_module, specs, fused) -> None:
         for head in [m for m in by_module if m.rpartition(".")[2] == shards[0]]:
             parent = head.rpartition(".")[0]
             present = [n for n in (f"{parent}.{s}" if parent else s for s in shards) if n in by_module]
+            dims: dict[str, tuple[int, int] | None] | dict[str, tuple[int, int]]
             dims = {n: _dims(n, by_module[n], specs) for n in present}
             dims = {n: d for n, d in dims.items() if d is not None}
             if not dims:

@@ -90,7 +90,8 @@ def _grouped_kernel(a_ptr, w_ptr, out_ptr, row_scale_ptr, w_scale_ptr, blk_exper
             acc_hi = tl.zeros((BM, HALF), dtype=tl.int32)
             for k0 in range(0, K, BK):
                 kk = k0 + rk
-                a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0)
+                a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K),
+                            other=0)
                 p = tl.load(w_base + rj[None, :] * stride_wn + kk[:, None], mask=j_ok[None, :] & (kk[:, None] < K),
                             other=0).to(tl.int32)
                 lo = (((p & 0xF) ^ 8) - 8).to(tl.int8)  # sign-extended low nibble
@@ -111,8 +112,10 @@ def _grouped_kernel(a_ptr, w_ptr, out_ptr, row_scale_ptr, w_scale_ptr, blk_exper
             acc = tl.zeros((BM, BN), dtype=tl.int32)
             for k0 in range(0, K, BK):
                 kk = k0 + rk
-                a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0)
-                w = tl.load(w_base + rn[None, :] * stride_wn + kk[:, None], mask=n_ok[None, :] & (kk[:, None] < K), other=0)
+                a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K),
+                            other=0)
+                w = tl.load(w_base + rn[None, :] * stride_wn + kk[:, None], mask=n_ok[None, :] & (kk[:, None] < K),
+                            other=0)
                 acc = tl.dot(a, w, acc)
             s = tl.load(w_scale_ptr + e * stride_se + rn, mask=n_ok, other=0.0)
             y = acc.to(tl.float32) * s[None, :] * sx[:, None]

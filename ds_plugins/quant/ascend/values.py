@@ -123,6 +123,7 @@ def _check_scale_bias(spec: ModuleSpec, files: _Files) -> None:
     if bool(bad.any()):
         n, g = (int(i) for i in torch.nonzero(bad)[0])
         raise AscendFormatError(w_info.file, w_info.key, f"W4A8 scale_bias disagrees with the unpacked weight "
-                                f"(channel {n}{f', chunk {g}' if chunks > 1 else ''}: stored {float(stored[n, g]):.6g}, "
+                                f"(channel {n}{f', chunk {g}' if chunks > 1 else ''}: "
+                                f"stored {float(stored[n, g]):.6g}, "
                                 f"8*s*sum(W) = {float(want[n, g]):.6g}): the int4 packing is not msModelSlim's "
                                 "(packed[j] = W[2j+1] << 4 | W[2j] & 0xF; nibbles swapped?)")

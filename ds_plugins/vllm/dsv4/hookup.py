@@ -53,12 +53,12 @@ def _build(class_name: str, arch: str) -> type:
 
     # wraps: vLLM's loader reads inspect.signature(cls.__init__) and builds only classes that take
     # (vllm_config, prefix) the new way; the signature must stay vLLM's own.
-    @functools.wraps(base.__init__)
+    @functools.wraps(base.__init__)  # type: ignore[misc]  # base is the class: its own __init__
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         require_routes()
         _log.info("ds-plugins: %s runs on the ds-plugins SM12x kernel path (`ds-plugins doctor` lists the "
                   "routes)", arch)
-        base.__init__(self, *args, **kwargs)
+        base.__init__(self, *args, **kwargs)  # type: ignore[misc]  # base is the class: its own __init__
 
     hooked = type(base)(class_name, (base,), {
         "__init__": __init__,

@@ -42,7 +42,7 @@ def _install(target: Target):
     registry = target.value
     previous = {arch: registry.models[arch] for arch in ARCHITECTURES}
     for arch in ARCHITECTURES:
-        module, cls = _entry(registry, arch)
+        module, cls = _entry(registry, arch)  # type: ignore[misc]  # not None: _check saw every entry
         if module == HOOKUP:  # already ours (a second copy of the registry module): keep the first original
             continue
         ORIGINALS[arch] = (module, cls)
