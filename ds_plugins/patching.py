@@ -3,8 +3,9 @@
 A Patch names its target (`module` + dotted `attribute`), the engine versions it
 is written for, the policy decision it implements, a `check` that the target
 still looks the way the patch assumes, and an `install` that makes the change
-and returns how to undo it. `patches/<id>.toml` documents each one; a test keeps
-both in step.
+and returns how to undo it. The declaration is the one source: `patches/<id>.toml`
+and docs/patches.md are generated from it (`python ci/patch_records.py write`), and a test fails
+when they differ.
 
 Rules (DESIGN.md): the target module is never imported by us. If the engine has
 imported it already the patch is applied at once, otherwise the moment the
@@ -49,6 +50,11 @@ class Patch(NamedTuple):
     retire: str  # what upstream change or version makes it unnecessary
     check: Callable[[Target], str | None]  # None if the target looks as expected, else why not
     install: Callable[[Target], Callable[[], None]]  # makes the change, returns the undo
+    how: str = ""  # what the installed change does, in one sentence (rendered into docs/patches.md)
+    upstream: tuple[str, ...] = ()  # "owner/repo#N": the upstream issues and PRs that motivate it
+    # Test files (repository paths) that back it: tests/engines and tests/e2e run the real engine ("live"),
+    # tests/contract read the wheels' source ("AST"); none means the range rests on a reading.
+    evidence: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -129,13 +135,18 @@ class Route(NamedTuple):
     adapter: str = ""  # the adapter's name, where the engine adapter chooses by name
     # Routes of one group apply wholly or not at all (the engine adapter's `check` enforces it).
     group: str = ""
+    upstream: tuple[str, ...] = ()
+    evidence: tuple[str, ...] = ()
 
     def patch(self, engine: str, pick: Callable[[Any], Callable],
               check: Callable[[Target], str | None] | None = None) -> Patch:
         """The Patch rebinding the site to `pick(original)`; by default it checks that the adapter
         takes every parameter the original takes."""
+        how = (f"rebinds `{self.attribute}` in `{self.module}` to the ds-plugins adapter "
+               f"`{self.adapter or self.attribute}`, keeping the engine's function beside it")
         return Patch(self.id, engine, self.module, self.attribute, self.versions, self.implements, self.why,
-                     self.retire, check or accepts_what_the_original_takes(pick), route_to(self.id, pick))
+                     self.retire, check or accepts_what_the_original_takes(pick), route_to(self.id, pick),
+                     how=how, upstream=self.upstream, evidence=self.evidence)
 
 
 def _static_value(owner: Any, name: str) -> Any:

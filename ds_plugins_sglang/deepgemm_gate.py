@@ -207,6 +207,11 @@ CONFIGURER_OFF = Patch(
            "(0.5.21+ for SM120 and SM121; policy then says deepgemm=upstream)",
     check=_check,
     install=_install_off,
+    how="the configurer's DeepGEMM flags (ENABLE_JIT_DEEPGEMM, DEEPGEMM_BLACKWELL, DEEPGEMM_SCALE_UE8M0, and "
+        "DEEPGEMM_PAGED_SPARSE_MQA_LOGITS where present) become False, with the copies SGLang's modules made of "
+        "them",
+    upstream=("sgl-project/sglang#25877", "sgl-project/sglang#34827", "deepseek-ai/DeepGEMM#372"),
+    evidence=("tests/engines/test_sglang_deepgemm_gate.py", "tests/contract/test_sglang_seams.py"),
 )
 
 PATCHES = (CONFIGURER_OFF,)

@@ -32,6 +32,12 @@ INDEXER = ("indexer", ("triton",))
 V0512 = ">=0.5.12,<0.5.13"
 RETIRE_0512 = "SGLang 0.5.13 ships its own SM120 V4 path (policy then says upstream); drop with 0.5.12 support"
 RETIRE_FORCED = "never: DS_PLUGINS_SPARSE_MLA=triton is a user override of SGLang's own SM120 kernels"
+# FlashMLA and DeepGEMM on SM120 in SGLang (the reports behind 0.5.12's routes)
+UPSTREAM_0512 = ("sgl-project/sglang#25877", "sgl-project/sglang#31578")
+# 0.5.12's routes: unit (each adapter called as SGLang 0.5.12 calls it, against the references) and AST;
+# no live SGLang in the test command is 0.5.12. The SM120 routes also run in a live SGLang 0.5.23.
+EVIDENCE_0512 = ("tests/kernels/test_sglang_routes.py", "tests/contract/test_sglang_seams.py")
+EVIDENCE_SM120 = ("tests/engines/test_sglang_routes.py", *EVIDENCE_0512)
 
 
 def flash_mla_with_kvcache_sm120(*, q, k_cache, head_dim_v, indices, softmax_scale=None, topk_length=None,
@@ -94,21 +100,27 @@ SM120 = ("DS_PLUGINS_SPARSE_MLA=triton: SGLang's SM120 FlashMLA replacement is s
          "Triton kernel at its call sites (decode, and prefill on the SM120 branch)")
 ROUTES: tuple[Route, ...] = (
     Route("sglang.route.decode", "flash_mla", "flash_mla_with_kvcache", V0512, SPARSE,
-          FLASHMLA.format("sparse attention"), RETIRE_0512, group="flash_mla"),
+          FLASHMLA.format("sparse attention"), RETIRE_0512, group="flash_mla",
+          upstream=UPSTREAM_0512, evidence=EVIDENCE_0512),
     Route("sglang.route.decode_plan", "flash_mla", "get_mla_metadata", V0512, SPARSE,
           "the routed flash_mla_with_kvcache takes ds-plugins' plan, so the plan SGLang asks FlashMLA for "
-          "(_create_flashmla_metadata) comes from ds-plugins too", RETIRE_0512, group="flash_mla"),
+          "(_create_flashmla_metadata) comes from ds-plugins too", RETIRE_0512, group="flash_mla",
+          upstream=UPSTREAM_0512, evidence=EVIDENCE_0512),
     Route("sglang.route.indexer_logits", "deep_gemm", "fp8_paged_mqa_logits", V0512, INDEXER,
-          DEEPGEMM.format("fp8_paged_mqa_logits", "C4 indexer"), RETIRE_0512),
+          DEEPGEMM.format("fp8_paged_mqa_logits", "C4 indexer"), RETIRE_0512,
+          upstream=UPSTREAM_0512, evidence=EVIDENCE_0512),
     Route("sglang.route.indexer_schedule", "deep_gemm", "get_paged_mqa_logits_metadata", V0512, INDEXER,
-          DEEPGEMM.format("get_paged_mqa_logits_metadata", "indexer metadata"), RETIRE_0512),
+          DEEPGEMM.format("get_paged_mqa_logits_metadata", "indexer metadata"), RETIRE_0512,
+          upstream=UPSTREAM_0512, evidence=EVIDENCE_0512),
     Route("sglang.route.mhc_prenorm", "deep_gemm", "tf32_hc_prenorm_gemm", V0512, INDEXER,
           DEEPGEMM.format("tf32_hc_prenorm_gemm", "mHC prenorm (SGLANG_OPT_DEEPGEMM_HC_PRENORM, on by default)"),
-          RETIRE_0512),
+          RETIRE_0512, upstream=UPSTREAM_0512, evidence=EVIDENCE_0512),
     Route("sglang.route.decode_sm120_legacy", "sglang.srt.layers.attention.flash_mla_sm120",
-          "flash_mla_with_kvcache_sm120", ">=0.5.13,<0.5.16", SPARSE, SM120, RETIRE_FORCED),
+          "flash_mla_with_kvcache_sm120", ">=0.5.13,<0.5.16", SPARSE, SM120, RETIRE_FORCED,
+          evidence=EVIDENCE_0512),
     Route("sglang.route.decode_sm120", "sglang.kernels.ops.attention.flash_mla_sm120",
-          "flash_mla_with_kvcache_sm120", ">=0.5.16", SPARSE, SM120, RETIRE_FORCED),
+          "flash_mla_with_kvcache_sm120", ">=0.5.16", SPARSE, SM120, RETIRE_FORCED,
+          evidence=EVIDENCE_SM120),
 )
 
 PATCHES: tuple[Patch, ...] = tuple(_patch(r) for r in ROUTES)

@@ -86,4 +86,8 @@ PATCH = Patch(
            "PCIe-only SM12x GPUs itself)",
     check=_check,
     install=replace_attribute(_wrap),
+    how="ParallelConfig.__post_init__ sets disable_custom_all_reduce for tensor parallel > 1 where the user did "
+        "not set it, with one log line",
+    upstream=("vllm-project/vllm#47266", "vllm-project/vllm#48466"),
+    evidence=("tests/engines/test_vllm_custom_all_reduce.py", "tests/contract/test_vllm_seams.py"),
 )

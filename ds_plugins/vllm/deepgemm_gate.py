@@ -29,6 +29,8 @@ from ..patching import Patch, Target, replace_attribute
 UTILS = "vllm.utils.deep_gemm"
 RETIRE = ("vLLM's gate probes the installed DeepGEMM for SM12x kernels instead of trusting the capability "
           "(no release up to 0.33.0 does)")
+# 'Unknown SF transformation' / 'Unknown recipe' on SM12x, and the SM12x tracking issue
+DEEPGEMM_UPSTREAM = ("deepseek-ai/DeepGEMM#372", "vllm-project/vllm#52035", "vllm-project/vllm#41063")
 
 
 def clear_cached_answers() -> int:
@@ -119,6 +121,10 @@ PLATFORM_OFF = Patch(
     retire=RETIRE,
     check=_check_platform_method,
     install=_install_platform(False),
+    how="vLLM's platform answers False to support_deep_gemm(), and the cached answers of vllm.utils.deep_gemm "
+        "are cleared",
+    upstream=DEEPGEMM_UPSTREAM,
+    evidence=("tests/engines/test_vllm_deepgemm_gate.py", "tests/contract/test_vllm_seams.py"),
 )
 
 UTILS_OFF = Patch(
@@ -133,6 +139,9 @@ UTILS_OFF = Patch(
     retire=RETIRE,
     check=_check_cached_function,
     install=_install_utils,
+    how="is_deep_gemm_supported() answers False, its functools cache cleared",
+    upstream=DEEPGEMM_UPSTREAM,
+    evidence=("tests/engines/test_vllm_deepgemm_gate.py", "tests/contract/test_vllm_seams.py"),
 )
 
 PLATFORM_ON = Patch(
@@ -146,6 +155,8 @@ PLATFORM_ON = Patch(
     retire="never: it is a user override",
     check=_check_platform_method,
     install=_install_platform(True),
+    how="vLLM's platform answers True to support_deep_gemm(), and the cached answers are cleared",
+    evidence=("tests/engines/test_vllm_deepgemm_gate.py", "tests/contract/test_vllm_seams.py"),
 )
 
 PATCHES = (PLATFORM_OFF, UTILS_OFF, PLATFORM_ON)

@@ -98,4 +98,6 @@ PATCH = Patch(
     retire="when vLLM configures logging before loading general plugins in every process",
     check=_check,
     install=replace_attribute(_wrap),
+    how="vLLM's configure_logging runs as shipped, then logs the start-up lines ds-plugins held back",
+    evidence=("tests/e2e/test_plugin_e2e.py", "tests/unit/test_startup_log.py", "tests/contract/test_vllm_seams.py"),
 )

@@ -67,4 +67,7 @@ PATCH = Patch(
     retire="never: it is a user switch",
     check=_check,
     install=replace_attribute(_wrap),
+    how="VllmConfig.__post_init__ sets enforce_eager for a DeepSeek-V4 model on the ds-plugins path, before vLLM "
+        "derives its CUDA-graph mode from it",
+    evidence=("tests/engines/test_vllm_dsv4_hookup.py", "tests/contract/test_vllm_seams.py"),
 )

@@ -123,4 +123,7 @@ PATCH = Patch(
            "on SM12x (no release up to 0.33.0 does; 0.28's B12x kernel converts but comes after CUTLASS)",
     check=_check,
     install=_install,
+    how="after vLLM's own post-load processing of a block-FP8 linear that CUTLASS serves, e8m0 weight scales "
+        "are replaced by the same powers of two in float32",
+    evidence=("tests/engines/test_vllm_covers_fp8_oproj.py", "tests/contract/test_vllm_seams.py"),
 )

@@ -71,4 +71,7 @@ PATCH = Patch(
     retire="vLLM maps auto to fp8 for the fp8_ds_mla layout itself (0.30.0 does)",
     check=_check,
     install=replace_attribute(_wrap),
+    how="after V4's own verify_and_update_config, kv_cache_dtype auto becomes fp8, with one log line",
+    upstream=("vllm-project/vllm#47174",),
+    evidence=("tests/engines/test_vllm_covers_kv_cache.py", "tests/contract/test_vllm_seams.py"),
 )

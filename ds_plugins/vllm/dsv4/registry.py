@@ -67,4 +67,8 @@ PATCH = Patch(
            "(policy: sparse_mla=upstream and indexer=upstream)",
     check=_check,
     install=_install,
+    how="DeepSeek-V4's architectures in vLLM's ModelRegistry name a ds-plugins subclass of vLLM's own V4 model, "
+        "which refuses to start, naming the route, when a selected route is not in place",
+    upstream=("vllm-project/vllm#40802", "vllm-project/vllm#40821", "vllm-project/vllm#41063"),
+    evidence=("tests/engines/test_vllm_dsv4_hookup.py", "tests/contract/test_vllm_seams.py"),
 )

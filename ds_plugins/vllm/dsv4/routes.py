@@ -35,6 +35,11 @@ RETIRE_ATTN = ("vLLM serves V4 attention on SM12x with kernels that exist for th
                "(0.24+: FlashInfer with SM120 sparse MLA; policy then says sparse_mla=upstream)")
 RETIRE_DG = ("the installed DeepGEMM has SM12x kernels (policy then says indexer=upstream), e.g. vLLM's "
              "vendored copy in 0.25-0.26 and 0.28+")
+# FlashMLA's sparse kernels on SM12x; DeepGEMM on SM12x (its maintainers' answer, and vLLM's tracking issue)
+UPSTREAM_ATTN = ("vllm-project/vllm#40802", "vllm-project/vllm#40821")
+UPSTREAM_DG = ("deepseek-ai/DeepGEMM#305", "vllm-project/vllm#41063")
+# Live: tests/engines calls every routed site in vLLM 0.28/0.30 as V4's code calls it; AST: every matrix wheel.
+EVIDENCE = ("tests/engines/test_vllm_routes.py", "tests/contract/test_vllm_seams.py")
 
 
 def _adapter(name: str):
@@ -59,9 +64,19 @@ def _function_patch(route: Route) -> Patch:
 
 
 def _site(name: str, module: str, attribute: str, versions: str, implements, adapter: str, why: str) -> Route:
-    retire = RETIRE_ATTN if implements is SPARSE else RETIRE_DG
+    upstream: tuple[str, ...]
+    retire, upstream = (RETIRE_ATTN, UPSTREAM_ATTN) if implements is SPARSE else (RETIRE_DG, UPSTREAM_DG)
+    if attribute == "tf32_hc_prenorm_gemm":  # called unguarded from mhc_pre_broadcast_tilelang (open PRs)
+        upstream = ("vllm-project/vllm#50645", "vllm-project/vllm#53055", *upstream)
+    # A site of older releases only (an upper bound: 0.20-0.22) is older than every live vLLM of the test
+    # command, so its evidence is the wheels' source alone.
+    evidence: tuple[str, ...] = EVIDENCE[1:] if "<" in versions else EVIDENCE
+    # o_proj also runs from vLLM's own FP8 linear objects (the cover's test)
+    if attribute == "fp8_einsum" and "<" not in versions:
+        evidence = ("tests/engines/test_vllm_covers_fp8_oproj.py", *EVIDENCE)
     # adapter: adapters.<name>; for "varlen" sites, chosen by the original's parameters (_choose)
-    return Route(f"vllm.route.{name}", module, attribute, versions, implements, why, retire, adapter=adapter)
+    return Route(f"vllm.route.{name}", module, attribute, versions, implements, why, retire, adapter=adapter,
+                 upstream=upstream, evidence=evidence)
 
 
 FLASHMLA_WHY = "FlashMLA has no SM12x kernels; V4's sparse {} goes to the ds-plugins Triton kernel"
@@ -147,14 +162,20 @@ SELECTOR = Patch(
     ">=0.24", SPARSE,
     "vLLM 0.24+ gives SM12x FlashInfer's SM120 sparse MLA, which the installed FlashInfer lacks (or "
     "DS_PLUGINS_SPARSE_MLA=triton asks for ours): the FlashMLA-shaped class runs, on the routed kernels",
-    RETIRE_ATTN, _check_selector, replace_attribute(_wrap_selector))
+    RETIRE_ATTN, _check_selector, replace_attribute(_wrap_selector),
+    how="vLLM's _select_dsv4_attn_cls runs as shipped; where it picks DeepseekV4FlashInferSM120Attention the "
+        "FlashMLA-shaped DeepseekV4FlashMLAAttention is returned instead",
+    upstream=UPSTREAM_ATTN, evidence=EVIDENCE)
 
 TILE_SCHEDULER = Patch(
     "vllm.route.decode_plan_sm12x", "vllm", "vllm.v1.attention.backends.mla.sparse_swa",
     "DeepseekSparseSWAMetadataBuilder.build_tile_scheduler", ">=0.24", SPARSE,
     "vLLM 0.24+ plans no FlashMLA decode on the SM120 family, and the FlashMLA-shaped class asserts a plan "
     "exists: on our path each layer type gets a ds-plugins plan",
-    RETIRE_ATTN, _check_tile_scheduler, replace_attribute(_wrap_tile_scheduler))
+    RETIRE_ATTN, _check_tile_scheduler, replace_attribute(_wrap_tile_scheduler),
+    how="vLLM's build_tile_scheduler runs as shipped; where it planned nothing for a decode batch, each layer "
+        "type gets a fresh ds-plugins plan (new_sched_meta)",
+    upstream=UPSTREAM_ATTN, evidence=EVIDENCE)
 
 PATCHES: tuple[Patch, ...] = (*(_function_patch(r) for r in ROUTES), SELECTOR, TILE_SCHEDULER)
 
