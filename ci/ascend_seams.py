@@ -1,6 +1,6 @@
 """The vLLM interfaces `--quantization ascend` relies on, read from an official vLLM wheel's source (AST, no import).
 
-ds_plugins/vllm/ascend_compat.py finds the moving parts by probing the imported vLLM; ascend_config.py,
+ds_plugins/vllm/ascend/compat.py finds the moving parts by probing the imported vLLM; ascend_config.py,
 ascend_methods.py and ascend_remote.py use the rest as they are. Each check here proves, for one unpacked wheel
 (ci/upstream.py), one fact that code relies on, and raises `SeamMismatch` naming the wheel file, line and name
 that differ. tests/contract/test_ascend_vllm_versions.py runs every check on every matrix version from the
@@ -259,11 +259,11 @@ def abstract_methods(src: Path, module: str, name: str, depth: int = 0) -> set[s
 
 
 # ds-plugins' classes and the vLLM base each one subclasses (by the module it is imported from).
-OURS = (("ds_plugins/vllm/ascend_config.py", "AscendQuantConfig",
+OURS = (("ds_plugins/vllm/ascend/config.py", "AscendQuantConfig",
          "vllm.model_executor.layers.quantization.base_config", "QuantizationConfig"),
-        ("ds_plugins/vllm/ascend_methods.py", "W8A8DynamicLinearMethod", LINEAR, "LinearMethodBase"),
-        ("ds_plugins/vllm/ascend_methods.py", "W8A8StaticLinearMethod", LINEAR, "LinearMethodBase"),
-        ("ds_plugins/vllm/ascend_methods.py", "AscendMoEMethod", FUSED_MOE, "FusedMoEMethodBase"))
+        ("ds_plugins/vllm/ascend/methods.py", "W8A8DynamicLinearMethod", LINEAR, "LinearMethodBase"),
+        ("ds_plugins/vllm/ascend/methods.py", "W8A8StaticLinearMethod", LINEAR, "LinearMethodBase"),
+        ("ds_plugins/vllm/ascend/methods.py", "AscendMoEMethod", FUSED_MOE, "FusedMoEMethodBase"))
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -539,7 +539,7 @@ def _constant_return(fn: ast.FunctionDef):
 
 
 def check_custom_all_reduce(src: Path, patch) -> None:
-    """The path ds_plugins/vllm/custom_all_reduce.py relies on, from the engine arguments to the workers:
+    """The path ds_plugins/vllm/dsv4/custom_all_reduce.py relies on, from the engine arguments to the workers:
     ParallelConfig.__post_init__ is a def (self) of the class that has the annotated fields
     disable_custom_all_reduce (bool, default False) and tensor_parallel_size; EngineArgs.create_engine_config
     passes disable_custom_all_reduce=self.disable_custom_all_reduce to ParallelConfig(...) (the user's flag
@@ -593,7 +593,8 @@ def check_custom_all_reduce(src: Path, patch) -> None:
 
 @functools.cache
 def _specific() -> dict[str, Any]:
-    from ds_plugins.vllm import deepgemm_gate, startup_log
+    from ds_plugins.vllm import startup_log
+    from ds_plugins.vllm.dsv4 import deepgemm_gate
     from ds_plugins.vllm.dsv4 import cudagraph, registry, routes
     table: dict[str, Any] = {r.id: functools.partial(_route_check, r) for r in routes.ROUTES}
     table[routes.SELECTOR.id] = check_selector
@@ -607,7 +608,7 @@ def _specific() -> dict[str, Any]:
     from ds_plugins.vllm.dsv4 import fp8_block_scales, kv_cache
     table[fp8_block_scales.PATCH.id] = check_block_fp8_post_load
     table[kv_cache.PATCH.id] = check_kv_cache_hook
-    from ds_plugins.vllm import custom_all_reduce
+    from ds_plugins.vllm.dsv4 import custom_all_reduce
     table[custom_all_reduce.PATCH.id] = check_custom_all_reduce
     return table
 

@@ -18,7 +18,7 @@ def declared_patches(engine: str):
     if engine == "vllm":
         from .vllm import declared_patches as source
     else:
-        from ds_plugins_sglang import declared_patches as source
+        from .sglang import declared_patches as source
     return list(source())
 
 
@@ -27,7 +27,7 @@ def adapter_carriers(engine: str) -> dict:
     if engine == "vllm":
         from .vllm import adapter_carriers as source
     else:
-        from ds_plugins_sglang import adapter_carriers as source
+        from .sglang import adapter_carriers as source
     return dict(source())
 
 
@@ -89,7 +89,7 @@ def build(probe: Probe, env: Mapping[str, str] | None = None, notes: list[str] |
                          not_in_this_build=list(acc.missing), carriers={k: list(v) for k, v in acc.carriers.items()})
             entry["sentence"] = effects.sentence(landscape.ENGINE_TITLE[engine], acc)
             if engine == "vllm" and not probe.simulated:
-                from .vllm.mooncake_connector import MODULE_PATH, state
+                from .vllm.mooncake.connector import MODULE_PATH, state
                 entry["mooncake_connector"] = {"state": state(), "module_path": MODULE_PATH}
         report["engines"][engine] = entry
     report["verdict"], report["exit_code"] = _verdict(report)

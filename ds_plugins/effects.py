@@ -10,7 +10,7 @@ yet" list) and the policy's `Decision.active` are all derived:
 
 A value that changes or offers something must be carried by this build for the engine version: by a
 declared patch whose `implements` names the value, or by an adapter feature with no runtime patch
-(`adapter_carriers()` of ds_plugins.vllm / ds_plugins_sglang). Otherwise it is "not in this build yet",
+(`adapter_carriers()` of ds_plugins.vllm / ds_plugins.sglang). Otherwise it is "not in this build yet",
 and the engine keeps its own behaviour.
 """
 

@@ -7,7 +7,7 @@ and returns how to undo it. The declaration is the one source: `patches/<id>.tom
 and docs/patches.md are generated from it (`python ci/patch_records.py write`), and a test fails
 when they differ.
 
-Rules (DESIGN.md): the target module is never imported by us. If the engine has
+Rules: the target module is never imported by us. If the engine has
 imported it already the patch is applied at once, otherwise the moment the
 engine imports it (importhook). A failed check skips the patch with one
 warning and leaves the engine as shipped. Applying twice is a no-op.
@@ -123,7 +123,7 @@ def route_to(patch_id: str, pick: Callable[[Any], Callable]) -> Callable[[Target
 
 class Route(NamedTuple):
     """A function an engine calls, at `module.attribute`, answered by a ds-plugins adapter: the rows of
-    both engines' route tables (ds_plugins/vllm/dsv4/routes.py, ds_plugins_sglang/routes.py); `patch`
+    both engines' route tables (ds_plugins/vllm/dsv4/routes.py, ds_plugins/sglang/routes.py); `patch`
     makes the Patch that binds it."""
     id: str
     module: str

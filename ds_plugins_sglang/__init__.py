@@ -22,29 +22,13 @@ def _log():
     return logging.getLogger(LOGGER_NAME)
 
 
-def declared_patches():
-    from .patches import PATCHES
-    return PATCHES
-
-
-def adapter_carriers() -> dict:
-    """Decision values carried with no runtime patch (see ds_plugins.effects): deepgemm=on is SGLang's
-    own switch, set in the environment (deepgemm=off sets it too, and has a patch for an already-imported
-    gate); sparse_mla=triton also sets SGLang's sparse-prefill and SM120-backend switches (0.5.13+ /
-    0.5.15+), which is what covers FlashMLA's sparse prefill (no patch can: SGLang reads the switch at
-    each prefill), beside its routes."""
-    return {("deepgemm", "on"): "SGLANG_ENABLE_JIT_DEEPGEMM=1 in the environment (SGLang's own switch)",
-            ("sparse_mla", "triton"): "SGLANG_OPT_FLASHMLA_SPARSE_PREFILL=0 and SGLANG_SM120_FLASHMLA_BACKEND=triton "
-                                      "in the environment (SGLang's own switches)"}
-
-
 def _apply_env(reg) -> None:
     """SGLang's own switches from the decisions (SGLANG_ENABLE_JIT_DEEPGEMM, ...), before SGLang's
     import-time reads of them run here or in any worker it spawns."""
     if reg.plan is None or reg.plan.status != "supported" or reg.state not in ("prepared", "registered"):
         return
     try:
-        from .deepgemm_gate import apply_env
+        from ds_plugins.sglang.deepgemm_gate import apply_env
         apply_env(reg.plan, _log())
     except Exception as exc:  # never into SGLang
         _log().error("ds-plugins: could not set SGLang's DeepGEMM switch (%s: %s)", type(exc).__name__, exc)
@@ -54,6 +38,7 @@ def register(via: str = "sglang.srt.plugins") -> None:
     """SGLang general-plugin entry point: idempotent, cheap, never raises into SGLang."""
     try:
         import ds_plugins.registration as registration
+        from ds_plugins.sglang import adapter_carriers, declared_patches
     except Exception as exc:  # a broken install must not take SGLang down
         _log().error("ds-plugins could not load (%s: %s); SGLang runs as shipped", type(exc).__name__, exc)
         return

@@ -52,7 +52,7 @@ MODEL_HOOK = "sglang/srt/arg_groups/model_hook.py"
 GATE_HELD = "DeepGEMM gate held to the installed DeepGEMM's SM12x kernels (ds-plugins' kernel-file probe)"
 GATE_HOW = ("ds-plugins decides deepgemm=off there (SGLANG_ENABLE_JIT_DEEPGEMM=0 in every process, patch "
             "sglang.deepgemm_off.configurer for an already-imported gate) and upstream for a DeepGEMM with them")
-# Carried by SGLang's own switches (ds_plugins_sglang.deepgemm_gate.wanted; an adapter carrier), no patch.
+# Carried by SGLang's own switches (ds_plugins.sglang.deepgemm_gate.wanted; an adapter carrier), no patch.
 SPARSE_TRITON = Cover("sparse_mla", "triton", None)
 
 

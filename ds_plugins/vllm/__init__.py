@@ -1,4 +1,10 @@
-"""The vLLM adapter: what ds-plugins changes in vLLM, and when.
+"""The vLLM adapter: what ds-plugins changes in vLLM, and when, one folder per feature.
+
+- `dsv4/`: DeepSeek-V4 on SM12x (the model hook-up, the kernel routes, and the covers on its path: the
+  DeepGEMM gate, block-FP8 scales, KV-cache dtype, CUDA graphs, custom all-reduce).
+- `ascend/`: `--quantization ascend` for msModelSlim checkpoints.
+- `mooncake/`: the Mooncake P/D connector vLLM loads by `kv_connector_module_path`.
+- `patches.py`: every vLLM patch; `startup_log.py`: the start-up line where vLLM configures logging late.
 
 vLLM calls general plugins in the API server, the engine core, every worker and
 the model-inspection subprocess; `register` runs the shared registration in each.
@@ -21,7 +27,7 @@ def adapter_carriers() -> dict[tuple[str, str], str]:
     """Decision values this adapter carries with no runtime patch (see ds_plugins.effects)."""
     return {
         ("mooncake_connector", "ds_plugins"):
-            "ds_plugins.vllm.mooncake_connector, imported by vLLM itself (kv_connector_module_path)",
+            "ds_plugins.vllm.mooncake.connector, imported by vLLM itself (kv_connector_module_path)",
         ("ascend_quant", "ds_plugins"):
             "AscendConfig, registered through vLLM's public register_quantization_config",
     }
@@ -52,7 +58,7 @@ def _ascend_quant(reg, log: logging.Logger) -> None:
     from ..importhook import when_imported
 
     def install(_module) -> None:
-        from .ascend_quant import install as run
+        from .ascend.install import install as run
         reg.notes["ascend_quant"] = run(reg.plan, log)  # never raises
 
     reg.notes["ascend_quant"] = f"armed: registers when vLLM has imported {CONFIG}"

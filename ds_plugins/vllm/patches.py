@@ -8,8 +8,8 @@ subprocess), at the moment vLLM imports the target module.
 from __future__ import annotations
 
 from ..patching import Patch
-from . import custom_all_reduce, deepgemm_gate, startup_log
-from .dsv4 import cudagraph, fp8_block_scales, kv_cache, registry, routes
+from . import startup_log
+from .dsv4 import cudagraph, custom_all_reduce, deepgemm_gate, fp8_block_scales, kv_cache, registry, routes
 
 PATCHES: tuple[Patch, ...] = (
     *deepgemm_gate.PATCHES,   # deepgemm=off|on

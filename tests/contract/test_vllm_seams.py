@@ -146,7 +146,7 @@ def test_a_site_nobody_calls_is_reported(tmp_path):
 
 
 def test_a_moved_or_reshaped_target_is_named(tmp_path):
-    from ds_plugins.vllm import deepgemm_gate
+    from ds_plugins.vllm.dsv4 import deepgemm_gate
     src = _tree(tmp_path, {"vllm/platforms/cuda.py": "class CudaPlatformBase:\n    def support_deep_gemm(self):\n"
                                                      "        return True\n"})
     assert "cuda.py:2" in vllm_seams.check_patch(src, deepgemm_gate.PLATFORM_OFF)

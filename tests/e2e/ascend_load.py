@@ -31,8 +31,8 @@ from vllm.model_executor.model_loader import get_model_loader  # noqa: E402
 from vllm.model_executor.model_loader.utils import initialize_model  # noqa: E402
 
 from ds_plugins.quant.ascend.description import FILENAME  # noqa: E402
-from ds_plugins.vllm import ascend_methods as methods  # noqa: E402
-from ds_plugins.vllm.ascend_config import AscendQuantConfig  # noqa: E402
+from ds_plugins.vllm.ascend import methods  # noqa: E402
+from ds_plugins.vllm.ascend.config import AscendQuantConfig  # noqa: E402
 
 if "ascend" not in q.QUANTIZATION_METHODS:  # VLLM_PLUGINS="" keeps ds-plugins' own entry point out
     q.register_quantization_config("ascend")(AscendQuantConfig)

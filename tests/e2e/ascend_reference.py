@@ -9,11 +9,11 @@ tests/e2e/test_ascend_e2e.py.
            [log p(ids[t] | ids[:t]), argmax_v p(v | ids[:t])]
 
 `score` runs transformers' DeepseekV4ForCausalLM on a dequantised twin (ascend_twins.write_dequantised) in
-float32 and again under CPU bfloat16 autocast (every matmul in bfloat16, as research/vllm-cpu-e2e.md measured
-its noise floor; transformers 5.19 cannot run this model with bfloat16 weights: its fp32-kept norms feed
+float32 and again under CPU bfloat16 autocast (every matmul in bfloat16: the noise floor the
+tolerances are set against; transformers 5.19 cannot run this model with bfloat16 weights: its fp32-kept norms feed
 bfloat16 linears), with each quantized
 module's activation quantization applied to its input, as the scheme defines it
-(research/ascend-quant-and-mooncake.md §1.5-1.8; tests/quant/formulas.py): W8A8_DYNAMIC / W4A8_DYNAMIC
+(tests/quant/formulas.py): W8A8_DYNAMIC / W4A8_DYNAMIC
 per-token symmetric int8 `x -> round(x/s)·s, s = max|x|/127`; static W8A8 per-tensor
 `x -> (clamp(round(x/in_scale + in_offset)) - in_offset)·in_scale`; routed experts quantize their input once
 per token and the SwiGLU output again before w2. With the dequantised weights this is the quantized twin's

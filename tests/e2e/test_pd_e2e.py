@@ -110,7 +110,7 @@ CORES = _core_halves()
 
 def kv_config(role: str, engine_id: str, port: int, policy: str) -> str:
     return json.dumps({
-        "kv_connector": "MooncakeConnectorV1", "kv_connector_module_path": "ds_plugins.vllm.mooncake_connector",
+        "kv_connector": "MooncakeConnectorV1", "kv_connector_module_path": "ds_plugins.vllm.mooncake.connector",
         "kv_role": role, "engine_id": engine_id, "kv_port": port, "kv_load_failure_policy": policy,
         "kv_connector_extra_config": {"host": "127.0.0.1", "mooncake_protocol": "tcp", "allowed_peers": ["127.0.0.1"],
                                       **KV_TIMEOUTS}})

@@ -59,7 +59,7 @@ def _wheel_file(dist: str, version: str, path: str) -> str:
 def installed(fresh_state, monkeypatch):
     def install(module: types.ModuleType):
         monkeypatch.setitem(sys.modules, "flash_mla", module)
-        from ds_plugins_sglang.routes import PATCHES
+        from ds_plugins.sglang.routes import PATCHES
         group = [p for p in PATCHES if p.id in GROUP]
         outcomes = patching.apply(group, _plan(), patching_log())
         return {o.patch_id: o for o in outcomes}

@@ -26,7 +26,7 @@ def test_forced_triton_replaces_sglangs_sm120_function(sglang_plugins_env, order
     load = f"import {MODULE} as m\n"
     res = sglang_plugins_env.run((register + load if order == "register-then-import" else load + register) + SHOW,
                                  env=FORCED).ok()
-    assert "ROUTE sglang.route.decode_sm120 ds_plugins_sglang.routes" in res.proc.stdout
+    assert "ROUTE sglang.route.decode_sm120 ds_plugins.sglang.routes" in res.proc.stdout
     states = {k: v["state"] for k, v in outcomes(res).items()}
     assert states["sglang.route.decode_sm120"] == "applied"
     assert states["sglang.route.decode_sm120_legacy"] == "other-version"
@@ -63,6 +63,6 @@ def test_the_hook_applies_the_same_route_once_with_the_entry_point(sglang_plugin
     res = sglang_plugins_env.run(
         "import sglang\nimport sglang.srt.plugins as p\np.load_plugins()\n"
         f"import {MODULE} as m\n" + SHOW, env=FORCED, pythonpath=(sglang_path(),)).ok()
-    assert "ROUTE sglang.route.decode_sm120 ds_plugins_sglang.routes" in res.proc.stdout
+    assert "ROUTE sglang.route.decode_sm120 ds_plugins.sglang.routes" in res.proc.stdout
     assert res.state["via"] == "pythonpath-hook" and res.state["calls"] == 2
     assert outcomes(res)["sglang.route.decode_sm120"]["state"] == "applied"

@@ -18,7 +18,7 @@ from packaging.version import Version
 
 from ci import upstream, vllm_seams
 from ci.upstream_facts import parse
-from ds_plugins.vllm import custom_all_reduce
+from ds_plugins.vllm.dsv4 import custom_all_reduce
 
 LIVE = """
 import logging, pickle
@@ -28,7 +28,7 @@ from vllm.config.parallel import ParallelConfig
 from ds_plugins import patching, stock
 from ds_plugins.policy import decide
 from ds_plugins.probe import Device, Probe
-from ds_plugins.vllm import custom_all_reduce
+from ds_plugins.vllm.dsv4 import custom_all_reduce
 
 current_platform.use_custom_allreduce = lambda: True  # CudaPlatformBase's answer (see the module docstring)
 

@@ -18,7 +18,7 @@ NO_SM12X = "--capability 12.0 --lib deep_gemm=no-sm12x --lib flashinfer=sm120"
 ON_VLLM_PLATFORM = (
     "import logging\n"
     "from ds_plugins import patching\n"
-    "from ds_plugins.vllm import deepgemm_gate as g\n"
+    "from ds_plugins.vllm.dsv4 import deepgemm_gate as g\n"
     "from ds_plugins.policy import decide\n"
     "from ds_plugins.simulate import from_env_value\n"
     "from ds_plugins.probe import installed_engines\n"

@@ -32,7 +32,7 @@ from ds_plugins.kernels.kv_cache import dequantize_kv_cache, quantize_kv_cache
 from ds_plugins.kernels.reference import indexer as ref_indexer
 from ds_plugins.kernels.reference.mhc import hc_prenorm_gemm
 from ds_plugins.kernels.reference.sparse_mla import ref_sparse_decode
-from ds_plugins_sglang import routes
+from ds_plugins.sglang import routes
 
 HEADS, D_QK, D_V = 64, 512, 512          # V4 attention: 64 heads per rank (Flash TP1), 448 NoPE + 64 RoPE
 IDX_HEADS, IDX_DIM = 64, 128             # V4 indexer

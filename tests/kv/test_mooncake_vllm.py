@@ -65,7 +65,7 @@ def check_scheduler_side(out: dict) -> None:
     if "transfer_groups" in out:
         check_transfer_groups(out)
     # vLLM's factory found our class under the name vllm-ascend users write, and HMA is accepted.
-    assert out["class"] == "ds_plugins.vllm.mooncake_connector.DSV4MooncakeConnector" and out["hma"]
+    assert out["class"] == "ds_plugins.vllm.mooncake.connector.DSV4MooncakeConnector" and out["hma"]
 
     # P: a length-capped prefill keeps its blocks and hands off every group's block ids.
     p = out["p"]

@@ -26,7 +26,7 @@ MATRIX = upstream.versions()["vllm"]["matrix"]
 BASE = "vllm/distributed/kv_transfer/kv_connector/v1/base.py"
 SCHEDULER = "vllm/v1/core/sched/scheduler.py"
 CONFIG = "vllm/config/kv_transfer.py"
-OURS = Path(__file__).resolve().parents[2] / "ds_plugins" / "vllm" / "mooncake_connector.py"
+OURS = Path(__file__).resolve().parents[2] / "ds_plugins" / "vllm" / "mooncake" / "connector.py"
 HOOKS = ("get_loaded_kv_cache_group_ids", "unregister_kv_caches", "restore_kv_caches")
 
 
@@ -45,7 +45,7 @@ def methods(cls: ast.ClassDef) -> dict[str, ast.FunctionDef]:
 
 
 def detects_per_request(base: ast.Module) -> bool:
-    """The connector's own test (mooncake_connector._build), applied to the source."""
+    """The connector's own test (connector._build), applied to the source."""
     cls = classes(base)
     return "KVConnectorTransferResults" in cls and "get_transfer_results" in methods(cls["KVConnectorBase_V1"])
 
@@ -96,4 +96,4 @@ def test_kv_ip_is_optional_and_read_with_getattr():
     assert "kv_ip" not in fields and "kv_port" in fields, f"vllm {newest}: KVTransferConfig fields changed"
     src = ast.parse(OURS.read_text())
     direct = [n.lineno for n in ast.walk(src) if isinstance(n, ast.Attribute) and n.attr == "kv_ip"]
-    assert not direct, f"mooncake_connector.py reads .kv_ip directly at lines {direct}"
+    assert not direct, f"mooncake/connector.py reads .kv_ip directly at lines {direct}"

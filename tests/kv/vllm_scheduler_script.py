@@ -38,7 +38,7 @@ def kv_cache_config(num_blocks: int = 64) -> KVCacheConfig:
 
 def connector(role: str, engine_id: str, extra: dict | None = None, tp: int = 1, kcc: KVCacheConfig | None = None):
     kv = KVTransferConfig(kv_connector="MooncakeConnectorV1",
-                          kv_connector_module_path="ds_plugins.vllm.mooncake_connector",
+                          kv_connector_module_path="ds_plugins.vllm.mooncake.connector",
                           kv_role=role, engine_id=engine_id, kv_port="30000",
                           kv_connector_extra_config={"host": "10.1.2.3", "prefill": {"dp_size": 2, "tp_size": 1},
                                                      "decode": {"dp_size": 4, "tp_size": 1}, **(extra or {})})
@@ -86,7 +86,7 @@ def main() -> None:
     out["p_meta_after"] = p.build_connector_meta(SchedulerOutput.make_empty()).send
     # After its prefill, vLLM's sliding-window manager has replaced the blocks before the window with the
     # null block (remove_skipped_blocks, as its scheduler calls it): P sends them as a count, D restores them.
-    from ds_plugins.vllm.mooncake_connector import parse_remote
+    from ds_plugins.vllm.mooncake.connector import parse_remote
     trim = request("p-trim", {"do_remote_decode": True, "do_remote_prefill": False})
     mgr.allocate_slots(trim, PROMPT)
     trim.num_computed_tokens = PROMPT

@@ -28,7 +28,7 @@ from vllm.v1.kv_cache_interface import MLAAttentionSpec, SlidingWindowMLASpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 from vllm.v1.worker.utils import allocate_kv_cache
 
-from ds_plugins.vllm.mooncake_connector import MooncakeConnectorMetadata, RecvSpec, _failed_spec
+from ds_plugins.vllm.mooncake.connector import MooncakeConnectorMetadata, RecvSpec, _failed_spec
 
 LAYOUT = "BLHNC"  # block-outermost: a block is the packed pages of the layers of a KV cache tensor
 MEMORY = 40 * 46080  # vLLM's planner packs these specs into 46,080-byte blocks: 40 blocks
@@ -70,7 +70,7 @@ def caches(kcc, seed: int | None) -> tuple[dict[str, torch.Tensor], torch.Tensor
 def main() -> None:
     role, port = sys.argv[1], int(sys.argv[2])
     kv = KVTransferConfig(kv_connector="MooncakeConnectorV1",
-                          kv_connector_module_path="ds_plugins.vllm.mooncake_connector",
+                          kv_connector_module_path="ds_plugins.vllm.mooncake.connector",
                           kv_role=f"kv_{role}", engine_id="p0" if role == "producer" else "d0", kv_port=port,
                           kv_connector_extra_config={"host": "127.0.0.1", "mooncake_protocol": "tcp",
                                                      "handshake_timeout_s": 2, "transfer_timeout_s": 5})

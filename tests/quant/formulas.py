@@ -1,7 +1,7 @@
 """The documented formulas, written out in float64 on the test side (the oracle for every path).
 
-research/ascend-quant-and-mooncake.md: §1.5 W8A8_DYNAMIC, §1.7 W4A8_DYNAMIC (the exact y = (x_q·W)·s_w·s_x,
-scale_bias ignored), §1.8 W8A8 static; DeepSeek-V4 SwiGLU clamp from dsv4-math-and-kernels.md §2.
+msModelSlim's W8A8_DYNAMIC, W4A8_DYNAMIC (the exact y = (x_q·W)·s_w·s_x, scale_bias ignored) and
+static W8A8; DeepSeek-V4's SwiGLU clamp as transformers' DeepseekV4 applies it.
 """
 
 import torch

@@ -11,7 +11,7 @@ import pytest
 CODE = """
 import json, logging, os, sys
 from ds_plugins.registration import current_probe, decide
-from ds_plugins.vllm import ascend_quant
+from ds_plugins.vllm.ascend import install as ascend_quant
 plan = decide(current_probe(), "vllm")
 state = ascend_quant.install(plan, logging.getLogger("t"))
 print(json.dumps({"value": plan.value("ascend_quant"), "state": state,

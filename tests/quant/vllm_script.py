@@ -21,7 +21,7 @@ from vllm.platforms.cpu import CpuPlatform  # noqa: E402
 platforms._current_platform = CpuPlatform()
 
 from ds_plugins.registration import current_probe, decide  # noqa: E402
-from ds_plugins.vllm import ascend_quant  # noqa: E402
+from ds_plugins.vllm.ascend import install as ascend_quant  # noqa: E402
 from vllm.config import LoadConfig, VllmConfig, set_current_vllm_config  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.model_executor.layers import quantization as q  # noqa: E402
@@ -59,7 +59,7 @@ assert plan.value("ascend_quant") == "ds_plugins", plan.decision("ascend_quant")
 state = ascend_quant.install(plan, log)
 assert state == "registered 'ascend'", state
 assert ascend_quant.install(plan, log) == state  # idempotent
-from ds_plugins.vllm.ascend_config import AscendQuantConfig  # noqa: E402
+from ds_plugins.vllm.ascend.config import AscendQuantConfig  # noqa: E402
 
 assert q.get_quantization_config("ascend") is AscendQuantConfig
 print("OK registered", flush=True)
@@ -93,7 +93,7 @@ from vllm.model_executor.layers.linear import (  # noqa: E402
     MergedColumnParallelLinear, RowParallelLinear, UnquantizedLinearMethod)
 from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM  # noqa: E402
 
-from ds_plugins.vllm import ascend_methods as methods  # noqa: E402
+from ds_plugins.vllm.ascend import methods  # noqa: E402
 
 # As vLLM's configure_quant_config does: the model's packed map (0.30 declares one, 0.28 does not).
 quant_config.packed_modules_mapping = dict(getattr(DeepseekV4ForCausalLM, "packed_modules_mapping", {}))

@@ -1,5 +1,5 @@
 """Test-side msModelSlim writer: quantizes float weights the way the documented format says
-(research/ascend-quant-and-mooncake.md §1.5-1.8, §2) and writes safetensors + description JSON.
+(msModelSlim's schemes) and writes safetensors + description JSON.
 
 Written independently of ds_plugins.quant (numpy for the int4 packing and the int64 deq_scale form),
 so the loader is checked against the format, not against itself.

@@ -1,4 +1,4 @@
-"""A msModelSlim checkpoint named by hub id (ds_plugins/vllm/ascend_remote.py), on the real vLLM of the test
+"""A msModelSlim checkpoint named by hub id (ds_plugins/vllm/ascend/remote.py), on the real vLLM of the test
 environment and the real huggingface_hub, against a local hub cache (HF_HUB_OFFLINE, the cache layout
 huggingface_hub itself reads): while vLLM builds its config only the JSON files are requested, one by one, and
 the weights are fetched (through vLLM's own download_weights_from_hf) only when the first layer asks for its
@@ -65,7 +65,7 @@ def hub(tmp_path, monkeypatch):
 
 
 def _config():
-    from ds_plugins.vllm.ascend_config import AscendQuantConfig
+    from ds_plugins.vllm.ascend.config import AscendQuantConfig
     return AscendQuantConfig()
 
 

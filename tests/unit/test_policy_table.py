@@ -1,4 +1,4 @@
-"""Table-driven policy tests: every row of shared/research/upstream-landscape.md on
+"""Table-driven policy tests: every engine version of the upstream landscape (its researched rows) on
 SM90, SM100, SM120, SM121, Ascend and CPU.
 
 The expectations are written out by hand from the landscape (not computed by
@@ -98,7 +98,7 @@ def test_landscape_row(engine, version, device, expected):
 
 
 def test_every_landscape_row_is_in_the_table():
-    # The rows of upstream-landscape.md (vLLM: 0.19.x, 0.20.2, 0.22.1, 0.25.0, 0.28.0, 0.30.0, 0.33.0;
+    # The landscape's rows (vLLM: 0.19.x, 0.20.2, 0.22.1, 0.25.0, 0.28.0, 0.30.0, 0.33.0;
     # SGLang: 0.5.10, 0.5.11, 0.5.12, 0.5.15, 0.5.23) on the six device kinds.
     assert {(e, v) for e, v in TABLE} == {
         ("vllm", v) for v in ("0.19.1", "0.20.2", "0.22.1", "0.25.0", "0.28.0", "0.30.0", "0.33.0")

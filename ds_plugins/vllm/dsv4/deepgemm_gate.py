@@ -24,7 +24,7 @@ import functools
 import sys
 from typing import Any
 
-from ..patching import Patch, Target, replace_attribute
+from ...patching import Patch, Target, replace_attribute
 
 UTILS = "vllm.utils.deep_gemm"
 RETIRE = ("vLLM's gate probes the installed DeepGEMM for SM12x kernels instead of trusting the capability "
@@ -94,7 +94,8 @@ def _never_supported(original: Any):
     @functools.cache
     def is_deep_gemm_supported() -> bool:
         return False
-    is_deep_gemm_supported.__doc__ = "ds-plugins: False (decision deepgemm=off); see ds_plugins/vllm/deepgemm_gate.py"
+    is_deep_gemm_supported.__doc__ = ("ds-plugins: False (decision deepgemm=off); see "
+                                      "ds_plugins/vllm/dsv4/deepgemm_gate.py")
     return is_deep_gemm_supported
 
 

@@ -1,4 +1,4 @@
-"""vLLM layer methods for msModelSlim schemes (imports vLLM; loaded by ascend_config on first use).
+"""vLLM layer methods for msModelSlim schemes (imports vLLM; loaded by ascend.config on first use).
 
 Parameters are created in the checkpoint's dtypes and layouts, so vLLM's own weight loaders shard
 them (output-dim for column-parallel and w1/w3, input-dim for row-parallel and w2; W4A8 packs along
@@ -24,9 +24,9 @@ from vllm.model_executor.layers.linear import LinearMethodBase, RowParallelLinea
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter, PerTensorScaleParameter
 from vllm.model_executor.utils import set_weight_attrs
 
-from ..quant.ascend import arith, compute
-from ..quant.ascend.errors import AscendFormatError
-from .ascend_compat import FusedMoEMethodBase, FusedMoeWeightScaleSupported
+from ...quant.ascend import arith, compute
+from ...quant.ascend.errors import AscendFormatError
+from .compat import FusedMoEMethodBase, FusedMoeWeightScaleSupported
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "int8": torch.int8}
@@ -120,10 +120,15 @@ def _int8_weight(layer, input_size_per_partition: int, output_partition_sizes, l
     return out
 
 
-class W8A8DynamicLinearMethod(LinearMethodBase):
+class _SchemeLinearMethod(LinearMethodBase):
+    """A linear method for one msModelSlim scheme: the quant config and the layer's prefix, by which it
+    finds the layer's tensors in the checkpoint."""
+
     def __init__(self, config, prefix: str):
         self.config, self.prefix = config, prefix
 
+
+class W8A8DynamicLinearMethod(_SchemeLinearMethod):
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
         loader = extra_weight_attrs.get("weight_loader")
@@ -146,13 +151,10 @@ class W8A8DynamicLinearMethod(LinearMethodBase):
         return compute.linear_dynamic(x, layer.weight, layer.weight_scale, bias)
 
 
-class W8A8StaticLinearMethod(LinearMethodBase):
+class W8A8StaticLinearMethod(_SchemeLinearMethod):
     """Static W8A8: one input scale/offset per checkpoint shard; a fused layer whose shards were
     calibrated with different activation scales is refused at load (DeepSeek-V4 recipes do not use
     this scheme)."""
-
-    def __init__(self, config, prefix: str):
-        self.config, self.prefix = config, prefix
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):

@@ -18,8 +18,8 @@ import importlib
 import logging
 from pathlib import Path
 
-from ..quant.ascend.description import FILENAME
-from ..quant.ascend.layout import CONFIG
+from ...quant.ascend.description import FILENAME
+from ...quant.ascend.layout import CONFIG
 
 logger = logging.getLogger("vllm.ds_plugins")
 

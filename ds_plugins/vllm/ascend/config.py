@@ -1,9 +1,9 @@
-"""The "ascend" QuantizationConfig for stock vLLM (imports vLLM: loaded only by ascend_quant._register).
+"""The "ascend" QuantizationConfig for stock vLLM (imports vLLM: loaded only by install._register).
 
 A local checkpoint is read and validated in `maybe_update_config`, which vLLM calls while it builds the
 VllmConfig, before the model exists: a bad checkpoint stops `vllm serve` there, naming file and key. A hub
 id gets the checks its JSON files allow there, and the rest when the model is built, before any weight is
-placed (ds_plugins/vllm/ascend_remote.py).
+placed (ds_plugins/vllm/ascend/remote.py).
 Layers then ask `get_quant_method(layer, prefix)`; prefixes are vLLM module names, which are matched
 to checkpoint modules through the DeepSeek-V4 renames (ds_plugins.quant.ascend.names), the model's
 own `hf_to_vllm_mapper` (given to `apply_vllm_mapper`) and its `packed_modules_mapping`.
@@ -34,12 +34,12 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-from ..quant.ascend import names
-from . import ascend_compat
-from ..quant.ascend.description import FILENAME
-from ..quant.ascend.errors import AscendFormatError
-from ..quant.ascend.loader import Checkpoint, check_json
-from ..quant.ascend.schemes import EXPERT_RE
+from ...quant.ascend import names
+from . import compat
+from ...quant.ascend.description import FILENAME
+from ...quant.ascend.errors import AscendFormatError
+from ...quant.ascend.loader import Checkpoint, check_json
+from ...quant.ascend.schemes import EXPERT_RE
 
 
 def _download_dir() -> str | None:
@@ -90,8 +90,8 @@ class AscendQuantConfig(QuantizationConfig):
         if os.path.isdir(model_name):
             self.checkpoint, self._remote = Checkpoint(model_name), None
             return
-        from . import ascend_remote
-        check_json(ascend_remote.fetch_json(model_name, revision))
+        from . import remote
+        check_json(remote.fetch_json(model_name, revision))
         self.checkpoint, self._remote = None, (model_name, revision)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper):
@@ -133,8 +133,8 @@ class AscendQuantConfig(QuantizationConfig):
 
     def _need_checkpoint(self) -> Checkpoint:
         if self.checkpoint is None and self._remote is not None:
-            from . import ascend_remote
-            self.checkpoint = Checkpoint(ascend_remote.fetch_weights(*self._remote, _download_dir()))
+            from . import remote
+            self.checkpoint = Checkpoint(remote.fetch_weights(*self._remote, _download_dir()))
         if self.checkpoint is None:
             raise ValueError(f"--quantization ascend: {FILENAME} was not loaded (maybe_update_config was not "
                              "called with the model directory)")
@@ -191,7 +191,7 @@ class AscendQuantConfig(QuantizationConfig):
 
     # --- methods -------------------------------------------------------------------------------
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
-        from . import ascend_methods as methods
+        from . import methods
         if isinstance(layer, LinearBase):
             scheme = self.scheme_for(prefix)
             if scheme == "FLOAT":
@@ -202,7 +202,7 @@ class AscendQuantConfig(QuantizationConfig):
                 return methods.W8A8StaticLinearMethod(self, prefix)
             # for mypy, below: the checkpoint is set once the index is (_build_index)
             raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not a linear scheme")  # type: ignore[union-attr]
-        if isinstance(layer, ascend_compat.MoELayer):
+        if isinstance(layer, compat.MoELayer):
             scheme = self.scheme_for(prefix, moe=True)
             if scheme == "FLOAT":
                 return None  # every vLLM of the matrix then builds its own UnquantizedFusedMoEMethod

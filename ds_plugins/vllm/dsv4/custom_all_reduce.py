@@ -24,7 +24,7 @@ import functools
 import logging
 from typing import Any
 
-from ..patching import Patch, Target, replace_attribute
+from ...patching import Patch, Target, replace_attribute
 
 _log = logging.getLogger("vllm.ds_plugins")
 FIELDS = ("disable_custom_all_reduce", "tensor_parallel_size")
@@ -43,7 +43,7 @@ def disable_for_tensor_parallel(parallel_config: Any) -> bool:
 
 
 def _why() -> str:
-    from ..settings import ConfigError, value
+    from ...settings import ConfigError, value
     try:
         asked = value("DS_PLUGINS_CUSTOM_ALL_REDUCE") == "off"
     except ConfigError:  # reported by registration already; this line only words the reason

@@ -46,7 +46,7 @@ def install(plan, log: logging.Logger) -> str:
 def _register() -> str:
     from vllm.model_executor.layers import quantization as q
 
-    from .ascend_config import AscendQuantConfig
+    from .config import AscendQuantConfig
     current = getattr(q, "_CUSTOMIZED_METHOD_TO_QUANT_CONFIG", {}).get(NAME)
     if current is AscendQuantConfig:
         return f"registered {NAME!r}"

@@ -1,5 +1,5 @@
 """The vLLM interfaces the "ascend" quantization config and its layer methods rely on, found by probing the
-imported vLLM (imports vLLM: loaded only by ascend_config / ascend_methods).
+imported vLLM (imports vLLM: loaded only by config / methods).
 
 What moved across the vLLM matrix (0.20 -> 0.33; ci/ascend_seams.py proves each fact in every wheel):
   * the MoE layer class a QuantizationConfig is handed: `FusedMoE` (a class, 0.20-0.23; `RoutedExperts` is
@@ -10,7 +10,7 @@ What moved across the vLLM matrix (0.20 -> 0.33; ci/ascend_seams.py proves each 
 The rest (LinearBase, LinearMethodBase, UnquantizedLinearMethod, RowParallelLinear, the vLLM parameter
 classes, set_weight_attrs, register_quantization_config) did not move.
 
-Anything not found raises ImportError with one line naming what is missing: ascend_quant.install turns that
+Anything not found raises ImportError with one line naming what is missing: install.install turns that
 into its one warning and leaves vLLM as shipped, instead of a layer failing half way through a load.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from vllm.model_executor.layers import fused_moe as _fused_moe
 
-# The keyword arguments AscendMoEMethod.apply accepts (ascend_methods): the union of what vLLM 0.20-0.33 pass.
+# The keyword arguments AscendMoEMethod.apply accepts (methods): the union of what vLLM 0.20-0.33 pass.
 MOE_APPLY_PARAMS = ("layer", "x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input")
 
 
