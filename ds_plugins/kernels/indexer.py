@@ -299,6 +299,41 @@ if HAVE_TRITON:
         return best
 
     @triton.jit
+    def _topk_partial(q_ptr, qsf_ptr, val_ptr, scale_ptr, w_ptr, ws_ptr, row, split, lo, hi, n_heads, stride_wm,
+                      n_splits, key_base, bt_ptr, next_n, stride_bt, max_blocks, n_blocks, stride_block,
+                      PAGED: tl.constexpr, IS_FP4: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_H: tl.constexpr,
+                      D: tl.constexpr, T: tl.constexpr, SUB_N: tl.constexpr, SORT_MERGE: tl.constexpr,
+                      INTERPRET: tl.constexpr):
+        """Best T keys of row `row` among positions [lo, hi); stores them in its workspace slot `split`.
+        Ragged (PAGED false): position p is key key_base + p of the flat key arrays (the paged arguments
+        are unused). Paged: p is a logical position of block-table row row // next_n."""
+        best = _empty_keys((T,))
+        if lo < hi:
+            q_a, q_b, w = _load_query(q_ptr, qsf_ptr, w_ptr, row, n_heads, stride_wm, BLOCK_H, D, IS_FP4)
+            if PAGED:
+                bt_row = bt_ptr + (row // next_n).to(tl.int64) * stride_bt
+            sub = tl.arange(0, T // SUB_N)
+            for start in range(lo, hi, T):
+                tile = _empty_keys((T // SUB_N, SUB_N))
+                for c in range(0, T // SUB_N):
+                    if start + c * SUB_N < hi:
+                        pos = start + c * SUB_N + tl.arange(0, SUB_N)
+                        if PAGED:
+                            val_off, scale_off, valid = _paged_key_offsets(bt_row, pos, pos < hi, max_blocks,
+                                                                           n_blocks, stride_block, BLOCK_KV, D,
+                                                                           IS_FP4)
+                        else:
+                            keys = key_base + pos
+                            valid = (pos < hi) & (keys >= 0)
+                            val_off, scale_off = _ragged_key_offsets(keys, valid, IS_FP4, D)
+                        scores = _key_scores(q_a, q_b, w, val_ptr, scale_ptr, val_off, scale_off, valid,
+                                             BLOCK_H, SUB_N, D, IS_FP4, PAGED, INTERPRET)
+                        sub_keys = tl.where(valid, _sort_keys(scores, pos), _empty_keys((SUB_N,)))
+                        tile = tl.where(sub[:, None] == c, sub_keys[None, :], tile)
+                best = _merge_best(best, tl.reshape(tile, (T,)), T, SORT_MERGE)
+        tl.store(ws_ptr + (row.to(tl.int64) * n_splits + split) * T + tl.arange(0, T), best)
+
+    @triton.jit
     def _mqa_topk_partial_kernel(q_ptr, qsf_ptr, k_ptr, ksf_ptr, w_ptr, ks_ptr, ke_ptr, ws_ptr,
                                  n_heads, n_keys, stride_wm, split_len, n_splits,
                                  IS_FP4: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
@@ -311,24 +346,9 @@ if HAVE_TRITON:
         ke = tl.minimum(tl.load(ke_ptr + row), n_keys)
         lo = split * split_len
         hi = tl.minimum(lo + split_len, ke - ks)            # relative positions p, key ks + p
-        best = _empty_keys((T,))
-        if lo < hi:
-            q_a, q_b, w = _load_query(q_ptr, qsf_ptr, w_ptr, row, n_heads, stride_wm, BLOCK_H, D, IS_FP4)
-            sub = tl.arange(0, T // SUB_N)
-            for start in range(lo, hi, T):
-                tile = _empty_keys((T // SUB_N, SUB_N))
-                for c in range(0, T // SUB_N):
-                    if start + c * SUB_N < hi:
-                        pos = start + c * SUB_N + tl.arange(0, SUB_N)
-                        keys = ks + pos
-                        valid = (pos < hi) & (keys >= 0)
-                        val_off, scale_off = _ragged_key_offsets(keys, valid, IS_FP4, D)
-                        scores = _key_scores(q_a, q_b, w, k_ptr, ksf_ptr, val_off, scale_off, valid,
-                                             BLOCK_H, SUB_N, D, IS_FP4, False, INTERPRET)
-                        sub_keys = tl.where(valid, _sort_keys(scores, pos), _empty_keys((SUB_N,)))
-                        tile = tl.where(sub[:, None] == c, sub_keys[None, :], tile)
-                best = _merge_best(best, tl.reshape(tile, (T,)), T, SORT_MERGE)
-        tl.store(ws_ptr + (row.to(tl.int64) * n_splits + split) * T + tl.arange(0, T), best)
+        _topk_partial(q_ptr, qsf_ptr, k_ptr, ksf_ptr, w_ptr, ws_ptr, row, split, lo, hi,
+                      n_heads, stride_wm, n_splits, ks, 0, 1, 0, 0, 0, 0,
+                      False, IS_FP4, 1, BLOCK_H, D, T, SUB_N, SORT_MERGE, INTERPRET)
 
     @triton.jit
     def _paged_topk_partial_kernel(q_ptr, qsf_ptr, kv_val_ptr, kv_byte_ptr, w_ptr, ctx_ptr, bt_ptr, ws_ptr,
@@ -343,24 +363,9 @@ if HAVE_TRITON:
         length = tl.minimum(_row_length(ctx_ptr, row, next_n, CTX_2D), n_cols)
         lo = split * split_len
         hi = tl.minimum(lo + split_len, length)
-        best = _empty_keys((T,))
-        if lo < hi:
-            q_a, q_b, w = _load_query(q_ptr, qsf_ptr, w_ptr, row, n_heads, stride_wm, BLOCK_H, D, IS_FP4)
-            bt_row = bt_ptr + (row // next_n).to(tl.int64) * stride_bt
-            sub = tl.arange(0, T // SUB_N)
-            for start in range(lo, hi, T):
-                tile = _empty_keys((T // SUB_N, SUB_N))
-                for c in range(0, T // SUB_N):
-                    if start + c * SUB_N < hi:
-                        pos = start + c * SUB_N + tl.arange(0, SUB_N)
-                        val_off, scale_off, ok = _paged_key_offsets(bt_row, pos, pos < hi, max_blocks, n_blocks,
-                                                                    stride_block, BLOCK_KV, D, IS_FP4)
-                        scores = _key_scores(q_a, q_b, w, kv_val_ptr, kv_byte_ptr, val_off, scale_off, ok,
-                                             BLOCK_H, SUB_N, D, IS_FP4, True, INTERPRET)
-                        sub_keys = tl.where(ok, _sort_keys(scores, pos), _empty_keys((SUB_N,)))
-                        tile = tl.where(sub[:, None] == c, sub_keys[None, :], tile)
-                best = _merge_best(best, tl.reshape(tile, (T,)), T, SORT_MERGE)
-        tl.store(ws_ptr + (row.to(tl.int64) * n_splits + split) * T + tl.arange(0, T), best)
+        _topk_partial(q_ptr, qsf_ptr, kv_val_ptr, kv_byte_ptr, w_ptr, ws_ptr, row, split, lo, hi,
+                      n_heads, stride_wm, n_splits, 0, bt_ptr, next_n, stride_bt, max_blocks, n_blocks, stride_block,
+                      True, IS_FP4, BLOCK_KV, BLOCK_H, D, T, SUB_N, SORT_MERGE, INTERPRET)
 
     @triton.jit
     def _topk_merge_kernel(ws_ptr, out_ptr, n_splits, topk, stride_om, T: tl.constexpr, SORT_MERGE: tl.constexpr):
