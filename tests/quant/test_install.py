@@ -1,4 +1,4 @@
-"""ascend_quant.install: what it does for each policy decision, with real plans from the policy on
+"""ds_plugins.vllm.ascend.install.install: what it does for each policy decision, with real plans from the policy on
 simulated machines. Where it does not register, it must not import torch or vLLM (it runs in every
 vLLM process); where vllm-ascend is installed it defers. Runs in subprocesses for a clean sys.modules."""
 

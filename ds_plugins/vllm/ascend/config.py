@@ -82,7 +82,7 @@ class AscendQuantConfig(QuantizationConfig):
     # --- loading the description -------------------------------------------------------------
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None):
         """A local directory is checked whole here (Checkpoint). A hub id: only its JSON is fetched here
-        (ascend_remote) and given the checks JSON allows (loader.check_json); the weights are fetched and
+        (remote) and given the checks JSON allows (loader.check_json); the weights are fetched and
         the whole check runs when the model is built (_need_checkpoint, from the first get_quant_method),
         before vLLM's loader places a weight."""
         self.num_hidden_layers = getattr(hf_config, "num_hidden_layers", None) if hf_config is not None else None
