@@ -69,10 +69,12 @@ def _site(name: str, module: str, attribute: str, versions: str, implements, ada
     if attribute == "tf32_hc_prenorm_gemm":  # called unguarded from mhc_pre_broadcast_tilelang (open PRs)
         upstream = ("vllm-project/vllm#50645", "vllm-project/vllm#53055", *upstream)
     # A site of older releases only (an upper bound: 0.20-0.22) is older than every live vLLM of the test
-    # command, so its evidence is the wheels' source alone.
-    evidence: tuple[str, ...] = EVIDENCE[1:] if "<" in versions else EVIDENCE
-    # o_proj also runs from vLLM's own FP8 linear objects (the cover's test)
-    if attribute == "fp8_einsum" and "<" not in versions:
+    # command, so its evidence is the wheels' source alone. A live o_proj site also runs from vLLM's own
+    # FP8 linear objects (the cover's test).
+    evidence: tuple[str, ...] = EVIDENCE
+    if "<" in versions:
+        evidence = EVIDENCE[1:]
+    elif attribute == "fp8_einsum":
         evidence = ("tests/engines/test_vllm_covers_fp8_oproj.py", *EVIDENCE)
     # adapter: adapters.<name>; for "varlen" sites, chosen by the original's parameters (_choose)
     return Route(f"vllm.route.{name}", module, attribute, versions, implements, why, retire, adapter=adapter,
