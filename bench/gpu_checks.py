@@ -12,11 +12,12 @@ different (random scores tie only by accident at the k-th place).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-BF16, FP32, TF32, TOPK = 2.0 ** -6, 2.0 ** -12, 2.0 ** -9, 0.01
+BF16, FP32, TF32, TOPK = 2.0**-6, 2.0**-12, 2.0**-9, 0.01
 
 
 class Check(NamedTuple):
@@ -24,13 +25,14 @@ class Check(NamedTuple):
     ok: bool
     detail: str
     seconds: float
-    ran: bool = True        # False: not started, the time budget was spent (ok is then False too)
+    ran: bool = True  # False: not started, the time budget was spent (ok is then False too)
 
 
 def _rel_error(got, ref) -> float:
     # the selftest's measure (largest error over the reference's largest finite value; inf on a NaN/inf
     # mismatch), imported here so ds_plugins.kernels loads after TRITON_INTERPRET is decided
     from ds_plugins.kernels.selftest import _rel_error as rel_error
+
     return rel_error(got, ref)
 
 
@@ -47,18 +49,24 @@ def _measure(name: str, fn: Callable[[], tuple[float, float, str]], deadline: fl
     try:
         error, bound, shape = fn()
     except Exception as exc:  # a check that cannot run is a failed check, named with its error
-        return Check(name, False, f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                     time.perf_counter() - start)
+        return Check(
+            name,
+            False,
+            f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            time.perf_counter() - start,
+        )
     return Check(name, error <= bound, f"{shape}: error {error:.3g} (bound {bound:.3g})", time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------ problem builders
+
 
 def decode_problem(device: str, b: int, s_q: int, h: int, window: int, extra: int, context: int):
     """Sparse FP8 decode inputs: a window cache (page 256) and a compressed C4 cache (page 64) sized
     for `context` tokens per request; indices spread over the whole cache, some -1; per-request lengths."""
     import torch
     from ds_plugins.kernels.kv_cache import quantize_kv_cache
+
     win_pages = max(1, b * min(context, 4 * window) // 256)
     x_pages = max(1, b * (context // 4) // 64)
     cache = quantize_kv_cache(torch.randn(win_pages, 256, 512, device=device).bfloat16())
@@ -76,6 +84,7 @@ def paged_indexer_problem(device: str, b: int, next_n: int, context: int, fp4: b
     """Paged indexer inputs (64 heads, D 128), scattered block table, per-row lengths up to `context`."""
     import torch
     from ds_plugins.kernels.reference import indexer as ref
+
     keys = torch.randn(b, context, 128, device=device)
     perm = torch.randperm(b * context // block_kv, device=device)
     cache, table = ref.paged_cache_from_keys(keys, block_kv, fp4=fp4, physical_blocks=perm)
@@ -95,6 +104,7 @@ def paged_indexer_problem(device: str, b: int, next_n: int, context: int, fp4: b
 def ragged_indexer_problem(device: str, m: int, n: int, fp4: bool):
     import torch
     from ds_plugins.kernels.reference import indexer as ref
+
     qf, kf = torch.randn(m, 64, 128, device=device), torch.randn(n, 128, device=device)
     if fp4:
         q, kv = ref.quantize_fp4(qf), ref.quantize_fp4(kf)
@@ -110,48 +120,57 @@ def ragged_indexer_problem(device: str, m: int, n: int, fp4: bool):
 
 # ------------------------------------------------------------------ correctness at V4 shapes
 
+
 def correctness_checks(device: str, small: bool, deadline: float | None = None) -> list[Check]:
     import torch
     from ds_plugins import kernels as k
     from ds_plugins.kernels import sparse_mla
     from ds_plugins.kernels.reference import indexer as ref
     from ds_plugins.kernels.reference.sparse_mla import ref_sparse_decode
+
     checks = []
-    topk = 16 if small else 512            # tl.topk runs in the interpreter too (tiles <= 64 keys)
+    topk = 16 if small else 512  # tl.topk runs in the interpreter too (tiles <= 64 keys)
 
     def decode(b, s_q, context, splits=None):
         def run():
             h, window, extra = (16, 32, 64) if small else (64, 128, 512)
             q, cache, idx, lens, sink, xcache, xidx, xlens = decode_problem(device, b, s_q, h, window, extra, context)
-            out, lse = sparse_mla.sparse_decode_fwd(q, cache, idx, lens, sink, xcache, xidx, xlens,
-                                                    num_splits=splits)
-            rout, rlse = ref_sparse_decode(q, cache, idx, lens, sink, xcache, xidx, xlens, 512 ** -0.5)
+            out, lse = sparse_mla.sparse_decode_fwd(q, cache, idx, lens, sink, xcache, xidx, xlens, num_splits=splits)
+            rout, rlse = ref_sparse_decode(q, cache, idx, lens, sink, xcache, xidx, xlens, 512**-0.5)
             err = max(_rel_error(out, rout) / BF16, _rel_error(lse, rlse) / FP32)
             return err, 1.0, f"b={b} s_q={s_q} h={h} {window}+{extra} context={context} splits={splits or 'auto'}"
+
         return run
 
     for b, s_q in ((1, 1), (64, 1), (1, 2), (64, 2)) if not small else ((2, 1), (2, 2)):
-        checks.append(_measure(f"sparse decode b={b} s_q={s_q}{' (MTP)' if s_q == 2 else ''}", decode(b, s_q, 4096),
-                               deadline))
-    for context in ((64 * 1024, 256 * 1024) if not small else (2048,)):
-        checks.append(_measure(f"sparse decode split-KV context={context // 1024}K",
-                               decode(1, 1, context, splits=8 if not small else 2), deadline))
+        checks.append(
+            _measure(f"sparse decode b={b} s_q={s_q}{' (MTP)' if s_q == 2 else ''}", decode(b, s_q, 4096), deadline)
+        )
+    for context in (64 * 1024, 256 * 1024) if not small else (2048,):
+        checks.append(
+            _measure(
+                f"sparse decode split-KV context={context // 1024}K",
+                decode(1, 1, context, splits=8 if not small else 2),
+                deadline,
+            )
+        )
 
     def prefill(capability):
         def run():
             s_q, h, s_kv = (4, 64, 192) if small else (512, 64, 32768)
             q = torch.randn(s_q, h, 512, device=device).bfloat16()
             kv = torch.randn(s_kv, 1, 512, device=device).bfloat16()
-            idx = torch.randint(-1, s_kv, (s_q, 1, topk + 128 if not small else 64), device=device,
-                                dtype=torch.int32)
+            idx = torch.randint(-1, s_kv, (s_q, 1, topk + 128 if not small else 64), device=device, dtype=torch.int32)
             sink = torch.randn(h, device=device)
             from ds_plugins.kernels._runtime import launch_target
             from ds_plugins.kernels.reference.sparse_mla import ref_flash_mla_sparse_fwd
+
             with launch_target(capability):
-                out, mx, lse = k.flash_mla_sparse_fwd(q, kv, idx, 512 ** -0.5, 512, sink)
-            rout, rmx, rlse = ref_flash_mla_sparse_fwd(q, kv, idx, 512 ** -0.5, 512, sink)
+                out, mx, lse = k.flash_mla_sparse_fwd(q, kv, idx, 512**-0.5, 512, sink)
+            rout, rmx, rlse = ref_flash_mla_sparse_fwd(q, kv, idx, 512**-0.5, 512, sink)
             err = max(_rel_error(out, rout) / BF16, _rel_error(lse, rlse) / FP32, _rel_error(mx, rmx) / FP32)
             return err, 1.0, f"s_q={s_q} h={h} topk={idx.shape[-1]} config={sparse_mla.prefill_config(capability)}"
+
         return run
 
     checks.append(_measure("sparse prefill (this GPU's config)", prefill(None), deadline))
@@ -183,19 +202,24 @@ def correctness_checks(device: str, small: bool, deadline: float | None = None) 
             want = ref.mqa_logits(q_ref, k_ref, w, ks, ke, k_scale)
             top = k.fp8_mqa_topk(q if fp4 else q[0], kv, w, ks, ke, topk)
             rtop = ref.mqa_topk(q_ref, k_ref, w, ks, ke, topk, k_scale)
-            return max(_rel_error(got, want) / FP32, _topk_mismatch(top, rtop) / TOPK), 1.0, \
-                f"M={m} N={n} topk={topk}"
+            return max(_rel_error(got, want) / FP32, _topk_mismatch(top, rtop) / TOPK), 1.0, f"M={m} N={n} topk={topk}"
 
         checks.append(_measure(f"indexer paged logits, {fmt} cache", paged_logits, deadline))
         checks.append(_measure(f"indexer paged top-k={topk} (tl.topk), {fmt} cache", paged_topk, deadline))
         checks.append(_measure(f"indexer ragged logits + top-k={topk}, {fmt} keys", ragged, deadline))
         if not small:
             for context in (65536, 262144):
-                checks.append(_measure(f"indexer paged top-k, {fmt}, context={context // 1024}K (split rows)",
-                                       lambda fp4=fp4, c=context // 4: paged_topk(fp4, c), deadline))
+                checks.append(
+                    _measure(
+                        f"indexer paged top-k, {fmt}, context={context // 1024}K (split rows)",
+                        lambda fp4=fp4, c=context // 4: paged_topk(fp4, c),
+                        deadline,
+                    )
+                )
 
     def prenorm():
         from ds_plugins.kernels.reference.mhc import hc_prenorm_gemm
+
         m, kk = (4, 1024) if small else (4096, 16384)
         a = torch.randn(m, kk, device=device).bfloat16()
         bw = torch.randn(24, kk, device=device) * 0.01
@@ -209,6 +233,7 @@ def correctness_checks(device: str, small: bool, deadline: float | None = None) 
     def einsum(batch):
         def run():
             from ds_plugins.kernels.reference import einsum as ref_einsum
+
             r, dd = (512, 256) if small else (4096, 1024)
             a = ref_einsum.quantize_per_token(torch.randn(batch, 8, r, device=device))
             w = ref_einsum.quantize_per_block(torch.randn(8, dd, r, device=device))
@@ -217,15 +242,17 @@ def correctness_checks(device: str, small: bool, deadline: float | None = None) 
             k.fp8_einsum("bhr,hdr->bhd", a, w, out)
             ref_einsum.fp8_einsum_bhr_hdr_bhd(a, w, want)
             return _rel_error(out, want) / BF16, 1.0, f"b={batch} h=8 r={r} d={dd}"
+
         return run
 
     checks.append(_measure("mHC prenorm GEMM", prenorm, deadline))
-    for batch in ((2,) if small else (8, 64, 256)):
+    for batch in (2,) if small else (8, 64, 256):
         checks.append(_measure(f"fp8_einsum b={batch}", einsum(batch), deadline))
     return checks
 
 
 # ------------------------------------------------------------------ CUDA graphs
+
 
 class _Graph:
     """torch.cuda.CUDAGraph on a GPU; on a CPU (smoke run) 'replay' just calls the function again, so
@@ -233,12 +260,13 @@ class _Graph:
 
     def __init__(self, fn, device: str):
         import torch
+
         self.fn, self.device = fn, device
         if device == "cuda":
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                fn()                                            # compile and warm up outside capture
+                fn()  # compile and warm up outside capture
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             # Capturing fails on any host synchronisation (cudaStreamSynchronize, .item(), ...) inside.
@@ -249,6 +277,7 @@ class _Graph:
 
     def replay(self):
         import torch
+
         if self.device == "cuda":
             self.graph.replay()
             torch.cuda.synchronize()
@@ -258,6 +287,7 @@ class _Graph:
 
 def _outputs(value):
     import torch
+
     if value is None:
         return ()
     if isinstance(value, torch.Tensor):
@@ -265,8 +295,15 @@ def _outputs(value):
     return tuple(t for t in value if isinstance(t, torch.Tensor))
 
 
-def _graph_check(name: str, device: str, inputs: list, fn: Callable, refill: Callable, written: Callable = None,
-                 deadline: float | None = None):
+def _graph_check(
+    name: str,
+    device: str,
+    inputs: list,
+    fn: Callable,
+    refill: Callable,
+    written: Callable = None,
+    deadline: float | None = None,
+):
     """Capture fn (reading the static `inputs`), refill the inputs in place with new values, replay,
     and compare with an eager call on the same new inputs: bitwise equal (the same kernels)."""
     import torch
@@ -276,15 +313,18 @@ def _graph_check(name: str, device: str, inputs: list, fn: Callable, refill: Cal
         refill()
         got = [t.clone() for t in (_outputs(graph.replay()) or written())]
         if device == "cuda":
-            torch.cuda.set_sync_debug_mode("error")          # an eager call that syncs raises here
+            torch.cuda.set_sync_debug_mode("error")  # an eager call that syncs raises here
         try:
             want = [t.clone() for t in (_outputs(fn()) or written())]
         finally:
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode(0)
-        same = all(torch.equal(torch.nan_to_num(g.float(), 7.0, 8.0, 9.0), torch.nan_to_num(w.float(), 7.0, 8.0, 9.0))
-                   for g, w in zip(got, want))
+        same = all(
+            torch.equal(torch.nan_to_num(g.float(), 7.0, 8.0, 9.0), torch.nan_to_num(w.float(), 7.0, 8.0, 9.0))
+            for g, w in zip(got, want)
+        )
         return (0.0 if same else 1.0), 0.0, "replay on new inputs == eager" if same else "replay differs from eager"
+
     return _measure(f"CUDA graph: {name}", run, deadline)
 
 
@@ -293,6 +333,7 @@ def graph_checks(device: str, small: bool, deadline: float | None = None) -> lis
     from ds_plugins import kernels as k
     from ds_plugins.kernels import sparse_mla
     from ds_plugins.kernels.reference import einsum as ref_einsum
+
     checks = []
     topk = 16 if small else 512
 
@@ -305,35 +346,59 @@ def graph_checks(device: str, small: bool, deadline: float | None = None) -> lis
                     t.copy_(torch.randn(t.shape, device=t.device).to(t.dtype))
                 else:
                     t.copy_(torch.randn_like(t.float()).to(t.dtype))
+
         return refill
 
     h, window, extra = (16, 32, 64) if small else (64, 128, 512)
     for b, s_q, splits in ((2, 2, None), (1, 1, 4)) if small else ((64, 1, None), (4, 2, None), (1, 1, 8)):
         q, cache, idx, lens, sink, xcache, xidx, xlens = decode_problem(device, b, s_q, h, window, extra, 4096)
-        checks.append(_graph_check(
-            f"sparse decode b={b} s_q={s_q} splits={splits or 'auto'}", device, [q, idx, lens, xidx, xlens],
-            lambda q=q, cache=cache, idx=idx, lens=lens, sink=sink, xcache=xcache, xidx=xidx, xlens=xlens, s=splits:
-            sparse_mla.sparse_decode_fwd(q, cache, idx, lens, sink, xcache, xidx, xlens, num_splits=s),
-            fill(q, lens, xlens), deadline=deadline))
+        checks.append(
+            _graph_check(
+                f"sparse decode b={b} s_q={s_q} splits={splits or 'auto'}",
+                device,
+                [q, idx, lens, xidx, xlens],
+                functools.partial(
+                    sparse_mla.sparse_decode_fwd, q, cache, idx, lens, sink, xcache, xidx, xlens, num_splits=splits
+                ),
+                fill(q, lens, xlens),
+                deadline=deadline,
+            )
+        )
     # The entry point the engines call (FlashMLA's name and arguments; its split count is fixed on
     # the first call, in the sched meta, so replays never re-plan), MTP shape.
     b, s_q = (2, 2) if small else (32, 2)
     q, cache, idx, lens, sink, xcache, xidx, xlens = decode_problem(device, b, s_q, h, window, extra, 4096)
     meta, _ = k.get_mla_metadata()
-    checks.append(_graph_check(
-        f"flash_mla_with_kvcache b={b} s_q={s_q}", device, [q, lens, xlens],
-        lambda q=q, cache=cache, idx=idx, lens=lens, sink=sink, xcache=xcache, xidx=xidx, xlens=xlens, meta=meta:
-        k.flash_mla_with_kvcache(q, cache, None, None, 512, meta, None, None, False, True, idx, sink, xcache, xidx,
-                                 lens, xlens),
-        fill(q, lens, xlens), deadline=deadline))
+    checks.append(
+        _graph_check(
+            f"flash_mla_with_kvcache b={b} s_q={s_q}",
+            device,
+            [q, lens, xlens],
+            lambda q=q, cache=cache, idx=idx, lens=lens, sink=sink, xcache=xcache, xidx=xidx, xlens=xlens, meta=meta: (
+                k.flash_mla_with_kvcache(
+                    q, cache, None, None, 512, meta, None, None, False, True, idx, sink, xcache, xidx, lens, xlens
+                )
+            ),
+            fill(q, lens, xlens),
+            deadline=deadline,
+        )
+    )
 
     s_q, s_kv = (4, 192) if small else (256, 8192)
     pq = torch.randn(s_q, h, 512, device=device).bfloat16()
     pkv = torch.randn(s_kv, 1, 512, device=device).bfloat16()
     pidx = torch.randint(-1, s_kv, (s_q, 1, 64 if small else 640), device=device, dtype=torch.int32)
     psink = torch.randn(h, device=device)
-    checks.append(_graph_check("sparse prefill", device, [pq, pkv], lambda: k.flash_mla_sparse_fwd(
-        pq, pkv, pidx, 512 ** -0.5, 512, psink), fill(pq, pkv), deadline=deadline))
+    checks.append(
+        _graph_check(
+            "sparse prefill",
+            device,
+            [pq, pkv],
+            lambda: k.flash_mla_sparse_fwd(pq, pkv, pidx, 512**-0.5, 512, psink),
+            fill(pq, pkv),
+            deadline=deadline,
+        )
+    )
 
     for fp4 in (False, True):
         fmt = "FP4" if fp4 else "FP8"
@@ -341,36 +406,85 @@ def graph_checks(device: str, small: bool, deadline: float | None = None) -> lis
         q, cache, table, lens, w, *_ = paged_indexer_problem(device, 2, 2, context, fp4)
         meta = k.get_paged_mqa_logits_metadata(lens, 64, 132)
         qv = q[0]
-        checks.append(_graph_check(f"indexer paged logits, {fmt}", device, [qv, w, lens],
-                                   lambda q=q, c=cache, t=table, l=lens, w=w, m=meta:
-                                   k.fp8_fp4_paged_mqa_logits(q, c, w, l, t, m, context), fill(w, lens),
-                                   deadline=deadline))
-        checks.append(_graph_check(f"indexer paged top-k={topk}, {fmt}", device, [qv, w, lens],
-                                   lambda q=q, c=cache, t=table, l=lens, w=w, fp4=fp4:
-                                   k.fp8_paged_mqa_topk(q if fp4 else q[0], c, w, l, t, topk, context),
-                                   fill(w, lens), deadline=deadline))
+        checks.append(
+            _graph_check(
+                f"indexer paged logits, {fmt}",
+                device,
+                [qv, w, lens],
+                lambda q=q, c=cache, t=table, l=lens, w=w, m=meta: k.fp8_fp4_paged_mqa_logits(
+                    q, c, w, l, t, m, context
+                ),
+                fill(w, lens),
+                deadline=deadline,
+            )
+        )
+        checks.append(
+            _graph_check(
+                f"indexer paged top-k={topk}, {fmt}",
+                device,
+                [qv, w, lens],
+                lambda q=q, c=cache, t=table, l=lens, w=w, fp4=fp4: k.fp8_paged_mqa_topk(
+                    q if fp4 else q[0], c, w, l, t, topk, context
+                ),
+                fill(w, lens),
+                deadline=deadline,
+            )
+        )
         m, n = (4, 256) if small else (256, 8192)
         rq, kv, rw, ks, ke, *_ = ragged_indexer_problem(device, m, n, fp4)
-        checks.append(_graph_check(f"indexer ragged logits, {fmt}", device, [rw],
-                                   lambda q=rq, kv=kv, w=rw, ks=ks, ke=ke: k.fp8_fp4_mqa_logits(q, kv, w, ks, ke),
-                                   fill(rw), deadline=deadline))
-        checks.append(_graph_check(f"indexer ragged top-k={topk}, {fmt}", device, [rw],
-                                   lambda q=rq, kv=kv, w=rw, ks=ks, ke=ke, fp4=fp4:
-                                   k.fp8_mqa_topk(q if fp4 else q[0], kv, w, ks, ke, topk), fill(rw),
-                                   deadline=deadline))
+        checks.append(
+            _graph_check(
+                f"indexer ragged logits, {fmt}",
+                device,
+                [rw],
+                lambda q=rq, kv=kv, w=rw, ks=ks, ke=ke: k.fp8_fp4_mqa_logits(q, kv, w, ks, ke),
+                fill(rw),
+                deadline=deadline,
+            )
+        )
+        checks.append(
+            _graph_check(
+                f"indexer ragged top-k={topk}, {fmt}",
+                device,
+                [rw],
+                lambda q=rq, kv=kv, w=rw, ks=ks, ke=ke, fp4=fp4: k.fp8_mqa_topk(
+                    q if fp4 else q[0], kv, w, ks, ke, topk
+                ),
+                fill(rw),
+                deadline=deadline,
+            )
+        )
 
     mm, kk = (4, 1024) if small else (4096, 16384)
     a = torch.randn(mm, kk, device=device).bfloat16()
     bw = torch.randn(24, kk, device=device)
     d, sq = torch.empty(4, mm, 24, device=device), torch.empty(4, mm, device=device)
-    checks.append(_graph_check("mHC prenorm GEMM", device, [a], lambda: k.tf32_hc_prenorm_gemm(a, bw, d, sq, 4),
-                               fill(a), written=lambda: (d, sq), deadline=deadline))
+    checks.append(
+        _graph_check(
+            "mHC prenorm GEMM",
+            device,
+            [a],
+            lambda: k.tf32_hc_prenorm_gemm(a, bw, d, sq, 4),
+            fill(a),
+            written=lambda: (d, sq),
+            deadline=deadline,
+        )
+    )
     batch, r, dd = (2, 512, 256) if small else (64, 4096, 1024)
     ea = ref_einsum.quantize_per_token(torch.randn(batch, 8, r, device=device))
     ew = ref_einsum.quantize_per_block(torch.randn(8, dd, r, device=device))
     eo = torch.empty(batch, 8, dd, device=device, dtype=torch.bfloat16)
-    checks.append(_graph_check("fp8_einsum", device, [ea[0]], lambda: k.fp8_einsum("bhr,hdr->bhd", ea, ew, eo),
-                               fill(ea[0]), written=lambda: (eo,), deadline=deadline))
+    checks.append(
+        _graph_check(
+            "fp8_einsum",
+            device,
+            [ea[0]],
+            lambda: k.fp8_einsum("bhr,hdr->bhd", ea, ew, eo),
+            fill(ea[0]),
+            written=lambda: (eo,),
+            deadline=deadline,
+        )
+    )
     return checks
 
 
@@ -382,12 +496,15 @@ def forced_route_checks(capability: tuple[int, int] | None) -> list[Check]:
     from ds_plugins import landscape
     from ds_plugins.policy import decide
     from ds_plugins.probe import Device, Probe
+
     cap = capability or (9, 0)
     version = landscape.NEWEST_TESTED["vllm"]
     probe = Probe("3.11", {"vllm": version}, None, None, (Device("cuda", 0, "this GPU", cap),), "", {})
     env = {"DS_PLUGINS_SPARSE_MLA": "triton", "DS_PLUGINS_INDEXER": "triton"}
     plan = {d.id: d for d in decide(probe, "vllm", env=env).decisions}
     ok = plan["sparse_mla"].value == "triton" and plan["indexer"].value == "triton"
-    detail = (f"vLLM {version} on SM{cap[0]}{cap[1]}: sparse_mla={plan['sparse_mla'].value}, "
-              f"indexer={plan['indexer'].value}, dsv4_model={plan['dsv4_model'].value}")
+    detail = (
+        f"vLLM {version} on SM{cap[0]}{cap[1]}: sparse_mla={plan['sparse_mla'].value}, "
+        f"indexer={plan['indexer'].value}, dsv4_model={plan['dsv4_model'].value}"
+    )
     return [Check("forced routes reach the Triton kernels", ok, detail, time.perf_counter() - start)]

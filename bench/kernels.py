@@ -32,11 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Dense bf16 tensor-core TFLOP/s and DRAM TB/s from vendor spec sheets, for the record only.
 SPEC = {
-    "H100 80GB HBM3": (989.0, 3.35), "H100 PCIe": (756.0, 2.0), "H200": (989.0, 4.8),
-    "RTX PRO 6000 Blackwell": (503.8, 1.79), "GB10": (None, 0.273),
+    "H100 80GB HBM3": (989.0, 3.35),
+    "H100 PCIe": (756.0, 2.0),
+    "H200": (989.0, 4.8),
+    "RTX PRO 6000 Blackwell": (503.8, 1.79),
+    "GB10": (None, 0.273),
 }
 SPEEDUP_GOAL = 10.0
-LONG_CONTEXT_GOAL = 1.5      # decode cost per token at 64K-256K context / at 4K
+LONG_CONTEXT_GOAL = 1.5  # decode cost per token at 64K-256K context / at 4K
 
 
 class Case(NamedTuple):
@@ -44,14 +47,15 @@ class Case(NamedTuple):
     problem: str
     flops: float
     bytes: float
-    kernel: object      # () -> None
-    reference: object   # () -> None, or None: not timed (a long-context twin of a timed case)
-    goal: str | None    # "roofline>=0.6" | "tflops>=300" | "bandwidth>=0.6" | "context<=1.5x" | None
-    fp8: bool = False   # compare against the fp8 GEMM peak (fp8 tensor-core dots) instead of bf16
+    kernel: object  # () -> None
+    reference: object  # () -> None, or None: not timed (a long-context twin of a timed case)
+    goal: str | None  # "roofline>=0.6" | "tflops>=300" | "bandwidth>=0.6" | "context<=1.5x" | None
+    fp8: bool = False  # compare against the fp8 GEMM peak (fp8 tensor-core dots) instead of bf16
 
 
 def _sync(device: str) -> None:
     import torch
+
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -59,6 +63,7 @@ def _sync(device: str) -> None:
 def _time_ms(fn, reps: int = 20, device: str = "cuda") -> float:
     """Median of reps calls (CUDA events on a GPU, wall clock on a CPU), after one warm-up call."""
     import torch
+
     fn()
     _sync(device)
     times = []
@@ -81,35 +86,46 @@ def measure_peaks(device: str = "cuda", small: bool = False) -> dict:
     """TB/s of a large copy, TFLOP/s of a large bf16 matmul and of an fp8 scaled matmul (None where
     torch has none for this device), measured now, in this process."""
     import torch
+
     n, size = (256, 1 << 22) if small else (8192, 1 << 30)
     x = torch.empty(size, device=device, dtype=torch.uint8)
     y = torch.empty_like(x)
     copy_tbs = 2 * size / _time_ms(lambda: y.copy_(x), 10, device) / 1e9
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    bf16 = 2 * n ** 3 / _time_ms(lambda: a @ a, 10, device) / 1e9
+    bf16 = 2 * n**3 / _time_ms(lambda: a @ a, 10, device) / 1e9
     fp8 = None
     try:
         a8 = a.to(torch.float8_e4m3fn)
         b8 = a.to(torch.float8_e4m3fn).t()
         one = torch.ones((), device=device)
-        fp8 = 2 * n ** 3 / _time_ms(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16), 10,
-                                    device) / 1e9
+        fp8 = (
+            2 * n**3 / _time_ms(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16), 10, device) / 1e9
+        )
     except (RuntimeError, AttributeError, TypeError):
-        pass                                  # no fp8 GEMM in torch for this device: compute shares use bf16
+        pass  # no fp8 GEMM in torch for this device: compute shares use bf16
     return {"copy_tbs": copy_tbs, "bf16_tflops": bf16, "fp8_tflops": fp8}
 
 
 def _cases(dev: str = "cuda", small: bool = False) -> list[Case]:
     """The benchmark problems (small=True: the same problems shrunk, to check the wiring on a CPU)."""
     import torch
-    from ds_plugins.kernels import (flash_mla_sparse_fwd, flash_mla_with_kvcache, fp8_einsum, fp8_mqa_logits,
-                                    fp8_paged_mqa_logits, fp8_paged_mqa_topk, get_mla_metadata,
-                                    get_paged_mqa_logits_metadata, tf32_hc_prenorm_gemm)
+    from ds_plugins.kernels import (
+        flash_mla_sparse_fwd,
+        flash_mla_with_kvcache,
+        fp8_einsum,
+        fp8_mqa_logits,
+        fp8_paged_mqa_logits,
+        fp8_paged_mqa_topk,
+        get_mla_metadata,
+        get_paged_mqa_logits_metadata,
+        tf32_hc_prenorm_gemm,
+    )
     from ds_plugins.kernels.kv_cache import BYTES_PER_TOKEN, quantize_kv_cache
     from ds_plugins.kernels.reference import einsum as ref_einsum
     from ds_plugins.kernels.reference import indexer as ref_indexer
     from ds_plugins.kernels.reference import mhc as ref_mhc
     from ds_plugins.kernels.reference.sparse_mla import ref_flash_mla_sparse_fwd, ref_sparse_decode
+
     cases = []
 
     # Sparse decode: 64 heads, 128 window + 512 compressed candidates (V4-Flash C4 layer); batch 1-64,
@@ -128,33 +144,40 @@ def _cases(dev: str = "cuda", small: bool = False) -> list[Case]:
         meta, _ = get_mla_metadata()
         attended = win + extra
         return Case(
-            "flash_mla_with_kvcache", f"b={b} s_q={s_q} h={h} {win}+{extra} context={context // 1024}K",
+            "flash_mla_with_kvcache",
+            f"b={b} s_q={s_q} h={h} {win}+{extra} context={context // 1024}K",
             2 * b * s_q * h * attended * (512 + 512),
             b * s_q * attended * BYTES_PER_TOKEN + 2 * b * s_q * h * 512 * 2,
-            lambda: flash_mla_with_kvcache(q, cache, None, None, 512, meta, None, 512 ** -0.5, False, True, idx,
-                                           sink, xcache, xidx),
-            (lambda: ref_sparse_decode(q, cache, idx, None, sink, xcache, xidx, None, 512 ** -0.5)) if timed else None,
-            goal)
+            lambda: flash_mla_with_kvcache(
+                q, cache, None, None, 512, meta, None, 512**-0.5, False, True, idx, sink, xcache, xidx
+            ),
+            (lambda: ref_sparse_decode(q, cache, idx, None, sink, xcache, xidx, None, 512**-0.5)) if timed else None,
+            goal,
+        )
 
     win, extra = (16, 16) if small else (128, 512)
-    for b in ((2,) if small else (1, 8, 64)):
+    for b in (2,) if small else (1, 8, 64):
         for s_q in (1, 2):
             cases.append(decode_case(b, s_q, win, extra, 4096, "roofline>=0.6", timed=b == 64 or small))
-    for context in ((4096, 16384) if small else (4096, 65536, 262144)):
-        cases.append(decode_case(1, 1, win, extra, context, "context<=1.5x" if context > 4096 else None,
-                                 timed=False))
+    for context in (4096, 16384) if small else (4096, 65536, 262144):
+        cases.append(decode_case(1, 1, win, extra, context, "context<=1.5x" if context > 4096 else None, timed=False))
 
     # Sparse prefill: 4096 tokens, 64 heads, 128 window + 512 top-k.
     s_q, topk, s_kv = (2, 32, 256) if small else (4096, 640, 32768)
     pq = torch.randn(s_q, h, 512, device=dev).bfloat16()
     pkv = torch.randn(s_kv, 1, 512, device=dev).bfloat16()
     pidx = torch.randint(0, s_kv, (s_q, 1, topk), device=dev, dtype=torch.int32)
-    cases.append(Case(
-        "flash_mla_sparse_fwd", f"s_q={s_q} h={h} topk={topk}",
-        2 * s_q * h * topk * (512 + 512), s_q * topk * 512 * 2 + 2 * s_q * h * 512 * 2,
-        lambda: flash_mla_sparse_fwd(pq, pkv, pidx, 512 ** -0.5, 512, sink),
-        lambda: ref_flash_mla_sparse_fwd(pq, pkv, pidx, 512 ** -0.5, 512, sink),
-        "tflops>=300" if not small else None))
+    cases.append(
+        Case(
+            "flash_mla_sparse_fwd",
+            f"s_q={s_q} h={h} topk={topk}",
+            2 * s_q * h * topk * (512 + 512),
+            s_q * topk * 512 * 2 + 2 * s_q * h * 512 * 2,
+            lambda: flash_mla_sparse_fwd(pq, pkv, pidx, 512**-0.5, 512, sink),
+            lambda: ref_flash_mla_sparse_fwd(pq, pkv, pidx, 512**-0.5, 512, sink),
+            "tflops>=300" if not small else None,
+        )
+    )
 
     # Indexer, prefill: 4096 query rows against 16384 compressed keys (ragged, causal windows).
     m, n, hi, d = (4, 128, 64, 128) if small else (4096, 16384, 64, 128)
@@ -164,11 +187,18 @@ def _cases(dev: str = "cuda", small: bool = False) -> list[Case]:
     ke = torch.linspace(1, n, m, device=dev).to(torch.int32)
     ks = torch.zeros(m, device=dev, dtype=torch.int32)
     visible = float(ke.sum())
-    cases.append(Case(
-        "fp8_mqa_logits", f"M={m} N={n} H={hi} D={d}", 2 * visible * hi * d,
-        n * (d + 4) + m * hi * (d + 4) + m * n * 4,
-        lambda: fp8_mqa_logits(iq, (k, ksc), w, ks, ke),
-        lambda: ref_indexer.mqa_logits(iq, k.float(), w, ks, ke, ksc), None, fp8=True))
+    cases.append(
+        Case(
+            "fp8_mqa_logits",
+            f"M={m} N={n} H={hi} D={d}",
+            2 * visible * hi * d,
+            n * (d + 4) + m * hi * (d + 4) + m * n * 4,
+            lambda: fp8_mqa_logits(iq, (k, ksc), w, ks, ke),
+            lambda: ref_indexer.mqa_logits(iq, k.float(), w, ks, ke, ksc),
+            None,
+            fp8=True,
+        )
+    )
 
     # Indexer, decode: batch 64, 16384 compressed keys each (a 64K-token context), paged.
     bb, ctx = (2, 128) if small else (64, 16384)
@@ -178,37 +208,65 @@ def _cases(dev: str = "cuda", small: bool = False) -> list[Case]:
     dw = torch.randn(bb, hi, device=dev)
     pmeta = get_paged_mqa_logits_metadata(lens, 64, 132)
     values, scales = ref_indexer.split_fp8_paged_cache(pcache)
-    cases.append(Case(
-        "fp8_paged_mqa_logits", f"B={bb} context={ctx} H={hi} D={d}", 2 * bb * ctx * hi * d,
-        bb * ctx * (d + 4) + bb * ctx * 4,
-        lambda: fp8_paged_mqa_logits(dq, pcache, dw, lens, table, pmeta, ctx),
-        lambda: ref_indexer.paged_mqa_logits(dq, values, dw, lens, table, ctx, scales), "bandwidth>=0.6", fp8=True))
-    cases.append(Case(
-        "fp8_paged_mqa_topk", f"B={bb} context={ctx} topk=512", 2 * bb * ctx * hi * d, bb * ctx * (d + 4),
-        lambda: fp8_paged_mqa_topk(dq, pcache, dw, lens, table, min(512, ctx), ctx),
-        lambda: ref_indexer.paged_mqa_topk(dq, values, dw, lens, table, ctx, min(512, ctx), scales), None, fp8=True))
+    cases.append(
+        Case(
+            "fp8_paged_mqa_logits",
+            f"B={bb} context={ctx} H={hi} D={d}",
+            2 * bb * ctx * hi * d,
+            bb * ctx * (d + 4) + bb * ctx * 4,
+            lambda: fp8_paged_mqa_logits(dq, pcache, dw, lens, table, pmeta, ctx),
+            lambda: ref_indexer.paged_mqa_logits(dq, values, dw, lens, table, ctx, scales),
+            "bandwidth>=0.6",
+            fp8=True,
+        )
+    )
+    cases.append(
+        Case(
+            "fp8_paged_mqa_topk",
+            f"B={bb} context={ctx} topk=512",
+            2 * bb * ctx * hi * d,
+            bb * ctx * (d + 4),
+            lambda: fp8_paged_mqa_topk(dq, pcache, dw, lens, table, min(512, ctx), ctx),
+            lambda: ref_indexer.paged_mqa_topk(dq, values, dw, lens, table, ctx, min(512, ctx), scales),
+            None,
+            fp8=True,
+        )
+    )
 
     # mHC prenorm GEMM: 8192 tokens, N=24, K=4*4096.
     mm = 2 if small else 8192
     a = torch.randn(mm, 16384, device=dev).bfloat16()
     bw = torch.randn(24, 16384, device=dev)
     dd, sq = torch.empty(4, mm, 24, device=dev), torch.empty(4, mm, device=dev)
-    cases.append(Case(
-        "tf32_hc_prenorm_gemm", f"M={mm} N=24 K=16384 splits=4", 2 * mm * 24 * 16384,
-        mm * 16384 * 2 + 24 * 16384 * 4,
-        lambda: tf32_hc_prenorm_gemm(a, bw, dd, sq, 4),
-        lambda: ref_mhc.hc_prenorm_gemm(a, bw, dd, sq, 4), None))
+    cases.append(
+        Case(
+            "tf32_hc_prenorm_gemm",
+            f"M={mm} N=24 K=16384 splits=4",
+            2 * mm * 24 * 16384,
+            mm * 16384 * 2 + 24 * 16384 * 4,
+            lambda: tf32_hc_prenorm_gemm(a, bw, dd, sq, 4),
+            lambda: ref_mhc.hc_prenorm_gemm(a, bw, dd, sq, 4),
+            None,
+        )
+    )
 
     # Grouped output projection: 4096 tokens, 8 groups, r=4096, d=1024.
     t, r, dd_ = (2, 256, 128) if small else (4096, 4096, 1024)
     ea = ref_einsum.quantize_per_token(torch.randn(t, 8, r, device=dev))
     ew = ref_einsum.quantize_per_block(torch.randn(8, dd_, r, device=dev))
     eo = torch.empty(t, 8, dd_, device=dev, dtype=torch.bfloat16)
-    cases.append(Case(
-        "fp8_einsum", f"b={t} h=8 r={r} d={dd_}", 2 * t * 8 * r * dd_,
-        t * 8 * r + 8 * dd_ * r + t * 8 * dd_ * 2,
-        lambda: fp8_einsum("bhr,hdr->bhd", ea, ew, eo),
-        lambda: ref_einsum.fp8_einsum_bhr_hdr_bhd(ea, ew, eo), None, fp8=True))
+    cases.append(
+        Case(
+            "fp8_einsum",
+            f"b={t} h=8 r={r} d={dd_}",
+            2 * t * 8 * r * dd_,
+            t * 8 * r + 8 * dd_ * r + t * 8 * dd_ * 2,
+            lambda: fp8_einsum("bhr,hdr->bhd", ea, ew, eo),
+            lambda: ref_einsum.fp8_einsum_bhr_hdr_bhd(ea, ew, eo),
+            None,
+            fp8=True,
+        )
+    )
     return cases
 
 
@@ -219,10 +277,16 @@ def commit() -> str:
     if given:
         return given
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ds_plugins", "bench"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "ds_plugins", "bench"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -244,15 +308,18 @@ def _goal_met(case: Case, row: dict, capability) -> bool | None:
 def run(device: str = "cuda", small: bool = False, budget_s: float | None = None, out=print) -> dict:
     """Measure every case; stop timing new cases once budget_s has passed (they are listed as not run)."""
     import torch
+
     start = time.monotonic()
     peaks = measure_peaks(device, small)
     cap = tuple(torch.cuda.get_device_capability(0)) if device == "cuda" else None
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (Triton interpreter)"
     spec = next((v for k, v in SPEC.items() if k in name), None)
     fp8_text = f"{peaks['fp8_tflops']:.0f}" if peaks["fp8_tflops"] else "n/a"
-    out(f"{name}{f' (SM{cap[0]}{cap[1]})' if cap else ''}, commit {commit()}: measured copy "
+    out(
+        f"{name}{f' (SM{cap[0]}{cap[1]})' if cap else ''}, commit {commit()}: measured copy "
         f"{peaks['copy_tbs']:.2f} TB/s, bf16 GEMM {peaks['bf16_tflops']:.0f} TFLOP/s, fp8 GEMM {fp8_text} TFLOP/s"
-        + (f"; spec {spec[0]} TFLOP/s bf16, {spec[1]} TB/s" if spec else ""))
+        + (f"; spec {spec[0]} TFLOP/s bf16, {spec[1]} TB/s" if spec else "")
+    )
     out(f"{'kernel':<24}{'problem':<40}{'ms':>9}{'TFLOP/s':>9}{'%copy':>7}{'%gemm':>7}{'%roof':>7}{'vs ref':>8}  goal")
     rows, base_per_token = [], None
     for case in _cases(device, small):
@@ -266,14 +333,23 @@ def run(device: str = "cuda", small: bool = False, budget_s: float | None = None
         gemm = (peaks["fp8_tflops"] or peaks["bf16_tflops"]) if case.fp8 else peaks["bf16_tflops"]
         tflops, tbs = case.flops / ms / 1e9, case.bytes / ms / 1e9
         bound_ms = max(case.flops / (gemm * 1e9), case.bytes / (peaks["copy_tbs"] * 1e9))
-        row = {"kernel": case.name, "problem": case.problem, "ms": ms, "tflops": tflops, "tbs": tbs,
-               "bandwidth_fraction": tbs / peaks["copy_tbs"], "compute_fraction": tflops / gemm,
-               "roofline_fraction": bound_ms / ms, "reference_ms": ref_ms,
-               "speedup": ref_ms / ms if ref_ms else None, "goal": case.goal}
+        row = {
+            "kernel": case.name,
+            "problem": case.problem,
+            "ms": ms,
+            "tflops": tflops,
+            "tbs": tbs,
+            "bandwidth_fraction": tbs / peaks["copy_tbs"],
+            "compute_fraction": tflops / gemm,
+            "roofline_fraction": bound_ms / ms,
+            "reference_ms": ref_ms,
+            "speedup": ref_ms / ms if ref_ms else None,
+            "goal": case.goal,
+        }
         if "context=" in case.problem and case.reference is None:
-            per_token = ms                                  # batch 1, one query token: ms per token
+            per_token = ms  # batch 1, one query token: ms per token
             if case.goal is None:
-                base_per_token = per_token                   # the 4K twin
+                base_per_token = per_token  # the 4K twin
             elif base_per_token:
                 row["vs_4k_per_token"] = per_token / base_per_token
         goal_text = ", ".join(g for g in (case.goal, f">={SPEEDUP_GOAL:.0f}x ref" if ref_ms else None) if g)
@@ -289,10 +365,19 @@ def run(device: str = "cuda", small: bool = False, budget_s: float | None = None
         rows.append(row)
         extra = f" ({row['vs_4k_per_token']:.2f}x 4K)" if "vs_4k_per_token" in row else ""
         speedup = f"{row['speedup']:.0f}x" if ref_ms else "-"
-        out(f"{case.name:<24}{case.problem:<40}{ms:>9.3f}{tflops:>9.1f}{row['bandwidth_fraction']:>7.0%}"
-            f"{row['compute_fraction']:>7.0%}{row['roofline_fraction']:>7.0%}{speedup:>8}{verdict}{extra}")
-    return {"gpu": name, "capability": cap, "commit": commit(), "peaks": peaks, "spec": spec, "small": small,
-            "results": rows}
+        out(
+            f"{case.name:<24}{case.problem:<40}{ms:>9.3f}{tflops:>9.1f}{row['bandwidth_fraction']:>7.0%}"
+            f"{row['compute_fraction']:>7.0%}{row['roofline_fraction']:>7.0%}{speedup:>8}{verdict}{extra}"
+        )
+    return {
+        "gpu": name,
+        "capability": cap,
+        "commit": commit(),
+        "peaks": peaks,
+        "spec": spec,
+        "small": small,
+        "results": rows,
+    }
 
 
 def results_name(prefix: str, gpu: str, commit_id: str) -> str:
@@ -308,9 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import torch
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"        # before ds_plugins.kernels is imported
+        os.environ["TRITON_INTERPRET"] = "1"  # before ds_plugins.kernels is imported
         print("no GPU found: CPU smoke run only (Triton interpreter, tiny shapes); the figures only prove the wiring")
     report = run(device, args.small or device == "cpu", args.budget)
     if args.save:

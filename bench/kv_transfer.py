@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 def _reexec() -> int:
     from ci.mooncake_env import build, child_env
+
     env = child_env(json.loads(build().read_text()))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env["PYTHONPATH"]])
     env["DSP_BENCH_CHILD"] = "1"
@@ -67,8 +68,11 @@ def main(argv: list[str]) -> dict:
         for bl in block_bytes:
             g = []
             for _ in range(2):
-                b = (np.random.default_rng(1).integers(0, 256, bl * nb, dtype=np.uint8) if fill
-                     else np.zeros(bl * nb, np.uint8))
+                b = (
+                    np.random.default_rng(1).integers(0, 256, bl * nb, dtype=np.uint8)
+                    if fill
+                    else np.zeros(bl * nb, np.uint8)
+                )
                 bufs.append(b)
                 g.append(Region(base=b.ctypes.data, block_len=bl, stride=bl, num_blocks=nb))
             groups.append(g)
@@ -78,8 +82,9 @@ def main(argv: list[str]) -> dict:
     dst_bufs, dst_groups = layout(False)
     e_src, e_dst = Engine("127.0.0.1", "tcp"), Engine("127.0.0.1", "tcp")
     secret = None if args.no_auth else secrets.token_bytes(32)
-    source = KVSource(e_src, "p0", 0, src_groups, "127.0.0.1", args.port, abort_timeout_s=600,
-                      auth=Authenticator(secret))
+    source = KVSource(
+        e_src, "p0", 0, src_groups, "127.0.0.1", args.port, abort_timeout_s=600, auth=Authenticator(secret)
+    )
     sink = KVSink(e_dst, "d0", dst_groups, handshake_timeout_s=5, num_workers=1, auth=Authenticator(secret))
     ids = [list(range(1, blocks + 1))] * 3
     p = plan(dst_groups, src_groups, ids, ids)
@@ -131,17 +136,29 @@ def main(argv: list[str]) -> dict:
 
     med_ours, med_raw = statistics.median(ours), statistics.median(raw)
     result = {
-        "bench": "kv_transfer", "transport": "tcp loopback (127.0.0.1)", "host": platform.node(),
-        "cpus": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "bench": "kv_transfer",
+        "transport": "tcp loopback (127.0.0.1)",
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "mooncake": __import__("importlib.metadata").metadata.version("mooncake-transfer-engine"),
         "side_channel": "unauthenticated" if secret is None else "authenticated (HMAC-SHA256, shared secret)",
-        "mib": args.mib, "bytes_per_request": nbytes, "segments_per_request": len(p.lengths), "reps": args.reps,
+        "mib": args.mib,
+        "bytes_per_request": nbytes,
+        "segments_per_request": len(p.lengths),
+        "reps": args.reps,
         "order": "alternating (ours first on even reps, raw first on odd)",
-        "ours_s_median": med_ours, "raw_s_median": med_raw,
-        "ours_gib_s": nbytes / med_ours / 2**30, "raw_gib_s": nbytes / med_raw / 2**30,
-        "ratio_ours_over_raw_throughput": med_raw / med_ours, "goal_ratio": 0.9,
-        "handshake_latency_ms": {"median": statistics.median(lat) * 1e3, "max": max(lat) * 1e3,
-                                 "note": "GetLayout round trip on a fresh ZMQ client (connect included)"},
+        "ours_s_median": med_ours,
+        "raw_s_median": med_raw,
+        "ours_gib_s": nbytes / med_ours / 2**30,
+        "raw_gib_s": nbytes / med_raw / 2**30,
+        "ratio_ours_over_raw_throughput": med_raw / med_ours,
+        "goal_ratio": 0.9,
+        "handshake_latency_ms": {
+            "median": statistics.median(lat) * 1e3,
+            "max": max(lat) * 1e3,
+            "note": "GetLayout round trip on a fresh ZMQ client (connect included)",
+        },
     }
     text = json.dumps(result, indent=2)
     print(text)

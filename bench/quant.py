@@ -36,25 +36,34 @@ H, QL, NH, HD, I = 4096, 1024, 64, 512, 2048
 
 
 def _w8(out, inp, g):
-    return {"weight": torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g),
-            "weight_scale": torch.rand(out, 1, generator=g) * 1e-3, "weight_offset": torch.zeros(out, 1)}
+    return {
+        "weight": torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g),
+        "weight_scale": torch.rand(out, 1, generator=g) * 1e-3,
+        "weight_offset": torch.zeros(out, 1),
+    }
 
 
 def _w4(out, inp, down, g):
-    return {"weight": torch.randint(-128, 128, (out // 2, inp), dtype=torch.int8, generator=g),
-            "weight_scale": torch.rand(out, 1, generator=g) * 1e-2, "weight_offset": torch.zeros(out, 1),
-            "scale_bias": torch.rand(out, 16 if down else 1, generator=g)}
+    return {
+        "weight": torch.randint(-128, 128, (out // 2, inp), dtype=torch.int8, generator=g),
+        "weight_scale": torch.rand(out, 1, generator=g) * 1e-2,
+        "weight_offset": torch.zeros(out, 1),
+        "scale_bias": torch.rand(out, 16 if down else 1, generator=g),
+    }
 
 
 def write_slice(d: Path, experts: int) -> dict[str, str]:
     from safetensors.torch import save_file
+
     g = torch.Generator().manual_seed(0)
-    modules = {"layers.0.attn.wq_a": ("W8A8_DYNAMIC", _w8(QL, H, g)),
-               "layers.0.attn.wq_b": ("W8A8_DYNAMIC", _w8(NH * HD, QL, g)),
-               "layers.0.attn.wkv": ("W8A8_DYNAMIC", _w8(HD, H, g)),
-               "layers.0.ffn.shared_experts.w1": ("W8A8_DYNAMIC", _w8(I, H, g)),
-               "layers.0.ffn.shared_experts.w3": ("W8A8_DYNAMIC", _w8(I, H, g)),
-               "layers.0.ffn.shared_experts.w2": ("W8A8_DYNAMIC", _w8(H, I, g))}
+    modules = {
+        "layers.0.attn.wq_a": ("W8A8_DYNAMIC", _w8(QL, H, g)),
+        "layers.0.attn.wq_b": ("W8A8_DYNAMIC", _w8(NH * HD, QL, g)),
+        "layers.0.attn.wkv": ("W8A8_DYNAMIC", _w8(HD, H, g)),
+        "layers.0.ffn.shared_experts.w1": ("W8A8_DYNAMIC", _w8(I, H, g)),
+        "layers.0.ffn.shared_experts.w3": ("W8A8_DYNAMIC", _w8(I, H, g)),
+        "layers.0.ffn.shared_experts.w2": ("W8A8_DYNAMIC", _w8(H, I, g)),
+    }
     for e in range(experts):
         modules[f"layers.0.ffn.experts.{e}.w1"] = ("W4A8_DYNAMIC", _w4(I, H, False, g))
         modules[f"layers.0.ffn.experts.{e}.w3"] = ("W4A8_DYNAMIC", _w4(I, H, False, g))
@@ -83,14 +92,20 @@ def memory(experts: int) -> dict:
         resident = sum(resident_nbytes(m) for m in loaded)
         tensor_bytes = ckpt.nbytes
         compute_bytes = sum(i.nbytes for k, i in ckpt.tensors.items() if k.endswith((".weight", ".weight_scale")))
-    return {"slice": f"DeepSeek-V4-Flash layer slice: wq_a, wq_b, wkv, shared expert (W8A8_DYNAMIC), "
-                     f"{experts} routed experts (W4A8_DYNAMIC)",
-            "checkpoint_file_bytes": file_bytes, "checkpoint_tensor_bytes": tensor_bytes,
-            "weight_and_scale_bytes": compute_bytes, "resident_bytes": resident,
-            "resident_over_checkpoint": round(resident / tensor_bytes, 4),
-            "resident_over_weights_and_scales": round(resident / compute_bytes, 4),
-            "goal": "resident <= 1.05 x checkpoint", "met": resident <= 1.05 * tensor_bytes,
-            "validate_s": round(validate_s, 4), "load_s": round(load_s, 3)}
+    return {
+        "slice": f"DeepSeek-V4-Flash layer slice: wq_a, wq_b, wkv, shared expert (W8A8_DYNAMIC), "
+        f"{experts} routed experts (W4A8_DYNAMIC)",
+        "checkpoint_file_bytes": file_bytes,
+        "checkpoint_tensor_bytes": tensor_bytes,
+        "weight_and_scale_bytes": compute_bytes,
+        "resident_bytes": resident,
+        "resident_over_checkpoint": round(resident / tensor_bytes, 4),
+        "resident_over_weights_and_scales": round(resident / compute_bytes, 4),
+        "goal": "resident <= 1.05 x checkpoint",
+        "met": resident <= 1.05 * tensor_bytes,
+        "validate_s": round(validate_s, 4),
+        "load_s": round(load_s, 3),
+    }
 
 
 def _time(fn, iters=20):
@@ -116,8 +131,17 @@ def gpu() -> dict:
         wb = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
         tq = _time(lambda: compute.linear_dynamic(x, w, s))
         tb = _time(lambda: x @ wb.T)
-        out["gemm"].append({"M": M, "N": N, "K": K, "w8a8_s": tq, "bf16_s": tb, "speedup": round(tb / tq, 3),
-                            "w8a8_tflops": round(2 * M * N * K / tq / 1e12, 1)})
+        out["gemm"].append(
+            {
+                "M": M,
+                "N": N,
+                "K": K,
+                "w8a8_s": tq,
+                "bf16_s": tb,
+                "speedup": round(tb / tq, 3),
+                "w8a8_tflops": round(2 * M * N * K / tq / 1e12, 1),
+            }
+        )
     E, k = 32, 6
     for T in (64, 1024, 8192):
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
@@ -132,8 +156,9 @@ def gpu() -> dict:
         a2 = torch.randn(T * k, I, device=dev, dtype=torch.bfloat16)
         b2 = torch.randn(I, H, device=dev, dtype=torch.bfloat16)
         tb = _time(lambda: (xa @ b1, a2 @ b2), iters=5)
-        out["moe"].append({"tokens": T, "experts": E, "top_k": k, "w4a8_s": tq, "bf16_gemm_s": tb,
-                           "speedup": round(tb / tq, 3)})
+        out["moe"].append(
+            {"tokens": T, "experts": E, "top_k": k, "w4a8_s": tq, "bf16_gemm_s": tb, "speedup": round(tb / tq, 3)}
+        )
     return out
 
 

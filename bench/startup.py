@@ -37,30 +37,41 @@ OURS = """
 reg = sys.modules.get("ds_plugins.registration")
 ours = reg.get(ENGINE).elapsed_ms if reg else None
 """
-VLLM_CHILD = """
+VLLM_CHILD = (
+    """
 import json, sys, time
 import vllm.plugins as p
 before = set(sys.modules)
 t = time.perf_counter(); p.load_general_plugins(); dt = time.perf_counter() - t
 ENGINE = "vllm"
-""" + OURS + """
+"""
+    + OURS
+    + """
 print("RESULT " + json.dumps({"ms": dt * 1e3, "ours": ours, "added": sorted(set(sys.modules) - before)}))
 """
-SGLANG_CHILD = """
+)
+SGLANG_CHILD = (
+    """
 import json, os, sys, time
 for name in filter(None, os.environ.get("BENCH_PRELOAD", "").split(",")):
     __import__(name)
 before = set(sys.modules)
 t = time.perf_counter(); import sglang; dt = time.perf_counter() - t
 ENGINE = "sglang"
-""" + OURS + """
+"""
+    + OURS
+    + """
 print("RESULT " + json.dumps({"ms": dt * 1e3, "ours": ours, "added": sorted(set(sys.modules) - before)}))
 """
+)
 
 
 def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DS_PLUGINS_", "VLLM_PLUGINS", "SGLANG_PLUGINS", "PYTHONPATH"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DS_PLUGINS_", "VLLM_PLUGINS", "SGLANG_PLUGINS", "PYTHONPATH"))
+    }
     env.update(extra)
     return env
 
@@ -83,19 +94,28 @@ def _shared_imports(python: str) -> str:
     Our before-hook runs ahead of SGLang's own imports, so it is the first to import e.g.
     importlib.metadata or packaging; SGLang would pay for them a moment later. Preloading
     them in both variants keeps that shifted cost out of "ours_net"."""
-    ours = ("import sys; b = set(sys.modules); import ds_plugins.registration, ds_plugins.policy, "
-            "ds_plugins.probe, ds_plugins.landscape, ds_plugins.patching; "
-            "print(','.join(sorted(m for m in set(sys.modules) - b if not m.startswith('ds_plugins'))))")
+    ours = (
+        "import sys; b = set(sys.modules); import ds_plugins.registration, ds_plugins.policy, "
+        "ds_plugins.probe, ds_plugins.landscape, ds_plugins.patching; "
+        "print(','.join(sorted(m for m in set(sys.modules) - b if not m.startswith('ds_plugins'))))"
+    )
     engine = "import sys; b = set(sys.modules); import sglang; print(','.join(sorted(set(sys.modules) - b)))"
+
     def run(code):
-        return set(subprocess.run([python, "-c", code], capture_output=True, text=True, env=_env(),
-                                  check=True).stdout.strip().split(","))
+        return set(
+            subprocess.run([python, "-c", code], capture_output=True, text=True, env=_env(), check=True)
+            .stdout.strip()
+            .split(",")
+        )
+
     return ",".join(sorted(run(ours) & run(engine)))
 
 
 def _other_vllm_plugins(python: str) -> str:
-    code = ("import importlib.metadata as m; print(','.join(sorted(e.name for e in "
-            "m.entry_points(group='vllm.general_plugins') if e.name != 'ds_plugins')))")
+    code = (
+        "import importlib.metadata as m; print(','.join(sorted(e.name for e in "
+        "m.entry_points(group='vllm.general_plugins') if e.name != 'ds_plugins')))"
+    )
     return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -134,34 +154,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     py = args.python
-    hook = subprocess.run([py, "-m", "ds_plugins.cli", "sglang-path"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    hook = subprocess.run(
+        [py, "-m", "ds_plugins.cli", "sglang-path"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     others = _other_vllm_plugins(py)
 
-    vllm = _paired(args.runs, {
-        "with": lambda: _child(py, VLLM_CHILD, _env()),
-        "without": lambda: _child(py, VLLM_CHILD, _env(VLLM_PLUGINS=others)),
-    })
-    sglang = _paired(args.runs, {
-        "with": lambda: _child(py, SGLANG_CHILD, _env(PYTHONPATH=hook)),
-        "without": lambda: _child(py, SGLANG_CHILD, _env()),
-    })
+    vllm = _paired(
+        args.runs,
+        {
+            "with": lambda: _child(py, VLLM_CHILD, _env()),
+            "without": lambda: _child(py, VLLM_CHILD, _env(VLLM_PLUGINS=others)),
+        },
+    )
+    sglang = _paired(
+        args.runs,
+        {
+            "with": lambda: _child(py, SGLANG_CHILD, _env(PYTHONPATH=hook)),
+            "without": lambda: _child(py, SGLANG_CHILD, _env()),
+        },
+    )
     shared = _shared_imports(py)
-    sglang_net = _paired(args.runs, {
-        "with": lambda: _child(py, SGLANG_CHILD, _env(PYTHONPATH=hook, BENCH_PRELOAD=shared)),
-        "without": lambda: _child(py, SGLANG_CHILD, _env(BENCH_PRELOAD=shared)),
-    })
-    start = _paired(args.runs * 3, {  # cheap runs: more of them
-        "with": lambda: _wall(py, _env(PYTHONPATH=hook)),
-        "without": lambda: _wall(py, _env()),
-    })
+    sglang_net = _paired(
+        args.runs,
+        {
+            "with": lambda: _child(py, SGLANG_CHILD, _env(PYTHONPATH=hook, BENCH_PRELOAD=shared)),
+            "without": lambda: _child(py, SGLANG_CHILD, _env(BENCH_PRELOAD=shared)),
+        },
+    )
+    start = _paired(
+        args.runs * 3,
+        {  # cheap runs: more of them
+            "with": lambda: _wall(py, _env(PYTHONPATH=hook)),
+            "without": lambda: _wall(py, _env()),
+        },
+    )
     report = {
         "machine": f"{platform.node()} {platform.machine()} ({os.cpu_count()} CPUs), {platform.python_version()}",
         "runs": args.runs,
         "vllm_load_general_plugins": _summary(vllm, "with", "without"),
         "sglang_import_with_hook": _summary(sglang, "with", "without"),
         "sglang_import_with_hook_shared_imports_preloaded": {
-            **_summary(sglang_net, "with", "without"), "preloaded": shared.split(",")},
+            **_summary(sglang_net, "with", "without"),
+            "preloaded": shared.split(","),
+        },
         "python_start_with_hook": _summary(start, "with", "without"),
     }
     rows = [
@@ -174,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'measure':<34}{'with':>10}{'without':>10}{'ratio':>8}{'added':>10}{'ours':>9}  heavy imports by us")
     for name, s in rows:
         ours = f"{s['ours_ms']:>7.1f}ms" if s["ours_ms"] is not None else f"{'-':>9}"
-        print(f"{name:<34}{s['with_ms']:>8.1f}ms{s['without_ms']:>8.1f}ms{s['ratio']:>8.3f}{s['added_ms']:>8.1f}ms"
-              f"{ours}  {', '.join(s['heavy_modules_added_by_ds_plugins']) or 'none'}")
+        print(
+            f"{name:<34}{s['with_ms']:>8.1f}ms{s['without_ms']:>8.1f}ms{s['ratio']:>8.3f}{s['added_ms']:>8.1f}ms"
+            f"{ours}  {', '.join(s['heavy_modules_added_by_ds_plugins']) or 'none'}"
+        )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

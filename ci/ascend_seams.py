@@ -64,6 +64,7 @@ def _defining_module(src: Path, module: str, name: str, depth: int = 0) -> str:
 
 # --- the facts ----------------------------------------------------------------------------------------------
 
+
 def moe_layer(src: Path) -> str:
     """The name ascend.compat.moe_layer_class picks (RoutedExperts, else FusedMoE, whichever is a class), and
     proof that this class hands itself to the quant config (`get_quant_method(self, ...)`, or 0.33's
@@ -77,7 +78,8 @@ def moe_layer(src: Path) -> str:
                 f = node.func
                 called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
                 if called in ("get_quant_method", "resolve_quant_method") and any(
-                        isinstance(a, ast.Name) and a.id == "self" for a in node.args):
+                    isinstance(a, ast.Name) and a.id == "self" for a in node.args
+                ):
                     return name
         raise SeamMismatch(f"{FUSED_MOE}.{name} (class {klass.name}) never hands itself to get_quant_method")
     raise SeamMismatch(f"{rel(src, module_file(src, FUSED_MOE))}: neither RoutedExperts nor FusedMoE is a class")
@@ -104,13 +106,16 @@ def moe_method_signatures(src: Path) -> None:
     cw = _method(src, module, "FusedMoEMethodBase", "create_weights")
     want = ["layer", "num_experts", "hidden_size", "intermediate_size_per_partition", "params_dtype"]
     if _params(cw) != want or cw.args.kwarg is None:
-        raise SeamMismatch(f"FusedMoEMethodBase.create_weights{_params(cw)} (line {cw.lineno}): expected {want} "
-                           "and **extra_weight_attrs")
+        raise SeamMismatch(
+            f"FusedMoEMethodBase.create_weights{_params(cw)} (line {cw.lineno}): expected {want} "
+            "and **extra_weight_attrs"
+        )
     apply = _method(src, module, "FusedMoEMethodBase", "apply")
     extra = [p for p in _params(apply) if p not in MOE_APPLY_PARAMS]
     if extra:
-        raise SeamMismatch(f"FusedMoEMethodBase.apply (line {apply.lineno}) takes {extra}, which "
-                           "AscendMoEMethod.apply does not")
+        raise SeamMismatch(
+            f"FusedMoEMethodBase.apply (line {apply.lineno}) takes {extra}, which AscendMoEMethod.apply does not"
+        )
 
 
 def moe_apply_calls(src: Path) -> int:
@@ -122,15 +127,21 @@ def moe_apply_calls(src: Path) -> int:
     for path in sorted(pkg.rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "apply"
-                    and isinstance(node.func.value, ast.Attribute)
-                    and node.func.value.attr in ("quant_method", "_quant_method")):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "apply"
+                and isinstance(node.func.value, ast.Attribute)
+                and node.func.value.attr in ("quant_method", "_quant_method")
+            ):
                 continue
             n += 1
             names = [k.arg for k in node.keywords]
             if node.args or None in names or any(k not in MOE_APPLY_PARAMS for k in names):
-                raise SeamMismatch(f"{rel(src, path)}:{node.lineno}: quant_method.apply called with "
-                                   f"{len(node.args)} positional and keywords {names}")
+                raise SeamMismatch(
+                    f"{rel(src, path)}:{node.lineno}: quant_method.apply called with "
+                    f"{len(node.args)} positional and keywords {names}"
+                )
     if not n:
         raise SeamMismatch(f"{rel(src, pkg)}: no quant_method.apply call found")
     return n
@@ -142,10 +153,15 @@ def moe_none_falls_back(src: Path) -> None:
     name = moe_layer(src)
     path, tree = tree_of(src, _defining_module(src, FUSED_MOE, name))
     for node in ast.walk(tree):
-        if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-                and isinstance(node.test.ops[0], ast.Is) and isinstance(node.test.left, ast.Name)
-                and node.test.left.id == "quant_method"
-                and isinstance(node.test.comparators[0], ast.Constant) and node.test.comparators[0].value is None):
+        if (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.ops[0], ast.Is)
+            and isinstance(node.test.left, ast.Name)
+            and node.test.left.id == "quant_method"
+            and isinstance(node.test.comparators[0], ast.Constant)
+            and node.test.comparators[0].value is None
+        ):
             for sub in ast.walk(ast.Module(body=node.body, type_ignores=[])):
                 if isinstance(sub, ast.Call) and getattr(sub.func, "id", None) == "UnquantizedFusedMoEMethod":
                     return
@@ -162,8 +178,7 @@ def linear_interfaces(src: Path) -> None:
     for name in ("LinearBase", "RowParallelLinear", "UnquantizedLinearMethod", "LinearMethodBase"):
         find_class(src, LINEAR, name)
     cw = _method(src, LINEAR, "LinearMethodBase", "create_weights")
-    want = ["layer", "input_size_per_partition", "output_partition_sizes", "input_size", "output_size",
-            "params_dtype"]
+    want = ["layer", "input_size_per_partition", "output_partition_sizes", "input_size", "output_size", "params_dtype"]
     if _params(cw) != want or cw.args.kwarg is None:
         raise SeamMismatch(f"LinearMethodBase.create_weights{_params(cw)} (line {cw.lineno}): expected {want}")
     apply = _method(src, LINEAR, "LinearMethodBase", "apply")
@@ -173,10 +188,12 @@ def linear_interfaces(src: Path) -> None:
 
 def parameters_and_helpers(src: Path) -> None:
     """vLLM's parameter classes, set_weight_attrs, VocabParallelEmbedding, where ascend.methods imports them."""
-    for module, name in (("vllm.model_executor.parameter", "ChannelQuantScaleParameter"),
-                         ("vllm.model_executor.parameter", "ModelWeightParameter"),
-                         ("vllm.model_executor.parameter", "PerTensorScaleParameter"),
-                         ("vllm.model_executor.layers.vocab_parallel_embedding", "VocabParallelEmbedding")):
+    for module, name in (
+        ("vllm.model_executor.parameter", "ChannelQuantScaleParameter"),
+        ("vllm.model_executor.parameter", "ModelWeightParameter"),
+        ("vllm.model_executor.parameter", "PerTensorScaleParameter"),
+        ("vllm.model_executor.layers.vocab_parallel_embedding", "VocabParallelEmbedding"),
+    ):
         find_class(src, module, name)
     if not any(b.kind == "def" for b in module_bindings(src, "vllm.model_executor.utils", "set_weight_attrs")):
         raise SeamMismatch("vllm.model_executor.utils: no def set_weight_attrs")
@@ -196,8 +213,11 @@ def quant_config_interface(src: Path) -> None:
         raise SeamMismatch(f"QuantizationConfig.maybe_update_config{_params(muc)} (line {muc.lineno})")
     _method(src, base, "QuantizationConfig", "apply_vllm_mapper")
     path, tree = tree_of(src, "vllm.config.vllm")
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-             and n.func.attr == "maybe_update_config"]
+    calls = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "maybe_update_config"
+    ]
     if not calls or not all("hf_config" in {k.arg for k in c.keywords} for c in calls):
         raise SeamMismatch(f"{rel(src, path)}: maybe_update_config is not called with hf_config=")
 
@@ -210,13 +230,16 @@ def hub_downloads(src: Path) -> None:
     if "VLLM_USE_MODELSCOPE" not in {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)}:
         raise SeamMismatch(f"{rel(src, path)}: no VLLM_USE_MODELSCOPE")
     wu = "vllm.model_executor.model_loader.weight_utils"
-    for name, head in (("download_weights_from_hf", ["model_name_or_path", "cache_dir", "allow_patterns", "revision"]),
-                       ("maybe_download_from_modelscope", ["model", "revision", "download_dir", "ignore_patterns",
-                                                           "allow_patterns"])):
+    for name, head in (
+        ("download_weights_from_hf", ["model_name_or_path", "cache_dir", "allow_patterns", "revision"]),
+        ("maybe_download_from_modelscope", ["model", "revision", "download_dir", "ignore_patterns", "allow_patterns"]),
+    ):
         defs = [b.node for b in module_bindings(src, wu, name) if b.kind == "def"]
-        if not defs or _params(defs[0])[:len(head)] != head:
-            raise SeamMismatch(f"{rel(src, module_file(src, wu))}: {name}"
-                               f"{_params(defs[0]) if defs else ' is not defined'}; expected {head} first")
+        if not defs or _params(defs[0])[: len(head)] != head:
+            raise SeamMismatch(
+                f"{rel(src, module_file(src, wu))}: {name}"
+                f"{_params(defs[0]) if defs else ' is not defined'}; expected {head} first"
+            )
 
 
 def runtime_helpers(src: Path) -> None:
@@ -229,17 +252,26 @@ def runtime_helpers(src: Path) -> None:
     name = moe_layer(src)
     klass = _class_of(src, FUSED_MOE, name)
     for node in ast.walk(klass):
-        targets = (node.targets if isinstance(node, ast.Assign)
-                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
-        if any(isinstance(t, ast.Attribute) and t.attr == "moe_config" and isinstance(t.value, ast.Name)
-               and t.value.id == "self" for t in targets):
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        if any(
+            isinstance(t, ast.Attribute)
+            and t.attr == "moe_config"
+            and isinstance(t.value, ast.Name)
+            and t.value.id == "self"
+            for t in targets
+        ):
             return
     raise SeamMismatch(f"{FUSED_MOE}.{name} (line {klass.lineno}) never sets self.moe_config")
 
 
 def _is_abstract(fn: ast.FunctionDef) -> bool:
-    return any((isinstance(d, ast.Name) and d.id == "abstractmethod")
-               or (isinstance(d, ast.Attribute) and d.attr == "abstractmethod") for d in fn.decorator_list)
+    return any(
+        (isinstance(d, ast.Name) and d.id == "abstractmethod")
+        or (isinstance(d, ast.Attribute) and d.attr == "abstractmethod")
+        for d in fn.decorator_list
+    )
 
 
 def abstract_methods(src: Path, module: str, name: str, depth: int = 0) -> set[str]:
@@ -259,11 +291,17 @@ def abstract_methods(src: Path, module: str, name: str, depth: int = 0) -> set[s
 
 
 # ds-plugins' classes and the vLLM base each one subclasses (by the module it is imported from).
-OURS = (("ds_plugins/vllm/ascend/config.py", "AscendQuantConfig",
-         "vllm.model_executor.layers.quantization.base_config", "QuantizationConfig"),
-        ("ds_plugins/vllm/ascend/methods.py", "W8A8DynamicLinearMethod", LINEAR, "LinearMethodBase"),
-        ("ds_plugins/vllm/ascend/methods.py", "W8A8StaticLinearMethod", LINEAR, "LinearMethodBase"),
-        ("ds_plugins/vllm/ascend/methods.py", "AscendMoEMethod", FUSED_MOE, "FusedMoEMethodBase"))
+OURS = (
+    (
+        "ds_plugins/vllm/ascend/config.py",
+        "AscendQuantConfig",
+        "vllm.model_executor.layers.quantization.base_config",
+        "QuantizationConfig",
+    ),
+    ("ds_plugins/vllm/ascend/methods.py", "W8A8DynamicLinearMethod", LINEAR, "LinearMethodBase"),
+    ("ds_plugins/vllm/ascend/methods.py", "W8A8StaticLinearMethod", LINEAR, "LinearMethodBase"),
+    ("ds_plugins/vllm/ascend/methods.py", "AscendMoEMethod", FUSED_MOE, "FusedMoEMethodBase"),
+)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -283,12 +321,27 @@ def abstract_methods_implemented(src: Path) -> dict[str, list[str]]:
         abstract = abstract_methods(src, module, base)
         missing = sorted(abstract - _our_methods(file, cls))
         if missing:
-            raise SeamMismatch(f"{base} ({_defining_module(src, module, base)}) has abstract {', '.join(missing)}, "
-                               f"which {file}:{cls} does not define")
+            raise SeamMismatch(
+                f"{base} ({_defining_module(src, module, base)}) has abstract {', '.join(missing)}, "
+                f"which {file}:{cls} does not define"
+            )
         read[base] = sorted(abstract)
     return read
 
 
-CHECKS = {f.__name__: f for f in (moe_layer, moe_exports, moe_method_signatures, moe_apply_calls, moe_none_falls_back,
-                                  linear_interfaces, parameters_and_helpers, quant_config_interface, hub_downloads,
-                                  runtime_helpers, abstract_methods_implemented)}
+CHECKS = {
+    f.__name__: f
+    for f in (
+        moe_layer,
+        moe_exports,
+        moe_method_signatures,
+        moe_apply_calls,
+        moe_none_falls_back,
+        linear_interfaces,
+        parameters_and_helpers,
+        quant_config_interface,
+        hub_downloads,
+        runtime_helpers,
+        abstract_methods_implemented,
+    )
+}

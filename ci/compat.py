@@ -39,8 +39,9 @@ def stock_libraries(engine: str, version: str) -> dict[str, Library]:
     libs: dict[str, Library] = {}
     if engine == "vllm" and any(n.startswith("vllm/third_party/deep_gemm/") for n in files(src)):
         has = deep_gemm_sm12x(src, "vllm/third_party/deep_gemm")
-        libs["vllm.third_party.deep_gemm"] = Library("vllm.third_party.deep_gemm", True, version, None,
-                                                     ("sm12x",) if has else ())
+        libs["vllm.third_party.deep_gemm"] = Library(
+            "vllm.third_party.deep_gemm", True, version, None, ("sm12x",) if has else ()
+        )
     for dist, pinned in upstream.wheel_pins(src).items():
         name = upstream.LIBRARY_OF_DIST.get(dist)
         if name is None:
@@ -66,12 +67,21 @@ def stock_torch(engine: str, version: str) -> str | None:
 
 def _declared(engine: str) -> list[Patch]:
     from ds_plugins.doctor import declared_patches
+
     return declared_patches(engine)
 
 
 def decisions_cell(engine: str, version: str, gpu: str) -> str:
-    probe = Probe("", {engine: version}, None, None, (Device("cuda", 0, gpu, GPUS[gpu]),), "",
-                  stock.libraries(engine, version), simulated=True)
+    probe = Probe(
+        "",
+        {engine: version},
+        None,
+        None,
+        (Device("cuda", 0, gpu, GPUS[gpu]),),
+        "",
+        stock.libraries(engine, version),
+        simulated=True,
+    )
     plan = decide(probe, engine, env={})
     if plan.status != "supported":
         return "unsupported"
@@ -96,8 +106,10 @@ def _checked(engine: str, version: str) -> str:
 
 
 def vllm_rows(versions: list[str]) -> list[str]:
-    head = ("| vLLM | torch | checked | DeepSeek-V4 | V4 attention on SM12x | DeepGEMM gate on SM12x "
-            "| vendored DeepGEMM SM12x kernels | pinned FlashInfer SM120 decode | SM90 / SM100 | SM120 | SM121 |")
+    head = (
+        "| vLLM | torch | checked | DeepSeek-V4 | V4 attention on SM12x | DeepGEMM gate on SM12x "
+        "| vendored DeepGEMM SM12x kernels | pinned FlashInfer SM120 decode | SM90 / SM100 | SM120 | SM121 |"
+    )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for v in versions:
         libs = stock.libraries("vllm", v)
@@ -105,16 +117,25 @@ def vllm_rows(versions: list[str]) -> list[str]:
         fi = libs.get("flashinfer")
         sm90 = decisions_cell("vllm", v, "SM90")
         sm100 = decisions_cell("vllm", v, "SM100")
-        rows.append("| " + " | ".join([
-            v, stock.torch("vllm", v) or "—", _checked("vllm", v),
-            _yes(_fact("vllm", "dsv4_model", v)),
-            "FlashInfer SM120" if _fact("vllm", "sm12x_dsv4_attention", v) else "none",
-            "on" if _fact("vllm", "deepgemm_gate_sm12x", v) else "off",
-            "—" if vendored is None else _yes(vendored.has("sm12x")),
-            "—" if fi is None else f"{_yes(fi.has('sm120_sparse_mla'))} ({fi.version})",
-            sm90 if sm90 == sm100 else f"{sm90} / {sm100}",
-            decisions_cell("vllm", v, "SM120"), decisions_cell("vllm", v, "SM121"),
-        ]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    v,
+                    stock.torch("vllm", v) or "—",
+                    _checked("vllm", v),
+                    _yes(_fact("vllm", "dsv4_model", v)),
+                    "FlashInfer SM120" if _fact("vllm", "sm12x_dsv4_attention", v) else "none",
+                    "on" if _fact("vllm", "deepgemm_gate_sm12x", v) else "off",
+                    "—" if vendored is None else _yes(vendored.has("sm12x")),
+                    "—" if fi is None else f"{_yes(fi.has('sm120_sparse_mla'))} ({fi.version})",
+                    sm90 if sm90 == sm100 else f"{sm90} / {sm100}",
+                    decisions_cell("vllm", v, "SM120"),
+                    decisions_cell("vllm", v, "SM121"),
+                ]
+            )
+            + " |"
+        )
     return rows
 
 
@@ -123,8 +144,10 @@ def patch_rows(engine: str, versions: list[str]) -> list[str]:
     version's wheel source (tests/contract/test_<engine>_seams.py), and on installed versions the
     engine tests run them in real processes."""
     title = landscape.ENGINE_TITLE[engine]
-    rows = [f"| {title} | checked | patches written for this version, by the decision that selects them |",
-            "|---|---|---|"]
+    rows = [
+        f"| {title} | checked | patches written for this version, by the decision that selects them |",
+        "|---|---|---|",
+    ]
     for v in versions:
         if not landscape.is_supported(engine, v):
             rows.append(f"| {v} | wheel source | none (no DeepSeek-V4) |")
@@ -141,25 +164,36 @@ def patch_rows(engine: str, versions: list[str]) -> list[str]:
 
 
 def sglang_rows(versions: list[str]) -> list[str]:
-    head = ("| SGLang | torch | checked | way in | DeepSeek-V4 | V4 attention on SM12x | DeepGEMM gate SM120 "
-            "| DeepGEMM gate SM121 | pinned DeepGEMM SM12x kernels | SM90 / SM100 | SM120 | SM121 |")
+    head = (
+        "| SGLang | torch | checked | way in | DeepSeek-V4 | V4 attention on SM12x | DeepGEMM gate SM120 "
+        "| DeepGEMM gate SM121 | pinned DeepGEMM SM12x kernels | SM90 / SM100 | SM120 | SM121 |"
+    )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for v in versions:
         dg = stock.libraries("sglang", v).get("deep_gemm")
         plugins = _fact("sglang", "general_plugins", v)
         sm90 = decisions_cell("sglang", v, "SM90")
         sm100 = decisions_cell("sglang", v, "SM100")
-        rows.append("| " + " | ".join([
-            v, stock.torch("sglang", v) or "—", _checked("sglang", v),
-            "entry point + hook" if plugins else "PYTHONPATH hook",
-            _yes(_fact("sglang", "dsv4_model", v)),
-            "SGLang SM120 FlashMLA" if _fact("sglang", "sm12x_dsv4_attention", v) else "none",
-            "guarded" if _fact("sglang", "deepgemm_gate_sm120_guarded", v) else "on if DeepGEMM imports",
-            "guarded" if _fact("sglang", "deepgemm_gate_sm121_guarded", v) else "on if DeepGEMM imports",
-            "—" if dg is None else f"{_yes(dg.has('sm12x'))} ({dg.version})",
-            sm90 if sm90 == sm100 else f"{sm90} / {sm100}",
-            decisions_cell("sglang", v, "SM120"), decisions_cell("sglang", v, "SM121"),
-        ]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    v,
+                    stock.torch("sglang", v) or "—",
+                    _checked("sglang", v),
+                    "entry point + hook" if plugins else "PYTHONPATH hook",
+                    _yes(_fact("sglang", "dsv4_model", v)),
+                    "SGLang SM120 FlashMLA" if _fact("sglang", "sm12x_dsv4_attention", v) else "none",
+                    "guarded" if _fact("sglang", "deepgemm_gate_sm120_guarded", v) else "on if DeepGEMM imports",
+                    "guarded" if _fact("sglang", "deepgemm_gate_sm121_guarded", v) else "on if DeepGEMM imports",
+                    "—" if dg is None else f"{_yes(dg.has('sm12x'))} ({dg.version})",
+                    sm90 if sm90 == sm100 else f"{sm90} / {sm100}",
+                    decisions_cell("sglang", v, "SM120"),
+                    decisions_cell("sglang", v, "SM121"),
+                ]
+            )
+            + " |"
+        )
     return rows
 
 
@@ -173,7 +207,7 @@ def render() -> str:
         "",
         "Every version below was checked against its official PyPI wheel: each fact in "
         "`ds_plugins/landscape.py` is verified in that wheel's source (AST, `tests/contract/`). "
-        "\"installed\" versions also ran the subprocess tests, where the engine's own plugin loader "
+        '"installed" versions also ran the subprocess tests, where the engine\'s own plugin loader '
         "runs ds-plugins on a CPU-only machine (`tests/engines/`).",
         "",
         "The GPU columns are what ds-plugins decides for a stock install of that version "
@@ -231,6 +265,7 @@ def _evidence_cell(row) -> str:
         where = "member list" if ev.path == "FILES.txt" else f"`{ev.path.rsplit('/', 1)[-1]}`"
         pkg = "" if ev.package == row.engine else f"{ev.package} "
         return f"{ev.kind}: {pkg}{where}"
+
     return "; ".join(one(ev) for ev in row.evidence) or "—"
 
 
@@ -243,8 +278,16 @@ def _cover_cell(row) -> str:
 
 def path_verdict(engine: str, version: str, device: str) -> str:
     """What ds-plugins decides for a stock install of `version` on that device, in one line."""
-    probe = Probe("", {engine: version}, None, None, (Device("cuda", 0, DEVICE_GPU[device], GPUS[DEVICE_GPU[device]]),),
-                  "", stock.libraries(engine, version), simulated=True)
+    probe = Probe(
+        "",
+        {engine: version},
+        None,
+        None,
+        (Device("cuda", 0, DEVICE_GPU[device], GPUS[DEVICE_GPU[device]]),),
+        "",
+        stock.libraries(engine, version),
+        simulated=True,
+    )
     plan = decide(probe, engine, env={})
     if plan.status == "supported":
         return "**supported**"
@@ -254,6 +297,7 @@ def path_verdict(engine: str, version: str, device: str) -> str:
 def path_rows(engine: str) -> list[str]:
     from ds_plugins import paths
     from ds_plugins.paths.model import DEVICES, STAGES
+
     title = landscape.ENGINE_TITLE[engine]
     rows = paths.rows(engine)
     versions = [v for v in upstream.versions()[engine]["matrix"] if landscape.is_supported(engine, v)]
@@ -281,13 +325,27 @@ def path_rows(engine: str) -> list[str]:
             if not here:
                 lines += ["No rows for this device class.", ""]
                 continue
-            lines += ["| stage | kernel | provider | upstream | evidence | cover | user adds |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += [
+                "| stage | kernel | provider | upstream | evidence | cover | user adds |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for r in here:
                 status = r.upstream + (f" (fixed in {r.fixed_in})" if r.fixed_in else "")
-                lines.append("| " + " | ".join([
-                    r.stage, r.kernel.replace("|", "/"), r.provider, status, _evidence_cell(r), _cover_cell(r),
-                    f"`{r.requires}`" if r.requires else "—"]) + " |")
+                lines.append(
+                    "| "
+                    + " | ".join(
+                        [
+                            r.stage,
+                            r.kernel.replace("|", "/"),
+                            r.provider,
+                            status,
+                            _evidence_cell(r),
+                            _cover_cell(r),
+                            f"`{r.requires}`" if r.requires else "—",
+                        ]
+                    )
+                    + " |"
+                )
             lines.append("")
     return lines
 

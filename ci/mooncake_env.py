@@ -40,8 +40,12 @@ from ci.upstream import ROOT, cache_dir  # noqa: E402
 MOONCAKE = "mooncake-transfer-engine==0.3.13.post1"
 CUDART = "nvidia-cuda-runtime-cu12==12.9.79"
 # Debian package -> the library of it that the engine needs (directly or through libibverbs).
-DEBS = {"libibverbs1": "libibverbs.so.1", "ibverbs-providers": "libmlx5.so.1",
-        "libnl-3-200": "libnl-3.so.200", "libnl-route-3-200": "libnl-route-3.so.200"}
+DEBS = {
+    "libibverbs1": "libibverbs.so.1",
+    "ibverbs-providers": "libmlx5.so.1",
+    "libnl-3-200": "libnl-3.so.200",
+    "libnl-route-3-200": "libnl-route-3.so.200",
+}
 STUB_SOURCE = ROOT / "ci" / "stubs" / "libcuda_stub.c"
 RECIPE_VERSION = "1"  # bump to force a rebuild when the recipe below changes
 ENV_VAR = "DSP_MOONCAKE_ENV"
@@ -69,8 +73,15 @@ def _python() -> str:
 
 
 def _key() -> str:
-    parts = (RECIPE_VERSION, MOONCAKE, CUDART, *DEBS, STUB_SOURCE.read_text(), sys.platform,
-             *sorted(d for d, so in DEBS.items() if _system_has(so)))
+    parts = (
+        RECIPE_VERSION,
+        MOONCAKE,
+        CUDART,
+        *DEBS,
+        STUB_SOURCE.read_text(),
+        sys.platform,
+        *sorted(d for d, so in DEBS.items() if _system_has(so)),
+    )
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
@@ -109,8 +120,20 @@ def _compile_stub(out_dir: Path) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("ci/mooncake_env.py needs a C compiler (cc or gcc) to build the libcuda test stub")
-    _run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-Wl,-soname,libcuda.so.1",
-          "-o", str(lib), str(STUB_SOURCE)])
+    _run(
+        [
+            cc,
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-Wall",
+            "-Werror",
+            "-Wl,-soname,libcuda.so.1",
+            "-o",
+            str(lib),
+            str(STUB_SOURCE),
+        ]
+    )
     return lib
 
 
@@ -118,8 +141,7 @@ def child_env(spec: dict, base: dict | None = None) -> dict:
     """Environment for a process that imports mooncake (spec: the contents of env.json)."""
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join([*spec["pythonpath"], *filter(None, [env.get("PYTHONPATH")])])
-    env["LD_LIBRARY_PATH"] = os.pathsep.join([*spec["ld_library_path"],
-                                              *filter(None, [env.get("LD_LIBRARY_PATH")])])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*spec["ld_library_path"], *filter(None, [env.get("LD_LIBRARY_PATH")])])
     return env
 
 
@@ -142,8 +164,13 @@ def build() -> Path:
         _unpack_debs(missing, debroot)
         lib_dirs += _lib_dirs(debroot)
     spec = {"pythonpath": [str(site)], "ld_library_path": lib_dirs, "mooncake": MOONCAKE.split("==")[1]}
-    out = subprocess.run([_python(), "-c", SMOKE], env={**child_env(spec), "LD_BIND_NOW": "1"},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [_python(), "-c", SMOKE],
+        env={**child_env(spec), "LD_BIND_NOW": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if out.returncode != 0 or "MOONCAKE-OK" not in out.stdout:
         raise RuntimeError(f"mooncake smoke test failed in {home}:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
     spec_file.write_text(json.dumps(spec, indent=2))
@@ -164,14 +191,20 @@ def spec() -> dict:
 
 def server_env(found: dict, python: str) -> dict[str, str]:
     """What a process of `python` (e.g. a vLLM server) needs in its environment to import mooncake."""
-    out = subprocess.run([python, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [python, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     tag = out.stdout.strip()
     wheels = list(Path(found["pythonpath"][0]).glob("mooncake_transfer_engine-*.dist-info/WHEEL"))
     if wheels and tag and f"Tag: {tag}-" not in wheels[0].read_text():
         raise RuntimeError(f"the mooncake tree {found['pythonpath'][0]} is not for {python} ({tag})")
-    return {"PYTHONPATH": os.pathsep.join(found["pythonpath"]),
-            "LD_LIBRARY_PATH": os.pathsep.join(found["ld_library_path"])}
+    return {
+        "PYTHONPATH": os.pathsep.join(found["pythonpath"]),
+        "LD_LIBRARY_PATH": os.pathsep.join(found["ld_library_path"]),
+    }
 
 
 def setup() -> dict[str, str]:

@@ -5,8 +5,9 @@
 1. builds or reuses the engine environments (ci/envs.py: real vLLM and SGLang wheels),
 2. fetches the official wheel of every version in ci/versions.toml (ci/upstream.py), and sets up
    mooncake-transfer-engine with the native libraries it needs (ci/mooncake_env.py),
-3. checks that docs/compat.md is what ci/compat.py generates, lints the tree (`ruff check`) and
-   type-checks ds_plugins and ds_plugins_sglang (`mypy`), both configured in pyproject.toml,
+3. checks that docs/compat.md is what ci/compat.py generates, lints the tree and checks its format
+   (`ruff check`, `ruff format --check`) and type-checks ds_plugins and ds_plugins_sglang (`mypy`),
+   all configured in pyproject.toml,
 4. runs pytest in the main environment, with every engine test required (not skipped); the
    kernel tests run the Triton kernels in Triton's CPU interpreter (tests/kernels/conftest.py).
    Without arguments it runs in two parts: every folder but tests/e2e on all cores (pytest-xdist,
@@ -42,11 +43,19 @@ def main(argv: list[str]) -> int:
     env.update(mooncake_env.setup())
     stale = subprocess.run([main_python, "ci/compat.py", "check"], cwd=upstream.ROOT, env=env).returncode
     lint = subprocess.run([made["lint_python"], "-m", "ruff", "check", "."], cwd=upstream.ROOT).returncode
+    lint = (
+        subprocess.run([made["lint_python"], "-m", "ruff", "format", "--check", "."], cwd=upstream.ROOT).returncode
+        or lint
+    )
     lint = subprocess.run([made["lint_python"], "-m", "mypy"], cwd=upstream.ROOT).returncode or lint
     tests = 0
     for args in _runs(argv):
-        tests = subprocess.run([main_python, "-m", "pytest", "-p", "no:cacheprovider", *args],
-                               cwd=upstream.ROOT, env=env).returncode or tests
+        tests = (
+            subprocess.run(
+                [main_python, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=upstream.ROOT, env=env
+            ).returncode
+            or tests
+        )
     return tests or stale or lint
 
 

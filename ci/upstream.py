@@ -45,8 +45,18 @@ def _wanted(name: str, package: str) -> bool:
 
 
 def _download(dist: str, version: str, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--dest", str(into), f"{dist}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(into),
+        f"{dist}=={version}",
+    ]
     subprocess.run(cmd, check=True)
     wheels = sorted(into.glob("*.whl"))
     if len(wheels) != 1:
@@ -74,9 +84,13 @@ PACKAGE_OF = {"flashinfer-python": "flashinfer", "sgl-deep-gemm": "deep_gemm", "
 # (the distributions ds_plugins/probe.py reads versions from); each library's name is also its package.
 LIBRARY_OF_DIST = {
     "flashinfer-python": "flashinfer",
-    "deep-gemm": "deep_gemm", "sgl-deep-gemm": "deep_gemm",
-    "flash-mla": "flash_mla", "sgl-flash-mla": "flash_mla",
-    "triton": "triton", "vllm-ascend": "vllm_ascend", "torch-npu": "torch_npu",
+    "deep-gemm": "deep_gemm",
+    "sgl-deep-gemm": "deep_gemm",
+    "flash-mla": "flash_mla",
+    "sgl-flash-mla": "flash_mla",
+    "triton": "triton",
+    "vllm-ascend": "vllm_ascend",
+    "torch-npu": "torch_npu",
     "mooncake-transfer-engine": "mooncake",
 }
 
@@ -86,20 +100,24 @@ def wheel_pins(src: Path) -> dict[str, str]:
     install of this wheel follows on Linux x86_64 (no extra); other requirements are left out."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
+
     pins = {}
     for line in (src / "METADATA").read_text().splitlines():
         if not line.startswith("Requires-Dist:"):
             continue
         req = Requirement(line.split(":", 1)[1].strip())
         if req.marker is not None and not req.marker.evaluate(
-                {"extra": "", "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}):
+            {"extra": "", "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
+        ):
             continue
         spec = list(req.specifier)
         if len(spec) == 1 and spec[0].operator == "==":
             pins[canonicalize_name(req.name)] = spec[0].version
         elif canonicalize_name(req.name) in LIBRARY_OF_DIST:
-            raise ValueError(f"{src.name}: requires {req}, not an exact pin: the version a stock install "
-                             f"gets is not a fact of the wheel")
+            raise ValueError(
+                f"{src.name}: requires {req}, not an exact pin: the version a stock install "
+                f"gets is not a fact of the wheel"
+            )
     return pins
 
 
@@ -170,7 +188,6 @@ def binary_strings(dist: str, version: str, globs: set[str]) -> dict[str, str]:
         partial.write_text("\n".join(members) + "\n")
         partial.replace(index)
     return {m: (dest / f"{m}.strings").read_text(errors="replace") for m in wanted(members)}
-
 
 
 def main(argv: list[str]) -> int:

@@ -62,8 +62,9 @@ def module_assign(tree: ast.AST | None, name: str):
     if tree is None:
         return None
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-            node, ast.AnnAssign) else []
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         for t in targets:
             if isinstance(t, ast.Name) and t.id == name and isinstance(node.value, ast.Constant):
                 return node.value.value
@@ -89,8 +90,11 @@ def compares_to(node: ast.AST | None, value) -> bool:
             for op, right in zip(sub.ops, sub.comparators):
                 if isinstance(op, ast.Eq) and isinstance(right, ast.Constant) and right.value == value:
                     return True
-                if isinstance(op, ast.In) and isinstance(right, (ast.Tuple, ast.List, ast.Set)) and any(
-                        isinstance(e, ast.Constant) and e.value == value for e in right.elts):
+                if (
+                    isinstance(op, ast.In)
+                    and isinstance(right, (ast.Tuple, ast.List, ast.Set))
+                    and any(isinstance(e, ast.Constant) and e.value == value for e in right.elts)
+                ):
                     return True
     return False
 
@@ -101,6 +105,7 @@ def files(src: Path) -> list[str]:
 
 # --- vLLM ------------------------------------------------------------------------
 
+
 def vllm_general_plugins(src: Path) -> bool:
     """load_general_plugins: guarded once per process, group vllm.general_plugins, called by engine core and workers."""
     plugins = parse(src / "vllm/plugins/__init__.py")
@@ -109,8 +114,7 @@ def vllm_general_plugins(src: Path) -> bool:
     if module_assign(plugins, "DEFAULT_PLUGINS_GROUP") != "vllm.general_plugins":
         return False
     loader = next(functions(plugins, "load_general_plugins"), None)
-    if loader is None or not any(isinstance(n, ast.Global) and "plugins_loaded" in n.names
-                                 for n in ast.walk(loader)):
+    if loader is None or not any(isinstance(n, ast.Global) and "plugins_loaded" in n.names for n in ast.walk(loader)):
         return False
     called_in = [src / "vllm/v1/engine/core.py", src / "vllm/v1/worker/worker_base.py"]
     return all(any(name == "load_general_plugins" for name, _ in calls(parse(p))) for p in called_in)
@@ -139,8 +143,9 @@ def vllm_sm12x_dsv4_attention(src: Path) -> bool:
     for fn in _dsv4_attention_selectors(src):
         for node in ast.walk(fn):
             if isinstance(node, ast.If) and compares_to(node.test, 12):
-                returned = {n.value.id for n in ast.walk(node) if isinstance(n, ast.Return)
-                            and isinstance(n.value, ast.Name)}
+                returned = {
+                    n.value.id for n in ast.walk(node) if isinstance(n, ast.Return) and isinstance(n.value, ast.Name)
+                }
                 if any("SM120" in r for r in returned):
                     return True
     return False
@@ -151,25 +156,31 @@ def vllm_deepgemm_gate_sm12x(src: Path) -> bool:
     gate = method(parse(src / "vllm/platforms/cuda.py"), "CudaPlatformBase", "support_deep_gemm")
     if gate is None:
         raise SeamMissing("vllm/platforms/cuda.py: CudaPlatformBase.support_deep_gemm")
-    return any(name == "is_device_capability_family" and args and isinstance(args[0], ast.Constant)
-               and args[0].value == 120 for name, args in calls(gate))
+    return any(
+        name == "is_device_capability_family" and args and isinstance(args[0], ast.Constant) and args[0].value == 120
+        for name, args in calls(gate)
+    )
 
 
 # --- SGLang ----------------------------------------------------------------------
 
+
 def sglang_general_plugins(src: Path) -> bool:
     plugins = parse(src / "sglang/srt/plugins/__init__.py")
     registry = parse(src / "sglang/srt/plugins/hook_registry.py")
-    return (module_assign(plugins, "GENERAL_PLUGINS_GROUP") == "sglang.srt.plugins"
-            and next(functions(plugins, "load_plugins"), None) is not None
-            and method(registry, "HookRegistry", "register") is not None
-            and next(functions(registry, "_propagate_patch"), None) is not None)
+    return (
+        module_assign(plugins, "GENERAL_PLUGINS_GROUP") == "sglang.srt.plugins"
+        and next(functions(plugins, "load_plugins"), None) is not None
+        and method(registry, "HookRegistry", "register") is not None
+        and next(functions(registry, "_propagate_patch"), None) is not None
+    )
 
 
 def sglang_dsv4_model(src: Path) -> bool:
     tree = parse(src / "sglang/srt/models/deepseek_v4.py")
-    return tree is not None and any(isinstance(n, ast.ClassDef) and n.name == "DeepseekV4ForCausalLM"
-                                    for n in ast.walk(tree))
+    return tree is not None and any(
+        isinstance(n, ast.ClassDef) and n.name == "DeepseekV4ForCausalLM" for n in ast.walk(tree)
+    )
 
 
 def sglang_sm12x_dsv4_attention(src: Path) -> bool:
@@ -220,14 +231,17 @@ CHECKS: dict[tuple[str, str], Callable[[Path], bool]] = {
 
 # --- wheel facts the probe reads at run time (shown in the compat table) -----------
 
+
 def deep_gemm_sm12x(src: Path, package_dir: str) -> bool:
     """Does the DeepGEMM at `package_dir` in this wheel ship every SM12x kernel V4 needs? (the probe's rule)"""
     from ds_plugins.probe import DEEP_GEMM_SM12X_KERNELS
+
     prefix = f"{package_dir}/include/deep_gemm/impls/"
-    shipped = {n[len(prefix):] for n in files(src) if n.startswith(prefix)}
+    shipped = {n[len(prefix) :] for n in files(src) if n.startswith(prefix)}
     return all(k in shipped for k in DEEP_GEMM_SM12X_KERNELS)
 
 
 def flashinfer_sm120_sparse_mla(src: Path) -> bool:
     from ds_plugins.probe import flashinfer_at
+
     return flashinfer_at(src / "flashinfer", None).has("sm120_sparse_mla")

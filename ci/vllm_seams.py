@@ -28,14 +28,17 @@ class SeamMismatch(AssertionError):
 
 # --- locating modules and names in a wheel -----------------------------------------------------------------
 
+
 def module_file(src: Path, module: str) -> Path:
     """The wheel file of a dotted module: a/b.py or a/b/__init__.py. Raises if neither exists."""
     base = src.joinpath(*module.split("."))
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
             return path
-    raise SeamMismatch(f"module {module}: neither {rel(src, base.with_suffix('.py'))} nor "
-                       f"{rel(src, base / '__init__.py')} is in the wheel")
+    raise SeamMismatch(
+        f"module {module}: neither {rel(src, base.with_suffix('.py'))} nor "
+        f"{rel(src, base / '__init__.py')} is in the wheel"
+    )
 
 
 def rel(src: Path, path: Path) -> str:
@@ -55,6 +58,7 @@ def tree_of(src: Path, module: str) -> tuple[Path, ast.Module]:
 
 class Binding(NamedTuple):
     """How a name is bound in a namespace (a module's top level or a class body)."""
+
     kind: str  # def | class | import | assign
     node: ast.AST
     source: str | None = None  # for kind == "import": the absolute module it comes from
@@ -65,7 +69,7 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     if not node.level:
         return node.module or ""
     package = module.split(".") if is_package else module.split(".")[:-1]
-    base = package[:len(package) - (node.level - 1)]
+    base = package[: len(package) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -158,8 +162,7 @@ def resolve_attribute(src: Path, module: str, dotted: str) -> Binding:
         elif binding.kind == "class":
             klass = binding.node
         else:
-            raise SeamMismatch(f"{rel(src, path)}:{binding.node.lineno}: {first} is not a class, so it has "
-                               f"no {part}")
+            raise SeamMismatch(f"{rel(src, path)}:{binding.node.lineno}: {first} is not a class, so it has no {part}")
         member = _member(src, module, klass, part)
         if member is None:
             raise SeamMismatch(f"{rel(src, path)}:{klass.lineno}: class {klass.name} has no {part}")
@@ -189,6 +192,7 @@ def function_defs(src: Path, module: str, name: str, depth: int = 0) -> list[tup
 
 # --- signatures --------------------------------------------------------------------------------------------
 
+
 def stand_in(fn: ast.FunctionDef) -> Any:
     """A do-nothing function with the same parameter list as `fn` (annotations, decorators and default values
     dropped), so the runtime's own rules (routes.parameters, routes._choose, routes._function_patch(...).check)
@@ -200,7 +204,8 @@ def stand_in(fn: ast.FunctionDef) -> Any:
         kwonlyargs=[ast.arg(a.arg) for a in fn.args.kwonlyargs],
         kw_defaults=[ast.Constant(None) if d is not None else None for d in fn.args.kw_defaults],
         kwarg=ast.arg(fn.args.kwarg.arg) if fn.args.kwarg else None,
-        defaults=[ast.Constant(None) for _ in fn.args.defaults])
+        defaults=[ast.Constant(None) for _ in fn.args.defaults],
+    )
     stub = ast.Module([ast.FunctionDef(name=fn.name, args=args, body=[ast.Pass()], decorator_list=[])], [])
     namespace: dict[str, Any] = {}
     exec(compile(ast.fix_missing_locations(stub), f"<stand-in {fn.name}>", "exec"), namespace)
@@ -213,12 +218,14 @@ def where(src: Path, path: Path, node: ast.AST) -> str:
 
 # --- generic: the target exists ----------------------------------------------------------------------------
 
+
 def check_target(src: Path, patch) -> Binding:
     """The patch's module file exists in the wheel and its dotted attribute resolves there."""
     return resolve_attribute(src, patch.module, patch.attribute)
 
 
 # --- function routes (routes.ROUTES) -----------------------------------------------------------------------
+
 
 def _importers(src: Path, module: str, name: str) -> Iterator[Path]:
     """vLLM files that import `name` from `module` anywhere (also inside functions)."""
@@ -229,16 +236,18 @@ def _importers(src: Path, module: str, name: str) -> Iterator[Path]:
         if tree is None:
             continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == module and any(
-                    a.name == name and (a.asname or a.name) == name for a in node.names):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module == module
+                and any(a.name == name and (a.asname or a.name) == name for a in node.names)
+            ):
                 yield path
                 break
 
 
 def name_calls(tree: ast.AST, name: str) -> list[ast.Call]:
     """Calls of the bare name `name(...)`: the ones that look the name up where the route rebinds it."""
-    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-            and n.func.id == name]
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == name]
 
 
 def route_callers(src: Path, route) -> list[tuple[Path, ast.Call]]:
@@ -257,10 +266,13 @@ def route_callers(src: Path, route) -> list[tuple[Path, ast.Call]]:
 def route_adapter(src: Path, route) -> str:
     """The adapter the runtime picks for this site (routes._choose, on the original's parameters)."""
     from ds_plugins.vllm.dsv4 import routes
+
     chosen = {routes._choose(route, stand_in(fn)) for _, fn in function_defs(src, route.module, route.attribute)}
     if len(chosen) > 1:
-        raise SeamMismatch(f"{route.module}.{route.attribute}: its possible defs call for different adapters "
-                           f"({', '.join(sorted(chosen))})")
+        raise SeamMismatch(
+            f"{route.module}.{route.attribute}: its possible defs call for different adapters "
+            f"({', '.join(sorted(chosen))})"
+        )
     return chosen.pop() if chosen else route.adapter
 
 
@@ -270,11 +282,14 @@ def check_route(src: Path, route) -> None:
     adapter accepts and no more positional arguments than it has positional parameters; at least one call exists."""
     from ds_plugins.patching import Target
     from ds_plugins.vllm.dsv4 import adapters, routes
+
     path = module_file(src, route.module)
     bound = [b for b in module_bindings(src, route.module, route.attribute) if b.kind in ("import", "def")]
     if not bound:
-        raise SeamMismatch(f"{rel(src, path)}: {route.attribute} is not bound at module level by an import or a "
-                           f"def (the route rebinds that global)")
+        raise SeamMismatch(
+            f"{rel(src, path)}: {route.attribute} is not bound at module level by an import or a "
+            f"def (the route rebinds that global)"
+        )
     runtime_check = routes._function_patch(route).check
     for def_path, fn in function_defs(src, route.module, route.attribute):
         problem = runtime_check(Target(None, None, route.attribute, stand_in(fn)))
@@ -287,8 +302,10 @@ def check_route(src: Path, route) -> None:
     positional = code.co_argcount
     callers = route_callers(src, route)
     if not callers:
-        raise SeamMismatch(f"{rel(src, path)}: nothing in the wheel calls {route.attribute} through this module, "
-                           f"so the route {route.id} has nothing to answer here")
+        raise SeamMismatch(
+            f"{rel(src, path)}: nothing in the wheel calls {route.attribute} through this module, "
+            f"so the route {route.id} has nothing to answer here"
+        )
     if accepted is None:  # the adapter forwards any call shape
         return
     for call_path, call in callers:
@@ -296,8 +313,7 @@ def check_route(src: Path, route) -> None:
         if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
             raise SeamMismatch(f"{at} passes *args/**kwargs: its shape cannot be checked against adapters.{name}")
         if len(call.args) > positional:
-            raise SeamMismatch(f"{at} passes {len(call.args)} positional arguments; adapters.{name} takes "
-                               f"{positional}")
+            raise SeamMismatch(f"{at} passes {len(call.args)} positional arguments; adapters.{name} takes {positional}")
         extra = sorted({k.arg for k in call.keywords} - set(accepted))
         if extra:
             raise SeamMismatch(f"{at} passes keyword {', '.join(extra)}, which adapters.{name} does not accept")
@@ -335,10 +351,12 @@ def check_selector(src: Path, patch) -> None:
     """_select_dsv4_attn_cls(vllm_config) is a def whose body picks the SM120 class, and the module binds both
     that class and the FlashMLA-shaped one the wrapper returns instead."""
     from ds_plugins.vllm.dsv4 import routes
+
     path, fn = _def_of(src, patch)
     if routes.parameters(stand_in(fn)) != ("vllm_config",):
-        raise SeamMismatch(f"{where(src, path, fn)}: def {fn.name} takes {ast.unparse(fn.args)}, the wrapper "
-                           f"expects (vllm_config)")
+        raise SeamMismatch(
+            f"{where(src, path, fn)}: def {fn.name} takes {ast.unparse(fn.args)}, the wrapper expects (vllm_config)"
+        )
     if SM120_CLASS not in _names(fn):
         raise SeamMismatch(f"{where(src, path, fn)}: {fn.name} never refers to {SM120_CLASS}: nothing to correct")
     for cls in (SM120_CLASS, FLASHMLA_CLASS):
@@ -352,23 +370,29 @@ def tile_scheduler_skips_sm120(src: Path, patch) -> bool:
     except SeamMismatch:
         return False
     return compares_to(fn, 120) or any(
-        name == "is_device_capability_family" and args and isinstance(args[0], ast.Constant)
-        and args[0].value == 120 for name, args in calls(fn))
+        name == "is_device_capability_family" and args and isinstance(args[0], ast.Constant) and args[0].value == 120
+        for name, args in calls(fn)
+    )
 
 
 def check_tile_scheduler(src: Path, patch) -> None:
     """build_tile_scheduler(self, num_decode_tokens), and its body singles out the SM120 family."""
     from ds_plugins.vllm.dsv4 import routes
+
     path, fn = _def_of(src, patch)
     if routes.parameters(stand_in(fn)) != ("self", "num_decode_tokens"):
-        raise SeamMismatch(f"{where(src, path, fn)}: def {fn.name} takes {ast.unparse(fn.args)}, the wrapper "
-                           f"expects (self, num_decode_tokens)")
+        raise SeamMismatch(
+            f"{where(src, path, fn)}: def {fn.name} takes {ast.unparse(fn.args)}, the wrapper "
+            f"expects (self, num_decode_tokens)"
+        )
     if not tile_scheduler_skips_sm120(src, patch):
-        raise SeamMismatch(f"{where(src, path, fn)}: {fn.name} has no is_device_capability_family(120) check: "
-                           f"nothing to correct")
+        raise SeamMismatch(
+            f"{where(src, path, fn)}: {fn.name} has no is_device_capability_family(120) check: nothing to correct"
+        )
 
 
 # --- the DeepGEMM gate -------------------------------------------------------------------------------------
+
 
 def _decorator_names(fn: ast.FunctionDef) -> list[str]:
     out = []
@@ -389,8 +413,7 @@ def check_platform_gate(src: Path, patch) -> None:
         raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} is not decorated @classmethod")
     params = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
     if len(params) != 1 or fn.args.vararg or fn.args.kwarg:
-        raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} takes {ast.unparse(fn.args)}, "
-                           f"expected (cls)")
+        raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} takes {ast.unparse(fn.args)}, expected (cls)")
 
 
 def check_cached_gate(src: Path, patch) -> None:
@@ -402,22 +425,28 @@ def check_cached_gate(src: Path, patch) -> None:
     if binding.kind != "def":
         raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} is not a def")
     if not {"cache", "lru_cache"} & set(_decorator_names(fn)):
-        raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} is not decorated with functools.cache "
-                           f"or lru_cache")
+        raise SeamMismatch(
+            f"{where(src, path, fn)}: {patch.attribute} is not decorated with functools.cache or lru_cache"
+        )
     if fn.args.posonlyargs or fn.args.args or fn.args.kwonlyargs or fn.args.vararg or fn.args.kwarg:
-        raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} takes ({ast.unparse(fn.args)}), "
-                           f"expected no parameters")
+        raise SeamMismatch(
+            f"{where(src, path, fn)}: {patch.attribute} takes ({ast.unparse(fn.args)}), expected no parameters"
+        )
     if not any(name == "support_deep_gemm" for name, _ in calls(fn)):
-        raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} does not call support_deep_gemm(): the "
-                           f"platform patch would not reach it")
+        raise SeamMismatch(
+            f"{where(src, path, fn)}: {patch.attribute} does not call support_deep_gemm(): the "
+            f"platform patch would not reach it"
+        )
 
 
 # --- the model registry and the CUDA-graph switch ----------------------------------------------------------
+
 
 def check_registry(src: Path, patch) -> None:
     """`ModelRegistry = <Class>(...)` at module level, the class has register_model, and the module's model
     tables (`_..._MODELS = {...}`) map both V4 architectures to (module, class) string pairs."""
     from ds_plugins.vllm.dsv4.registry import ARCHITECTURES
+
     path, tree = tree_of(src, patch.module)
     binding = resolve_attribute(src, patch.module, patch.attribute)
     value = getattr(binding.node, "value", None)
@@ -428,8 +457,11 @@ def check_registry(src: Path, patch) -> None:
         raise SeamMismatch(f"{where(src, path, cls)}: class {cls.name} has no register_model")
     entries: dict[str, ast.expr] = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
-                isinstance(t, ast.Name) and t.id.endswith("_MODELS") for t in node.targets):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Dict)
+            and any(isinstance(t, ast.Name) and t.id.endswith("_MODELS") for t in node.targets)
+        ):
             for k, v in zip(node.value.keys, node.value.values):
                 if isinstance(k, ast.Constant) and isinstance(k.value, str):
                     entries.setdefault(k.value, v)
@@ -437,14 +469,23 @@ def check_registry(src: Path, patch) -> None:
         entry = entries.get(arch)
         if entry is None:
             raise SeamMismatch(f"{rel(src, path)}: no model table (_..._MODELS) has {arch!r}")
-        if not (isinstance(entry, ast.Tuple) and len(entry.elts) == 2 and all(
-                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in entry.elts)):
+        if not (
+            isinstance(entry, ast.Tuple)
+            and len(entry.elts) == 2
+            and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in entry.elts)
+        ):
             raise SeamMismatch(f"{where(src, path, entry)}: {arch!r} is not a (module, class) pair of strings")
 
 
 def _field(cls: ast.ClassDef, name: str) -> ast.AnnAssign | None:
-    return next((n for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-                 and n.target.id == name), None)
+    return next(
+        (
+            n
+            for n in cls.body
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id == name
+        ),
+        None,
+    )
 
 
 def check_cudagraph(src: Path, patch) -> None:
@@ -458,15 +499,15 @@ def check_cudagraph(src: Path, patch) -> None:
         raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} is not a method")
     params = fn.args.posonlyargs + fn.args.args
     if not params or fn.args.vararg:
-        raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} takes {ast.unparse(fn.args)}, "
-                           f"expected (self)")
+        raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} takes {ast.unparse(fn.args)}, expected (self)")
     cls = find_class(src, patch.module, owner)
     if _field(cls, "model_config") is None:
         raise SeamMismatch(f"{where(src, path, cls)}: class {owner} has no annotated model_config field")
     model = find_class(src, "vllm.config.model", "ModelConfig")
     if _field(model, "enforce_eager") is None:
-        raise SeamMismatch(f"{where(src, module_file(src, 'vllm.config.model'), model)}: class ModelConfig has no "
-                           f"enforce_eager field")
+        raise SeamMismatch(
+            f"{where(src, module_file(src, 'vllm.config.model'), model)}: class ModelConfig has no enforce_eager field"
+        )
 
 
 def check_configure_logging(src: Path, patch) -> None:
@@ -478,8 +519,11 @@ def check_configure_logging(src: Path, patch) -> None:
     if binding.kind != "def" or len(fn.args.posonlyargs + fn.args.args) != 1:
         raise SeamMismatch(f"{where(src, path, fn)}: {patch.attribute} is not a one-argument function")
     tree = ast.parse(path.read_text())
-    callers = [f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
-               and any(name == "configure_logging" for name, _ in calls(f))]
+    callers = [
+        f.name
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef) and any(name == "configure_logging" for name, _ in calls(f))
+    ]
     if not callers:
         raise SeamMismatch(f"{rel(src, path)}: nothing in vllm.logger calls configure_logging")
 
@@ -505,30 +549,44 @@ def check_kv_cache_hook(src: Path, patch) -> None:
     VerifyAndUpdateConfig (the patch gives the class its own), MODELS_CONFIG_MAP sends DeepseekV4ForCausalLM
     to that class, and VllmConfig calls the hook of the model's config class."""
     from ds_plugins.vllm.dsv4.kv_cache import ARCHITECTURE
+
     path, tree = tree_of(src, patch.module)
     owner, _, name = patch.attribute.rpartition(".")
     cls = find_class(src, patch.module, owner)
     if name in {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}:
         raise SeamMismatch(f"{where(src, path, cls)}: {owner} defines its own {name}: wrapping it needs a new look")
     fn = resolve_attribute(src, patch.module, patch.attribute).node
-    if not isinstance(fn, ast.FunctionDef) or _decorator_names(fn) != ["staticmethod"] \
-            or [a.arg for a in fn.args.args] != ["vllm_config"]:
+    if (
+        not isinstance(fn, ast.FunctionDef)
+        or _decorator_names(fn) != ["staticmethod"]
+        or [a.arg for a in fn.args.args] != ["vllm_config"]
+    ):
         raise SeamMismatch(f"{where(src, path, cls)}: {owner}.{name} is not a staticmethod (vllm_config)")
-    mapping = next((n.value for n in tree.body
-                    if isinstance(n, (ast.Assign, ast.AnnAssign)) and isinstance(n.value, ast.Dict)
-                    and "MODELS_CONFIG_MAP" in ast.unparse(n.targets[0] if isinstance(n, ast.Assign)
-                                                           else n.target)), None)
-    if mapping is None or not any(getattr(k, "value", None) == ARCHITECTURE and getattr(v, "id", None) == owner
-                                  for k, v in zip(mapping.keys, mapping.values)):
+    mapping = next(
+        (
+            n.value
+            for n in tree.body
+            if isinstance(n, (ast.Assign, ast.AnnAssign))
+            and isinstance(n.value, ast.Dict)
+            and "MODELS_CONFIG_MAP" in ast.unparse(n.targets[0] if isinstance(n, ast.Assign) else n.target)
+        ),
+        None,
+    )
+    if mapping is None or not any(
+        getattr(k, "value", None) == ARCHITECTURE and getattr(v, "id", None) == owner
+        for k, v in zip(mapping.keys, mapping.values)
+    ):
         raise SeamMismatch(f"{rel(src, path)}: MODELS_CONFIG_MAP does not send {ARCHITECTURE} to {owner}")
     vllm_py = module_file(src, "vllm.config.vllm")
     text = vllm_py.read_text()
     if "cls.verify_and_update_config(self)" not in text or "self.try_verify_and_update_config()" not in text:
-        raise SeamMismatch(f"{rel(src, vllm_py)}: VllmConfig no longer calls the model config class's "
-                           f"verify_and_update_config")
+        raise SeamMismatch(
+            f"{rel(src, vllm_py)}: VllmConfig no longer calls the model config class's verify_and_update_config"
+        )
 
 
 # --- custom all-reduce (custom_all_reduce=off) ---------------------------------------------------------------
+
 
 def _constant_return(fn: ast.FunctionDef):
     """The value of a body that is one `return <constant>` (after a docstring), else a sentinel."""
@@ -550,13 +608,21 @@ def check_custom_all_reduce(src: Path, patch) -> None:
     path = module_file(src, patch.module)
     owner, _, name = patch.attribute.rpartition(".")
     fn = resolve_attribute(src, patch.module, patch.attribute).node
-    if not isinstance(fn, ast.FunctionDef) or [a.arg for a in fn.args.posonlyargs + fn.args.args] != ["self"] \
-            or fn.args.vararg or fn.args.kwarg or fn.args.kwonlyargs:
+    if (
+        not isinstance(fn, ast.FunctionDef)
+        or [a.arg for a in fn.args.posonlyargs + fn.args.args] != ["self"]
+        or fn.args.vararg
+        or fn.args.kwarg
+        or fn.args.kwonlyargs
+    ):
         raise SeamMismatch(f"{where(src, path, fn)}: {owner}.{name} is not a def (self)")
     cls = find_class(src, patch.module, owner)
     flag = _field(cls, "disable_custom_all_reduce")
-    if flag is None or ast.unparse(flag.annotation) != "bool" or not (
-            isinstance(flag.value, ast.Constant) and flag.value.value is False):
+    if (
+        flag is None
+        or ast.unparse(flag.annotation) != "bool"
+        or not (isinstance(flag.value, ast.Constant) and flag.value.value is False)
+    ):
         raise SeamMismatch(f"{where(src, path, cls)}: {owner} has no field disable_custom_all_reduce: bool = False")
     if _field(cls, "tensor_parallel_size") is None:
         raise SeamMismatch(f"{where(src, path, cls)}: {owner} has no annotated tensor_parallel_size field")
@@ -564,38 +630,58 @@ def check_custom_all_reduce(src: Path, patch) -> None:
     args_path, args_tree = tree_of(src, "vllm.engine.arg_utils")
     create = method(args_tree, "EngineArgs", "create_engine_config")
     passes = create is not None and any(
-        isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == owner
-        and any(k.arg == "disable_custom_all_reduce" and ast.unparse(k.value) == "self.disable_custom_all_reduce"
-                for k in c.keywords) for c in ast.walk(create))
+        isinstance(c, ast.Call)
+        and isinstance(c.func, ast.Name)
+        and c.func.id == owner
+        and any(
+            k.arg == "disable_custom_all_reduce" and ast.unparse(k.value) == "self.disable_custom_all_reduce"
+            for k in c.keywords
+        )
+        for c in ast.walk(create)
+    )
     if not passes:
-        raise SeamMismatch(f"{rel(src, args_path)}: EngineArgs.create_engine_config does not build {owner}(..., "
-                           f"disable_custom_all_reduce=self.disable_custom_all_reduce)")
+        raise SeamMismatch(
+            f"{rel(src, args_path)}: EngineArgs.create_engine_config does not build {owner}(..., "
+            f"disable_custom_all_reduce=self.disable_custom_all_reduce)"
+        )
 
     worker_path, worker_tree = tree_of(src, "vllm.v1.worker.gpu_worker")
     init = next(functions(worker_tree, "init_worker_distributed_environment"), None)
     obeys = init is not None and any(
-        isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "set_custom_all_reduce"
-        and len(c.args) == 1 and isinstance(c.args[0], ast.UnaryOp) and isinstance(c.args[0].op, ast.Not)
-        and isinstance(c.args[0].operand, ast.Attribute) and c.args[0].operand.attr == "disable_custom_all_reduce"
-        for c in ast.walk(init))
+        isinstance(c, ast.Call)
+        and isinstance(c.func, ast.Name)
+        and c.func.id == "set_custom_all_reduce"
+        and len(c.args) == 1
+        and isinstance(c.args[0], ast.UnaryOp)
+        and isinstance(c.args[0].op, ast.Not)
+        and isinstance(c.args[0].operand, ast.Attribute)
+        and c.args[0].operand.attr == "disable_custom_all_reduce"
+        for c in ast.walk(init)
+    )
     if not obeys:
-        raise SeamMismatch(f"{rel(src, worker_path)}: init_worker_distributed_environment does not call "
-                           f"set_custom_all_reduce(not parallel_config.disable_custom_all_reduce)")
+        raise SeamMismatch(
+            f"{rel(src, worker_path)}: init_worker_distributed_environment does not call "
+            f"set_custom_all_reduce(not parallel_config.disable_custom_all_reduce)"
+        )
 
     cuda_path = module_file(src, "vllm.platforms.cuda")
     use = resolve_attribute(src, "vllm.platforms.cuda", "CudaPlatformBase.use_custom_allreduce").node
     if not isinstance(use, ast.FunctionDef) or _constant_return(use) is not True:
-        raise SeamMismatch(f"{where(src, cuda_path, use)}: CudaPlatformBase.use_custom_allreduce is not "
-                           f"`return True`: on CUDA vLLM may keep custom all-reduce off itself")
+        raise SeamMismatch(
+            f"{where(src, cuda_path, use)}: CudaPlatformBase.use_custom_allreduce is not "
+            f"`return True`: on CUDA vLLM may keep custom all-reduce off itself"
+        )
 
 
 # --- dispatch ----------------------------------------------------------------------------------------------
+
 
 @functools.cache
 def _specific() -> dict[str, Any]:
     from ds_plugins.vllm import startup_log
     from ds_plugins.vllm.dsv4 import deepgemm_gate
     from ds_plugins.vllm.dsv4 import cudagraph, registry, routes
+
     table: dict[str, Any] = {r.id: functools.partial(_route_check, r) for r in routes.ROUTES}
     table[routes.SELECTOR.id] = check_selector
     table[routes.TILE_SCHEDULER.id] = check_tile_scheduler
@@ -606,9 +692,11 @@ def _specific() -> dict[str, Any]:
     table[cudagraph.PATCH.id] = check_cudagraph
     table[startup_log.PATCH.id] = check_configure_logging
     from ds_plugins.vllm.dsv4 import fp8_block_scales, kv_cache
+
     table[fp8_block_scales.PATCH.id] = check_block_fp8_post_load
     table[kv_cache.PATCH.id] = check_kv_cache_hook
     from ds_plugins.vllm.dsv4 import custom_all_reduce
+
     table[custom_all_reduce.PATCH.id] = check_custom_all_reduce
     return table
 

@@ -14,8 +14,12 @@ def register() -> None:
         from .vllm import register as register_vllm
     except Exception as exc:  # a broken install must not take vLLM down
         import logging
+
         logging.getLogger("vllm.ds_plugins").error(
             "ds-plugins %s could not load its vLLM adapter (%s: %s); vLLM runs as shipped",
-            __version__, type(exc).__name__, exc)
+            __version__,
+            type(exc).__name__,
+            exc,
+        )
         return
     register_vllm()

@@ -41,8 +41,9 @@ def _patch_rows(plan: Plan, declared) -> list[dict]:
             state = f"not for this version (written for {p.versions})"
         else:
             state = "applies (checked against the live target when the engine imports it)"
-        rows.append({"id": p.id, "target": p.target, "versions": p.versions, "state": state,
-                     "why": p.why, "retire": p.retire})
+        rows.append(
+            {"id": p.id, "target": p.target, "versions": p.versions, "state": state, "why": p.why, "retire": p.retire}
+        )
     return rows
 
 
@@ -75,21 +76,37 @@ def build(probe: Probe, env: Mapping[str, str] | None = None, notes: list[str] |
             "status": plan.status,
             "status_reason": plan.status_reason,
             "target": plan.target,
-            "decisions": [{"id": d.id, "value": d.value, "reason": d.reason, "source": d.source,
-                           "effect": effects.effect(d.id, d.value).kind,
-                           "meaning": effects.effect(d.id, d.value).meaning}
-                          for d in plan.decisions],
+            "decisions": [
+                {
+                    "id": d.id,
+                    "value": d.value,
+                    "reason": d.reason,
+                    "source": d.source,
+                    "effect": effects.effect(d.id, d.value).kind,
+                    "meaning": effects.effect(d.id, d.value).meaning,
+                }
+                for d in plan.decisions
+            ],
             "patches": [],
-            "changes": [], "offers": [], "not_in_this_build": [], "carriers": {},
+            "changes": [],
+            "offers": [],
+            "not_in_this_build": [],
+            "carriers": {},
         }
         if plan.status == "supported":
             declared = declared_patches(engine)
             acc = effects.account(plan, declared, adapter_carriers(engine))
-            entry.update(patches=_patch_rows(plan, declared), changes=list(acc.changes), offers=list(acc.offers),
-                         not_in_this_build=list(acc.missing), carriers={k: list(v) for k, v in acc.carriers.items()})
+            entry.update(
+                patches=_patch_rows(plan, declared),
+                changes=list(acc.changes),
+                offers=list(acc.offers),
+                not_in_this_build=list(acc.missing),
+                carriers={k: list(v) for k, v in acc.carriers.items()},
+            )
             entry["sentence"] = effects.sentence(landscape.ENGINE_TITLE[engine], acc)
             if engine == "vllm" and not probe.simulated:
                 from .vllm.mooncake.connector import MODULE_PATH, state
+
                 entry["mooncake_connector"] = {"state": state(), "module_path": MODULE_PATH}
         report["engines"][engine] = entry
     report["verdict"], report["exit_code"] = _verdict(report)
@@ -105,8 +122,11 @@ def _verdict(report: dict) -> tuple[str, int]:
     if not engines:
         return f"unsupported: no engine installed; DeepSeek-V4 needs {_minimums()}", EXIT_UNSUPPORTED
     supported = [e for e, r in engines.items() if r["status"] == "supported"]
-    old = [f"{landscape.ENGINE_TITLE[e]} {r['version']} ({r['status_reason']})"
-           for e, r in engines.items() if r["status"] == "unsupported"]
+    old = [
+        f"{landscape.ENGINE_TITLE[e]} {r['version']} ({r['status_reason']})"
+        for e, r in engines.items()
+        if r["status"] == "unsupported"
+    ]
     if not supported:
         return f"unsupported: {'; '.join(old)}", EXIT_UNSUPPORTED
     parts = []
@@ -120,6 +140,7 @@ def _verdict(report: dict) -> tuple[str, int]:
 
 # --- text -----------------------------------------------------------------------
 
+
 def _library_line(lib: dict) -> str:
     if not lib["present"]:
         return f"{lib['name']}: not installed"
@@ -130,8 +151,11 @@ def _library_line(lib: dict) -> str:
 
 def render(report: dict) -> str:
     p = report["probe"]
-    out = [f"ds-plugins {report['ds_plugins']} doctor" + (" (simulated environment)" if report["simulated"] else ""),
-           "", "Environment"]
+    out = [
+        f"ds-plugins {report['ds_plugins']} doctor" + (" (simulated environment)" if report["simulated"] else ""),
+        "",
+        "Environment",
+    ]
     row = "  {:<13}{}".format
     out.append(row("python", p["python"]))
     for engine in landscape.ENGINE_TITLE:
@@ -143,9 +167,11 @@ def render(report: dict) -> str:
     if p["torch"]:
         torch += f" (CUDA {p['torch_cuda']})" if p["torch_cuda"] else " (no CUDA build)"
     out.append(row("torch", torch))
-    devices = [f"{d['kind']}:{d['index']} {d['name']}"
-               + (f" (SM{d['capability'][0]}{d['capability'][1]})" if d.get("capability") else "")
-               for d in p["devices"]]
+    devices = [
+        f"{d['kind']}:{d['index']} {d['name']}"
+        + (f" (SM{d['capability'][0]}{d['capability'][1]})" if d.get("capability") else "")
+        for d in p["devices"]
+    ]
     out.append(row("accelerators", ", ".join(devices) or "none"))
     if p.get("device_note"):
         out.append(row("", p["device_note"]))
@@ -178,8 +204,10 @@ def render(report: dict) -> str:
             for patch in here:
                 out.append(f"    {patch['id']}  {patch['target']}  [{patch['versions']}]  {patch['state']}")
             if len(here) < len(r["patches"]):
-                out.append(f"    ({len(r['patches']) - len(here)} more for other {title} versions: "
-                           f"`ds-plugins doctor --json` lists them)")
+                out.append(
+                    f"    ({len(r['patches']) - len(here)} more for other {title} versions: "
+                    f"`ds-plugins doctor --json` lists them)"
+                )
         else:
             out.append(f"  patches: none declared for {title} in this build")
         if r.get("mooncake_connector"):

@@ -58,13 +58,18 @@ TABLE: dict[str, dict[str, Effect]] = {
     },
     "kv_cache_dtype": {
         "upstream": _UPSTREAM,
-        "fp8": Effect(CHANGES, "vLLM's --kv-cache-dtype auto becomes fp8 for DeepSeek-V4 (its fp8_ds_mla layout "
-                               "accepts only fp8 there)"),
+        "fp8": Effect(
+            CHANGES,
+            "vLLM's --kv-cache-dtype auto becomes fp8 for DeepSeek-V4 (its fp8_ds_mla layout accepts only fp8 there)",
+        ),
     },
     "custom_all_reduce": {
         "upstream": _UPSTREAM,
-        "off": Effect(CHANGES, "vLLM's custom all-reduce is off for tensor parallelism "
-                               "(as --disable-custom-all-reduce): NCCL all-reduces between GPUs without NVLink"),
+        "off": Effect(
+            CHANGES,
+            "vLLM's custom all-reduce is off for tensor parallelism "
+            "(as --disable-custom-all-reduce): NCCL all-reduces between GPUs without NVLink",
+        ),
     },
     "ascend_quant": {
         "upstream": _UPSTREAM,
@@ -96,6 +101,7 @@ def acts(decision: str, value: str) -> bool:
 
 class Account(NamedTuple):
     """What a plan does on this build, as every report states it."""
+
     changes: tuple[str, ...]  # "id=value" the engine is changed by, each carried by this build
     offers: tuple[str, ...]  # "id=value" offered to the user, each carried by this build
     missing: tuple[str, ...]  # "id=value" that would change or offer something but nothing here carries it
@@ -146,8 +152,9 @@ def sentence(engine_title: str, acc: Account) -> str:
     if acc.offers:
         parts.append(f"offers {', '.join(acc.offers)} (opt-in)")
     if acc.missing:
-        parts.append(f"would change {', '.join(acc.missing)}, which this build does not implement yet "
-                     f"(upstream behaviour kept)")
+        parts.append(
+            f"would change {', '.join(acc.missing)}, which this build does not implement yet (upstream behaviour kept)"
+        )
     if acc.nothing_to_do:
         head = f"nothing to do here on {engine_title}: upstream handles every feature"
         return head + (f"; ds-plugins {parts[0]}" if parts else "")

@@ -41,6 +41,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "known-failures.md"
 
 class Verdict(NamedTuple):
     """What one known failure means for one engine on the machine explained."""
+
     engine: str | None  # None: no engine installed there
     version: str | None
     state: str  # HANDLED | NOT_HANDLED | NOT_APPLICABLE | UNKNOWN
@@ -77,6 +78,7 @@ def _libraries(where: known_failures.Where, probe: Probe) -> tuple[bool | None, 
 def _carried(plan, key: str) -> bool:
     """Does this build carry the decision value (a patch or an adapter feature for this engine version)?"""
     from . import doctor, effects
+
     acc = effects.account(plan, doctor.declared_patches(plan.engine), doctor.adapter_carriers(plan.engine))
     return key not in acc.missing
 
@@ -98,32 +100,56 @@ def assess(record: KnownFailure, probe: Probe, env: Mapping[str, str] | None = N
     DS_PLUGINS_* switch (from the policy)."""
     from . import settings
     from .policy import decide
+
     if not probe.engines:
-        return [Verdict(None, None, UNKNOWN, "no vLLM or SGLang is installed here, so whether it applies cannot "
-                                             "be told: describe the machine the log came from with --simulate "
-                                             "--engine NAME==VERSION --capability MAJOR.MINOR")]
+        return [
+            Verdict(
+                None,
+                None,
+                UNKNOWN,
+                "no vLLM or SGLang is installed here, so whether it applies cannot "
+                "be told: describe the machine the log came from with --simulate "
+                "--engine NAME==VERSION --capability MAJOR.MINOR",
+            )
+        ]
     gpu = machine_gpu(probe)
     out = []
-    for engine in sorted(probe.engines, key=lambda e: list(landscape.ENGINE_TITLE).index(e)
-                         if e in landscape.ENGINE_TITLE else 99):
+    for engine in sorted(
+        probe.engines, key=lambda e: list(landscape.ENGINE_TITLE).index(e) if e in landscape.ENGINE_TITLE else 99
+    ):
         version = probe.engines[engine]
         desc = f"{_title(engine)} {version}"
         mine = [w for w in record.where if w.engine == engine]
         if not mine:
             others = sorted({_title(w.engine) for w in record.where})
-            out.append(Verdict(engine, version, NOT_APPLICABLE, f"{_title(engine)} does not raise this "
-                                                               f"({' and '.join(others)} does)"))
+            out.append(
+                Verdict(
+                    engine,
+                    version,
+                    NOT_APPLICABLE,
+                    f"{_title(engine)} does not raise this ({' and '.join(others)} does)",
+                )
+            )
             continue
         scopes = [w for w in mine if w.covers(engine, version)]
         if not scopes:
-            out.append(Verdict(engine, version, NOT_APPLICABLE,
-                               f"{desc} is outside the versions it happens in ({_where_text(record, engine)})"))
+            out.append(
+                Verdict(
+                    engine,
+                    version,
+                    NOT_APPLICABLE,
+                    f"{desc} is outside the versions it happens in ({_where_text(record, engine)})",
+                )
+            )
             continue
         on_gpu = [w for w in scopes if w.on(gpu)]
         if not on_gpu:
             here = "this machine has no CUDA GPU" if gpu is None else f"GPU 0 here is {gpu}"
-            where = ("a CUDA GPU" if any(not w.devices for w in scopes)
-                     else ", ".join(sorted({d for w in scopes for d in w.devices})))
+            where = (
+                "a CUDA GPU"
+                if any(not w.devices for w in scopes)
+                else ", ".join(sorted({d for w in scopes for d in w.devices}))
+            )
             out.append(Verdict(engine, version, NOT_APPLICABLE, f"it happens on {where}; {here}"))
             continue
         checked = [(w, *_libraries(w, probe)) for w in on_gpu]
@@ -134,34 +160,67 @@ def assess(record: KnownFailure, probe: Probe, env: Mapping[str, str] | None = N
         scope, libs_known, libs_why = fitting[0]
         caveat = f" ({libs_why})" if libs_known is None else ""
         if record.handled_by is None:
-            out.append(Verdict(engine, version, NOT_HANDLED,
-                               f"it applies to {desc} on {gpu}{caveat}; ds-plugins does not change this path",
-                               scope.note))
+            out.append(
+                Verdict(
+                    engine,
+                    version,
+                    NOT_HANDLED,
+                    f"it applies to {desc} on {gpu}{caveat}; ds-plugins does not change this path",
+                    scope.note,
+                )
+            )
             continue
         decision_id, values = record.handled_by
         if settings.disabled(env):
-            out.append(Verdict(engine, version, NOT_HANDLED, "DS_PLUGINS_DISABLE=1: ds-plugins leaves the engine "
-                                                             "as shipped", scope.note))
+            out.append(
+                Verdict(
+                    engine,
+                    version,
+                    NOT_HANDLED,
+                    "DS_PLUGINS_DISABLE=1: ds-plugins leaves the engine as shipped",
+                    scope.note,
+                )
+            )
             continue
         plan = decide(probe, engine, env)
         if plan.status != "supported":
-            out.append(Verdict(engine, version, NOT_HANDLED, f"ds-plugins does nothing here: {plan.status_reason}",
-                               scope.note))
+            out.append(
+                Verdict(engine, version, NOT_HANDLED, f"ds-plugins does nothing here: {plan.status_reason}", scope.note)
+            )
             continue
         d = plan.decision(decision_id)
         key = f"{d.id}={d.value}"
         if d.value in values and _carried(plan, key):
-            out.append(Verdict(engine, version, HANDLED,
-                               f"ds-plugins decides {key} here, which keeps {desc} off the failing path{caveat}: "
-                               f"{d.reason}", scope.note))
+            out.append(
+                Verdict(
+                    engine,
+                    version,
+                    HANDLED,
+                    f"ds-plugins decides {key} here, which keeps {desc} off the failing path{caveat}: {d.reason}",
+                    scope.note,
+                )
+            )
         elif d.value in values:
-            out.append(Verdict(engine, version, NOT_HANDLED,
-                               f"ds-plugins decides {key} here, but this build does not implement it for "
-                               f"{desc} yet{caveat}", scope.note))
+            out.append(
+                Verdict(
+                    engine,
+                    version,
+                    NOT_HANDLED,
+                    f"ds-plugins decides {key} here, but this build does not implement it for {desc} yet{caveat}",
+                    scope.note,
+                )
+            )
         else:
-            out.append(Verdict(engine, version, NOT_HANDLED,
-                               f"ds-plugins decides {key} here{caveat} ({d.reason}); what avoids it is "
-                               f"{' or '.join(f'{decision_id}={v}' for v in values)}", scope.note))
+            out.append(
+                Verdict(
+                    engine,
+                    version,
+                    NOT_HANDLED,
+                    f"ds-plugins decides {key} here{caveat} ({d.reason}); what avoids it is "
+                    f"{' or '.join(f'{decision_id}={v}' for v in values)}",
+                    scope.note,
+                )
+            )
     return out
 
 
@@ -206,8 +265,10 @@ def _machine_line(report: dict) -> str:
 def render(report: dict) -> str:
     n = len(report["matches"])
     if not n:
-        return (f"ds-plugins explain: no known failure recognised ({report['known']} known; "
-                f"`ds-plugins explain --list` shows them).")
+        return (
+            f"ds-plugins explain: no known failure recognised ({report['known']} known; "
+            f"`ds-plugins explain --list` shows them)."
+        )
     out = [f"ds-plugins explain: {n} known failure{'s' if n > 1 else ''} recognised, for {_machine_line(report)}"]
     for i, m in enumerate(report["matches"], start=1):
         out += ["", f"[{i}] {m['id']}: {m['title']}", f"    line {m['line_number']}: {_clip(m['line'])}"]
@@ -218,11 +279,15 @@ def render(report: dict) -> str:
                 out.append(f"      note: {v['note']}")
         states = {v["state"] for v in m["verdicts"]} - {NOT_APPLICABLE}
         if states == {HANDLED}:
-            out.append("    what to do: nothing more with ds-plugins installed; if it still happens, run "
-                       "`ds-plugins doctor` and send its output with the log")
+            out.append(
+                "    what to do: nothing more with ds-plugins installed; if it still happens, run "
+                "`ds-plugins doctor` and send its output with the log"
+            )
         elif not states:
-            out.append("    what to do: it should not happen here; if the log is from another machine, explain it "
-                       "for that one (--simulate --engine ... --capability ...). Where it applies: " + m["remedy"])
+            out.append(
+                "    what to do: it should not happen here; if the log is from another machine, explain it "
+                "for that one (--simulate --engine ... --capability ...). Where it applies: " + m["remedy"]
+            )
         else:
             out.append(f"    what to do: {m['remedy']}")
         if m["upstream"]:
@@ -232,12 +297,13 @@ def render(report: dict) -> str:
 
 
 def _clip(line: str, width: int = 200) -> str:
-    return line if len(line) <= width else line[:width - 3] + "..."
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def evidence_summary(evidence: list[dict]) -> str:
     """One line: the evidence levels, and the wheels (or repositories) behind each."""
     from packaging.version import Version
+
     wheels: dict[str, dict[str, set[str]]] = {}  # level -> dist -> versions that carry a text
     reading: list[str] = []
     for e in evidence:
@@ -245,8 +311,10 @@ def evidence_summary(evidence: list[dict]) -> str:
             reading.append(e["member"])
         else:  # an absence only bounds a range; docs/known-failures.md lists those too
             wheels.setdefault(e["level"], {}).setdefault(e["dist"], set()).update(e["present"])
-    parts = [f"{level}: " + ", ".join(f"{dist} {'/'.join(sorted(vs, key=Version))}" for dist, vs in dists.items() if vs)
-             for level, dists in wheels.items()]
+    parts = [
+        f"{level}: " + ", ".join(f"{dist} {'/'.join(sorted(vs, key=Version))}" for dist, vs in dists.items() if vs)
+        for level, dists in wheels.items()
+    ]
     if reading:
         parts.append("reading: " + ", ".join(reading))
     return "; ".join(parts)
@@ -261,14 +329,19 @@ def render_list() -> str:
 
 # --- the command ---------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import simulate
+
     parser.add_argument("text", nargs="*", help="the error text (quote it; several words are joined by spaces)")
     parser.add_argument("--log", metavar="FILE", help="a whole log to search instead ('-': standard input)")
     parser.add_argument("--list", action="store_true", help="list the known failures and exit")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--simulate", action="store_true",
-                        help="explain for the hypothetical machine the flags below describe, not this one")
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="explain for the hypothetical machine the flags below describe, not this one",
+    )
     simulate.add_arguments(parser.add_argument_group("simulated environment (with --simulate)"))
 
 
@@ -293,9 +366,9 @@ def run(args: argparse.Namespace) -> int:
     from . import settings, simulate
     from .cli import fail
     from .registration import current_probe
+
     if args.list:
-        print(json.dumps([_record_dict(r) for r in known_failures.RECORDS], indent=2) if args.json
-              else render_list())
+        print(json.dumps([_record_dict(r) for r in known_failures.RECORDS], indent=2) if args.json else render_list())
         return EXIT_MATCH
     try:
         text = _read(args)
@@ -316,14 +389,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _record_dict(r: KnownFailure) -> dict:
-    return {"id": r.id, "title": r.title, "example": r.example, "patterns": list(r.patterns),
-            "where": [w._asdict() for w in r.where],
-            "handled_by": {"decision": r.handled_by[0], "values": list(r.handled_by[1])} if r.handled_by else None,
-            "remedy": r.remedy, "upstream": list(r.upstream), "retire": r.retire,
-            "evidence": [{**e._asdict(), "level": e.level} for e in r.evidence]}
+    return {
+        "id": r.id,
+        "title": r.title,
+        "example": r.example,
+        "patterns": list(r.patterns),
+        "where": [w._asdict() for w in r.where],
+        "handled_by": {"decision": r.handled_by[0], "values": list(r.handled_by[1])} if r.handled_by else None,
+        "remedy": r.remedy,
+        "upstream": list(r.upstream),
+        "retire": r.retire,
+        "evidence": [{**e._asdict(), "level": e.level} for e in r.evidence],
+    }
 
 
 # --- docs ------------------------------------------------------------------------
+
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
@@ -338,16 +419,20 @@ def _handled_cell(r: KnownFailure) -> str:
     if r.handled_by is None:
         return "not handled: do what the next column says"
     decision, values = r.handled_by
-    return "handled where it decides " + " or ".join(f"`{decision}={v}`" for v in values) + \
-        " (`ds-plugins explain` says whether it does on your machine)"
+    return (
+        "handled where it decides "
+        + " or ".join(f"`{decision}={v}`" for v in values)
+        + " (`ds-plugins explain` says whether it does on your machine)"
+    )
 
 
 def markdown_table() -> str:
     """The "If you see …" table, one row per known failure (the README embeds it between markers)."""
     rows = ["| If you see | Where | ds-plugins | What to do |", "|---|---|---|---|"]
     for r in known_failures.RECORDS:
-        rows.append(f"| `{_cell(r.example)}` | {_cell(_where_text(r))} | {_cell(_handled_cell(r))} | "
-                    f"{_cell(r.remedy)} |")
+        rows.append(
+            f"| `{_cell(r.example)}` | {_cell(_where_text(r))} | {_cell(_handled_cell(r))} | {_cell(r.remedy)} |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -363,7 +448,7 @@ def render_doc() -> str:
         "(`ds-plugins explain --log FILE`) to be told which one it is and whether ds-plugins handles it on your "
         "machine, or `ds-plugins explain --simulate --engine vllm==0.24.0 --capability 12.0 ...` for another.",
         "",
-        "Versions are ranges as pip writes them; GPUs are compute-capability classes. \"Handled\" means "
+        'Versions are ranges as pip writes them; GPUs are compute-capability classes. "Handled" means '
         "ds-plugins' policy takes the failing path away where it makes that decision: the decision itself "
         "depends on the engine version and the kernels installed (`ds-plugins doctor`).",
         "",
@@ -371,9 +456,9 @@ def render_doc() -> str:
         "",
         "## Evidence",
         "",
-        "Where each text comes from. \"wheel source\" and \"wheel binary\": the literal was found in the official "
+        'Where each text comes from. "wheel source" and "wheel binary": the literal was found in the official '
         "wheel of each version listed (its Python source, or the string table of a compiled module), and is "
-        "checked there again by `tests/contract/test_known_failures.py`; \"reading\": read in an upstream "
+        'checked there again by `tests/contract/test_known_failures.py`; "reading": read in an upstream '
         "repository at the commit named, not in a wheel.",
     ]
     for r in known_failures.RECORDS:
@@ -393,8 +478,10 @@ def render_doc() -> str:
                 seen.append(f"in {e.dist} {', '.join(e.present)}")
             if e.absent:
                 seen.append(f"not in {e.dist} {', '.join(e.absent)}")
-            out.append(f"- {e.level}: `{_cell(e.text)}` {' and '.join(seen)} (`{e.member}`)"
-                       + (f"; {e.origin}" if e.origin else ""))
+            out.append(
+                f"- {e.level}: `{_cell(e.text)}` {' and '.join(seen)} (`{e.member}`)"
+                + (f"; {e.origin}" if e.origin else "")
+            )
     return "\n".join(out) + "\n"
 
 

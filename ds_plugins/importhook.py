@@ -34,8 +34,10 @@ def _run(callbacks: list[Callback], module: ModuleType) -> None:
             callback(module)
         except Exception:  # a hook must never break the import it rides on
             import logging
+
             logging.getLogger("ds_plugins.importhook").exception(
-                "ds-plugins: import hook %r for %s failed", callback, module.__name__)
+                "ds-plugins: import hook %r for %s failed", callback, module.__name__
+            )
 
 
 class _HookedLoader:

@@ -45,26 +45,47 @@ def release(version: str | Version) -> Version:
 
 FACTS: tuple[Fact, ...] = (
     # vLLM
-    Fact("general_plugins", "vllm", ">=0.19",
-         "vllm.general_plugins entry points run once per process (API server, engine core, workers), "
-         "without a try/except around each plugin"),
-    Fact("dsv4_model", "vllm", ">=0.20.0",
-         "DeepseekV4ForCausalLM and DeepSeekV4MTPModel are in vLLM's model registry"),
-    Fact("sm12x_dsv4_attention", "vllm", ">=0.24.0",
-         "DeepSeek-V4 layers default to FlashInfer's SM120 sparse MLA on SM12x"),
-    Fact("deepgemm_gate_sm12x", "vllm", ">=0.24.0",
-         "CudaPlatform.support_deep_gemm() is true on the SM120 family (SM120 and SM121)"),
+    Fact(
+        "general_plugins",
+        "vllm",
+        ">=0.19",
+        "vllm.general_plugins entry points run once per process (API server, engine core, workers), "
+        "without a try/except around each plugin",
+    ),
+    Fact("dsv4_model", "vllm", ">=0.20.0", "DeepseekV4ForCausalLM and DeepSeekV4MTPModel are in vLLM's model registry"),
+    Fact(
+        "sm12x_dsv4_attention",
+        "vllm",
+        ">=0.24.0",
+        "DeepSeek-V4 layers default to FlashInfer's SM120 sparse MLA on SM12x",
+    ),
+    Fact(
+        "deepgemm_gate_sm12x",
+        "vllm",
+        ">=0.24.0",
+        "CudaPlatform.support_deep_gemm() is true on the SM120 family (SM120 and SM121)",
+    ),
     # SGLang
-    Fact("general_plugins", "sglang", ">=0.5.11",
-         "the sglang.srt.plugins entry-point group and HookRegistry exist"),
-    Fact("dsv4_model", "sglang", ">=0.5.12",
-         "SGLang ships DeepseekV4ForCausalLM and the dsv4 attention backend"),
-    Fact("sm12x_dsv4_attention", "sglang", ">=0.5.13",
-         "SGLang has its own SM12x FlashMLA replacement and indexer path for DeepSeek-V4"),
-    Fact("deepgemm_gate_sm120_guarded", "sglang", ">=0.5.13",
-         "SGLang's DeepGEMM gate excludes (0.5.13-0.5.19) or probes (0.5.20+) DeepGEMM on SM120"),
-    Fact("deepgemm_gate_sm121_guarded", "sglang", ">=0.5.21",
-         "SGLang's DeepGEMM gate probes DeepGEMM's SM12x APIs on SM121 too"),
+    Fact("general_plugins", "sglang", ">=0.5.11", "the sglang.srt.plugins entry-point group and HookRegistry exist"),
+    Fact("dsv4_model", "sglang", ">=0.5.12", "SGLang ships DeepseekV4ForCausalLM and the dsv4 attention backend"),
+    Fact(
+        "sm12x_dsv4_attention",
+        "sglang",
+        ">=0.5.13",
+        "SGLang has its own SM12x FlashMLA replacement and indexer path for DeepSeek-V4",
+    ),
+    Fact(
+        "deepgemm_gate_sm120_guarded",
+        "sglang",
+        ">=0.5.13",
+        "SGLang's DeepGEMM gate excludes (0.5.13-0.5.19) or probes (0.5.20+) DeepGEMM on SM120",
+    ),
+    Fact(
+        "deepgemm_gate_sm121_guarded",
+        "sglang",
+        ">=0.5.21",
+        "SGLang's DeepGEMM gate probes DeepGEMM's SM12x APIs on SM121 too",
+    ),
 )
 
 # The first versions with DeepSeek-V4, and the newest versions the matrix checks.

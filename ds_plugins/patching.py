@@ -33,6 +33,7 @@ EVERY_PLAN = "*"
 
 class Target(NamedTuple):
     """The resolved target: `owner.<name>` is what the patch changes."""
+
     module: ModuleType
     owner: Any
     name: str
@@ -62,6 +63,7 @@ class Patch(NamedTuple):
 
     def covers(self, version: str) -> bool:
         from .landscape import in_range
+
         return in_range(self.versions, version, what=f"patch {self.id}")
 
     def selected_by(self, plan) -> bool:
@@ -71,13 +73,16 @@ class Patch(NamedTuple):
 
 def replace_attribute(factory: Callable[[Any], Any]) -> Callable[[Target], Callable[[], None]]:
     """An `install` that sets owner.name = factory(original) and restores it on undo."""
+
     def install(target: Target) -> Callable[[], None]:
         replacement = factory(target.value)
         setattr(target.owner, target.name, replacement)
 
         def undo() -> None:
             setattr(target.owner, target.name, target.value)
+
         return undo
+
     return install
 
 
@@ -87,12 +92,13 @@ def parameters(func: Any) -> tuple[str, ...] | None:
     code = getattr(func, "__code__", None)
     if code is None or code.co_flags & 0x04:  # CO_VARARGS
         return None
-    return code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    return code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
 
 
 def accepts_what_the_original_takes(pick: Callable[[Any], Callable]) -> Callable[[Target], str | None]:
     """A `check` for routing a function to `pick(original)`: every parameter the engine's function
     takes (so every argument its callers may pass) must be one the replacement accepts."""
+
     def check(target: Target) -> str | None:
         if not callable(target.value):
             return f"{target.name} is not a function here"
@@ -103,21 +109,25 @@ def accepts_what_the_original_takes(pick: Callable[[Any], Callable]) -> Callable
         if extra:
             return f"{target.name} takes {', '.join(extra)} here, which the ds-plugins replacement does not"
         return None
+
     return check
 
 
 def route_to(patch_id: str, pick: Callable[[Any], Callable]) -> Callable[[Target], Callable[[], None]]:
     """An `install` that rebinds the target to `pick(original)`, through a function of its own per patch
     (so each site carries its own marker) that keeps the replacement's signature and the original."""
+
     def factory(original: Any) -> Callable:
         replacement = pick(original)
 
         @functools.wraps(replacement)
         def routed(*args, **kwargs):
             return replacement(*args, **kwargs)
+
         routed.__ds_plugins_route__ = patch_id  # type: ignore[attr-defined]
         routed.__ds_plugins_original__ = original  # type: ignore[attr-defined]
         return routed
+
     return replace_attribute(factory)
 
 
@@ -125,6 +135,7 @@ class Route(NamedTuple):
     """A function an engine calls, at `module.attribute`, answered by a ds-plugins adapter: the rows of
     both engines' route tables (ds_plugins/vllm/dsv4/routes.py, ds_plugins/sglang/routes.py); `patch`
     makes the Patch that binds it."""
+
     id: str
     module: str
     attribute: str
@@ -138,15 +149,30 @@ class Route(NamedTuple):
     upstream: tuple[str, ...] = ()
     evidence: tuple[str, ...] = ()
 
-    def patch(self, engine: str, pick: Callable[[Any], Callable],
-              check: Callable[[Target], str | None] | None = None) -> Patch:
+    def patch(
+        self, engine: str, pick: Callable[[Any], Callable], check: Callable[[Target], str | None] | None = None
+    ) -> Patch:
         """The Patch rebinding the site to `pick(original)`; by default it checks that the adapter
         takes every parameter the original takes."""
-        how = (f"rebinds `{self.attribute}` in `{self.module}` to the ds-plugins adapter "
-               f"`{self.adapter or self.attribute}`, keeping the engine's function beside it")
-        return Patch(self.id, engine, self.module, self.attribute, self.versions, self.implements, self.why,
-                     self.retire, check or accepts_what_the_original_takes(pick), route_to(self.id, pick),
-                     how=how, upstream=self.upstream, evidence=self.evidence)
+        how = (
+            f"rebinds `{self.attribute}` in `{self.module}` to the ds-plugins adapter "
+            f"`{self.adapter or self.attribute}`, keeping the engine's function beside it"
+        )
+        return Patch(
+            self.id,
+            engine,
+            self.module,
+            self.attribute,
+            self.versions,
+            self.implements,
+            self.why,
+            self.retire,
+            check or accepts_what_the_original_takes(pick),
+            route_to(self.id, pick),
+            how=how,
+            upstream=self.upstream,
+            evidence=self.evidence,
+        )
 
 
 def _static_value(owner: Any, name: str) -> Any:
@@ -179,6 +205,7 @@ def resolve(patch: Patch, module: ModuleType) -> Target:
 
 
 # --- per-process record ------------------------------------------------------------
+
 
 class Outcome:
     """What happened to one patch in this process."""
@@ -266,8 +293,13 @@ def apply(patches: Iterable[Patch], plan, log: logging.Logger) -> list[Outcome]:
             if not patch.covers(plan.engine_version):
                 # Version-ranged alternatives (the same route at another site in older releases): not a
                 # problem, so no warning; doctor and the record say which one this version uses.
-                _record(Outcome(patch.id, "other-version",
-                                f"written for {plan.engine} {patch.versions}, found {plan.engine_version}"))
+                _record(
+                    Outcome(
+                        patch.id,
+                        "other-version",
+                        f"written for {plan.engine} {patch.versions}, found {plan.engine_version}",
+                    )
+                )
                 continue
             module = sys.modules.get(patch.module)
             if module is not None:
@@ -289,9 +321,15 @@ def _deferred(patch: Patch, log: logging.Logger) -> Callable[[ModuleType], None]
         try:
             _apply_now(patch, module, log)
         except Exception as exc:  # never break the engine's import
-            log.error("ds-plugins: patch %s failed while %s was imported (%s: %s); upstream behaviour kept",
-                      patch.id, patch.module, type(exc).__name__, exc)
+            log.error(
+                "ds-plugins: patch %s failed while %s was imported (%s: %s); upstream behaviour kept",
+                patch.id,
+                patch.module,
+                type(exc).__name__,
+                exc,
+            )
             _record(Outcome(patch.id, "failed", f"{type(exc).__name__}: {exc}"))
+
     return on_import
 
 

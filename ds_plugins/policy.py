@@ -27,8 +27,17 @@ from packaging.version import Version
 from . import effects, landscape, paths, settings
 from .probe import LINK_MIXED, LINK_NVLINK, LINK_PCIE, Device, Library, Probe
 
-DECISION_IDS = ("deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_model", "kv_cache_dtype",
-                "custom_all_reduce", "ascend_quant", "mooncake_connector")
+DECISION_IDS = (
+    "deepgemm",
+    "sparse_mla",
+    "indexer",
+    "cudagraph",
+    "dsv4_model",
+    "kv_cache_dtype",
+    "custom_all_reduce",
+    "ascend_quant",
+    "mooncake_connector",
+)
 OVERRIDE_VAR = {
     "deepgemm": "DS_PLUGINS_DEEPGEMM",
     "sparse_mla": "DS_PLUGINS_SPARSE_MLA",
@@ -78,6 +87,7 @@ class Plan(NamedTuple):
 
 
 # --- the accelerator the decisions are for ---------------------------------------
+
 
 class _Target(NamedTuple):
     kind: str  # "cuda" | "npu" | "cpu"
@@ -129,6 +139,7 @@ def _no_change_reason(t: _Target) -> str | None:
 
 # --- rules ---------------------------------------------------------------------
 
+
 def _engine_desc(engine: str, version: str) -> str:
     return f"{landscape.ENGINE_TITLE[engine]} {version}"
 
@@ -165,8 +176,9 @@ def _deepgemm_vllm(lib: Library, desc: str, facts, t: _Target) -> Decision:
         return Decision("deepgemm", "upstream", f"{desc} already keeps DeepGEMM off on SM12x")
     if lib.has("sm12x"):
         return Decision("deepgemm", "upstream", f"{desc} enables DeepGEMM on SM12x and {_where(lib)} has SM12x kernels")
-    return Decision("deepgemm", "off",
-                    f"{desc} enables DeepGEMM on SM12x but {_where(lib)} has no SM12x kernels: {_DEEPGEMM_CRASH}")
+    return Decision(
+        "deepgemm", "off", f"{desc} enables DeepGEMM on SM12x but {_where(lib)} has no SM12x kernels: {_DEEPGEMM_CRASH}"
+    )
 
 
 # SGLang's gate returns False for sm_version 120 outright in these releases (0.5.20 began probing DeepGEMM).
@@ -181,15 +193,22 @@ def _deepgemm_sglang(lib: Library, desc: str, facts, t: _Target, version: str) -
         return Decision("deepgemm", "upstream", f"{desc} already keeps DeepGEMM off on {t.sm} itself")
     guarded = "deepgemm_gate_sm120_guarded" if t.capability == (12, 0) else "deepgemm_gate_sm121_guarded"
     if lib.has("sm12x"):
-        return Decision("deepgemm", "upstream",
-                        f"{desc} enables DeepGEMM on {t.sm} and {_where(lib)} has SM12x kernels")
+        return Decision(
+            "deepgemm", "upstream", f"{desc} enables DeepGEMM on {t.sm} and {_where(lib)} has SM12x kernels"
+        )
     if guarded in facts:
-        return Decision("deepgemm", "off",
-                        f"{desc} checks only that DeepGEMM's SM12x names exist on {t.sm}, and {_where(lib)} has no "
-                        f"SM12x kernels: ds-plugins holds the gate off in every process (SGLang alone "
-                        f"{_DEEPGEMM_CRASH})")
-    return Decision("deepgemm", "off",
-                    f"{desc} enables DeepGEMM on {t.sm} but {_where(lib)} has no SM12x kernels: {_DEEPGEMM_CRASH}")
+        return Decision(
+            "deepgemm",
+            "off",
+            f"{desc} checks only that DeepGEMM's SM12x names exist on {t.sm}, and {_where(lib)} has no "
+            f"SM12x kernels: ds-plugins holds the gate off in every process (SGLang alone "
+            f"{_DEEPGEMM_CRASH})",
+        )
+    return Decision(
+        "deepgemm",
+        "off",
+        f"{desc} enables DeepGEMM on {t.sm} but {_where(lib)} has no SM12x kernels: {_DEEPGEMM_CRASH}",
+    )
 
 
 def _sparse_mla(probe: Probe, engine: str, version: str, facts, t: _Target) -> Decision:
@@ -198,8 +217,9 @@ def _sparse_mla(probe: Probe, engine: str, version: str, facts, t: _Target) -> D
         return Decision("sparse_mla", "upstream", reason)
     desc = _engine_desc(engine, version)
     if "sm12x_dsv4_attention" not in facts:
-        return Decision("sparse_mla", "triton",
-                        f"{desc} has no SM12x sparse-MLA path for DeepSeek-V4 (FlashMLA is SM90/SM100 only)")
+        return Decision(
+            "sparse_mla", "triton", f"{desc} has no SM12x sparse-MLA path for DeepSeek-V4 (FlashMLA is SM90/SM100 only)"
+        )
     rule = _sparse_mla_vllm if engine == "vllm" else _sparse_mla_sglang
     return rule(probe, desc, facts, t)
 
@@ -210,8 +230,11 @@ def _sparse_mla_vllm(probe: Probe, desc: str, facts, t: _Target) -> Decision:
         return Decision("sparse_mla", "upstream", f"{desc} uses FlashInfer's SM120 sparse MLA ({fi.describe()})")
     # The probe reads FlashInfer's capability (SM12x branch, the parameters vLLM passes), not the name.
     detail = f" ({fi.note})" if fi.present and fi.note else ""
-    return Decision("sparse_mla", "triton",
-                    f"{desc} routes SM12x to FlashInfer's SM120 sparse MLA, which {fi.describe()} lacks{detail}")
+    return Decision(
+        "sparse_mla",
+        "triton",
+        f"{desc} routes SM12x to FlashInfer's SM120 sparse MLA, which {fi.describe()} lacks{detail}",
+    )
 
 
 # SGLang 0.5.15-0.5.18 on SM12x: SGLANG_OPT_FLASHMLA_SPARSE_PREFILL (on by default) sends every prefill to
@@ -223,11 +246,14 @@ SGLANG_SPARSE_PREFILL_DEFAULT = ">=0.5.15,<0.5.19"
 def _sparse_mla_sglang(probe: Probe, desc: str, facts, t: _Target) -> Decision:
     version = probe.engines.get("sglang")
     if version and landscape.in_range(SGLANG_SPARSE_PREFILL_DEFAULT, version):
-        return Decision("sparse_mla", "triton",
-                        f"{desc} sends V4 prefill on {t.sm} to FlashMLA's sparse kernel (SM90a/SM100f only; "
-                        f"SGLANG_OPT_FLASHMLA_SPARSE_PREFILL on by default) and its default SM120 decode to a "
-                        f"FlashInfer module its pinned FlashInfer lacks: ds-plugins turns sparse prefill off and "
-                        f"answers SGLang's SM120 FlashMLA entry with its Triton kernel")
+        return Decision(
+            "sparse_mla",
+            "triton",
+            f"{desc} sends V4 prefill on {t.sm} to FlashMLA's sparse kernel (SM90a/SM100f only; "
+            f"SGLANG_OPT_FLASHMLA_SPARSE_PREFILL on by default) and its default SM120 decode to a "
+            f"FlashInfer module its pinned FlashInfer lacks: ds-plugins turns sparse prefill off and "
+            f"answers SGLang's SM120 FlashMLA entry with its Triton kernel",
+        )
     return Decision("sparse_mla", "upstream", f"{desc} has its own SM120 FlashMLA replacement")
 
 
@@ -237,8 +263,11 @@ def _indexer(probe: Probe, engine: str, version: str, facts, t: _Target) -> Deci
         return Decision("indexer", "upstream", reason)
     desc = _engine_desc(engine, version)
     if "sm12x_dsv4_attention" not in facts:
-        return Decision("indexer", "triton", f"{desc} has no SM12x path for DeepSeek-V4's DeepGEMM calls "
-                                             f"(indexer logits, o_proj einsum, mHC prenorm)")
+        return Decision(
+            "indexer",
+            "triton",
+            f"{desc} has no SM12x path for DeepSeek-V4's DeepGEMM calls (indexer logits, o_proj einsum, mHC prenorm)",
+        )
     rule = _indexer_vllm if engine == "vllm" else _indexer_sglang
     return rule(probe, desc, facts, t)
 
@@ -247,9 +276,12 @@ def _indexer_vllm(probe: Probe, desc: str, facts, t: _Target) -> Decision:
     lib = _effective_deep_gemm(probe, "vllm")
     if lib.has("sm12x"):
         return Decision("indexer", "upstream", f"{desc} computes indexer logits with {lib.describe()}'s SM12x kernels")
-    return Decision("indexer", "triton",
-                    f"{desc} computes V4's indexer logits, o_proj einsum and mHC prenorm with DeepGEMM, and "
-                    f"{lib.describe()} has no SM12x kernels")
+    return Decision(
+        "indexer",
+        "triton",
+        f"{desc} computes V4's indexer logits, o_proj einsum and mHC prenorm with DeepGEMM, and "
+        f"{lib.describe()} has no SM12x kernels",
+    )
 
 
 def _indexer_sglang(probe: Probe, desc: str, facts, t: _Target) -> Decision:
@@ -263,15 +295,24 @@ def _kv_cache_dtype(engine: str, version: str, t: _Target) -> Decision:
     if reason:
         return Decision("kv_cache_dtype", "upstream", reason)
     device = paths.device_class(t.capability)
-    rows = [r for r in paths.rows(engine) if r.cover and r.cover.decision == "kv_cache_dtype"
-            and r.upstream == "blocker" and r.applies(version, device)]
+    rows = [
+        r
+        for r in paths.rows(engine)
+        if r.cover and r.cover.decision == "kv_cache_dtype" and r.upstream == "blocker" and r.applies(version, device)
+    ]
     if not rows:
-        return Decision("kv_cache_dtype", "upstream", f"{_engine_desc(engine, version)} accepts its default KV-cache "
-                                                      f"dtype for DeepSeek-V4 on {t.sm}")
-    return Decision("kv_cache_dtype", rows[0].cover.value,  # type: ignore[union-attr]  # rows: those with a cover
-                    f"{_engine_desc(engine, version)} asserts an fp8 KV-cache dtype for DeepSeek-V4's fp8_ds_mla "
-                    f"layout on {t.sm} and its default is auto ({rows[0].refs[0] if rows[0].refs else 'upstream'}): "
-                    f"ds-plugins turns auto (only auto) into fp8")
+        return Decision(
+            "kv_cache_dtype",
+            "upstream",
+            f"{_engine_desc(engine, version)} accepts its default KV-cache dtype for DeepSeek-V4 on {t.sm}",
+        )
+    return Decision(
+        "kv_cache_dtype",
+        rows[0].cover.value,  # type: ignore[union-attr]  # rows: those with a cover
+        f"{_engine_desc(engine, version)} asserts an fp8 KV-cache dtype for DeepSeek-V4's fp8_ds_mla "
+        f"layout on {t.sm} and its default is auto ({rows[0].refs[0] if rows[0].refs else 'upstream'}): "
+        f"ds-plugins turns auto (only auto) into fp8",
+    )
 
 
 CUSTOM_ALL_REDUCE_ISSUE = "vllm-project/vllm#47266"
@@ -282,11 +323,15 @@ def _custom_all_reduce(probe: Probe, engine: str, version: str, t: _Target) -> D
     tensor parallelism between two PCIe-only GPUs when CUDA's P2P check passes, and its CUDA IPC then
     fails on these workstation boxes (known failure custom_all_reduce_p2p). Only what NVML read counts:
     an unknown topology is never taken for PCIe-only."""
+
     def upstream(why: str) -> Decision:
         return Decision("custom_all_reduce", "upstream", why)
+
     if engine != "vllm":
-        return upstream(f"{landscape.ENGINE_TITLE[engine]}: ds-plugins leaves its custom all-reduce alone (on a "
-                        f"PCIe-only box pass --disable-custom-all-reduce)")
+        return upstream(
+            f"{landscape.ENGINE_TITLE[engine]}: ds-plugins leaves its custom all-reduce alone (on a "
+            f"PCIe-only box pass --disable-custom-all-reduce)"
+        )
     if t.kind != "cuda":
         return upstream(_no_change_reason(t) or "no CUDA GPU")
     if not t.sm12x:
@@ -299,17 +344,24 @@ def _custom_all_reduce(probe: Probe, engine: str, version: str, t: _Target) -> D
     if links == LINK_NVLINK:
         return upstream(f"the {len(gpus)} visible GPUs are NVLink-connected{seen}: vLLM's custom all-reduce runs there")
     if links == LINK_MIXED:
-        return upstream(f"some visible GPU pairs have NVLink, others not{seen}: vLLM's own checks decide; if tensor "
-                        f"parallelism fails in custom_all_reduce.cuh, pass --disable-custom-all-reduce")
+        return upstream(
+            f"some visible GPU pairs have NVLink, others not{seen}: vLLM's own checks decide; if tensor "
+            f"parallelism fails in custom_all_reduce.cuh, pass --disable-custom-all-reduce"
+        )
     if links != LINK_PCIE:
-        return upstream(f"how the {len(gpus)} visible GPUs are connected is not known here{seen}: vLLM's custom "
-                        f"all-reduce left as shipped; on a PCIe-only box pass --disable-custom-all-reduce or set "
-                        f"DS_PLUGINS_CUSTOM_ALL_REDUCE=off")
-    return Decision("custom_all_reduce", "off",
-                    f"{_engine_desc(engine, version)} turns its custom all-reduce on for tensor parallelism between "
-                    f"two GPUs without NVLink when CUDA's P2P check passes, and its CUDA IPC then fails on SM12x "
-                    f"({CUSTOM_ALL_REDUCE_ISSUE}); here {len(gpus)} x {t.sm}{seen}: ds-plugins sets "
-                    f"--disable-custom-all-reduce (tensor parallel > 1 only; NCCL all-reduces)")
+        return upstream(
+            f"how the {len(gpus)} visible GPUs are connected is not known here{seen}: vLLM's custom "
+            f"all-reduce left as shipped; on a PCIe-only box pass --disable-custom-all-reduce or set "
+            f"DS_PLUGINS_CUSTOM_ALL_REDUCE=off"
+        )
+    return Decision(
+        "custom_all_reduce",
+        "off",
+        f"{_engine_desc(engine, version)} turns its custom all-reduce on for tensor parallelism between "
+        f"two GPUs without NVLink when CUDA's P2P check passes, and its CUDA IPC then fails on SM12x "
+        f"({CUSTOM_ALL_REDUCE_ISSUE}); here {len(gpus)} x {t.sm}{seen}: ds-plugins sets "
+        f"--disable-custom-all-reduce (tensor parallel > 1 only; NCCL all-reduces)",
+    )
 
 
 def _forced(d: Decision, overrides: Mapping[str, str], mapping: Mapping[str, str]) -> Decision:
@@ -325,10 +377,13 @@ def _forced(d: Decision, overrides: Mapping[str, str], mapping: Mapping[str, str
 
 
 def _unsupported(engine: str, version: str, t: _Target) -> Plan:
-    why = (f"needs {landscape.ENGINE_TITLE[engine]} >= {landscape.MINIMUM[engine]}: "
-           f"{_engine_desc(engine, version)} has no DeepSeek-V4 model")
-    return Plan(engine, version, "unsupported", why, t.note,
-                tuple(Decision(i, "unsupported", why) for i in DECISION_IDS))
+    why = (
+        f"needs {landscape.ENGINE_TITLE[engine]} >= {landscape.MINIMUM[engine]}: "
+        f"{_engine_desc(engine, version)} has no DeepSeek-V4 model"
+    )
+    return Plan(
+        engine, version, "unsupported", why, t.note, tuple(Decision(i, "unsupported", why) for i in DECISION_IDS)
+    )
 
 
 def decide(probe: Probe, engine: str, env: Mapping[str, str] | None = None) -> Plan:
@@ -345,13 +400,16 @@ def decide(probe: Probe, engine: str, env: Mapping[str, str] | None = None) -> P
     facts = landscape.facts_for(engine, version)
     status_reason = f"{_engine_desc(engine, version)} has DeepSeek-V4"
     if landscape.is_newer_than_tested(engine, version):
-        status_reason += (f"; newer than the newest tested ({landscape.NEWEST_TESTED[engine]}): "
-                          f"assuming it behaves like {landscape.NEWEST_TESTED[engine]}")
+        status_reason += (
+            f"; newer than the newest tested ({landscape.NEWEST_TESTED[engine]}): "
+            f"assuming it behaves like {landscape.NEWEST_TESTED[engine]}"
+        )
     Version(version)  # validates the version string early, with packaging's own message
 
     kernel_map = {"triton": "triton", "upstream": "upstream"}
-    deepgemm = _forced(_deepgemm(probe, engine, version, facts, t), overrides,
-                       {"on": "on", "off": "off", "upstream": "upstream"})
+    deepgemm = _forced(
+        _deepgemm(probe, engine, version, facts, t), overrides, {"on": "on", "off": "off", "upstream": "upstream"}
+    )
     sparse_mla = _sparse_mla(probe, engine, version, facts, t)
     indexer = _indexer(probe, engine, version, facts, t)
     if t.kind == "cuda":  # forcing our CUDA kernels only means something on a CUDA GPU
@@ -364,25 +422,31 @@ def decide(probe: Probe, engine: str, env: Mapping[str, str] | None = None) -> P
     if engine == "vllm" and uses_ours:
         if overrides["DS_PLUGINS_DSV4_MODEL"] == "upstream":
             off = "DS_PLUGINS_DSV4_MODEL=upstream: the Triton path is reached only through the model hook-up"
-            dsv4_model = Decision("dsv4_model", "upstream", "forced by DS_PLUGINS_DSV4_MODEL=upstream",
-                                  "DS_PLUGINS_DSV4_MODEL")
+            dsv4_model = Decision(
+                "dsv4_model", "upstream", "forced by DS_PLUGINS_DSV4_MODEL=upstream", "DS_PLUGINS_DSV4_MODEL"
+            )
             sparse_mla = Decision("sparse_mla", "upstream", off, "DS_PLUGINS_DSV4_MODEL")
             indexer = Decision("indexer", "upstream", off, "DS_PLUGINS_DSV4_MODEL")
             uses_ours = False
         else:
-            dsv4_model = Decision("dsv4_model", "ds_plugins",
-                                  "DeepseekV4ForCausalLM and its MTP model go to the ds-plugins hook-up, "
-                                  "whose kernel routes (sparse attention, indexer, o_proj einsum, mHC prenorm) "
-                                  "go to Triton")
+            dsv4_model = Decision(
+                "dsv4_model",
+                "ds_plugins",
+                "DeepseekV4ForCausalLM and its MTP model go to the ds-plugins hook-up, "
+                "whose kernel routes (sparse attention, indexer, o_proj einsum, mHC prenorm) "
+                "go to Triton",
+            )
     elif engine == "vllm":
         dsv4_model = Decision("dsv4_model", "upstream", "upstream kernels serve every feature here")
     else:
-        dsv4_model = Decision("dsv4_model", "upstream",
-                              "SGLang keeps its native model; ds-plugins routes kernels at call sites")
+        dsv4_model = Decision(
+            "dsv4_model", "upstream", "SGLang keeps its native model; ds-plugins routes kernels at call sites"
+        )
 
     if uses_ours:
-        cudagraph = _forced(Decision("cudagraph", "on", "the ds-plugins kernels are graph-safe"), overrides,
-                            {"on": "on", "off": "off"})
+        cudagraph = _forced(
+            Decision("cudagraph", "on", "the ds-plugins kernels are graph-safe"), overrides, {"on": "on", "off": "off"}
+        )
     else:
         cudagraph = Decision("cudagraph", "upstream", "the ds-plugins kernel path is not in use")
 
@@ -395,19 +459,35 @@ def decide(probe: Probe, engine: str, env: Mapping[str, str] | None = None) -> P
         ascend = _ascend_quant(probe, t)
         mooncake = _mooncake(probe)
     else:
-        ascend = Decision("ascend_quant", "upstream",
-                          "SGLang reads msModelSlim checkpoints itself on Ascend (--quantization modelslim)")
-        mooncake = Decision("mooncake_connector", "upstream",
-                            "SGLang has its own Mooncake transfer backend")
+        ascend = Decision(
+            "ascend_quant",
+            "upstream",
+            "SGLang reads msModelSlim checkpoints itself on Ascend (--quantization modelslim)",
+        )
+        mooncake = Decision("mooncake_connector", "upstream", "SGLang has its own Mooncake transfer backend")
     ascend = _forced(ascend, overrides, {"off": "off"})
     mooncake = _forced(mooncake, overrides, {"off": "off"})
 
-    decisions = (deepgemm, sparse_mla, indexer, cudagraph, dsv4_model, kv_cache_dtype, custom_all_reduce, ascend,
-                 mooncake)
+    decisions = (
+        deepgemm,
+        sparse_mla,
+        indexer,
+        cudagraph,
+        dsv4_model,
+        kv_cache_dtype,
+        custom_all_reduce,
+        ascend,
+        mooncake,
+    )
     assert tuple(d.id for d in decisions) == DECISION_IDS
     if t.kind == "cuda":
-        blocked = paths.blockers(engine, version, t.capability, {d.id: d.value for d in decisions},
-                                 lambda name, feature: _installed(probe, engine, name).has(feature))
+        blocked = paths.blockers(
+            engine,
+            version,
+            t.capability,
+            {d.id: d.value for d in decisions},
+            lambda name, feature: _installed(probe, engine, name).has(feature),
+        )
         if blocked:
             return _blocked(engine, version, t, blocked)
     return Plan(engine, version, "supported", status_reason, t.note, decisions)
@@ -424,18 +504,24 @@ def _blocked(engine: str, version: str, t: _Target, blocked: paths.Blockers) -> 
     first = blocked.rows[0]
     more = f" (and {len(blocked.rows) - 1} more)" if len(blocked.rows) > 1 else ""
     title = landscape.ENGINE_TITLE[engine]
-    upgrade = (f"upgrade to {title} >= {blocked.upgrade_to}" if blocked.upgrade_to
-               else f"no {title} release is known to serve it there yet")
-    why = (f"unsupported on {t.sm} with {_engine_desc(engine, version)}: {first.kernel} ({first.why}){more}; "
-           f"{upgrade}")
-    return Plan(engine, version, "unsupported", why, t.note,
-                tuple(Decision(i, "unsupported", why) for i in DECISION_IDS))
+    upgrade = (
+        f"upgrade to {title} >= {blocked.upgrade_to}"
+        if blocked.upgrade_to
+        else f"no {title} release is known to serve it there yet"
+    )
+    why = f"unsupported on {t.sm} with {_engine_desc(engine, version)}: {first.kernel} ({first.why}){more}; {upgrade}"
+    return Plan(
+        engine, version, "unsupported", why, t.note, tuple(Decision(i, "unsupported", why) for i in DECISION_IDS)
+    )
 
 
 def _ascend_quant(probe: Probe, t: _Target) -> Decision:
     if probe.library("vllm_ascend").present:
-        return Decision("ascend_quant", "vllm-ascend",
-                        "vllm-ascend is installed and owns --quantization ascend; ds-plugins defers to it")
+        return Decision(
+            "ascend_quant",
+            "vllm-ascend",
+            "vllm-ascend is installed and owns --quantization ascend; ds-plugins defers to it",
+        )
     if t.kind == "npu" and probe.library("torch_npu").present:
         how = "torch_npu ops on the Ascend NPU"
     elif t.kind == "cuda":
@@ -447,7 +533,13 @@ def _ascend_quant(probe: Probe, t: _Target) -> Decision:
 
 def _mooncake(probe: Probe) -> Decision:
     if not probe.library("mooncake").present:
-        return Decision("mooncake_connector", "unavailable",
-                        "mooncake-transfer-engine is not installed (pip install 'ds-plugins[mooncake]')")
-    return Decision("mooncake_connector", "ds_plugins",
-                    "the ds-plugins Mooncake connector is available through kv_connector_module_path")
+        return Decision(
+            "mooncake_connector",
+            "unavailable",
+            "mooncake-transfer-engine is not installed (pip install 'ds-plugins[mooncake]')",
+        )
+    return Decision(
+        "mooncake_connector",
+        "ds_plugins",
+        "the ds-plugins Mooncake connector is available through kv_connector_module_path",
+    )

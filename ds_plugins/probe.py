@@ -100,22 +100,39 @@ class Probe(NamedTuple):
     @classmethod
     def from_dict(cls, data: dict) -> Probe:
         devices = tuple(
-            Device(d["kind"], d["index"], d["name"], tuple(d["capability"]) if d.get("capability") else None,
-                   d.get("uuid"))
+            Device(
+                d["kind"], d["index"], d["name"], tuple(d["capability"]) if d.get("capability") else None, d.get("uuid")
+            )
             for d in data["devices"]
         )
         libraries = {
-            k: Library(v["name"], v["present"], v.get("version"), v.get("location"),
-                       tuple(v.get("features", ())), v.get("note", ""))
+            k: Library(
+                v["name"],
+                v["present"],
+                v.get("version"),
+                v.get("location"),
+                tuple(v.get("features", ())),
+                v.get("note", ""),
+            )
             for k, v in data.get("libraries", {}).items()
         }
-        return cls(data["python"], dict(data["engines"]), data.get("torch"), data.get("torch_cuda"),
-                   devices, data.get("device_note", ""), libraries, bool(data.get("simulated")),
-                   dict(data.get("distributions", {})), data.get("gpu_links", LINK_UNKNOWN),
-                   data.get("gpu_links_note", ""))
+        return cls(
+            data["python"],
+            dict(data["engines"]),
+            data.get("torch"),
+            data.get("torch_cuda"),
+            devices,
+            data.get("device_note", ""),
+            libraries,
+            bool(data.get("simulated")),
+            dict(data.get("distributions", {})),
+            data.get("gpu_links", LINK_UNKNOWN),
+            data.get("gpu_links_note", ""),
+        )
 
 
 # --- distributions and packages -------------------------------------------------
+
 
 def _version(*dist_names: str) -> str | None:
     for name in dist_names:
@@ -159,7 +176,7 @@ def _dist_owning(package_dir: Path, package: str) -> tuple[str, str] | None:
     likely = [p for p in infos if p.name.lower().replace("-", "_").startswith(norm)]
     for info in likely + [p for p in infos if p not in likely]:
         dist: md.Distribution = md.Distribution.at(info)
-        listing = (dist.read_text("RECORD") or dist.read_text("SOURCES.txt") or "")
+        listing = dist.read_text("RECORD") or dist.read_text("SOURCES.txt") or ""
         top = (dist.read_text("top_level.txt") or "").split()
         if marker in listing or package in top:
             return dist.metadata["Name"], dist.version
@@ -179,8 +196,9 @@ def _version_in_tree(package_dir: Path) -> str | None:
             text = (package_dir / name).read_text()
         except OSError:
             continue
-        m = re.search(r"^(?:__version__|version)\s*(?::[^=\n]*)?=\s*(?:version\s*=\s*)?['\"]([^'\"]+)['\"]",
-                      text, re.MULTILINE)
+        m = re.search(
+            r"^(?:__version__|version)\s*(?::[^=\n]*)?=\s*(?:version\s*=\s*)?['\"]([^'\"]+)['\"]", text, re.MULTILINE
+        )
         if m:
             return m.group(1)
     return None
@@ -229,6 +247,7 @@ def _torch() -> tuple[str | None, str | None]:
 
 # --- kernel libraries ----------------------------------------------------------
 
+
 def deep_gemm_at(name: str, root: Path | None, version: str | None, note: str = "") -> Library:
     """A DeepGEMM installation at `root`, with feature "sm12x" if it ships the SM12x kernels V4 needs."""
     if root is None or not root.is_dir():
@@ -244,6 +263,7 @@ def deep_gemm_at(name: str, root: Path | None, version: str | None, note: str = 
 # Package directories are found first (cheap: the import system's cached directory
 # listings); distribution metadata is read only for what is there.
 
+
 def _deep_gemm() -> Library:
     root = _package_dir("deep_gemm")
     version = _version("deep_gemm", "deep-gemm", "sgl-deep-gemm") if root else None
@@ -253,8 +273,7 @@ def _deep_gemm() -> Library:
 def _vllm_vendored_deep_gemm() -> Library:
     vllm_dir = _package_dir("vllm")
     root = vllm_dir / "third_party" / "deep_gemm" if vllm_dir else None
-    return deep_gemm_at("vllm.third_party.deep_gemm", root, _version("vllm"),
-                         "vendored in the vLLM wheel")
+    return deep_gemm_at("vllm.third_party.deep_gemm", root, _version("vllm"), "vendored in the vLLM wheel")
 
 
 def _flashinfer() -> Library:
@@ -274,8 +293,11 @@ def flashinfer_at(root: Path | None, version: str | None) -> Library:
     except OSError:
         text = ""
     has = FLASHINFER_SM120_SPARSE_MLA in text
-    note = (f"flashinfer.decode provides {FLASHINFER_SM120_SPARSE_MLA}" if has
-            else f"flashinfer.decode has no {FLASHINFER_SM120_SPARSE_MLA} (no SM120 sparse MLA for V4)")
+    note = (
+        f"flashinfer.decode provides {FLASHINFER_SM120_SPARSE_MLA}"
+        if has
+        else f"flashinfer.decode has no {FLASHINFER_SM120_SPARSE_MLA} (no SM120 sparse MLA for V4)"
+    )
     if has:
         lacks = _dsv4_sm120_decode_gaps(root)
         if lacks:
@@ -285,8 +307,10 @@ def flashinfer_at(root: Path | None, version: str | None) -> Library:
         missing = _missing_dsv4_decode_shapes(root)
         if missing:
             has = False
-            note = (f"flashinfer.decode provides {FLASHINFER_SM120_SPARSE_MLA}, but its SM120 dispatch table lacks "
-                    f"V4's decode shapes (heads, top-k) {', '.join(map(str, missing))}")
+            note = (
+                f"flashinfer.decode provides {FLASHINFER_SM120_SPARSE_MLA}, but its SM120 dispatch table lacks "
+                f"V4's decode shapes (heads, top-k) {', '.join(map(str, missing))}"
+            )
     return Library("flashinfer", True, version, str(root), ("sm120_sparse_mla",) if has else (), note)
 
 
@@ -303,6 +327,7 @@ def _dsv4_sm120_decode_gaps(root: Path) -> str:
     vLLM passes, and an SM12x branch in its body. Read from the source (no import): only the function's
     own text is parsed."""
     import ast
+
     for rel in _FLASHINFER_DSV4_SOURCES:
         try:
             text = (root / rel).read_text()
@@ -313,7 +338,7 @@ def _dsv4_sm120_decode_gaps(root: Path) -> str:
             continue
         end = re.compile(r"^(?=[^\s)#])", re.MULTILINE).search(text, m.end())
         try:
-            func = cast(ast.FunctionDef, ast.parse(text[m.start():end.start() if end else len(text)]).body[0])
+            func = cast(ast.FunctionDef, ast.parse(text[m.start() : end.start() if end else len(text)]).body[0])
         except (SyntaxError, IndexError):
             return "could not be read"
         a = func.args
@@ -348,9 +373,10 @@ def _missing_dsv4_decode_shapes(root: Path) -> tuple[tuple[int, int], ...]:
     if start < 0:
         return ()
     import ast
+
     try:
         # an Assign here; any other statement raises AttributeError, caught below
-        node = ast.parse(text[start:text.index("\n)", start) + 2]).body[0].value  # type: ignore[attr-defined]
+        node = ast.parse(text[start : text.index("\n)", start) + 2]).body[0].value  # type: ignore[attr-defined]
         shapes = {tuple(e.value for e in elt.elts) for elt in node.args[0].elts}
     except (ValueError, SyntaxError, AttributeError, IndexError):
         return ()
@@ -380,9 +406,11 @@ def libraries() -> dict[str, Library]:
 
 # --- accelerators --------------------------------------------------------------
 
+
 class Host(NamedTuple):
     """The parts of the machine the device probe reads. The defaults are the real ones; tests pass a
     fake NVML module (and driver marker, device listing) to run the whole path."""
+
     nvml: Callable[[], Any]  # returns the pynvml module; raises ImportError when it is not installed
     driver_loaded: Callable[[], bool]  # is an NVIDIA driver loaded (cheap file check, before any NVML import)
     dev_entries: Callable[[], list[str]]  # names under /dev (Ascend NPUs are /dev/davinciN)
@@ -390,6 +418,7 @@ class Host(NamedTuple):
 
 def _import_pynvml():
     import pynvml  # nvidia-ml-py: NVML does not initialise CUDA in this process
+
     return pynvml
 
 
@@ -411,6 +440,7 @@ REAL_HOST = Host(_import_pynvml, _nvidia_driver_loaded, _dev_entries)
 
 class _Gpu(NamedTuple):
     """One physical GPU as NVML lists it (NVML's order is PCI bus order)."""
+
     uuid: str
     name: str
     capability: tuple[int, int]
@@ -432,8 +462,16 @@ def _nvml_gpus(nvml) -> list[_Gpu]:
             cores = int(nvml.nvmlDeviceGetNumGpuCores(handle))
         except (AttributeError, nvml.NVMLError):
             cores = 0
-        gpus.append(_Gpu(_text(nvml.nvmlDeviceGetUUID(handle)), _text(nvml.nvmlDeviceGetName(handle)),
-                         (int(major), int(minor)), cores, _mig_uuids(nvml, handle), index))
+        gpus.append(
+            _Gpu(
+                _text(nvml.nvmlDeviceGetUUID(handle)),
+                _text(nvml.nvmlDeviceGetName(handle)),
+                (int(major), int(minor)),
+                cores,
+                _mig_uuids(nvml, handle),
+                index,
+            )
+        )
     return gpus
 
 
@@ -492,14 +530,16 @@ def select_visible(gpus: list[_Gpu], value: str | None) -> tuple[list[tuple[_Gpu
             if rest == [""]:  # a trailing comma
                 break
             why = "repeated" if found in chosen else "not a GPU here"
-            return chosen, (f"CUDA_VISIBLE_DEVICES: {entry!r} is {why}; CUDA ignores it and what follows "
-                            f"({','.join(rest)})")
+            return chosen, (
+                f"CUDA_VISIBLE_DEVICES: {entry!r} is {why}; CUDA ignores it and what follows ({','.join(rest)})"
+            )
         chosen.append(found)
     return chosen, ""
 
 
 class Links(NamedTuple):
     """How the visible CUDA GPUs are connected (one of LINKS), and how that was found or why it was not."""
+
     kind: str
     note: str = ""
 
@@ -518,8 +558,11 @@ def gpu_links(nvml, chosen: list[tuple[_Gpu, str | None]]) -> Links:
         return Links(LINK_UNKNOWN, "this NVML binding has no P2P status query (nvmlDeviceGetP2PStatus)")
     try:
         handles = [nvml.nvmlDeviceGetHandleByIndex(g.nvml_index) for g, _ in chosen]
-        linked = [nvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], index) == ok
-                  for i in range(len(handles)) for j in range(i + 1, len(handles))]
+        linked = [
+            nvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], index) == ok
+            for i in range(len(handles))
+            for j in range(i + 1, len(handles))
+        ]
     except nvml.NVMLError as exc:
         return Links(LINK_UNKNOWN, f"NVML error while reading NVLink status: {exc}")
     pairs = len(linked)
@@ -539,8 +582,11 @@ def _cuda_devices(env, host: Host) -> tuple[list[Device], str, Links]:
     try:
         nvml = host.nvml()
     except ImportError:
-        return ([], "NVIDIA driver present, but nvidia-ml-py (pynvml) is not installed, so GPUs were not read",
-                Links(LINK_UNKNOWN, "nvidia-ml-py (pynvml) is not installed"))
+        return (
+            [],
+            "NVIDIA driver present, but nvidia-ml-py (pynvml) is not installed, so GPUs were not read",
+            Links(LINK_UNKNOWN, "nvidia-ml-py (pynvml) is not installed"),
+        )
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:
@@ -557,8 +603,10 @@ def _cuda_devices(env, host: Host) -> tuple[list[Device], str, Links]:
             nvml.nvmlShutdown()
         except nvml.NVMLError:
             pass
-    devices = [Device("cuda", i, g.name if mig is None else f"{g.name} MIG", g.capability, mig or g.uuid)
-               for i, (g, mig) in enumerate(chosen)]
+    devices = [
+        Device("cuda", i, g.name if mig is None else f"{g.name} MIG", g.capability, mig or g.uuid)
+        for i, (g, mig) in enumerate(chosen)
+    ]
     found = f"{len(devices)} GPU(s) via NVML" if devices else "NVML lists no visible GPU"
     return devices, "; ".join(n for n in (found, order_note, visible_note) if n), links
 

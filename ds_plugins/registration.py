@@ -70,21 +70,25 @@ def get(engine: str) -> Registration:
 
 def _title(engine: str) -> str:
     from .landscape import ENGINE_TITLE
+
     return ENGINE_TITLE[engine]
 
 
 def current_probe():
     """This machine, or the one DS_PLUGINS_SIMULATE describes."""
     from .probe import installed_engines, probe
+
     simulated = settings.value("DS_PLUGINS_SIMULATE")
     if simulated:
         from .simulate import from_env_value
+
         return from_env_value(simulated, installed_engines())
     return probe()
 
 
 def decide(probe, engine: str) -> Plan:
     from .policy import decide as policy_decide
+
     return policy_decide(probe, engine)
 
 
@@ -108,8 +112,14 @@ def _fail(reg: Registration, exc: BaseException, log: logging.Logger) -> None:
         show = settings.value("DS_PLUGINS_DEBUG") == "1"
     except settings.ConfigError:  # reported already: a bad value fails settings.read before anything runs
         show = False
-    log.error("ds-plugins %s: internal error (%s), %s left as shipped%s", __version__, reg.error, title,
-              "" if show else "; set DS_PLUGINS_DEBUG=1 for the traceback", exc_info=show)
+    log.error(
+        "ds-plugins %s: internal error (%s), %s left as shipped%s",
+        __version__,
+        reg.error,
+        title,
+        "" if show else "; set DS_PLUGINS_DEBUG=1 for the traceback",
+        exc_info=show,
+    )
 
 
 def prepare(engine: str, via: str, log: logging.Logger) -> Registration:
@@ -133,8 +143,9 @@ def prepare(engine: str, via: str, log: logging.Logger) -> Registration:
         return reg
 
 
-def register(engine: str, via: str, patches: PatchSource, log: logging.Logger,
-             carriers: CarrierSource = dict) -> Registration:
+def register(
+    engine: str, via: str, patches: PatchSource, log: logging.Logger, carriers: CarrierSource = dict
+) -> Registration:
     """The body of an engine entry point. Returns the per-process registration record."""
     with _lock:
         reg = get(engine)
@@ -167,10 +178,15 @@ def register(engine: str, via: str, patches: PatchSource, log: logging.Logger,
         return reg
 
 
-def summary(plan: Plan, declared: Sequence[patching.Patch], outcomes: Sequence[patching.Outcome],
-            carriers: Mapping[tuple[str, str], str]) -> str:
+def summary(
+    plan: Plan,
+    declared: Sequence[patching.Patch],
+    outcomes: Sequence[patching.Outcome],
+    carriers: Mapping[tuple[str, str], str],
+) -> str:
     """The start-up line: the same account of the plan (ds_plugins.effects) as doctor's verdict."""
     from .effects import account, sentence
+
     title = _title(plan.engine)
     head = f"ds-plugins {__version__} for {title} {plan.engine_version} on {plan.target}"
     plumbing = {p.id for p in declared if p.implements[0] == patching.EVERY_PLAN}  # carries no decision
@@ -178,7 +194,8 @@ def summary(plan: Plan, declared: Sequence[patching.Patch], outcomes: Sequence[p
     for o in outcomes:
         if o.patch_id not in plumbing:
             counts[o.state] = counts.get(o.state, 0) + 1
-    patched = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())
-                        if s not in ("not-selected", "other-version")) or "none"
+    patched = (
+        ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s not in ("not-selected", "other-version")) or "none"
+    )
     body = sentence(title, account(plan, declared, carriers))
     return f"{head}: {body}; patches: {patched}. `ds-plugins doctor` explains each decision."

@@ -46,33 +46,60 @@ class SimulateError(ValueError):
 
 
 def _features_help() -> str:
-    return "; ".join(f"{name} {', '.join(features)}"
-                     + (f" (also {'/'.join(FEATURE_ALIASES[name])})" if FEATURE_ALIASES.get(name) else "")
-                     for name, features in LIBRARY_FEATURES.items() if features)
+    return "; ".join(
+        f"{name} {', '.join(features)}"
+        + (f" (also {'/'.join(FEATURE_ALIASES[name])})" if FEATURE_ALIASES.get(name) else "")
+        for name, features in LIBRARY_FEATURES.items()
+        if features
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    parser.add_argument("--engine", action="append", default=[], metavar="NAME==VERSION",
-                        help="an engine installed as `pip install NAME==VERSION` would, with the kernel libraries "
-                             "its stock wheel vendors or pins, e.g. vllm==0.24.0 or sglang==0.5.12 "
-                             "(repeatable, one per engine)")
-    parser.add_argument("--capability", action="append", default=[], metavar="MAJOR.MINOR",
-                        help="a CUDA GPU of this compute capability, e.g. 12.0 (repeatable, one per GPU)")
-    parser.add_argument("--gpu-link", default=None, metavar="KIND",
-                        help=f"how the --capability GPUs are connected: {', '.join(GPU_LINKS)} (NVLink between every "
-                             f"pair, none, some); default: unknown, as where NVML cannot be read")
+    parser.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        metavar="NAME==VERSION",
+        help="an engine installed as `pip install NAME==VERSION` would, with the kernel libraries "
+        "its stock wheel vendors or pins, e.g. vllm==0.24.0 or sglang==0.5.12 "
+        "(repeatable, one per engine)",
+    )
+    parser.add_argument(
+        "--capability",
+        action="append",
+        default=[],
+        metavar="MAJOR.MINOR",
+        help="a CUDA GPU of this compute capability, e.g. 12.0 (repeatable, one per GPU)",
+    )
+    parser.add_argument(
+        "--gpu-link",
+        default=None,
+        metavar="KIND",
+        help=f"how the --capability GPUs are connected: {', '.join(GPU_LINKS)} (NVLink between every "
+        f"pair, none, some); default: unknown, as where NVML cannot be read",
+    )
     parser.add_argument("--npu", default=None, metavar="N", help="N Ascend NPUs (0 or more)")
-    parser.add_argument("--lib", action="append", default=[], metavar="NAME=SPEC",
-                        help="replaces that library, stock or not: yes, no, its features or no-<feature>, "
-                             "version=X, comma-separated; e.g. --lib vllm.third_party.deep_gemm=no removes "
-                             "vLLM's vendored DeepGEMM (repeatable, once per library); "
-                             f"names: {', '.join(LIBRARY_FEATURES)}; features: {_features_help()}")
-    parser.add_argument("--torch", metavar="VERSION", default=None,
-                        help="torch version, shown by doctor only: no decision depends on it")
+    parser.add_argument(
+        "--lib",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="replaces that library, stock or not: yes, no, its features or no-<feature>, "
+        "version=X, comma-separated; e.g. --lib vllm.third_party.deep_gemm=no removes "
+        "vLLM's vendored DeepGEMM (repeatable, once per library); "
+        f"names: {', '.join(LIBRARY_FEATURES)}; features: {_features_help()}",
+    )
+    parser.add_argument(
+        "--torch",
+        metavar="VERSION",
+        default=None,
+        help="torch version, shown by doctor only: no decision depends on it",
+    )
 
 
 def _version(flag: str, text: str, given: str, example: str) -> str:
     from packaging.version import InvalidVersion, Version
+
     try:
         Version(text)
     except InvalidVersion:

@@ -61,45 +61,83 @@ def _vendored(*features: str) -> Library:
 
 WHEELS: tuple[Wheel, ...] = (
     # vLLM: FlashInfer pinned (flashinfer-python==X); DeepGEMM vendored under vllm/third_party since 0.20.
-    Wheel("vllm", ">=0.19.1,<0.20.0", ("0.19.1",), "2.10.0",
-          (_lib("flashinfer", "0.6.6"),)),
-    Wheel("vllm", ">=0.20.0,<0.22.1", ("0.20.0", "0.20.2"), "2.11.0",
-          (_vendored(), _lib("flashinfer", "0.6.8.post1"))),
-    Wheel("vllm", ">=0.22.1,<0.23.0", ("0.22.1",), "2.11.0",
-          (_vendored(), _lib("flashinfer", "0.6.11.post2"))),
+    Wheel("vllm", ">=0.19.1,<0.20.0", ("0.19.1",), "2.10.0", (_lib("flashinfer", "0.6.6"),)),
+    Wheel("vllm", ">=0.20.0,<0.22.1", ("0.20.0", "0.20.2"), "2.11.0", (_vendored(), _lib("flashinfer", "0.6.8.post1"))),
+    Wheel("vllm", ">=0.22.1,<0.23.0", ("0.22.1",), "2.11.0", (_vendored(), _lib("flashinfer", "0.6.11.post2"))),
     # FlashInfer 0.6.12/0.6.13 name V4's decode but take none of the SM120 arguments vLLM passes (probe.py).
-    Wheel("vllm", ">=0.23.0,<0.25.0", ("0.23.0", "0.24.0"), "2.11.0",
-          (_vendored(), _lib("flashinfer", "0.6.12"))),
-    Wheel("vllm", ">=0.25.0,<0.27.0", ("0.25.0",), "2.11.0",
-          (_vendored("sm12x"), _lib("flashinfer", "0.6.13"))),
+    Wheel("vllm", ">=0.23.0,<0.25.0", ("0.23.0", "0.24.0"), "2.11.0", (_vendored(), _lib("flashinfer", "0.6.12"))),
+    Wheel("vllm", ">=0.25.0,<0.27.0", ("0.25.0",), "2.11.0", (_vendored("sm12x"), _lib("flashinfer", "0.6.13"))),
     # 0.27.0 re-vendored a DeepGEMM without the SM120 kernels.
-    Wheel("vllm", ">=0.27.0,<0.28.0", ("0.27.0",), "2.13.0",
-          (_vendored(), _lib("flashinfer", "0.6.16.post3", "sm120_sparse_mla"))),
-    Wheel("vllm", ">=0.28.0,<0.30.0", ("0.28.0",), "2.13.0",
-          (_vendored("sm12x"), _lib("flashinfer", "0.6.16.post3", "sm120_sparse_mla"))),
-    Wheel("vllm", ">=0.30.0,<0.33.0", ("0.30.0",), "2.13.0",
-          (_vendored("sm12x"), _lib("flashinfer", "0.6.18.post1", "sm120_sparse_mla"))),
-    Wheel("vllm", ">=0.33.0", ("0.33.0",), "2.14.0",
-          (_vendored("sm12x"), _lib("flashinfer", "0.7.2.post1", "sm120_sparse_mla"))),
+    Wheel(
+        "vllm",
+        ">=0.27.0,<0.28.0",
+        ("0.27.0",),
+        "2.13.0",
+        (_vendored(), _lib("flashinfer", "0.6.16.post3", "sm120_sparse_mla")),
+    ),
+    Wheel(
+        "vllm",
+        ">=0.28.0,<0.30.0",
+        ("0.28.0",),
+        "2.13.0",
+        (_vendored("sm12x"), _lib("flashinfer", "0.6.16.post3", "sm120_sparse_mla")),
+    ),
+    Wheel(
+        "vllm",
+        ">=0.30.0,<0.33.0",
+        ("0.30.0",),
+        "2.13.0",
+        (_vendored("sm12x"), _lib("flashinfer", "0.6.18.post1", "sm120_sparse_mla")),
+    ),
+    Wheel(
+        "vllm",
+        ">=0.33.0",
+        ("0.33.0",),
+        "2.14.0",
+        (_vendored("sm12x"), _lib("flashinfer", "0.7.2.post1", "sm120_sparse_mla")),
+    ),
     # SGLang: FlashInfer pinned (flashinfer_python==X), DeepGEMM as sgl-deep-gemm==X since 0.5.12,
     # FlashMLA as sgl-flash-mla==X since 0.5.23.
-    Wheel("sglang", ">=0.5.10,<0.5.11", ("0.5.10",), "2.9.1",
-          (_lib("flashinfer", "0.6.7.post2"),)),
-    Wheel("sglang", ">=0.5.11,<0.5.12", ("0.5.11",), "2.11.0",
-          (_lib("flashinfer", "0.6.8.post1"),)),
-    Wheel("sglang", ">=0.5.12,<0.5.13", ("0.5.12",), "2.11.0",
-          (_lib("flashinfer", "0.6.11.post1"), _lib("deep_gemm", "0.1.0"))),
-    Wheel("sglang", ">=0.5.13,<0.5.15", ("0.5.13",), "2.11.0",
-          (_lib("flashinfer", "0.6.12"), _lib("deep_gemm", "0.1.2"))),
-    Wheel("sglang", ">=0.5.15,<0.5.19", ("0.5.15",), "2.11.0",
-          (_lib("flashinfer", "0.6.12"), _lib("deep_gemm", "0.1.4"))),
-    Wheel("sglang", ">=0.5.19,<0.5.20", ("0.5.19",), "2.13.0",
-          (_lib("flashinfer", "0.6.18", "sm120_sparse_mla"), _lib("deep_gemm", "0.1.7", "sm12x"))),
-    Wheel("sglang", ">=0.5.20,<0.5.23", ("0.5.20", "0.5.21"), "2.13.0",
-          (_lib("flashinfer", "0.6.18", "sm120_sparse_mla"), _lib("deep_gemm", "0.2.0", "sm12x"))),
-    Wheel("sglang", ">=0.5.23", ("0.5.23",), "2.14.1",
-          (_lib("flashinfer", "0.7.2", "sm120_sparse_mla"), _lib("deep_gemm", "0.2.3.post2", "sm12x"),
-           _lib("flash_mla", "1.0.0"))),
+    Wheel("sglang", ">=0.5.10,<0.5.11", ("0.5.10",), "2.9.1", (_lib("flashinfer", "0.6.7.post2"),)),
+    Wheel("sglang", ">=0.5.11,<0.5.12", ("0.5.11",), "2.11.0", (_lib("flashinfer", "0.6.8.post1"),)),
+    Wheel(
+        "sglang",
+        ">=0.5.12,<0.5.13",
+        ("0.5.12",),
+        "2.11.0",
+        (_lib("flashinfer", "0.6.11.post1"), _lib("deep_gemm", "0.1.0")),
+    ),
+    Wheel(
+        "sglang", ">=0.5.13,<0.5.15", ("0.5.13",), "2.11.0", (_lib("flashinfer", "0.6.12"), _lib("deep_gemm", "0.1.2"))
+    ),
+    Wheel(
+        "sglang", ">=0.5.15,<0.5.19", ("0.5.15",), "2.11.0", (_lib("flashinfer", "0.6.12"), _lib("deep_gemm", "0.1.4"))
+    ),
+    Wheel(
+        "sglang",
+        ">=0.5.19,<0.5.20",
+        ("0.5.19",),
+        "2.13.0",
+        (_lib("flashinfer", "0.6.18", "sm120_sparse_mla"), _lib("deep_gemm", "0.1.7", "sm12x")),
+    ),
+    Wheel(
+        "sglang",
+        ">=0.5.20,<0.5.23",
+        ("0.5.20", "0.5.21"),
+        "2.13.0",
+        (_lib("flashinfer", "0.6.18", "sm120_sparse_mla"), _lib("deep_gemm", "0.2.0", "sm12x")),
+    ),
+    Wheel(
+        "sglang",
+        ">=0.5.23",
+        ("0.5.23",),
+        "2.14.1",
+        (
+            _lib("flashinfer", "0.7.2", "sm120_sparse_mla"),
+            _lib("deep_gemm", "0.2.3.post2", "sm12x"),
+            _lib("flash_mla", "1.0.0"),
+        ),
+    ),
 )
 
 
@@ -114,6 +152,7 @@ def checked(engine: str, version: str) -> str | None:
     if w is None:
         return None
     from packaging.version import Version
+
     return next((c for c in w.checked if Version(c) == Version(version)), None)
 
 
@@ -124,6 +163,7 @@ def basis(engine: str, version: str) -> str | None:
     if w is None:
         return None
     from packaging.version import Version
+
     here = checked(engine, version)
     if here:
         return here

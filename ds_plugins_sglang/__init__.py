@@ -19,6 +19,7 @@ LOGGER_NAME = "sglang.ds_plugins"
 
 def _log():
     import logging  # not at module level: this package is imported at interpreter start
+
     return logging.getLogger(LOGGER_NAME)
 
 
@@ -29,6 +30,7 @@ def _apply_env(reg) -> None:
         return
     try:
         from ds_plugins.sglang.deepgemm_gate import apply_env
+
         apply_env(reg.plan, _log())
     except Exception as exc:  # never into SGLang
         _log().error("ds-plugins: could not set SGLang's DeepGEMM switch (%s: %s)", type(exc).__name__, exc)
@@ -60,4 +62,5 @@ def prepare(via: str) -> None:
 def sglang_path() -> str:
     """The folder to put on PYTHONPATH: it holds only our sitecustomize.py."""
     import os
+
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "pythonpath")

@@ -7,16 +7,19 @@ VIA = "pythonpath-hook"
 
 def _before_sglang(_module) -> None:
     from . import prepare
+
     prepare(VIA)
 
 
 def _after_sglang(_module) -> None:
     from . import register
+
     register(VIA)
 
 
 def install() -> None:
     from ds_plugins import importhook, settings
+
     try:
         if settings.disabled():
             return

@@ -38,6 +38,7 @@ def fresh_state():
     """Per-process registration/patch records reset around a test."""
     from ds_plugins import registration
     from tests.internals import clear_patch_records
+
     clear_patch_records()
     registration._registrations.clear()
     yield

@@ -5,8 +5,7 @@ from __future__ import annotations
 from ds_plugins import importhook, patching
 
 # Source for child interpreters (tests/engines' scripts): the same check as `hook_pending`.
-HOOK_PENDING_SRC = ("def hook_pending(name):\n"
-                    "    return name in importhook._before or name in importhook._after\n")
+HOOK_PENDING_SRC = "def hook_pending(name):\n    return name in importhook._before or name in importhook._after\n"
 
 
 def clear_patch_records() -> None:

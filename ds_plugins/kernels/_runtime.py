@@ -73,8 +73,17 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and INTERPRET
 
 
-def expect(name: str, t, *, dtype=None, ndim: int | None = None, shape: tuple | None = None,
-           last_dim: int | None = None, device: torch.device | None = None, contiguous: bool = False) -> None:
+def expect(
+    name: str,
+    t,
+    *,
+    dtype=None,
+    ndim: int | None = None,
+    shape: tuple | None = None,
+    last_dim: int | None = None,
+    device: torch.device | None = None,
+    contiguous: bool = False,
+) -> None:
     """Check one argument; the error names it and says what was expected and what came.
 
     dtype may be one dtype or a tuple of allowed dtypes; shape entries of None are free.

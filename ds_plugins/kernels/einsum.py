@@ -31,8 +31,12 @@ import numbers
 import torch
 
 from ds_plugins.kernels._runtime import HAVE_TRITON, INTERPRET, KernelInputError, expect, next_pow2, use_triton
-from ds_plugins.kernels.reference.einsum import (SCALE_BLOCK_K, fp8_einsum_bhr_hdr_bhd, num_packed_words,
-                                                 num_scale_blocks)
+from ds_plugins.kernels.reference.einsum import (
+    SCALE_BLOCK_K,
+    fp8_einsum_bhr_hdr_bhd,
+    num_packed_words,
+    num_scale_blocks,
+)
 
 SUPPORTED_EXPR = "bhr,hdr->bhd"
 SUPPORTED_GRAN_N = (1, 128)
@@ -45,17 +49,42 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fp8_bhr_hdr_bhd_kernel(
-        a_ptr, sa_ptr, w_ptr, sw_ptr, c_ptr, d_ptr,
-        B, D, R,
-        stride_ab, stride_ah, stride_ar,
-        stride_sab, stride_sah, stride_sak,
-        stride_wh, stride_wd, stride_wr,
-        stride_swh, stride_swd, stride_swk,
-        stride_cb, stride_ch, stride_cd,
-        stride_db, stride_dh, stride_dd,
-        GRAN_N: tl.constexpr, A_PACKED: tl.constexpr, W_PACKED: tl.constexpr, HAS_C: tl.constexpr,
+        a_ptr,
+        sa_ptr,
+        w_ptr,
+        sw_ptr,
+        c_ptr,
+        d_ptr,
+        B,
+        D,
+        R,
+        stride_ab,
+        stride_ah,
+        stride_ar,
+        stride_sab,
+        stride_sah,
+        stride_sak,
+        stride_wh,
+        stride_wd,
+        stride_wr,
+        stride_swh,
+        stride_swd,
+        stride_swk,
+        stride_cb,
+        stride_ch,
+        stride_cd,
+        stride_db,
+        stride_dh,
+        stride_dd,
+        GRAN_N: tl.constexpr,
+        A_PACKED: tl.constexpr,
+        W_PACKED: tl.constexpr,
+        HAS_C: tl.constexpr,
         OUT_BF16: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        INTERPRET: tl.constexpr,
     ):
         pid_b = tl.program_id(0)
         h = tl.program_id(1).to(tl.int64)
@@ -96,8 +125,11 @@ if HAVE_TRITON:
 
         mask = mask_b[:, None] & mask_d[None, :]
         if HAS_C:  # c may alias d: each element is read and then written by this program only
-            acc += tl.load(c_ptr + h * stride_ch + offs_b.to(tl.int64)[:, None] * stride_cb
-                           + offs_d[None, :] * stride_cd, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(
+                c_ptr + h * stride_ch + offs_b.to(tl.int64)[:, None] * stride_cb + offs_d[None, :] * stride_cd,
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
         if INTERPRET and OUT_BF16:
             # The interpreter's fp32 -> bf16 cast truncates (Triton 3.9); a GPU rounds to nearest
             # even. Round here (integer add on the bits, carry included) so both give the same bf16.
@@ -115,8 +147,11 @@ def _pair(name: str, value) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_recipe(recipe) -> tuple[int, int, int]:
-    if (not isinstance(recipe, (tuple, list)) or len(recipe) != 3
-            or not all(isinstance(g, numbers.Integral) and not isinstance(g, bool) for g in recipe)):
+    if (
+        not isinstance(recipe, (tuple, list))
+        or len(recipe) != 3
+        or not all(isinstance(g, numbers.Integral) and not isinstance(g, bool) for g in recipe)
+    ):
         raise KernelInputError(f"recipe: expected a (gran_m, gran_n, gran_k) tuple of ints, got {recipe!r}")
     gran_m, gran_n, gran_k = (int(g) for g in recipe)
     if gran_m != 1 or gran_k != SCALE_BLOCK_K or gran_n not in SUPPORTED_GRAN_N:
@@ -165,14 +200,32 @@ def _launch_triton(a, b, d, c, gran_n: int) -> None:
     c_arg = c if c is not None else d
     grid = (triton.cdiv(batch, block_b), groups, triton.cdiv(out_dim, block_d))
     _fp8_bhr_hdr_bhd_kernel[grid](
-        a_values, a_sf, w_values, w_sf, c_arg, d,
-        batch, out_dim, length,
-        *a_values.stride(), *a_sf.stride(), *w_values.stride(), *w_sf.stride(), *c_arg.stride(), *d.stride(),
-        GRAN_N=gran_n, A_PACKED=a_sf.dtype == torch.int32, W_PACKED=w_sf.dtype == torch.int32,
-        HAS_C=c is not None, OUT_BF16=d.dtype == torch.bfloat16,
-        BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_K=SCALE_BLOCK_K,
+        a_values,
+        a_sf,
+        w_values,
+        w_sf,
+        c_arg,
+        d,
+        batch,
+        out_dim,
+        length,
+        *a_values.stride(),
+        *a_sf.stride(),
+        *w_values.stride(),
+        *w_sf.stride(),
+        *c_arg.stride(),
+        *d.stride(),
+        GRAN_N=gran_n,
+        A_PACKED=a_sf.dtype == torch.int32,
+        W_PACKED=w_sf.dtype == torch.int32,
+        HAS_C=c is not None,
+        OUT_BF16=d.dtype == torch.bfloat16,
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        BLOCK_K=SCALE_BLOCK_K,
         # the 64x128 tile (batch > 64) spilled at 4 warps on sm_120a (16/16 bytes); 8 do not
-        INTERPRET=INTERPRET, num_warps=8 if block_b * block_d > 64 * 64 else 4,
+        INTERPRET=INTERPRET,
+        num_warps=8 if block_b * block_d > 64 * 64 else 4,
     )
 
 
@@ -180,8 +233,14 @@ def _launch_reference(a, b, d, c, gran_n: int) -> None:
     fp8_einsum_bhr_hdr_bhd(a, b, d, c, recipe=(1, gran_n, SCALE_BLOCK_K))
 
 
-def fp8_einsum(expr: str, a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
-               d: torch.Tensor, c: torch.Tensor | None = None, recipe: tuple[int, int, int] = (1, 128, 128)) -> None:
+def fp8_einsum(
+    expr: str,
+    a: tuple[torch.Tensor, torch.Tensor],
+    b: tuple[torch.Tensor, torch.Tensor],
+    d: torch.Tensor,
+    c: torch.Tensor | None = None,
+    recipe: tuple[int, int, int] = (1, 128, 128),
+) -> None:
     """DeepGEMM's `fp8_einsum` for "bhr,hdr->bhd": d = c + einsum(A, W) with block-scaled FP8 A and W.
 
     Writes d in place and returns None, like DeepGEMM. See the module docstring for layouts."""

@@ -35,11 +35,27 @@ if HAVE_TRITON:
 
     @triton.jit
     def _hc_prenorm_gemm_kernel(
-        a_ptr, b_ptr, d_ptr, sqr_ptr,
-        M, N, K, num_splits,
-        stride_am, stride_ak, stride_bn, stride_bk,
-        stride_ds, stride_dm, stride_dn, stride_ss, stride_sm,
-        SPLIT_BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        a_ptr,
+        b_ptr,
+        d_ptr,
+        sqr_ptr,
+        M,
+        N,
+        K,
+        num_splits,
+        stride_am,
+        stride_ak,
+        stride_bn,
+        stride_bk,
+        stride_ds,
+        stride_dm,
+        stride_dn,
+        stride_ss,
+        stride_sm,
+        SPLIT_BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -66,16 +82,22 @@ if HAVE_TRITON:
         for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < k_end
-            a = tl.load(rows_a + offs_k.to(tl.int64)[None, :] * stride_ak,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            b = tl.load(cols_b + offs_k.to(tl.int64)[:, None] * stride_bk,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            a = tl.load(
+                rows_a + offs_k.to(tl.int64)[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            ).to(tl.float32)
+            b = tl.load(
+                cols_b + offs_k.to(tl.int64)[:, None] * stride_bk, mask=mask_k[:, None] & mask_n[None, :], other=0.0
+            )
             sqr += tl.sum(a * a, axis=1)
             acc = dot(a, b, acc, INTERPRET)
 
         # a split with no K block still writes its (zero) partials, as DeepGEMM does
-        d_out = (d_ptr + split.to(tl.int64) * stride_ds + offs_m.to(tl.int64)[:, None] * stride_dm
-                 + offs_n[None, :] * stride_dn)
+        d_out = (
+            d_ptr
+            + split.to(tl.int64) * stride_ds
+            + offs_m.to(tl.int64)[:, None] * stride_dm
+            + offs_n[None, :] * stride_dn
+        )
         tl.store(d_out, acc, mask=mask_m[:, None] & mask_n[None, :])
         tl.store(sqr_ptr + split.to(tl.int64) * stride_ss + offs_m.to(tl.int64) * stride_sm, sqr, mask=mask_m)
 
@@ -116,12 +138,29 @@ def _launch_triton(a, b, d, sqr_sum, num_splits) -> None:
     block_n = max(16, next_pow2(n))
     grid = (triton.cdiv(m, block_m), splits)
     _hc_prenorm_gemm_kernel[grid](
-        a, b, d, sqr_sum,
-        m, n, k, splits,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        split_stride_d, d.stride(-2), d.stride(-1), split_stride_s, sqr_sum.stride(-1),
-        SPLIT_BLOCK_K=HC_SPLIT_BLOCK_K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        INTERPRET=INTERPRET, num_warps=8,     # 4 warps spilled on sm_120a (16/8 bytes); 8 do not
+        a,
+        b,
+        d,
+        sqr_sum,
+        m,
+        n,
+        k,
+        splits,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        split_stride_d,
+        d.stride(-2),
+        d.stride(-1),
+        split_stride_s,
+        sqr_sum.stride(-1),
+        SPLIT_BLOCK_K=HC_SPLIT_BLOCK_K,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        INTERPRET=INTERPRET,
+        num_warps=8,  # 4 warps spilled on sm_120a (16/8 bytes); 8 do not
     )
 
 
@@ -129,8 +168,9 @@ def _launch_reference(a, b, d, sqr_sum, num_splits) -> None:
     hc_prenorm_gemm(a, b, d, sqr_sum, num_splits)
 
 
-def tf32_hc_prenorm_gemm(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sqr_sum: torch.Tensor,
-                         num_splits: int | None = None) -> None:
+def tf32_hc_prenorm_gemm(
+    a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sqr_sum: torch.Tensor, num_splits: int | None = None
+) -> None:
     """DeepGEMM's `tf32_hc_prenorm_gemm(a, b, d, sqr_sum, num_splits=None)`: writes d and sqr_sum in place.
 
     a [M, K] bf16, b [N, K] fp32; d [M, N] fp32 and sqr_sum [M] fp32, or with num_splits=S

@@ -34,6 +34,7 @@ class Result(NamedTuple):
 def _where() -> tuple[str, str]:
     """(torch device, description). Sets TRITON_INTERPRET before the kernels are imported on a CPU."""
     import torch
+
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
         return "cuda", f"{torch.cuda.get_device_name(0)} (SM{major}{minor})"
@@ -43,6 +44,7 @@ def _where() -> tuple[str, str]:
 
 def _timed(fn: Callable, device: str):
     import torch
+
     if device == "cuda":
         fn()  # compile and warm up
         torch.cuda.synchronize()
@@ -55,6 +57,7 @@ def _timed(fn: Callable, device: str):
 
 def _rel_error(got, ref) -> float:
     import torch
+
     got, ref = got.float(), ref.float()
     finite = torch.isfinite(ref)
     if not torch.equal(finite, torch.isfinite(got)) or not torch.equal(ref[~finite], got[~finite]):
@@ -73,20 +76,21 @@ def _topk_mismatch(got, ref) -> float:
 
 # bf16 output: 2^-7 relative is one rounding of the output plus bf16 softmax weights (2^-8) in the
 # p.V dot; fp32 outputs accumulated in a different order: 2^-12 of the largest magnitude.
-BF16 = 2.0 ** -6
-FP32 = 2.0 ** -12
+BF16 = 2.0**-6
+FP32 = 2.0**-12
 
 
 def _case_sparse_prefill(device: str, small: bool) -> Result:
     import torch
     from ds_plugins.kernels import flash_mla_sparse_fwd
     from ds_plugins.kernels.reference.sparse_mla import ref_flash_mla_sparse_fwd
+
     s_q, h, s_kv, topk = (4, 64, 192, 64) if small else (256, 64, 8192, 512 + 128)
     q = torch.randn(s_q, h, 512, device=device).bfloat16()
     kv = torch.randn(s_kv, 1, 512, device=device).bfloat16()
     idx = torch.randint(-1, s_kv, (s_q, 1, topk), device=device, dtype=torch.int32)
     sink = torch.randn(h, device=device)
-    args = (q, kv, idx, 512 ** -0.5, 512, sink)
+    args = (q, kv, idx, 512**-0.5, 512, sink)
     (out, _, lse), ms = _timed(lambda: flash_mla_sparse_fwd(*args), device)
     ref_out, _, ref_lse = ref_flash_mla_sparse_fwd(*args)
     err = max(_rel_error(out, ref_out) / BF16, _rel_error(lse, ref_lse) / FP32)
@@ -98,6 +102,7 @@ def _case_sparse_decode(device: str, small: bool) -> Result:
     from ds_plugins.kernels import flash_mla_with_kvcache, get_mla_metadata
     from ds_plugins.kernels.kv_cache import quantize_kv_cache
     from ds_plugins.kernels.reference.sparse_mla import ref_sparse_decode
+
     b, h, window, extra, page, extra_page = (2, 64, 32, 32, 64, 2) if small else (64, 64, 128, 512, 256, 64)
     q = torch.randn(b, 1, h, 512, device=device).bfloat16()
     cache = quantize_kv_cache(torch.randn(b * 4, page, 512, device=device).bfloat16())
@@ -108,12 +113,27 @@ def _case_sparse_decode(device: str, small: bool) -> Result:
     extra_lens = torch.randint(0, extra + 1, (b,), device=device, dtype=torch.int32)
     sink = torch.randn(h, device=device)
     meta, _ = get_mla_metadata()
-    run = lambda: flash_mla_with_kvcache(q, cache, None, None, 512, meta, softmax_scale=512 ** -0.5,  # noqa: E731
-                                         is_fp8_kvcache=True, indices=idx, attn_sink=sink, extra_k_cache=extra_cache,
-                                         extra_indices_in_kvcache=extra_idx, topk_length=lens,
-                                         extra_topk_length=extra_lens)
+
+    def run():
+        return flash_mla_with_kvcache(
+            q,
+            cache,
+            None,
+            None,
+            512,
+            meta,
+            softmax_scale=512**-0.5,
+            is_fp8_kvcache=True,
+            indices=idx,
+            attn_sink=sink,
+            extra_k_cache=extra_cache,
+            extra_indices_in_kvcache=extra_idx,
+            topk_length=lens,
+            extra_topk_length=extra_lens,
+        )
+
     (out, lse), ms = _timed(run, device)
-    ref_out, ref_lse = ref_sparse_decode(q, cache, idx, lens, sink, extra_cache, extra_idx, extra_lens, 512 ** -0.5)
+    ref_out, ref_lse = ref_sparse_decode(q, cache, idx, lens, sink, extra_cache, extra_idx, extra_lens, 512**-0.5)
     err = max(_rel_error(out, ref_out) / BF16, _rel_error(lse, ref_lse) / FP32)
     return Result("flash_mla_with_kvcache", device, err, 1.0, ms, f"b={b} h={h} window={window} extra={extra}")
 
@@ -121,6 +141,7 @@ def _case_sparse_decode(device: str, small: bool) -> Result:
 def _indexer_inputs(device: str, rows: int, keys: int, heads: int = 64, dim: int = 128):
     import torch
     from ds_plugins.kernels.reference.indexer import quantize_fp8_keys
+
     q = (torch.randn(rows, heads, dim, device=device) * 2).to(torch.float8_e4m3fn)
     k, k_scale = quantize_fp8_keys(torch.randn(keys, dim, device=device))
     weights = torch.randn(rows, heads, device=device)
@@ -131,6 +152,7 @@ def _case_mqa_logits(device: str, small: bool) -> Result:
     import torch
     from ds_plugins.kernels import fp8_mqa_logits
     from ds_plugins.kernels.reference.indexer import mqa_logits
+
     m, n = (8, 256) if small else (1024, 8192)
     q, k, k_scale, w = _indexer_inputs(device, m, n)
     ke = torch.randint(1, n + 1, (m,), device=device, dtype=torch.int32)
@@ -143,6 +165,7 @@ def _case_mqa_logits(device: str, small: bool) -> Result:
 def _paged_inputs(device: str, small: bool):
     import torch
     from ds_plugins.kernels.reference.indexer import paged_cache_from_keys, split_fp8_paged_cache
+
     b, capacity, block_kv = (2, 256, 64) if small else (64, 16384, 64)
     q = (torch.randn(b, 1, 64, 128, device=device) * 2).to(torch.float8_e4m3fn)
     keys = torch.randn(b, capacity, 128, device=device)
@@ -157,6 +180,7 @@ def _paged_inputs(device: str, small: bool):
 def _case_paged_logits(device: str, small: bool) -> Result:
     from ds_plugins.kernels import fp8_paged_mqa_logits, get_paged_mqa_logits_metadata
     from ds_plugins.kernels.reference.indexer import paged_mqa_logits
+
     q, cache, table, lens, w, capacity, values, scales = _paged_inputs(device, small)
     meta = get_paged_mqa_logits_metadata(lens, 64, 1)
     out, ms = _timed(lambda: fp8_paged_mqa_logits(q, cache, w, lens, table, meta, capacity), device)
@@ -167,19 +191,27 @@ def _case_paged_logits(device: str, small: bool) -> Result:
 def _case_paged_topk(device: str, small: bool) -> Result:
     from ds_plugins.kernels import fp8_paged_mqa_topk
     from ds_plugins.kernels.reference.indexer import paged_mqa_topk
+
     q, cache, table, lens, w, capacity, values, scales = _paged_inputs(device, small)
     topk = 64 if small else 512
     out, ms = _timed(lambda: fp8_paged_mqa_topk(q, cache, w, lens, table, topk, capacity), device)
     ref = paged_mqa_topk(q, values, w, lens, table, capacity, topk, scales)
     # random scores tie only by accident: allow a sliver of swaps at the k-th score
-    return Result("fp8_paged_mqa_topk", device, _topk_mismatch(out, ref), 0.01, ms,
-                  f"B={q.shape[0]} context={capacity} topk={topk}")
+    return Result(
+        "fp8_paged_mqa_topk",
+        device,
+        _topk_mismatch(out, ref),
+        0.01,
+        ms,
+        f"B={q.shape[0]} context={capacity} topk={topk}",
+    )
 
 
 def _case_prenorm(device: str, small: bool) -> Result:
     import torch
     from ds_plugins.kernels import tf32_hc_prenorm_gemm
     from ds_plugins.kernels.reference.mhc import hc_prenorm_gemm
+
     m, splits = (4, 2) if small else (4096, 4)
     a = torch.randn(m, 16384, device=device).bfloat16()
     b = torch.randn(24, 16384, device=device) * 0.01
@@ -187,7 +219,7 @@ def _case_prenorm(device: str, small: bool) -> Result:
     rd, rsq = torch.empty_like(d), torch.empty_like(sq)
     _, ms = _timed(lambda: tf32_hc_prenorm_gemm(a, b, d, sq, splits), device)
     hc_prenorm_gemm(a, b, rd, rsq, splits)
-    tf32 = 2.0 ** -9 if device == "cuda" else FP32  # the GPU dot is TF32 (10-bit mantissa)
+    tf32 = 2.0**-9 if device == "cuda" else FP32  # the GPU dot is TF32 (10-bit mantissa)
     err = max(_rel_error(d, rd), _rel_error(sq, rsq)) / tf32
     return Result("tf32_hc_prenorm_gemm", device, err, 1.0, ms, f"M={m} N=24 K=16384 splits={splits}")
 
@@ -196,6 +228,7 @@ def _case_einsum(device: str, small: bool) -> Result:
     import torch
     from ds_plugins.kernels import fp8_einsum
     from ds_plugins.kernels.reference.einsum import fp8_einsum_bhr_hdr_bhd, quantize_per_block, quantize_per_token
+
     tokens, r, d_out = (2, 512, 256) if small else (256, 4096, 1024)  # V4: h=8 groups, r=4096, d=1024
     a = quantize_per_token(torch.randn(tokens, 8, r, device=device))
     w = quantize_per_block(torch.randn(8, d_out, r, device=device))
@@ -206,10 +239,15 @@ def _case_einsum(device: str, small: bool) -> Result:
 
 
 # (kernel name as the rows and ds_plugins.kernels call it, case)
-CASES = (("flash_mla_sparse_fwd", _case_sparse_prefill), ("flash_mla_with_kvcache", _case_sparse_decode),
-         ("fp8_mqa_logits", _case_mqa_logits), ("fp8_paged_mqa_logits", _case_paged_logits),
-         ("fp8_paged_mqa_topk", _case_paged_topk), ("tf32_hc_prenorm_gemm", _case_prenorm),
-         ("fp8_einsum", _case_einsum))
+CASES = (
+    ("flash_mla_sparse_fwd", _case_sparse_prefill),
+    ("flash_mla_with_kvcache", _case_sparse_decode),
+    ("fp8_mqa_logits", _case_mqa_logits),
+    ("fp8_paged_mqa_logits", _case_paged_logits),
+    ("fp8_paged_mqa_topk", _case_paged_topk),
+    ("tf32_hc_prenorm_gemm", _case_prenorm),
+    ("fp8_einsum", _case_einsum),
+)
 
 EXIT_OK, EXIT_MISMATCH, EXIT_CANNOT_RUN = 0, 1, 2
 
@@ -222,6 +260,7 @@ def missing_prerequisites(find_spec=None) -> list[str]:
     """Packages the selftest needs and this interpreter lacks: torch and triton everywhere, and numpy
     for Triton's CPU interpreter (a GPU-less machine). Checked without importing them."""
     import importlib.util
+
     find_spec = find_spec or importlib.util.find_spec
     return [name for name in ("torch", "triton", "numpy") if find_spec(name) is None]
 
@@ -230,18 +269,22 @@ def run() -> tuple[str, list[Result]]:
     missing = missing_prerequisites()
     if missing:
         # numpy is needed only by Triton's CPU interpreter; but without torch we cannot tell, so ask for all
-        raise CannotRun(f"cannot run here: needs {', '.join(missing)} (pip install {' '.join(missing)}; "
-                        f"torch and triton come with vLLM and SGLang, numpy runs Triton's CPU interpreter)")
+        raise CannotRun(
+            f"cannot run here: needs {', '.join(missing)} (pip install {' '.join(missing)}; "
+            f"torch and triton come with vLLM and SGLang, numpy runs Triton's CPU interpreter)"
+        )
     device, where = _where()
     import torch
+
     torch.manual_seed(0)
     results = []
     for name, case in CASES:
         try:
             results.append(case(device, small=device == "cpu"))
         except Exception as exc:  # one broken kernel must not hide the others
-            results.append(Result(name, device, float("inf"), 1.0, float("nan"),
-                                  f"failed: {type(exc).__name__}: {exc}"))
+            results.append(
+                Result(name, device, float("inf"), 1.0, float("nan"), f"failed: {type(exc).__name__}: {exc}")
+            )
     return where, results
 
 
@@ -254,9 +297,18 @@ def main(as_json: bool = False) -> int:
         print(f"ds-plugins selftest: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     if as_json:
-        print(json.dumps({"device": where, "results": [
-            {**r._asdict(), "ok": r.ok, "error": r.error if r.error != float("inf") else None} for r in results]},
-            indent=2))
+        print(
+            json.dumps(
+                {
+                    "device": where,
+                    "results": [
+                        {**r._asdict(), "ok": r.ok, "error": r.error if r.error != float("inf") else None}
+                        for r in results
+                    ],
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"ds-plugins kernel selftest on {where}")
         print(f"{'kernel':<24}{'error/bound':>12}{'time':>12}  {'result':<6}  problem")
@@ -264,6 +316,8 @@ def main(as_json: bool = False) -> int:
             ratio = r.error / r.bound
             print(f"{r.kernel:<24}{ratio:>12.3g}{r.ms:>10.1f}ms  {'ok' if r.ok else 'FAIL':<6}  {r.shape}")
         bad = [r.kernel for r in results if not r.ok]
-        print(f"{len(results) - len(bad)}/{len(results)} kernels match their references"
-              + (f"; FAILED: {', '.join(bad)}" if bad else ""))
+        print(
+            f"{len(results) - len(bad)}/{len(results)} kernels match their references"
+            + (f"; FAILED: {', '.join(bad)}" if bad else "")
+        )
     return EXIT_OK if all(r.ok for r in results) else EXIT_MISMATCH

@@ -30,8 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ds_plugins.kernels._runtime import (INTERPRET, KernelInputError, cdiv, expect, next_pow2, target_capability,
-                                        use_triton)
+from ds_plugins.kernels._runtime import (
+    INTERPRET,
+    KernelInputError,
+    cdiv,
+    expect,
+    next_pow2,
+    target_capability,
+    use_triton,
+)
 from ds_plugins.kernels._tl import dot
 from ds_plugins.kernels.kv_cache import BYTES_PER_TOKEN, CACHE_DTYPES, HEAD_DIM
 from ds_plugins.kernels.reference.sparse_mla import ref_flash_mla_sparse_fwd, ref_sparse_decode
@@ -57,8 +64,8 @@ from ds_plugins.kernels.reference.sparse_mla import ref_flash_mla_sparse_fwd, re
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
-    block_h: int        # heads per program (rounded down to the problem's, at least 16 for tl.dot)
-    block_n: int        # candidates per online-softmax step
+    block_h: int  # heads per program (rounded down to the problem's, at least 16 for tl.dot)
+    block_n: int  # candidates per online-softmax step
     num_warps: int
     num_stages: int
 
@@ -72,13 +79,14 @@ COMBINE_BLOCK_H = 16
 # costs more than the parallelism gains.
 MIN_CANDIDATES_PER_SPLIT = 256
 MAX_SPLITS = 64
-DEFAULT_TARGET_PROGRAMS = 132      # SMs of an H100 SXM; used where no CUDA device is asked
+DEFAULT_TARGET_PROGRAMS = 132  # SMs of an H100 SXM; used where no CUDA device is asked
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)   # exp(x) = exp2(x * LOG2E)
-ROW_DIM = HEAD_DIM                 # 512: key dims = value dims (V includes the RoPE part)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+ROW_DIM = HEAD_DIM  # 512: key dims = value dims (V includes the RoPE part)
 
 
 # ----------------------------------------- Triton -------------------------------------------
+
 
 @triton.jit
 def _softmax_update(logits, valid, rows, m, l, acc, INTERPRET: tl.constexpr):
@@ -112,8 +120,21 @@ def _finish(o, lse, nonempty, sink_ptr, heads, head_ok, HAS_SINK: tl.constexpr):
 
 
 @triton.jit
-def _bf16_step(q_rows, kv_ptr, kv_row_stride, s_kv, rows_idx, in_list, m, l, acc, sm_scale,
-               BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+def _bf16_step(
+    q_rows,
+    kv_ptr,
+    kv_row_stride,
+    s_kv,
+    rows_idx,
+    in_list,
+    m,
+    l,
+    acc,
+    sm_scale,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """One online-softmax step over BLOCK_N rows of a bf16 [s_kv, 1, 512] kv (invalid rows: masked).
 
     Logits are summed over 8 groups of 64 dims, re-reading each [BLOCK_H, 64] slice of q (L1-
@@ -172,20 +193,38 @@ def _fp8_rows(cache_ptr, data, scales, valid, BLOCK_N: tl.constexpr):
     group = tl.arange(0, 8)
     lane = tl.arange(0, 64)
     is_nope = group < 7
-    raw = tl.load(cache_ptr + data[:, None, None] + (group[:, None] * 64 + lane[None, :])[None, :, :],
-                  mask=valid[:, None, None] & is_nope[None, :, None], other=0)                   # [N, 8, 64]
-    scale_bytes = tl.load(cache_ptr + scales[:, None] + group[None, :],
-                          mask=valid[:, None] & is_nope[None, :], other=0)                       # [N, 8]
+    raw = tl.load(
+        cache_ptr + data[:, None, None] + (group[:, None] * 64 + lane[None, :])[None, :, :],
+        mask=valid[:, None, None] & is_nope[None, :, None],
+        other=0,
+    )  # [N, 8, 64]
+    scale_bytes = tl.load(
+        cache_ptr + scales[:, None] + group[None, :], mask=valid[:, None] & is_nope[None, :], other=0
+    )  # [N, 8]
     nope = _dequant(raw, scale_bytes[:, :, None])
     rope_ptr = (cache_ptr + data + 448).to(tl.pointer_type(tl.bfloat16))
-    rope = tl.load(rope_ptr[:, None] + lane[None, :], mask=valid[:, None], other=0.0)            # [N, 64]
+    rope = tl.load(rope_ptr[:, None] + lane[None, :], mask=valid[:, None], other=0.0)  # [N, 64]
     rows = tl.where(is_nope[None, :, None], nope, rope[:, None, :])
     return tl.reshape(rows, [BLOCK_N, 512])
 
 
 @triton.jit
-def _fp8_step(q_rows, cache_ptr, page_stride, page_size, num_slots, slots, in_list, m, l, acc, sm_scale,
-              BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+def _fp8_step(
+    q_rows,
+    cache_ptr,
+    page_stride,
+    page_size,
+    num_slots,
+    slots,
+    in_list,
+    m,
+    l,
+    acc,
+    sm_scale,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """One online-softmax step over BLOCK_N slots of a V4 FP8 cache.
 
     The logits are summed over the 8 groups of 64 dims, re-reading each [BLOCK_H, 64] slice of q
@@ -204,13 +243,28 @@ def _fp8_step(q_rows, cache_ptr, page_stride, page_size, num_slots, slots, in_li
 
 @triton.jit
 def _sparse_prefill_kernel(
-        q_ptr, q_stride_s, q_stride_h,
-        kv_ptr, kv_row_stride, s_kv,
-        idx_ptr, idx_stride_s, topk, topk_len_ptr,
-        sink_ptr, out_ptr, max_logits_ptr, lse_ptr,
-        h_q, sm_scale,
-        HAS_TOPK_LEN: tl.constexpr, HAS_SINK: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    q_ptr,
+    q_stride_s,
+    q_stride_h,
+    kv_ptr,
+    kv_row_stride,
+    s_kv,
+    idx_ptr,
+    idx_stride_s,
+    topk,
+    topk_len_ptr,
+    sink_ptr,
+    out_ptr,
+    max_logits_ptr,
+    lse_ptr,
+    h_q,
+    sm_scale,
+    HAS_TOPK_LEN: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -229,8 +283,9 @@ def _sparse_prefill_kernel(
         pos = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
         in_list = pos < length
         rows_idx = tl.load(idx_row + pos, mask=in_list, other=-1)
-        m, l, acc = _bf16_step(q_rows, kv_ptr, kv_row_stride, s_kv, rows_idx, in_list, m, l, acc, sm_scale,
-                               BLOCK_H, BLOCK_N, INTERPRET)
+        m, l, acc = _bf16_step(
+            q_rows, kv_ptr, kv_row_stride, s_kv, rows_idx, in_list, m, l, acc, sm_scale, BLOCK_H, BLOCK_N, INTERPRET
+        )
 
     nonempty = l > 0.0
     lse = m + tl.log(tl.where(nonempty, l, 1.0))
@@ -245,16 +300,44 @@ def _sparse_prefill_kernel(
 
 @triton.jit
 def _sparse_decode_kernel(
-        q_ptr, q_stride_b, q_stride_s, q_stride_h,
-        cache_ptr, page_stride, page_size, num_slots,
-        idx_ptr, idx_stride_b, idx_stride_s, topk, topk_len_ptr,
-        x_cache_ptr, x_page_stride, x_page_size, x_num_slots,
-        x_idx_ptr, x_idx_stride_b, x_idx_stride_s, x_topk, x_topk_len_ptr,
-        sink_ptr, out_ptr, lse_ptr,
-        s_q, h_q, sm_scale, chunks_per_split,
-        HAS_TOPK_LEN: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_X_TOPK_LEN: tl.constexpr,
-        HAS_SINK: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    q_ptr,
+    q_stride_b,
+    q_stride_s,
+    q_stride_h,
+    cache_ptr,
+    page_stride,
+    page_size,
+    num_slots,
+    idx_ptr,
+    idx_stride_b,
+    idx_stride_s,
+    topk,
+    topk_len_ptr,
+    x_cache_ptr,
+    x_page_stride,
+    x_page_size,
+    x_num_slots,
+    x_idx_ptr,
+    x_idx_stride_b,
+    x_idx_stride_s,
+    x_topk,
+    x_topk_len_ptr,
+    sink_ptr,
+    out_ptr,
+    lse_ptr,
+    s_q,
+    h_q,
+    sm_scale,
+    chunks_per_split,
+    HAS_TOPK_LEN: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    HAS_X_TOPK_LEN: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Grid (b * s_q, head blocks, splits). The candidate axis is the window list's chunks
     followed by the extra list's chunks; split s takes chunks [s*chunks_per_split, +chunks_per_split).
 
@@ -287,8 +370,22 @@ def _sparse_decode_kernel(
         pos = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
         in_list = pos < length
         slots = tl.load(idx_row + pos, mask=in_list, other=-1)
-        m, l, acc = _fp8_step(q_rows, cache_ptr, page_stride, page_size, num_slots, slots, in_list, m, l, acc,
-                              sm_scale, BLOCK_H, BLOCK_N, INTERPRET)
+        m, l, acc = _fp8_step(
+            q_rows,
+            cache_ptr,
+            page_stride,
+            page_size,
+            num_slots,
+            slots,
+            in_list,
+            m,
+            l,
+            acc,
+            sm_scale,
+            BLOCK_H,
+            BLOCK_N,
+            INTERPRET,
+        )
 
     # Extra (compressed-cache) candidates: the chunks after the window's on the split axis.
     if HAS_EXTRA:
@@ -297,13 +394,28 @@ def _sparse_decode_kernel(
         if HAS_X_TOPK_LEN:
             x_length = tl.maximum(tl.minimum(tl.load(x_topk_len_ptr + batch), x_topk), 0)
         x_idx_row = x_idx_ptr + batch * x_idx_stride_b + q_token * x_idx_stride_s
-        for chunk in range(tl.maximum(first - window_chunks, 0),
-                           tl.minimum(stop - window_chunks, tl.cdiv(x_length, BLOCK_N))):
+        for chunk in range(
+            tl.maximum(first - window_chunks, 0), tl.minimum(stop - window_chunks, tl.cdiv(x_length, BLOCK_N))
+        ):
             pos = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
             in_list = pos < x_length
             slots = tl.load(x_idx_row + pos, mask=in_list, other=-1)
-            m, l, acc = _fp8_step(q_rows, x_cache_ptr, x_page_stride, x_page_size, x_num_slots, slots, in_list,
-                                  m, l, acc, sm_scale, BLOCK_H, BLOCK_N, INTERPRET)
+            m, l, acc = _fp8_step(
+                q_rows,
+                x_cache_ptr,
+                x_page_stride,
+                x_page_size,
+                x_num_slots,
+                slots,
+                in_list,
+                m,
+                l,
+                acc,
+                sm_scale,
+                BLOCK_H,
+                BLOCK_N,
+                INTERPRET,
+            )
 
     nonempty = l > 0.0
     lse = m + tl.log(tl.where(nonempty, l, 1.0))
@@ -321,8 +433,17 @@ def _sparse_decode_kernel(
 
 
 @triton.jit
-def _combine_splits_kernel(part_out_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr, h_q, num_splits,
-                           HAS_SINK: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_splits_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    sink_ptr,
+    out_ptr,
+    lse_ptr,
+    h_q,
+    num_splits,
+    HAS_SINK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """Merge the splits of one query token: lse = logsumexp_s(lse_s), out = sum_s exp(lse_s - lse) out_s.
     Grid (b * s_q, head blocks)."""
     token = tl.program_id(0).to(tl.int64)
@@ -355,6 +476,7 @@ def _combine_splits_kernel(part_out_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_pt
 
 
 # ----------------------------------------- helpers ------------------------------------------
+
 
 def _head_block(h_q: int, largest: int) -> int:
     """Heads per program: a power of two in [16, largest] (tl.dot needs >= 16 rows)."""
@@ -393,8 +515,9 @@ def _target_programs(device: torch.device) -> int:
     return DEFAULT_TARGET_PROGRAMS
 
 
-def decode_num_splits(b: int, s_q: int, h_q: int, topk: int, extra_topk: int,
-                      target_programs: int = DEFAULT_TARGET_PROGRAMS) -> int:
+def decode_num_splits(
+    b: int, s_q: int, h_q: int, topk: int, extra_topk: int, target_programs: int = DEFAULT_TARGET_PROGRAMS
+) -> int:
     """Split-KV count for a decode launch, from shapes only: enough splits that
     b * s_q * head blocks * splits reaches target_programs, but at least MIN_CANDIDATES_PER_SPLIT
     candidates per split, and at most MAX_SPLITS."""
@@ -405,10 +528,16 @@ def decode_num_splits(b: int, s_q: int, h_q: int, topk: int, extra_topk: int,
 
 # ----------------------------------------- prefill ------------------------------------------
 
-def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                         d_v: int = 512, attn_sink: torch.Tensor | None = None,
-                         topk_length: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def flash_mla_sparse_fwd(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+    attn_sink: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashMLA's sparse prefill. q [s_q, h_q, 512] bf16, kv [s_kv, 1, 512] bf16, indices [s_q, 1, topk]
     int32 (-1 or >= s_kv: skipped), attn_sink [h_q] fp32, topk_length [s_q] int32 (only
     indices[i, :, :topk_length[i]] count) -> out [s_q, h_q, 512] bf16, max_logits [s_q, h_q] fp32,
@@ -444,20 +573,37 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     block_h = _head_block(h_q, config.block_h)
     sink = attn_sink.contiguous() if attn_sink is not None else out
     lengths = topk_length.contiguous() if topk_length is not None else indices
-    grid = (s_q, cdiv(h_q, block_h))          # tokens on axis 0: up to 2^31 - 1 of them
+    grid = (s_q, cdiv(h_q, block_h))  # tokens on axis 0: up to 2^31 - 1 of them
     _sparse_prefill_kernel[grid](
-        q, q.stride(0), q.stride(1),
-        kv, kv.stride(0), kv.shape[0],
-        indices, indices.stride(0), indices.shape[-1], lengths,
-        sink, out, max_logits, lse,
-        h_q, float(sm_scale),
-        HAS_TOPK_LEN=topk_length is not None, HAS_SINK=attn_sink is not None,
-        BLOCK_H=block_h, BLOCK_N=config.block_n, INTERPRET=INTERPRET,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        q,
+        q.stride(0),
+        q.stride(1),
+        kv,
+        kv.stride(0),
+        kv.shape[0],
+        indices,
+        indices.stride(0),
+        indices.shape[-1],
+        lengths,
+        sink,
+        out,
+        max_logits,
+        lse,
+        h_q,
+        float(sm_scale),
+        HAS_TOPK_LEN=topk_length is not None,
+        HAS_SINK=attn_sink is not None,
+        BLOCK_H=block_h,
+        BLOCK_N=config.block_n,
+        INTERPRET=INTERPRET,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     return out, max_logits, lse
 
 
 # ----------------------------------------- decode -------------------------------------------
+
 
 @dataclasses.dataclass
 class SparseDecodeSchedMeta:
@@ -483,8 +629,8 @@ class SparseDecodeSchedMeta:
 
     have_initialized: bool = False
     config: Config | None = None
-    num_splits: int | None = None                 # split-KV count fixed at the first call
-    tile_scheduler_metadata: None = None          # FlashMLA's field name; no device-side plan is needed
+    num_splits: int | None = None  # split-KV count fixed at the first call
+    tile_scheduler_metadata: None = None  # FlashMLA's field name; no device-side plan is needed
 
 
 def get_mla_metadata(*args, **kwargs) -> tuple[SparseDecodeSchedMeta, None]:
@@ -497,15 +643,20 @@ def _check_cache(name: str, cache: torch.Tensor) -> None:
     expect(name, cache, dtype=CACHE_DTYPES, ndim=4, last_dim=BYTES_PER_TOKEN)
     expect(name, cache, shape=(None, None, 1, BYTES_PER_TOKEN))
     if cache.stride(3) != 1 or cache.stride(1) != BYTES_PER_TOKEN:
-        raise KernelInputError(f"{name}: expected the (num_blocks, page, 1, {BYTES_PER_TOKEN}) view of V4's FP8 "
-                               f"cache with stride(1) == {BYTES_PER_TOKEN}, got strides {tuple(cache.stride())}")
+        raise KernelInputError(
+            f"{name}: expected the (num_blocks, page, 1, {BYTES_PER_TOKEN}) view of V4's FP8 "
+            f"cache with stride(1) == {BYTES_PER_TOKEN}, got strides {tuple(cache.stride())}"
+        )
     if cache.shape[0] > 1 and cache.stride(0) < cache.shape[1] * BYTES_PER_TOKEN:
-        raise KernelInputError(f"{name}: page stride {cache.stride(0)} is smaller than a page "
-                               f"({cache.shape[1]} tokens x {BYTES_PER_TOKEN} bytes)")
+        raise KernelInputError(
+            f"{name}: page stride {cache.stride(0)} is smaller than a page "
+            f"({cache.shape[1]} tokens x {BYTES_PER_TOKEN} bytes)"
+        )
 
 
-def _check_decode_args(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-                       extra_topk_length, head_dim_v) -> None:
+def _check_decode_args(
+    q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices, extra_topk_length, head_dim_v
+) -> None:
     expect("q", q, dtype=torch.bfloat16, ndim=4, last_dim=ROW_DIM)
     b, s_q, h_q, _ = q.shape
     _check_cache("k_cache", k_cache)
@@ -531,38 +682,85 @@ def _check_decode_args(q, k_cache, indices, topk_length, attn_sink, extra_k_cach
         expect("extra_indices_in_kvcache", extra_indices, shape=(b, s_q, None))
         if extra_topk_length is not None:
             expect("extra_topk_length", extra_topk_length, dtype=torch.int32, shape=(b,))
-    _expect_same_device(q, k_cache=k_cache, indices=indices, topk_length=topk_length, attn_sink=attn_sink,
-                        extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices,
-                        extra_topk_length=extra_topk_length)
+    _expect_same_device(
+        q,
+        k_cache=k_cache,
+        indices=indices,
+        topk_length=topk_length,
+        attn_sink=attn_sink,
+        extra_k_cache=extra_k_cache,
+        extra_indices_in_kvcache=extra_indices,
+        extra_topk_length=extra_topk_length,
+    )
 
 
-def sparse_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
-                      topk_length: torch.Tensor | None = None, attn_sink: torch.Tensor | None = None,
-                      extra_k_cache: torch.Tensor | None = None, extra_indices: torch.Tensor | None = None,
-                      extra_topk_length: torch.Tensor | None = None, head_dim_v: int = 512,
-                      softmax_scale: float | None = None, num_splits: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_decode_fwd(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    indices: torch.Tensor,
+    topk_length: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+    extra_k_cache: torch.Tensor | None = None,
+    extra_indices: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
+    head_dim_v: int = 512,
+    softmax_scale: float | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The sparse FP8 decode without the sched-meta bookkeeping (what flash_mla_with_kvcache runs).
 
     num_splits: split-KV count; None picks decode_num_splits(...) from the shapes and the device.
     -> out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32 (a transposed view, as FlashMLA returns it)."""
-    _check_decode_args(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-                       extra_topk_length, head_dim_v)
+    _check_decode_args(
+        q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices, extra_topk_length, head_dim_v
+    )
     if num_splits is not None and num_splits < 1:
         raise KernelInputError(f"num_splits: expected a positive split count, got {num_splits}")
-    return _sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-                          extra_topk_length, head_dim_v, softmax_scale, num_splits)
+    return _sparse_decode(
+        q,
+        k_cache,
+        indices,
+        topk_length,
+        attn_sink,
+        extra_k_cache,
+        extra_indices,
+        extra_topk_length,
+        head_dim_v,
+        softmax_scale,
+        num_splits,
+    )
 
 
-def _sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices, extra_topk_length,
-                   head_dim_v, softmax_scale, num_splits):
+def _sparse_decode(
+    q,
+    k_cache,
+    indices,
+    topk_length,
+    attn_sink,
+    extra_k_cache,
+    extra_indices,
+    extra_topk_length,
+    head_dim_v,
+    softmax_scale,
+    num_splits,
+):
     """sparse_decode_fwd after its argument checks: dispatch, allocate, launch."""
     b, s_q, h_q, d_qk = q.shape
     if softmax_scale is None:
-        softmax_scale = d_qk ** -0.5
+        softmax_scale = d_qk**-0.5
     if not use_triton(q):
-        return ref_sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-                                 extra_topk_length, softmax_scale, head_dim_v)
+        return ref_sparse_decode(
+            q,
+            k_cache,
+            indices,
+            topk_length,
+            attn_sink,
+            extra_k_cache,
+            extra_indices,
+            extra_topk_length,
+            softmax_scale,
+            head_dim_v,
+        )
 
     topk = indices.shape[-1]
     extra_topk = extra_indices.shape[-1] if extra_k_cache is not None else 0
@@ -571,7 +769,7 @@ def _sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, e
     if num_splits is None:
         num_splits = decode_num_splits(b, s_q, h_q, topk, extra_topk, _target_programs(q.device))
     chunks_per_split = cdiv(chunks, min(num_splits, chunks))
-    num_splits = cdiv(chunks, chunks_per_split)          # no split left without candidates
+    num_splits = cdiv(chunks, chunks_per_split)  # no split left without candidates
 
     q = _last_dim_contiguous(q)
     indices = _last_dim_contiguous(indices)
@@ -583,9 +781,17 @@ def _sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, e
     if extra_k_cache is not None:
         x_cache = extra_k_cache.view(torch.uint8)
         x_indices = _last_dim_contiguous(extra_indices)
-        x_args = (x_cache, x_cache.stride(0), x_cache.shape[1], x_cache.shape[0] * x_cache.shape[1],
-                  x_indices, x_indices.stride(0), x_indices.stride(1), extra_topk)
-    else:                                               # never read: HAS_EXTRA is False
+        x_args = (
+            x_cache,
+            x_cache.stride(0),
+            x_cache.shape[1],
+            x_cache.shape[0] * x_cache.shape[1],
+            x_indices,
+            x_indices.stride(0),
+            x_indices.stride(1),
+            extra_topk,
+        )
+    else:  # never read: HAS_EXTRA is False
         x_args = (cache, 0, 1, 0, indices, 0, 0, 0)
     sink = attn_sink.contiguous() if attn_sink is not None else lse
     lengths = topk_length.contiguous() if topk_length is not None else indices
@@ -601,46 +807,91 @@ def _sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, e
         dest = (out, lse)
     grid = (b * s_q, cdiv(h_q, block_h), num_splits)
     _sparse_decode_kernel[grid](
-        q, q.stride(0), q.stride(1), q.stride(2),
-        cache, cache.stride(0), cache.shape[1], cache.shape[0] * cache.shape[1],
-        indices, indices.stride(0), indices.stride(1), topk, lengths,
-        *x_args, x_lengths,
-        sink, *dest,
-        s_q, h_q, float(softmax_scale), chunks_per_split,
-        HAS_TOPK_LEN=topk_length is not None, HAS_EXTRA=extra_k_cache is not None,
-        HAS_X_TOPK_LEN=extra_topk_length is not None, HAS_SINK=attn_sink is not None,
+        q,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        cache,
+        cache.stride(0),
+        cache.shape[1],
+        cache.shape[0] * cache.shape[1],
+        indices,
+        indices.stride(0),
+        indices.stride(1),
+        topk,
+        lengths,
+        *x_args,
+        x_lengths,
+        sink,
+        *dest,
+        s_q,
+        h_q,
+        float(softmax_scale),
+        chunks_per_split,
+        HAS_TOPK_LEN=topk_length is not None,
+        HAS_EXTRA=extra_k_cache is not None,
+        HAS_X_TOPK_LEN=extra_topk_length is not None,
+        HAS_SINK=attn_sink is not None,
         WRITE_PARTIAL=write_partial,
-        BLOCK_H=block_h, BLOCK_N=config.block_n, INTERPRET=INTERPRET,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        BLOCK_H=block_h,
+        BLOCK_N=config.block_n,
+        INTERPRET=INTERPRET,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     if write_partial:
         combine_h = _head_block(h_q, COMBINE_BLOCK_H)
         _combine_splits_kernel[(b * s_q, cdiv(h_q, combine_h))](
-            part_out, part_lse, sink, out, lse, h_q, num_splits,
-            HAS_SINK=attn_sink is not None, BLOCK_H=combine_h, num_warps=4)
+            part_out,
+            part_lse,
+            sink,
+            out,
+            lse,
+            h_q,
+            num_splits,
+            HAS_SINK=attn_sink is not None,
+            BLOCK_H=combine_h,
+            num_warps=4,
+        )
     return out, lse.transpose(1, 2)
 
 
 def _check_sched_meta(sched_meta, config: SparseDecodeSchedMeta.Config) -> None:
     if not isinstance(sched_meta, SparseDecodeSchedMeta):
-        raise KernelInputError("tile_scheduler_metadata: expected the object returned by "
-                               f"ds_plugins' get_mla_metadata(), got {type(sched_meta).__name__}")
+        raise KernelInputError(
+            "tile_scheduler_metadata: expected the object returned by "
+            f"ds_plugins' get_mla_metadata(), got {type(sched_meta).__name__}"
+        )
     if sched_meta.have_initialized and sched_meta.config != config:
-        changed = ", ".join(f"{f.name} {getattr(sched_meta.config, f.name)!r} -> {getattr(config, f.name)!r}"
-                            for f in dataclasses.fields(config)
-                            if getattr(sched_meta.config, f.name) != getattr(config, f.name))
-        raise KernelInputError("tile_scheduler_metadata: inconsistent with the call it was first used for "
-                               f"({changed}); get a new one from get_mla_metadata() for another shape")
+        changed = ", ".join(
+            f"{f.name} {getattr(sched_meta.config, f.name)!r} -> {getattr(config, f.name)!r}"
+            for f in dataclasses.fields(config)
+            if getattr(sched_meta.config, f.name) != getattr(config, f.name)
+        )
+        raise KernelInputError(
+            "tile_scheduler_metadata: inconsistent with the call it was first used for "
+            f"({changed}); get a new one from get_mla_metadata() for another shape"
+        )
 
 
-def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | None,
-                           cache_seqlens: torch.Tensor | None, head_dim_v: int,
-                           tile_scheduler_metadata: SparseDecodeSchedMeta, num_splits: None = None,
-                           softmax_scale: float | None = None, causal: bool = False,
-                           is_fp8_kvcache: bool = False, indices: torch.Tensor | None = None,
-                           attn_sink: torch.Tensor | None = None, extra_k_cache: torch.Tensor | None = None,
-                           extra_indices_in_kvcache: torch.Tensor | None = None,
-                           topk_length: torch.Tensor | None = None,
-                           extra_topk_length: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_mla_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None,
+    head_dim_v: int,
+    tile_scheduler_metadata: SparseDecodeSchedMeta,
+    num_splits: None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    is_fp8_kvcache: bool = False,
+    indices: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+    extra_k_cache: torch.Tensor | None = None,
+    extra_indices_in_kvcache: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashMLA's decode entry point, sparse FP8 path only (DeepSeek-V4's "MODEL1" cache).
 
     q [b, s_q, h_q, 512] bf16; k_cache [num_blocks, page, 1, 584] uint8/int8/fp8 (see kv_cache.py);
@@ -650,30 +901,61 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     used by the sparse path. softmax_scale defaults to 512^-0.5.
     -> out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32 (natural log; +inf where nothing is attended)."""
     if indices is None:
-        raise KernelInputError("indices: ds-plugins implements only FlashMLA's sparse FP8 decode (indices given, "
-                               "is_fp8_kvcache=True); dense decode (indices=None, block_table/cache_seqlens) "
-                               "is not supported")
+        raise KernelInputError(
+            "indices: ds-plugins implements only FlashMLA's sparse FP8 decode (indices given, "
+            "is_fp8_kvcache=True); dense decode (indices=None, block_table/cache_seqlens) "
+            "is not supported"
+        )
     if not is_fp8_kvcache:
-        raise KernelInputError("is_fp8_kvcache: sparse decode needs the FP8 cache (is_fp8_kvcache=True); "
-                               "a bf16 KV cache is not supported")
+        raise KernelInputError(
+            "is_fp8_kvcache: sparse decode needs the FP8 cache (is_fp8_kvcache=True); a bf16 KV cache is not supported"
+        )
     if causal:
         raise KernelInputError("causal: must be False for sparse decode (the indices already select the keys)")
     if num_splits is not None:
         raise KernelInputError("num_splits: must be None (FlashMLA's interface keeps it only as a placeholder)")
-    _check_decode_args(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices_in_kvcache,
-                       extra_topk_length, head_dim_v)
+    _check_decode_args(
+        q,
+        k_cache,
+        indices,
+        topk_length,
+        attn_sink,
+        extra_k_cache,
+        extra_indices_in_kvcache,
+        extra_topk_length,
+        head_dim_v,
+    )
 
     config = SparseDecodeSchedMeta.Config(
-        b=q.shape[0], s_q=q.shape[1], h_q=q.shape[2], page_block_size=k_cache.shape[1], h_k=k_cache.shape[2],
-        causal=causal, is_fp8_kvcache=is_fp8_kvcache, topk=indices.shape[-1],
+        b=q.shape[0],
+        s_q=q.shape[1],
+        h_q=q.shape[2],
+        page_block_size=k_cache.shape[1],
+        h_k=k_cache.shape[2],
+        causal=causal,
+        is_fp8_kvcache=is_fp8_kvcache,
+        topk=indices.shape[-1],
         extra_page_block_size=extra_k_cache.shape[1] if extra_k_cache is not None else None,
-        extra_topk=extra_indices_in_kvcache.shape[-1] if extra_indices_in_kvcache is not None else None)
+        extra_topk=extra_indices_in_kvcache.shape[-1] if extra_indices_in_kvcache is not None else None,
+    )
     sched_meta = tile_scheduler_metadata
     _check_sched_meta(sched_meta, config)
     if not sched_meta.have_initialized:
         sched_meta.have_initialized = True
         sched_meta.config = config
-        sched_meta.num_splits = decode_num_splits(config.b, config.s_q, config.h_q, config.topk,
-                                                  config.extra_topk or 0, _target_programs(q.device))
-    return _sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices_in_kvcache,
-                          extra_topk_length, head_dim_v, softmax_scale, sched_meta.num_splits)
+        sched_meta.num_splits = decode_num_splits(
+            config.b, config.s_q, config.h_q, config.topk, config.extra_topk or 0, _target_programs(q.device)
+        )
+    return _sparse_decode(
+        q,
+        k_cache,
+        indices,
+        topk_length,
+        attn_sink,
+        extra_k_cache,
+        extra_indices_in_kvcache,
+        extra_topk_length,
+        head_dim_v,
+        softmax_scale,
+        sched_meta.num_splits,
+    )

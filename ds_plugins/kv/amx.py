@@ -24,6 +24,7 @@ def allow_amx_tiles(tensors) -> bool:
     if not any(getattr(t, "device", None) is not None and t.device.type == "cpu" for t in tensors):
         return False
     import torch
+
     if not torch.cpu._is_amx_tile_supported():
         return False
     return bool(torch.cpu._init_amx())

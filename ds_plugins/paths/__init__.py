@@ -20,8 +20,13 @@ def rows(engine: str) -> tuple[Row, ...]:
     return ROWS
 
 
-def blockers(engine: str, version: str, capability: tuple[int, int] | None, values: dict[str, str],
-             has: Callable[[str, str], bool] = lambda library, feature: False) -> Blockers:
+def blockers(
+    engine: str,
+    version: str,
+    capability: tuple[int, int] | None,
+    values: dict[str, str],
+    has: Callable[[str, str], bool] = lambda library, feature: False,
+) -> Blockers:
     """The blockers on `engine` `version` on a GPU of `capability` that the decision `values` do not
     cover and the installed libraries (`has(library, feature)`) do not lift (empty off the manifest's
     device classes)."""

@@ -25,11 +25,24 @@ DEVICES = ("sm120", "sm121", "sm90", "sm100")
 REQUIRED_DEVICES = ("sm120", "sm121", "sm90")
 SM12X = ("sm120", "sm121")
 
-STAGES = ("weight_load", "profile", "prefill", "decode", "mtp", "topk", "moe", "sampling", "cudagraph",
-          "collective")
+STAGES = ("weight_load", "profile", "prefill", "decode", "mtp", "topk", "moe", "sampling", "cudagraph", "collective")
 # "engine": the engine's own Python logic on the path (a config resolution, an assert), not a kernel.
-PROVIDERS = ("engine", "engine_c", "engine_triton", "flashinfer", "deepgemm", "cutedsl", "tilelang", "flash_mla",
-             "sgl_kernel", "cutlass", "marlin", "torch", "nccl", "ds_plugins")
+PROVIDERS = (
+    "engine",
+    "engine_c",
+    "engine_triton",
+    "flashinfer",
+    "deepgemm",
+    "cutedsl",
+    "tilelang",
+    "flash_mla",
+    "sgl_kernel",
+    "cutlass",
+    "marlin",
+    "torch",
+    "nccl",
+    "ds_plugins",
+)
 # What the provider does for the row's device classes:
 #   has_code   it has code for the architecture (evidence says why)
 #   blocker    it has none, or fails there: the path crashes unless ds-plugins covers it
@@ -60,6 +73,7 @@ class Cover(NamedTuple):
     the failure depends on what the probe reads rather than on the device class (the GPU topology), the
     decision that takes the path away where the probe sees that condition; it never makes a version
     unsupported (only blockers do)."""
+
     decision: str  # a policy.DECISION_IDS entry
     value: str  # the value that covers: "triton", "off", ...
     patch: str | None = None
@@ -93,6 +107,7 @@ class Row(NamedTuple):
 
 class Blockers(NamedTuple):
     """The uncovered blockers on one engine version and device, and the release to upgrade to."""
+
     rows: tuple[Row, ...]
     upgrade_to: str | None  # None: no release is known to remove every one of them
 
@@ -132,10 +147,21 @@ def upgrade_target(rows: tuple[Row, ...], version: str, device: str) -> str | No
     return None
 
 
-def uncovered(rows: tuple[Row, ...], version: str, device: str, values: dict[str, str],
-              has: Callable[[str, str], bool] = lambda library, feature: False) -> Blockers:
+def uncovered(
+    rows: tuple[Row, ...],
+    version: str,
+    device: str,
+    values: dict[str, str],
+    has: Callable[[str, str], bool] = lambda library, feature: False,
+) -> Blockers:
     """The blocker rows on `version`/`device` that the decision `values` leave uncovered; `has(library,
     feature)` says what the machine has installed (default: the stock libraries only)."""
-    found = tuple(r for r in rows if r.upstream == "blocker" and r.applies(version, device)
-                  and not r.covered_by(values) and not (r.unless and has(*r.unless)))
+    found = tuple(
+        r
+        for r in rows
+        if r.upstream == "blocker"
+        and r.applies(version, device)
+        and not r.covered_by(values)
+        and not (r.unless and has(*r.unless))
+    )
     return Blockers(found, upgrade_target(rows, version, device) if found else None)

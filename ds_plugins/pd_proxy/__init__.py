@@ -16,13 +16,13 @@ import logging
 
 from .config import EXIT_CANNOT_LISTEN, EXIT_CANNOT_RUN, EXIT_OK, add_arguments, from_args  # noqa: F401
 
-MISSING_AIOHTTP = ("ds-plugins pd-proxy: aiohttp is not installed here: "
-                   "pip install 'ds-plugins[pd-proxy]'")
+MISSING_AIOHTTP = "ds-plugins pd-proxy: aiohttp is not installed here: pip install 'ds-plugins[pd-proxy]'"
 
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import fail
     from ..doctor import EXIT_USAGE
+
     try:
         config = from_args(args)
     except ValueError as exc:
@@ -32,14 +32,23 @@ def run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from .app import build
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s ds-plugins pd-proxy: %(message)s")
     log = logging.getLogger("ds_plugins.pd_proxy")
-    log.info("starting on http://%s:%d; prefill %s; decode %s; %s", config.host, config.port,
-             " ".join(config.prefill), " ".join(config.decode),
-             "whole-prompt prefill" if not config.all_but_last else "prefill of all but the last prompt token")
+    log.info(
+        "starting on http://%s:%d; prefill %s; decode %s; %s",
+        config.host,
+        config.port,
+        " ".join(config.prefill),
+        " ".join(config.decode),
+        "whole-prompt prefill" if not config.all_but_last else "prefill of all but the last prompt token",
+    )
     try:
         web.run_app(build(config), host=config.host, port=config.port, print=None, access_log=None)
     except OSError as exc:
-        return fail(args, f"ds-plugins pd-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
-                    EXIT_CANNOT_LISTEN)
+        return fail(
+            args,
+            f"ds-plugins pd-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+            EXIT_CANNOT_LISTEN,
+        )
     return EXIT_OK

@@ -43,10 +43,12 @@ class SideError(Exception):
 
 
 def error_body(status: int, message: str, **where) -> dict:
-    kind = {400: "invalid_request_error", 502: "bad_gateway", 503: "service_unavailable",
-            504: "gateway_timeout"}.get(status, "pd_proxy_error")
-    return {"error": {"message": message, "type": kind, "code": status,
-                      **{k: v for k, v in where.items() if v is not None}}}
+    kind = {400: "invalid_request_error", 502: "bad_gateway", 503: "service_unavailable", 504: "gateway_timeout"}.get(
+        status, "pd_proxy_error"
+    )
+    return {
+        "error": {"message": message, "type": kind, "code": status, **{k: v for k, v in where.items() if v is not None}}
+    }
 
 
 def error_response(status: int, message: str, **where) -> web.Response:
@@ -65,8 +67,10 @@ class Proxy:
     async def start(self, _app: web.Application) -> None:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s,
-                                          sock_read=self.config.timeout_s))
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self.config.connect_timeout_s, sock_read=self.config.timeout_s
+            ),
+        )
         await self.check_health()  # start with what is known, not with every instance assumed up
         self._health_task = asyncio.create_task(self._health_loop())
 
@@ -110,8 +114,9 @@ class Proxy:
         while True:
             inst = side.pick(exclude=tried)
             if inst is None:
-                raise SideError(503, side_name, None,
-                                f"no {side_name} instance can be reached ({side.why_unavailable()})")
+                raise SideError(
+                    503, side_name, None, f"no {side_name} instance can be reached ({side.why_unavailable()})"
+                )
             tried.append(inst)
             with side.using(inst):
                 try:
@@ -121,8 +126,12 @@ class Proxy:
                     side.mark(inst, _why(exc))  # down until its /health answers; the next instance is tried
                     continue
                 except asyncio.TimeoutError:
-                    raise SideError(504, side_name, inst, f"{side_name} {inst.url} sent nothing for "
-                                                          f"{self.config.timeout_s:g} s (--timeout-s)") from None
+                    raise SideError(
+                        504,
+                        side_name,
+                        inst,
+                        f"{side_name} {inst.url} sent nothing for {self.config.timeout_s:g} s (--timeout-s)",
+                    ) from None
                 except aiohttp.ClientError as exc:
                     side.mark(inst, _why(exc))
                     raise SideError(502, side_name, inst, f"{side_name} {inst.url} failed: {_why(exc)}") from None
@@ -134,20 +143,29 @@ class Proxy:
         try:
             data = await resp.read()
         except asyncio.TimeoutError:
-            raise SideError(504, side_name, inst, f"{side_name} {inst.url} sent nothing for "
-                                                  f"{self.config.timeout_s:g} s (--timeout-s)") from None
+            raise SideError(
+                504,
+                side_name,
+                inst,
+                f"{side_name} {inst.url} sent nothing for {self.config.timeout_s:g} s (--timeout-s)",
+            ) from None
         except aiohttp.ClientError as exc:
             raise SideError(502, side_name, inst, f"{side_name} {inst.url} failed: {_why(exc)}") from None
         if 400 <= resp.status < 500:
             raise SideError(resp.status, side_name, inst, "", passthrough=data)
         if resp.status != 200:
-            raise SideError(502, side_name, inst, f"{side_name} {inst.url} answered {resp.status}: "
-                                                  f"{data.decode(errors='replace')[:1000]}")
+            raise SideError(
+                502,
+                side_name,
+                inst,
+                f"{side_name} {inst.url} answered {resp.status}: {data.decode(errors='replace')[:1000]}",
+            )
         try:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SideError(502, side_name, inst, f"{side_name} {inst.url} answered 200 with a body "
-                                                  f"that is not JSON") from None
+            raise SideError(
+                502, side_name, inst, f"{side_name} {inst.url} answered 200 with a body that is not JSON"
+            ) from None
 
     async def _call_json(self, side_name: str, path: str, headers: dict, body: dict):
         async with self._open(side_name, "POST", path, headers, body) as (inst, resp):
@@ -190,20 +208,28 @@ class Proxy:
                 if exc.status in (503, 504):
                     raise
                 # e.g. a chat /tokenize cannot render: the prefill gets the request whole and says why
-                log.info("prefill /tokenize refused (%s); prefilling the whole prompt",
-                         exc.status if exc.passthrough is not None else exc)
+                log.info(
+                    "prefill /tokenize refused (%s); prefilling the whole prompt",
+                    exc.status if exc.passthrough is not None else exc,
+                )
         elif self.config.all_but_last and path == flow.COMPLETION and isinstance(body["prompt"], list):
             ids = body["prompt"]
         prefill_path, prefill = flow.prefill_body(path, body, ids)
         inst, answer = await self._call_json("prefill", prefill_path, headers, prefill)
         params = flow.usable_params(answer)
         if params is None:
-            raise SideError(502, "prefill", inst, f"prefill {inst.url} answered without kv_transfer_params: is it "
-                                                  f"started with kv_role kv_producer and the ds-plugins connector?")
+            raise SideError(
+                502,
+                "prefill",
+                inst,
+                f"prefill {inst.url} answered without kv_transfer_params: is it "
+                f"started with kv_role kv_producer and the ds-plugins connector?",
+            )
         return params
 
-    async def _decode(self, request: web.Request, path: str, body: dict, params: dict,
-                      headers: dict) -> web.StreamResponse:
+    async def _decode(
+        self, request: web.Request, path: str, body: dict, params: dict, headers: dict
+    ) -> web.StreamResponse:
         async with self._open("decode", "POST", path, headers, flow.decode_body(body, params)) as (inst, resp):
             if resp.status != 200 or not body.get("stream"):
                 return web.json_response(await self._read_json("decode", inst, resp))
@@ -219,8 +245,11 @@ class Proxy:
             resp.close()
             return out
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            message = (f"decode {inst.url} sent nothing for {self.config.timeout_s:g} s (--timeout-s)"
-                       if isinstance(exc, asyncio.TimeoutError) else f"decode {inst.url} failed: {_why(exc)}")
+            message = (
+                f"decode {inst.url} sent nothing for {self.config.timeout_s:g} s (--timeout-s)"
+                if isinstance(exc, asyncio.TimeoutError)
+                else f"decode {inst.url} failed: {_why(exc)}"
+            )
             log.warning("%s %s: stream broken: %s", request.method, request.path, message)
             code = 504 if isinstance(exc, asyncio.TimeoutError) else 502
             event = json.dumps(error_body(code, message, side="decode", instance=inst.url))
@@ -244,8 +273,9 @@ class Proxy:
         down = [name for name, side in self.sides.items() if not side.any_healthy()]
         if down:
             detail = "; ".join(f"{name}: {self.sides[name].why_unavailable()}" for name in down)
-            body = error_body(503, f"no healthy {' and no healthy '.join(down)} instance ({detail})",
-                              side=" and ".join(down))
+            body = error_body(
+                503, f"no healthy {' and no healthy '.join(down)} instance ({detail})", side=" and ".join(down)
+            )
             return web.json_response({**body, **state}, status=503)
         return web.json_response({"status": "ok", **state})
 

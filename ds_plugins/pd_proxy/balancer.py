@@ -13,16 +13,21 @@ log = logging.getLogger("ds_plugins.pd_proxy")
 
 @dataclass
 class Instance:
-    side: str                 # "prefill" or "decode"
+    side: str  # "prefill" or "decode"
     url: str
     healthy: bool = True
     in_flight: int = 0
     error: str | None = None  # why it is down
-    served: int = 0           # requests it has taken
+    served: int = 0  # requests it has taken
 
     def describe(self) -> dict:
-        return {"url": self.url, "healthy": self.healthy, "in_flight": self.in_flight, "served": self.served,
-                **({"error": self.error} if self.error else {})}
+        return {
+            "url": self.url,
+            "healthy": self.healthy,
+            "in_flight": self.in_flight,
+            "served": self.served,
+            **({"error": self.error} if self.error else {}),
+        }
 
 
 class Side:

@@ -18,7 +18,8 @@ DESCRIPTION = (
     "(max_tokens 1, all but the last prompt token, kv_transfer_params do_remote_decode) and generated on a "
     "decode instance with the kv_transfer_params the prefill returned. "
     "Exit status: 0 stopped by a signal, 1 cannot listen on --host/--port, 2 aiohttp is not installed "
-    "(pip install 'ds-plugins[pd-proxy]'), 64 bad command-line flags.")
+    "(pip install 'ds-plugins[pd-proxy]'), 64 bad command-line flags."
+)
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,10 @@ class ProxyConfig:
     decode: tuple[str, ...]
     host: str = "127.0.0.1"
     port: int = 8000
-    timeout_s: float = 600.0          # the longest a side may keep the proxy waiting for its next bytes
+    timeout_s: float = 600.0  # the longest a side may keep the proxy waiting for its next bytes
     connect_timeout_s: float = 5.0
     health_interval_s: float = 5.0
-    all_but_last: bool = True          # False: --full-prompt-prefill
+    all_but_last: bool = True  # False: --full-prompt-prefill
 
 
 def base_url(text: str) -> str:
@@ -39,8 +40,9 @@ def base_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
     if parts.path.rstrip("/") or parts.query or parts.fragment:
-        raise argparse.ArgumentTypeError(f"{text!r}: give the server's base URL (http://host:port), "
-                                         f"without a path such as /v1")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the server's base URL (http://host:port), without a path such as /v1"
+        )
     try:
         parts.port
     except ValueError:
@@ -69,23 +71,51 @@ def _port(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prefill", nargs="+", type=base_url, required=True, metavar="URL",
-                        help="base URL of each prefill instance (vllm serve with kv_role kv_producer)")
-    parser.add_argument("--decode", nargs="+", type=base_url, required=True, metavar="URL",
-                        help="base URL of each decode instance (vllm serve with kv_role kv_consumer)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
-                                                             "0.0.0.0 for every interface)")
+    parser.add_argument(
+        "--prefill",
+        nargs="+",
+        type=base_url,
+        required=True,
+        metavar="URL",
+        help="base URL of each prefill instance (vllm serve with kv_role kv_producer)",
+    )
+    parser.add_argument(
+        "--decode",
+        nargs="+",
+        type=base_url,
+        required=True,
+        metavar="URL",
+        help="base URL of each decode instance (vllm serve with kv_role kv_consumer)",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"
+    )
     parser.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")
-    parser.add_argument("--timeout-s", type=_positive, default=600.0,
-                        help="the longest a prefill or decode instance may go without sending a byte "
-                             "before the request fails with 504 (default 600)")
-    parser.add_argument("--connect-timeout-s", type=_positive, default=5.0,
-                        help="connecting to an instance; past it the instance counts as down (default 5)")
-    parser.add_argument("--health-interval-s", type=_positive, default=5.0,
-                        help="how often every instance's /health is checked (default 5)")
-    parser.add_argument("--full-prompt-prefill", action="store_true",
-                        help="send the prefill the whole prompt, as vLLM's example proxies do, not all but its "
-                             "last token (which the connector needs for exact output with sliding-window KV)")
+    parser.add_argument(
+        "--timeout-s",
+        type=_positive,
+        default=600.0,
+        help="the longest a prefill or decode instance may go without sending a byte "
+        "before the request fails with 504 (default 600)",
+    )
+    parser.add_argument(
+        "--connect-timeout-s",
+        type=_positive,
+        default=5.0,
+        help="connecting to an instance; past it the instance counts as down (default 5)",
+    )
+    parser.add_argument(
+        "--health-interval-s",
+        type=_positive,
+        default=5.0,
+        help="how often every instance's /health is checked (default 5)",
+    )
+    parser.add_argument(
+        "--full-prompt-prefill",
+        action="store_true",
+        help="send the prefill the whole prompt, as vLLM's example proxies do, not all but its "
+        "last token (which the connector needs for exact output with sliding-window KV)",
+    )
 
 
 def from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -96,6 +126,13 @@ def from_args(args: argparse.Namespace) -> ProxyConfig:
     shared = set(args.prefill) & set(args.decode)
     if shared:
         raise ValueError(f"{', '.join(sorted(shared))} is given as both --prefill and --decode")
-    return ProxyConfig(prefill=tuple(args.prefill), decode=tuple(args.decode), host=args.host, port=args.port,
-                       timeout_s=args.timeout_s, connect_timeout_s=args.connect_timeout_s,
-                       health_interval_s=args.health_interval_s, all_but_last=not args.full_prompt_prefill)
+    return ProxyConfig(
+        prefill=tuple(args.prefill),
+        decode=tuple(args.decode),
+        host=args.host,
+        port=args.port,
+        timeout_s=args.timeout_s,
+        connect_timeout_s=args.connect_timeout_s,
+        health_interval_s=args.health_interval_s,
+        all_but_last=not args.full_prompt_prefill,
+    )

@@ -19,18 +19,43 @@ from __future__ import annotations
 import copy
 
 COMPLETION, CHAT = "/v1/completions", "/v1/chat/completions"
-PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-                  "remote_block_ids": None, "remote_host": None, "remote_port": None}
+PREFILL_PARAMS = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
 # What ends or shapes generation: meaningless for a one-token prefill, and a stop at its token would
 # leave the request "stopped", not length-capped, which gives no kv_transfer_params.
-_NOT_FOR_PREFILL = ("max_completion_tokens", "min_tokens", "stream_options", "stop", "stop_token_ids", "n",
-                    "best_of", "echo", "prompt_logprobs", "logprobs", "top_logprobs", "return_token_ids")
+_NOT_FOR_PREFILL = (
+    "max_completion_tokens",
+    "min_tokens",
+    "stream_options",
+    "stop",
+    "stop_token_ids",
+    "n",
+    "best_of",
+    "echo",
+    "prompt_logprobs",
+    "logprobs",
+    "top_logprobs",
+    "return_token_ids",
+)
 # Chat keys that change the rendered prompt but that /tokenize does not take (vLLM 0.32
 # TokenizeChatRequest vs ChatCompletionRequest.build_chat_params): such chats go to the prefill whole.
 _RENDERED_ONLY_BY_CHAT = ("documents", "reasoning_effort", "response_format", "tools", "tool_choice")
 # What /tokenize takes for a chat (vLLM's TokenizeChatRequest), passed as the client sent it.
-_CHAT_TOKENIZE_KEYS = ("model", "messages", "add_generation_prompt", "continue_final_message",
-                       "add_special_tokens", "chat_template", "chat_template_kwargs")
+_CHAT_TOKENIZE_KEYS = (
+    "model",
+    "messages",
+    "add_generation_prompt",
+    "continue_final_message",
+    "add_special_tokens",
+    "chat_template",
+    "chat_template_kwargs",
+)
 # Kept from the client's request when the prefill is a completion of token ids made from a chat.
 _KEPT_FOR_IDS = ("model", "cache_salt", "priority")
 
@@ -47,8 +72,10 @@ def client_body(raw: object, path: str) -> tuple[dict, bool]:
     forged = body.pop("kv_transfer_params", None) is not None
     for key in ("n", "best_of"):
         if body.get(key) not in (None, 1):
-            raise RequestError(f"{key}={body[key]!r}: the P/D proxy serves one sequence per request "
-                               f"(the prefill's KV blocks can be read once)")
+            raise RequestError(
+                f"{key}={body[key]!r}: the P/D proxy serves one sequence per request "
+                f"(the prefill's KV blocks can be read once)"
+            )
     if path == COMPLETION:
         body["prompt"] = single_prompt(body.get("prompt"))
     elif not isinstance(body.get("messages"), list):
@@ -78,8 +105,11 @@ def tokenize_request(path: str, body: dict) -> dict | None:
     if path == COMPLETION:
         if not isinstance(body["prompt"], str):
             return None
-        return {"model": body.get("model"), "prompt": body["prompt"],
-                "add_special_tokens": body.get("add_special_tokens", True)}
+        return {
+            "model": body.get("model"),
+            "prompt": body["prompt"],
+            "add_special_tokens": body.get("add_special_tokens", True),
+        }
     if any(body.get(key) is not None for key in _RENDERED_ONLY_BY_CHAT):
         return None
     for message in body["messages"]:

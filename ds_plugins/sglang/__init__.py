@@ -14,6 +14,7 @@ from __future__ import annotations
 
 def declared_patches():
     from .patches import PATCHES
+
     return PATCHES
 
 
@@ -23,6 +24,8 @@ def adapter_carriers() -> dict:
     gate); sparse_mla=triton also sets SGLang's sparse-prefill and SM120-backend switches (0.5.13+ /
     0.5.15+), which is what covers FlashMLA's sparse prefill (no patch can: SGLang reads the switch at
     each prefill), beside its routes."""
-    return {("deepgemm", "on"): "SGLANG_ENABLE_JIT_DEEPGEMM=1 in the environment (SGLang's own switch)",
-            ("sparse_mla", "triton"): "SGLANG_OPT_FLASHMLA_SPARSE_PREFILL=0 and SGLANG_SM120_FLASHMLA_BACKEND=triton "
-                                      "in the environment (SGLang's own switches)"}
+    return {
+        ("deepgemm", "on"): "SGLANG_ENABLE_JIT_DEEPGEMM=1 in the environment (SGLang's own switch)",
+        ("sparse_mla", "triton"): "SGLANG_OPT_FLASHMLA_SPARSE_PREFILL=0 and SGLANG_SM120_FLASHMLA_BACKEND=triton "
+        "in the environment (SGLang's own switches)",
+    }

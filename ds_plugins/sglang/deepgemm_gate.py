@@ -92,6 +92,7 @@ SM120_BACKEND_VERSIONS = ">=0.5.15"
 
 def _in(versions: str, version: str | None) -> bool:
     from ds_plugins.landscape import in_range
+
     return bool(version) and in_range(versions, cast(str, version))  # bool(version): not None, not ""
 
 
@@ -121,25 +122,27 @@ def set_switch(name: str, want: str, why: str, log: logging.Logger, env=os.envir
         ours[name] = want
         env[OURS] = ",".join(f"{k}={v}" for k, v in sorted(ours.items()))
         return "kept" if already else "set"
-    if (_as_bool(user) == _as_bool(want) if _as_bool(want) is not None else user.strip().lower() == want):
+    if _as_bool(user) == _as_bool(want) if _as_bool(want) is not None else user.strip().lower() == want:
         return "agrees"
     if name not in _env_said:
         _env_said.add(name)
-        log.warning("ds-plugins: %s, but %s=%s was set explicitly; ds-plugins keeps the user's value",
-                    why, name, user)
+        log.warning("ds-plugins: %s, but %s=%s was set explicitly; ds-plugins keeps the user's value", why, name, user)
     return "user"
 
 
 def apply_env(plan, log: logging.Logger, env=os.environ) -> dict[str, str]:
     """Every SGLang switch the plan asks for (see wanted()); {name: what happened}."""
-    why = {SWITCH: f"deepgemm={plan.value('deepgemm')}", WO_A_SWITCH: "indexer=triton (0.5.12: o_proj without "
-           "DeepGEMM's fp8_einsum)",
-           SPARSE_PREFILL_SWITCH: "sparse_mla=triton (V4 prefill off FlashMLA's SM90a/SM100f-only sparse kernel)",
-           SM120_BACKEND_SWITCH: "sparse_mla=triton (SGLang's SM120 attention off its FlashInfer default)"}
+    why = {
+        SWITCH: f"deepgemm={plan.value('deepgemm')}",
+        WO_A_SWITCH: "indexer=triton (0.5.12: o_proj without DeepGEMM's fp8_einsum)",
+        SPARSE_PREFILL_SWITCH: "sparse_mla=triton (V4 prefill off FlashMLA's SM90a/SM100f-only sparse kernel)",
+        SM120_BACKEND_SWITCH: "sparse_mla=triton (SGLang's SM120 attention off its FlashInfer default)",
+    }
     return {name: set_switch(name, value, why[name], log, env) for name, value in wanted(plan).items()}
 
 
 # --- the patch -------------------------------------------------------------------------------
+
 
 def _check(target: Target) -> str | None:
     names = vars(target.module)
@@ -189,6 +192,7 @@ def _install_off(target: Target):
     def undo() -> None:
         for owner, name, old in reversed(changed):
             setattr(owner, name, old)
+
     return undo
 
 
@@ -200,16 +204,16 @@ CONFIGURER_OFF = Patch(
     versions=">=0.5.12",
     implements=("deepgemm", ("off",)),
     why="SGLang 0.5.12 enables DeepGEMM on SM120/SM121 and 0.5.13-0.5.20 on SM121 whatever DeepGEMM is "
-        "installed; one without SM12x kernels fails at weight load ('Unknown SF transformation'). "
-        "SGLANG_ENABLE_JIT_DEEPGEMM=0 covers processes that import the configurer after ds-plugins decided; "
-        "this patch covers those that imported it before",
+    "installed; one without SM12x kernels fails at weight load ('Unknown SF transformation'). "
+    "SGLANG_ENABLE_JIT_DEEPGEMM=0 covers processes that import the configurer after ds-plugins decided; "
+    "this patch covers those that imported it before",
     retire="SGLang's gate probes the installed DeepGEMM for SM12x kernels on every SM12x GPU "
-           "(0.5.21+ for SM120 and SM121; policy then says deepgemm=upstream)",
+    "(0.5.21+ for SM120 and SM121; policy then says deepgemm=upstream)",
     check=_check,
     install=_install_off,
     how="the configurer's DeepGEMM flags (ENABLE_JIT_DEEPGEMM, DEEPGEMM_BLACKWELL, DEEPGEMM_SCALE_UE8M0, and "
-        "DEEPGEMM_PAGED_SPARSE_MQA_LOGITS where present) become False, with the copies SGLang's modules made of "
-        "them",
+    "DEEPGEMM_PAGED_SPARSE_MQA_LOGITS where present) become False, with the copies SGLang's modules made of "
+    "them",
     upstream=("sgl-project/sglang#25877", "sgl-project/sglang#34827", "deepseek-ai/DeepGEMM#372"),
     evidence=("tests/engines/test_sglang_deepgemm_gate.py", "tests/contract/test_sglang_seams.py"),
 )

@@ -11,6 +11,6 @@ from ds_plugins.patching import Patch
 from . import deepgemm_gate, routes
 
 PATCHES: tuple[Patch, ...] = (
-    *deepgemm_gate.PATCHES,   # deepgemm=off (with SGLANG_ENABLE_JIT_DEEPGEMM, set in __init__)
-    *routes.PATCHES,          # sparse_mla=triton, indexer=triton
+    *deepgemm_gate.PATCHES,  # deepgemm=off (with SGLANG_ENABLE_JIT_DEEPGEMM, set in __init__)
+    *routes.PATCHES,  # sparse_mla=triton, indexer=triton
 )

@@ -25,7 +25,7 @@ not) is skipped with one warning by ds_plugins.patching, and SGLang keeps its ow
 
 from __future__ import annotations
 
-from ds_plugins.patching import Patch, Route, Target, accepts_what_the_original_takes, parameters, route_to  # noqa: F401
+from ds_plugins.patching import Patch, Route, Target, accepts_what_the_original_takes, parameters  # noqa: F401 (tests read it here)
 
 SPARSE = ("sparse_mla", ("triton",))
 INDEXER = ("indexer", ("triton",))
@@ -40,18 +40,41 @@ EVIDENCE_0512 = ("tests/kernels/test_sglang_routes.py", "tests/contract/test_sgl
 EVIDENCE_SM120 = ("tests/engines/test_sglang_routes.py", *EVIDENCE_0512)
 
 
-def flash_mla_with_kvcache_sm120(*, q, k_cache, head_dim_v, indices, softmax_scale=None, topk_length=None,
-                                 attn_sink=None, extra_k_cache=None, extra_indices_in_kvcache=None,
-                                 extra_topk_length=None):
+def flash_mla_with_kvcache_sm120(
+    *,
+    q,
+    k_cache,
+    head_dim_v,
+    indices,
+    softmax_scale=None,
+    topk_length=None,
+    attn_sink=None,
+    extra_k_cache=None,
+    extra_indices_in_kvcache=None,
+    extra_topk_length=None,
+):
     """SGLang's `flash_mla_with_kvcache_sm120(**kwargs)` (0.5.13+, keyword-only), on ds-plugins' sparse
     FP8 decode kernel: same keywords, same (out [b, s_q, h_q, head_dim_v], lse) result. SGLang plans
     nothing for it, so each call takes a fresh plan (it holds no device state)."""
     from ds_plugins.kernels import flash_mla_with_kvcache, get_mla_metadata
+
     plan, _ = get_mla_metadata()
-    return flash_mla_with_kvcache(q, k_cache, None, None, head_dim_v, plan, softmax_scale=softmax_scale,
-                                  is_fp8_kvcache=True, indices=indices, attn_sink=attn_sink,
-                                  extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
-                                  topk_length=topk_length, extra_topk_length=extra_topk_length)
+    return flash_mla_with_kvcache(
+        q,
+        k_cache,
+        None,
+        None,
+        head_dim_v,
+        plan,
+        softmax_scale=softmax_scale,
+        is_fp8_kvcache=True,
+        indices=indices,
+        attn_sink=attn_sink,
+        extra_k_cache=extra_k_cache,
+        extra_indices_in_kvcache=extra_indices_in_kvcache,
+        topk_length=topk_length,
+        extra_topk_length=extra_topk_length,
+    )
 
 
 def adapter(name: str):
@@ -59,6 +82,7 @@ def adapter(name: str):
     if name == "flash_mla_with_kvcache_sm120":
         return flash_mla_with_kvcache_sm120
     import ds_plugins.kernels as kernels
+
     return getattr(kernels, name)
 
 
@@ -87,6 +111,7 @@ def _check(route: Route):
             if why is not None:
                 return why
         return None
+
     return check
 
 
@@ -96,31 +121,89 @@ def _patch(route: Route) -> Patch:
 
 FLASHMLA = "FlashMLA has no SM12x kernels and SGLang 0.5.12 calls it for every V4 {} (decode and prefill)"
 DEEPGEMM = "DeepGEMM {} has no SM12x kernel and SGLang 0.5.12's V4 {} calls it whatever the DeepGEMM gate says"
-SM120 = ("DS_PLUGINS_SPARSE_MLA=triton: SGLang's SM120 FlashMLA replacement is swapped for the ds-plugins "
-         "Triton kernel at its call sites (decode, and prefill on the SM120 branch)")
+SM120 = (
+    "DS_PLUGINS_SPARSE_MLA=triton: SGLang's SM120 FlashMLA replacement is swapped for the ds-plugins "
+    "Triton kernel at its call sites (decode, and prefill on the SM120 branch)"
+)
 ROUTES: tuple[Route, ...] = (
-    Route("sglang.route.decode", "flash_mla", "flash_mla_with_kvcache", V0512, SPARSE,
-          FLASHMLA.format("sparse attention"), RETIRE_0512, group="flash_mla",
-          upstream=UPSTREAM_0512, evidence=EVIDENCE_0512),
-    Route("sglang.route.decode_plan", "flash_mla", "get_mla_metadata", V0512, SPARSE,
-          "the routed flash_mla_with_kvcache takes ds-plugins' plan, so the plan SGLang asks FlashMLA for "
-          "(_create_flashmla_metadata) comes from ds-plugins too", RETIRE_0512, group="flash_mla",
-          upstream=UPSTREAM_0512, evidence=EVIDENCE_0512),
-    Route("sglang.route.indexer_logits", "deep_gemm", "fp8_paged_mqa_logits", V0512, INDEXER,
-          DEEPGEMM.format("fp8_paged_mqa_logits", "C4 indexer"), RETIRE_0512,
-          upstream=UPSTREAM_0512, evidence=EVIDENCE_0512),
-    Route("sglang.route.indexer_schedule", "deep_gemm", "get_paged_mqa_logits_metadata", V0512, INDEXER,
-          DEEPGEMM.format("get_paged_mqa_logits_metadata", "indexer metadata"), RETIRE_0512,
-          upstream=UPSTREAM_0512, evidence=EVIDENCE_0512),
-    Route("sglang.route.mhc_prenorm", "deep_gemm", "tf32_hc_prenorm_gemm", V0512, INDEXER,
-          DEEPGEMM.format("tf32_hc_prenorm_gemm", "mHC prenorm (SGLANG_OPT_DEEPGEMM_HC_PRENORM, on by default)"),
-          RETIRE_0512, upstream=UPSTREAM_0512, evidence=EVIDENCE_0512),
-    Route("sglang.route.decode_sm120_legacy", "sglang.srt.layers.attention.flash_mla_sm120",
-          "flash_mla_with_kvcache_sm120", ">=0.5.13,<0.5.16", SPARSE, SM120, RETIRE_FORCED,
-          evidence=EVIDENCE_0512),
-    Route("sglang.route.decode_sm120", "sglang.kernels.ops.attention.flash_mla_sm120",
-          "flash_mla_with_kvcache_sm120", ">=0.5.16", SPARSE, SM120, RETIRE_FORCED,
-          evidence=EVIDENCE_SM120),
+    Route(
+        "sglang.route.decode",
+        "flash_mla",
+        "flash_mla_with_kvcache",
+        V0512,
+        SPARSE,
+        FLASHMLA.format("sparse attention"),
+        RETIRE_0512,
+        group="flash_mla",
+        upstream=UPSTREAM_0512,
+        evidence=EVIDENCE_0512,
+    ),
+    Route(
+        "sglang.route.decode_plan",
+        "flash_mla",
+        "get_mla_metadata",
+        V0512,
+        SPARSE,
+        "the routed flash_mla_with_kvcache takes ds-plugins' plan, so the plan SGLang asks FlashMLA for "
+        "(_create_flashmla_metadata) comes from ds-plugins too",
+        RETIRE_0512,
+        group="flash_mla",
+        upstream=UPSTREAM_0512,
+        evidence=EVIDENCE_0512,
+    ),
+    Route(
+        "sglang.route.indexer_logits",
+        "deep_gemm",
+        "fp8_paged_mqa_logits",
+        V0512,
+        INDEXER,
+        DEEPGEMM.format("fp8_paged_mqa_logits", "C4 indexer"),
+        RETIRE_0512,
+        upstream=UPSTREAM_0512,
+        evidence=EVIDENCE_0512,
+    ),
+    Route(
+        "sglang.route.indexer_schedule",
+        "deep_gemm",
+        "get_paged_mqa_logits_metadata",
+        V0512,
+        INDEXER,
+        DEEPGEMM.format("get_paged_mqa_logits_metadata", "indexer metadata"),
+        RETIRE_0512,
+        upstream=UPSTREAM_0512,
+        evidence=EVIDENCE_0512,
+    ),
+    Route(
+        "sglang.route.mhc_prenorm",
+        "deep_gemm",
+        "tf32_hc_prenorm_gemm",
+        V0512,
+        INDEXER,
+        DEEPGEMM.format("tf32_hc_prenorm_gemm", "mHC prenorm (SGLANG_OPT_DEEPGEMM_HC_PRENORM, on by default)"),
+        RETIRE_0512,
+        upstream=UPSTREAM_0512,
+        evidence=EVIDENCE_0512,
+    ),
+    Route(
+        "sglang.route.decode_sm120_legacy",
+        "sglang.srt.layers.attention.flash_mla_sm120",
+        "flash_mla_with_kvcache_sm120",
+        ">=0.5.13,<0.5.16",
+        SPARSE,
+        SM120,
+        RETIRE_FORCED,
+        evidence=EVIDENCE_0512,
+    ),
+    Route(
+        "sglang.route.decode_sm120",
+        "sglang.kernels.ops.attention.flash_mla_sm120",
+        "flash_mla_with_kvcache_sm120",
+        ">=0.5.16",
+        SPARSE,
+        SM120,
+        RETIRE_FORCED,
+        evidence=EVIDENCE_SM120,
+    ),
 )
 
 PATCHES: tuple[Patch, ...] = tuple(_patch(r) for r in ROUTES)

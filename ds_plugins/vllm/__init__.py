@@ -20,25 +20,33 @@ LOGGER_NAME = "vllm.ds_plugins"
 
 def declared_patches():
     from .patches import PATCHES
+
     return PATCHES
 
 
 def adapter_carriers() -> dict[tuple[str, str], str]:
     """Decision values this adapter carries with no runtime patch (see ds_plugins.effects)."""
     return {
-        ("mooncake_connector", "ds_plugins"):
-            "ds_plugins.vllm.mooncake.connector, imported by vLLM itself (kv_connector_module_path)",
-        ("ascend_quant", "ds_plugins"):
-            "AscendConfig, registered through vLLM's public register_quantization_config",
+        (
+            "mooncake_connector",
+            "ds_plugins",
+        ): "ds_plugins.vllm.mooncake.connector, imported by vLLM itself (kv_connector_module_path)",
+        ("ascend_quant", "ds_plugins"): "AscendConfig, registered through vLLM's public register_quantization_config",
     }
 
 
 def register() -> None:
     from ..registration import register as run
     from .startup_log import Holding
+
     log = logging.getLogger(LOGGER_NAME)
-    reg = run("vllm", via="vllm.general_plugins", patches=declared_patches, log=Holding(log),  # type: ignore[arg-type]  # Logger-like
-              carriers=adapter_carriers)
+    reg = run(
+        "vllm",
+        via="vllm.general_plugins",
+        patches=declared_patches,
+        log=Holding(log),  # type: ignore[arg-type]  # Logger-like
+        carriers=adapter_carriers,
+    )
     if reg.state == "registered" and reg.plan is not None and reg.plan.status == "supported":
         _ascend_quant(reg, log)
 
@@ -59,6 +67,7 @@ def _ascend_quant(reg, log: logging.Logger) -> None:
 
     def install(_module) -> None:
         from .ascend.install import install as run
+
         reg.notes["ascend_quant"] = run(reg.plan, log)  # never raises
 
     reg.notes["ascend_quant"] = f"armed: registers when vLLM has imported {CONFIG}"

@@ -83,6 +83,7 @@ def _wrap(original: Any):
             return original(*args, **kwargs)
         finally:
             release()
+
     return configure_logging
 
 
@@ -94,7 +95,7 @@ PATCH = Patch(
     versions=">=0.32",
     implements=(EVERY_PLAN, ()),
     why="vLLM 0.32+ configures logging after the API server has loaded plugins, so ds-plugins' start-up "
-        "line there would be dropped; held lines are logged once vLLM's configure_logging has run",
+    "line there would be dropped; held lines are logged once vLLM's configure_logging has run",
     retire="when vLLM configures logging before loading general plugins in every process",
     check=_check,
     install=replace_attribute(_wrap),

@@ -16,6 +16,7 @@ def _arm():
         install()
     except Exception as exc:  # never break interpreter start-up
         import sys
+
         print(f"ds-plugins: PYTHONPATH hook not armed ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 

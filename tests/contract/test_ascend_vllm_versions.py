@@ -50,6 +50,7 @@ def test_ascend_interface_fact_holds_in_wheel_ast(version, check):
 def test_abstract_methods_check_names_what_a_class_lacks(tmp_path):
     """A wheel whose base grew an abstract method ds-plugins' class does not define is refused, naming both."""
     import shutil
+
     src = tmp_path / "vllm-src"
     shutil.copytree(_src(MATRIX[-1]) / "vllm", src / "vllm", copy_function=os.symlink)  # the newest wheel
     base = src / "vllm/model_executor/layers/linear.py"
@@ -58,9 +59,12 @@ def test_abstract_methods_check_names_what_a_class_lacks(tmp_path):
     anchor = "class LinearMethodBase(QuantizeMethodBase):"
     assert anchor in text
     base.write_text(text.replace(anchor, anchor + "\n    @abstractmethod\n    def new_hook(self):\n        ...\n", 1))
-    with pytest.raises(SeamMismatch, match=r"LinearMethodBase .* has abstract new_hook, which "
-                                           r"ds_plugins/vllm/ascend/methods.py:W8A8DynamicLinearMethod "
-                                           r"does not define"):
+    with pytest.raises(
+        SeamMismatch,
+        match=r"LinearMethodBase .* has abstract new_hook, which "
+        r"ds_plugins/vllm/ascend/methods.py:W8A8DynamicLinearMethod "
+        r"does not define",
+    ):
         ascend_seams.abstract_methods_implemented(src)
 
 
@@ -75,6 +79,7 @@ def test_ci_and_runtime_agree_on_the_moe_apply_arguments():
     import inspect
 
     from ds_plugins.vllm.ascend import compat as ascend_compat, methods as ascend_methods
+
     assert ascend_seams.MOE_APPLY_PARAMS == ascend_compat.MOE_APPLY_PARAMS
     taken = [p for p in inspect.signature(ascend_methods.AscendMoEMethod.apply).parameters if p != "self"]
     assert tuple(taken) == ascend_compat.MOE_APPLY_PARAMS
@@ -84,6 +89,7 @@ def test_probe_refuses_an_unknown_moe_interface_with_one_line():
     from vllm.model_executor.layers import fused_moe
 
     from ds_plugins.vllm.ascend import compat as ascend_compat
+
     assert ascend_compat.moe_layer_class(fused_moe) is fused_moe.RoutedExperts
     bare = types.ModuleType("vllm.model_executor.layers.fused_moe")
     bare.FusedMoE = lambda *a, **k: None  # 0.24+'s factory function alone is not a layer class
@@ -117,12 +123,23 @@ print("RESULT " + json.dumps({"state": state, "moe_layer": ascend_compat.MoELaye
 
 
 def _live(python: str) -> dict:
-    proc = subprocess.run([python, "-c", _LIVE], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={"PYTHONPATH": str(ROOT), "VLLM_PLUGINS": "", "OMP_NUM_THREADS": "1",
-                               "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    proc = subprocess.run(
+        [python, "-c", _LIVE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={
+            "PYTHONPATH": str(ROOT),
+            "VLLM_PLUGINS": "",
+            "OMP_NUM_THREADS": "1",
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(Path.home()),
+        },
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _check_live(found: dict) -> None:

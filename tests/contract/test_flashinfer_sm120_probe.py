@@ -11,8 +11,13 @@ import pytest
 from packaging.version import Version
 
 from ci import upstream
-from ds_plugins.probe import (DSV4_SM120_DECODE_PARAMS, DSV4_SM120_DECODE_SHAPES, FLASHINFER_SM120_SPARSE_MLA,
-                               _missing_dsv4_decode_shapes, flashinfer_at)
+from ds_plugins.probe import (
+    DSV4_SM120_DECODE_PARAMS,
+    DSV4_SM120_DECODE_SHAPES,
+    FLASHINFER_SM120_SPARSE_MLA,
+    _missing_dsv4_decode_shapes,
+    flashinfer_at,
+)
 
 pytestmark = pytest.mark.contract
 
@@ -72,8 +77,9 @@ def test_a_decode_without_an_sm12x_branch_means_no_sm120_path(tmp_path):
     end = text.index("\ndef ", start + 1)
     func = text[start:end]
     assert "sm12x" in func or "sm120" in func
-    (copy / "mla" / "_core.py").write_text(text[:start] + func.replace("sm12x", "sm90").replace("sm120", "sm90")
-                                           + text[end:])
+    (copy / "mla" / "_core.py").write_text(
+        text[:start] + func.replace("sm12x", "sm90").replace("sm120", "sm90") + text[end:]
+    )
     lib = flashinfer_at(copy, "0.6.16.post3+edited")
     assert not lib.has("sm120_sparse_mla") and "has no SM12x branch" in lib.note
 
@@ -93,8 +99,9 @@ def _decode_keywords(vllm_version: str) -> set[str]:
 
 def _decode_parameters(root) -> set[str]:
     text = (root / "mla" / "_core.py").read_text()
-    func = next(n for n in ast.parse(text).body
-                if isinstance(n, ast.FunctionDef) and n.name == FLASHINFER_SM120_SPARSE_MLA)
+    func = next(
+        n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == FLASHINFER_SM120_SPARSE_MLA
+    )
     a = func.args
     return {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)}
 
@@ -110,5 +117,8 @@ def test_the_probe_says_sm120_exactly_where_the_pinned_flashinfer_takes_what_vll
     pinned = upstream.wheel_pins(upstream.source("vllm", vllm_version))["flashinfer-python"]
     root = _wheel(pinned)
     accepts_all = keywords <= _decode_parameters(root)
-    assert flashinfer_at(root, pinned).has("sm120_sparse_mla") == accepts_all, (vllm_version, pinned,
-                                                                              keywords - _decode_parameters(root))
+    assert flashinfer_at(root, pinned).has("sm120_sparse_mla") == accepts_all, (
+        vllm_version,
+        pinned,
+        keywords - _decode_parameters(root),
+    )

@@ -20,8 +20,15 @@ from ds_plugins.known_failures import RECORDS
 
 pytestmark = pytest.mark.contract
 
-CLAIMS = [(r.id, e, v, present) for r in RECORDS for e in r.evidence if e.dist
-          for present, versions in ((True, e.present), (False, e.absent)) for v in versions]
+CLAIMS = [
+    (r.id, e, v, present)
+    for r in RECORDS
+    for e in r.evidence
+    if e.dist
+    for present, versions in ((True, e.present), (False, e.absent))
+    for v in versions
+]
+
 
 def _needed() -> dict[tuple[str, str], set[str]]:
     """(dist, version) -> member globs of compiled members some claim reads."""
@@ -35,8 +42,7 @@ def _needed() -> dict[tuple[str, str], set[str]]:
 def source_texts(dist: str, version: str, glob: str) -> dict[str, str]:
     """member -> text, for the wheel's .py files matching `glob` (ci/upstream.py's unpacked source)."""
     src = upstream.source(dist, version)
-    return {str(p.relative_to(src)): p.read_text(errors="replace")
-            for p in sorted(src.glob(glob)) if p.is_file()}
+    return {str(p.relative_to(src)): p.read_text(errors="replace") for p in sorted(src.glob(glob)) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +58,11 @@ def strings_of():
     return get
 
 
-@pytest.mark.parametrize("record_id,evidence,version,present", CLAIMS,
-                         ids=[f"{rid}-{e.dist}-{v}-{'has' if p else 'lacks'}-{e.text[:24]}" for rid, e, v, p in CLAIMS])
+@pytest.mark.parametrize(
+    "record_id,evidence,version,present",
+    CLAIMS,
+    ids=[f"{rid}-{e.dist}-{v}-{'has' if p else 'lacks'}-{e.text[:24]}" for rid, e, v, p in CLAIMS],
+)
 def test_the_wheel_says_what_the_record_claims(record_id, evidence, version, present, strings_of):
     if evidence.member.endswith(".py"):
         files = source_texts(evidence.dist, version, evidence.member)
@@ -88,6 +97,7 @@ def test_each_record_has_wheel_evidence_for_its_text():
 def test_record_versions_are_matrix_checkable():
     """Each Where's range edges are versions in ci/versions.toml, so the contract tests can see both sides."""
     from packaging.version import Version
+
     for r in RECORDS:
         for w in r.where:
             matrix = {Version(v) for v in upstream.versions()[w.engine]["matrix"]}

@@ -22,7 +22,8 @@ def test_fact_matches_the_wheel_source_ast(engine, version, fact):
     src = upstream.source(engine, version)
     got = upstream_facts.CHECKS[(engine, fact.id)](src)
     assert got == fact.holds(Version(version)), (
-        f"{fact.what}: the {engine} {version} wheel says {got}, landscape.py says {fact.versions}")
+        f"{fact.what}: the {engine} {version} wheel says {got}, landscape.py says {fact.versions}"
+    )
 
 
 def test_every_fact_has_a_check_and_every_check_a_fact():
@@ -33,6 +34,7 @@ def test_matrix_covers_each_boundary_from_both_sides():
     """Every edge of a fact's range is a checked version, with a checked version on the other side:
     a boundary is proven by two wheels, not assumed (the oldest checked version is the exception)."""
     from packaging.specifiers import SpecifierSet
+
     for f in landscape.FACTS:
         matrix = sorted(Version(v) for v in upstream.versions()[f.engine]["matrix"])
         assert any(f.holds(v) for v in matrix), f"{f.engine} {f.id}: no matrix version where it holds"

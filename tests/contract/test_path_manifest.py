@@ -25,8 +25,16 @@ from packaging.version import Version
 
 from ci import upstream
 from ds_plugins import doctor, landscape, paths, policy, simulate
-from ds_plugins.paths.model import (DEVICES, EVIDENCE_KINDS, PROVIDERS, REQUIRED_DEVICES, STAGES, UPSTREAM,
-                                    Row, uncovered)
+from ds_plugins.paths.model import (
+    DEVICES,
+    EVIDENCE_KINDS,
+    PROVIDERS,
+    REQUIRED_DEVICES,
+    STAGES,
+    UPSTREAM,
+    Row,
+    uncovered,
+)
 
 pytestmark = pytest.mark.contract
 
@@ -47,6 +55,7 @@ def _row_id(engine: str, i: int, row: Row) -> str:
 
 
 # --- reading the wheels (each file once per session) --------------------------------------------
+
 
 @functools.lru_cache(maxsize=None)
 def _pins(engine: str, version: str) -> dict[str, str]:
@@ -88,13 +97,17 @@ def _check(engine: str, version: str, ev) -> str | None:
     return None if not found else f"/{ev.pattern}/ found in {where}, evidence says absent"
 
 
-EVIDENCE_CASES = [(e, i, r, v) for e, i, r in _all_rows() for v in _matrix(e)
-                  if any(r.applies(v, d) for d in r.devices)
-                  and any(ev.kind != "reading" for ev in r.evidence)]
+EVIDENCE_CASES = [
+    (e, i, r, v)
+    for e, i, r in _all_rows()
+    for v in _matrix(e)
+    if any(r.applies(v, d) for d in r.devices) and any(ev.kind != "reading" for ev in r.evidence)
+]
 
 
-@pytest.mark.parametrize("engine,i,row,version", EVIDENCE_CASES,
-                         ids=[f"{_row_id(e, i, r)}@{v}" for e, i, r, v in EVIDENCE_CASES])
+@pytest.mark.parametrize(
+    "engine,i,row,version", EVIDENCE_CASES, ids=[f"{_row_id(e, i, r)}@{v}" for e, i, r, v in EVIDENCE_CASES]
+)
 def test_row_evidence_holds_in_every_wheel_of_its_range(engine, i, row, version):
     failures = [why for ev in row.evidence if ev.kind != "reading" for why in [_check(engine, version, ev)] if why]
     assert not failures, f"{row.kernel} ({engine} {version}): " + "; ".join(failures)
@@ -102,12 +115,18 @@ def test_row_evidence_holds_in_every_wheel_of_its_range(engine, i, row, version)
 
 # --- completeness -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_every_matrix_version_device_and_stage_has_a_row(engine):
     rows = paths.rows(engine)
     assert rows, f"{engine}: the path manifest has no rows"
-    missing = [f"{v} {d} {s}" for v in _matrix(engine) for d in REQUIRED_DEVICES for s in STAGES
-               if not any(r.stage == s and r.applies(v, d) for r in rows)]
+    missing = [
+        f"{v} {d} {s}"
+        for v in _matrix(engine)
+        for d in REQUIRED_DEVICES
+        for s in STAGES
+        if not any(r.stage == s and r.applies(v, d) for r in rows)
+    ]
     assert not missing, f"{engine}: no manifest row for " + ", ".join(missing)
 
 
@@ -143,6 +162,7 @@ def test_row_follows_the_model(engine, i, row):
         assert not row.applies(row.fixed_in, row.devices[0]), f"fixed in {row.fixed_in} but the row covers it"
     if row.unless is not None:  # a library feature the probe can find (what doctor --simulate --lib names)
         from ds_plugins.simulate import LIBRARY_FEATURES
+
         library, feature = row.unless
         assert row.upstream == "blocker" and feature in LIBRARY_FEATURES.get(library, ()), row.unless
 
@@ -153,37 +173,43 @@ COVER_CASES = [(e, i, r) for e, i, r in ROW_CASES if r.cover is not None]
 @pytest.mark.parametrize("engine,i,row", COVER_CASES, ids=[_row_id(*c) for c in COVER_CASES])
 def test_cover_names_a_real_decision_and_a_declared_patch_over_the_rows_range(engine, i, row):
     from ds_plugins import effects
+
     cover = row.cover
     assert cover.decision in policy.DECISION_IDS, f"unknown decision {cover.decision!r}"
     assert effects.acts(cover.decision, cover.value), f"{cover.decision}={cover.value} is not a ds-plugins value"
     if cover.patch is None:  # carried without a runtime patch (ds_plugins.effects' adapter carriers)
         assert (cover.decision, cover.value) in doctor.adapter_carriers(engine), (
-            f"{cover.decision}={cover.value}: a cover names the declared patch that carries it")
+            f"{cover.decision}={cover.value}: a cover names the declared patch that carries it"
+        )
         return
     patch = _patches(engine).get(cover.patch)
     assert patch is not None, f"cover patch {cover.patch!r} is not declared for {engine}"
     decision, values = patch.implements
     assert decision == cover.decision and cover.value in values, (
-        f"{cover.patch} implements {decision}={'/'.join(values)}, not {cover.decision}={cover.value}")
+        f"{cover.patch} implements {decision}={'/'.join(values)}, not {cover.decision}={cover.value}"
+    )
     outside = [v for v in _matrix(engine) if row.applies(v, row.devices[0]) and not patch.covers(v)]
     assert not outside, f"{cover.patch} ({patch.versions}) does not cover {', '.join(outside)}"
 
 
 # --- doctor agreement ---------------------------------------------------------------------------
 
+
 def _probe(engine: str, version: str, device: str):
     parser = argparse.ArgumentParser(exit_on_error=False)
     simulate.add_arguments(parser)
-    return simulate.build(parser.parse_args(shlex.split(
-        f"--engine {engine}=={version} --capability {CAPABILITY[device]}")))
+    return simulate.build(
+        parser.parse_args(shlex.split(f"--engine {engine}=={version} --capability {CAPABILITY[device]}"))
+    )
 
 
 DOCTOR_CASES = [(e, v, d) for e in ENGINES for v in _matrix(e) for d in DEVICES]
 
 
 @pytest.mark.parametrize("engine,version,device", DOCTOR_CASES, ids=[f"{e}-{v}-{d}" for e, v, d in DOCTOR_CASES])
-def test_doctor_is_unsupported_exactly_where_the_manifest_has_an_uncovered_blocker(engine, version, device,
-                                                                                   monkeypatch):
+def test_doctor_is_unsupported_exactly_where_the_manifest_has_an_uncovered_blocker(
+    engine, version, device, monkeypatch
+):
     probe = _probe(engine, version, device)
     # The plan's own decisions, before the manifest is consulted: what the covers are matched against.
     with monkeypatch.context() as m:

@@ -58,8 +58,11 @@ def enclosing_functions(module: ast.Module):
 
 
 def calls_to(module: ast.Module, name: str) -> list[tuple[ast.FunctionDef, ast.Call]]:
-    return [(fn, node) for fn, node in enclosing_functions(module)
-            if isinstance(node, ast.Call) and dotted(node.func) == name]
+    return [
+        (fn, node)
+        for fn, node in enclosing_functions(module)
+        if isinstance(node, ast.Call) and dotted(node.func) == name
+    ]
 
 
 def local_imports(fn: ast.FunctionDef) -> list[ast.AST]:
@@ -68,16 +71,20 @@ def local_imports(fn: ast.FunctionDef) -> list[ast.AST]:
 
 def imports_module_locally(fn: ast.FunctionDef, module: str, asname: str) -> bool:
     for node in local_imports(fn):
-        if isinstance(node, ast.Import) and any(a.name == module and (a.asname or a.name) == asname
-                                                for a in node.names):
+        if isinstance(node, ast.Import) and any(
+            a.name == module and (a.asname or a.name) == asname for a in node.names
+        ):
             return True
     return False
 
 
 def imports_name_locally(fn: ast.FunctionDef, module: str, name: str, asname: str) -> bool:
     for node in local_imports(fn):
-        if isinstance(node, ast.ImportFrom) and node.module == module and any(
-                a.name == name and (a.asname or a.name) == asname for a in node.names):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module == module
+            and any(a.name == name and (a.asname or a.name) == asname for a in node.names)
+        ):
             return True
     return False
 
@@ -111,6 +118,7 @@ def covered(patch: Patch) -> list[str]:
 
 # --- the DeepGEMM gate --------------------------------------------------------------------------
 
+
 def check_configurer(version: str) -> None:
     module = tree(version, CONFIGURER)
     gate = next(n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "_compute_enable_deep_gemm")
@@ -119,35 +127,54 @@ def check_configurer(version: str) -> None:
     returns = [n for n in ast.walk(gate) if isinstance(n, ast.Return)]
     true_returns = [r for r in returns if not (isinstance(r.value, ast.Constant) and r.value.value is False)]
     direct = all(isinstance(r.value, ast.Call) and dotted(r.value.func) == switch for r in true_returns)
-    guarded = any(isinstance(n, ast.If) and isinstance(n.test, ast.UnaryOp) and isinstance(n.test.op, ast.Not)
-                  and isinstance(n.test.operand, ast.Call) and dotted(n.test.operand.func) == switch
-                  and isinstance(n.body[0], ast.Return) and getattr(n.body[0].value, "value", None) is False
-                  for n in gate.body)
+    guarded = any(
+        isinstance(n, ast.If)
+        and isinstance(n.test, ast.UnaryOp)
+        and isinstance(n.test.op, ast.Not)
+        and isinstance(n.test.operand, ast.Call)
+        and dotted(n.test.operand.func) == switch
+        and isinstance(n.body[0], ast.Return)
+        and getattr(n.body[0].value, "value", None) is False
+        for n in gate.body
+    )
     assert direct or guarded, f"sglang {version}: SGLANG_ENABLE_JIT_DEEPGEMM does not switch the gate off"
-    assigned = {t.id: n.value for n in module.body if isinstance(n, ast.Assign) for t in n.targets
-                if isinstance(t, ast.Name)}
+    assigned = {
+        t.id: n.value for n in module.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
+    }
     for name in deepgemm_gate.REQUIRED:
         assert name in assigned, f"sglang {version}: {name} is not a module constant"
     assert dotted(assigned["ENABLE_JIT_DEEPGEMM"].func) == "_compute_enable_deep_gemm"
-    for name in ("DEEPGEMM_BLACKWELL", "DEEPGEMM_SCALE_UE8M0"):   # `ENABLE_JIT_DEEPGEMM and ...`: False when off
+    for name in ("DEEPGEMM_BLACKWELL", "DEEPGEMM_SCALE_UE8M0"):  # `ENABLE_JIT_DEEPGEMM and ...`: False when off
         value = assigned[name]
-        if isinstance(value, ast.Name) and value.id == "DEEPGEMM_BLACKWELL":   # 0.5.12-0.5.19
+        if isinstance(value, ast.Name) and value.id == "DEEPGEMM_BLACKWELL":  # 0.5.12-0.5.19
             continue
-        assert isinstance(value, ast.BoolOp) and isinstance(value.op, ast.And) and \
-            dotted(value.values[0]) == "ENABLE_JIT_DEEPGEMM", f"sglang {version}: {name} = {ast.unparse(value)}"
+        assert (
+            isinstance(value, ast.BoolOp)
+            and isinstance(value.op, ast.And)
+            and dotted(value.values[0]) == "ENABLE_JIT_DEEPGEMM"
+        ), f"sglang {version}: {name} = {ast.unparse(value)}"
     assert ast.unparse(assigned["DEEPGEMM_NEED_TMA_ALIGNED_SCALES"]) == "not (DEEPGEMM_SCALE_UE8M0 or _is_musa)"
-    if "DEEPGEMM_PAGED_SPARSE_MQA_LOGITS" in assigned:   # 0.5.21+: False unless DEEPGEMM_BLACKWELL
-        helper = next(n for n in module.body if isinstance(n, ast.FunctionDef)
-                      and n.name == dotted(assigned["DEEPGEMM_PAGED_SPARSE_MQA_LOGITS"].func))
+    if "DEEPGEMM_PAGED_SPARSE_MQA_LOGITS" in assigned:  # 0.5.21+: False unless DEEPGEMM_BLACKWELL
+        helper = next(
+            n
+            for n in module.body
+            if isinstance(n, ast.FunctionDef) and n.name == dotted(assigned["DEEPGEMM_PAGED_SPARSE_MQA_LOGITS"].func)
+        )
         first = helper.body[0]
         assert isinstance(first, ast.If) and ast.unparse(first.test) == "not DEEPGEMM_BLACKWELL"
     environ = tree(version, "sglang/srt/environ.py")
-    fields = {t.id: n.value for n in ast.walk(environ) if isinstance(n, ast.Assign) for t in n.targets
-              if isinstance(t, ast.Name)}
+    fields = {
+        t.id: n.value
+        for n in ast.walk(environ)
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
     assert ast.unparse(fields["SGLANG_ENABLE_JIT_DEEPGEMM"]) == "EnvBool(True)"
 
 
 # --- routes -------------------------------------------------------------------------------------
+
 
 def check_decode_0512(version: str) -> None:
     backend = tree(version, BACKEND)
@@ -171,8 +198,13 @@ def check_decode_plan_0512(version: str) -> None:
 
 def check_indexer_logits_0512(version: str) -> None:
     module = tree(version, INDEXER)
-    fns = [fn for fn, node in enclosing_functions(module) if isinstance(node, ast.ImportFrom)
-           and node.module == "deep_gemm" and any(a.name == "fp8_paged_mqa_logits" for a in node.names)]
+    fns = [
+        fn
+        for fn, node in enclosing_functions(module)
+        if isinstance(node, ast.ImportFrom)
+        and node.module == "deep_gemm"
+        and any(a.name == "fp8_paged_mqa_logits" for a in node.names)
+    ]
     assert fns, f"sglang {version}: no local `from deep_gemm import fp8_paged_mqa_logits` in {INDEXER}"
     for fn in set(fns):
         assert imports_name_locally(fn, "deep_gemm", "fp8_paged_mqa_logits", "fn")
@@ -192,7 +224,7 @@ def check_indexer_schedule_0512(version: str) -> None:
     assert sites
     for fn, call in sites:
         assert imports_name_locally(fn, "deep_gemm", "get_paged_mqa_logits_metadata", "get_paged_mqa_logits_metadata")
-        assert len(call.args) == 3 and not call.keywords        # (context_lens, block_kv, num_sms)
+        assert len(call.args) == 3 and not call.keywords  # (context_lens, block_kv, num_sms)
     assert module_level_bindings(version, "deep_gemm", "get_paged_mqa_logits_metadata") == []
 
 
@@ -209,9 +241,13 @@ def check_mhc_prenorm_0512(version: str) -> None:
     [(fn, call)] = default
     assert [ast.unparse(k.value) for k in call.keywords if k.arg == "num_splits"] == ["n_splits"]
     # the outputs it passes are (n_splits, num_tokens, hc_mult3) and (n_splits, num_tokens)
-    shapes = {t.id: [ast.unparse(a) for a in n.value.args]
-              for n in ast.walk(fn) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
-              and dotted(n.value.func) == "torch.empty" for t in n.targets if isinstance(t, ast.Name)}
+    shapes = {
+        t.id: [ast.unparse(a) for a in n.value.args]
+        for n in ast.walk(fn)
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call) and dotted(n.value.func) == "torch.empty"
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
     out, sqr = (ast.unparse(a) for a in call.args[2:4])
     assert shapes[out] == ["n_splits", "num_tokens", "hc_mult3"] and shapes[sqr] == ["n_splits", "num_tokens"], shapes
     assert module_level_bindings(version, "deep_gemm", "tf32_hc_prenorm_gemm") == []
@@ -221,17 +257,25 @@ def check_sm120(module_path: str):
     def check(version: str) -> None:
         rel = module_path.replace(".", "/") + ".py"
         module = tree(version, rel)
-        entries = [n for n in module.body
-                   if isinstance(n, ast.FunctionDef) and n.name == "flash_mla_with_kvcache_sm120"]
+        entries = [
+            n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "flash_mla_with_kvcache_sm120"
+        ]
         assert len(entries) == 1, f"sglang {version}: {rel} defines no flash_mla_with_kvcache_sm120"
         entry = entries[0]
         assert entry.args.kwarg is not None and not entry.args.args, "expected flash_mla_with_kvcache_sm120(**kwargs)"
-        read = {n.slice.value for n in ast.walk(entry) if isinstance(n, ast.Subscript)
-                and dotted(n.value) == "kwargs" and isinstance(n.slice, ast.Constant)}
-        read |= {n.args[0].value for n in ast.walk(entry) if isinstance(n, ast.Call)
-                 and dotted(n.func) == "kwargs.get" and isinstance(n.args[0], ast.Constant)}
-        assert read <= kernel_params("flash_mla_with_kvcache_sm120"), sorted(read - kernel_params(
-            "flash_mla_with_kvcache_sm120"))
+        read = {
+            n.slice.value
+            for n in ast.walk(entry)
+            if isinstance(n, ast.Subscript) and dotted(n.value) == "kwargs" and isinstance(n.slice, ast.Constant)
+        }
+        read |= {
+            n.args[0].value
+            for n in ast.walk(entry)
+            if isinstance(n, ast.Call) and dotted(n.func) == "kwargs.get" and isinstance(n.args[0], ast.Constant)
+        }
+        assert read <= kernel_params("flash_mla_with_kvcache_sm120"), sorted(
+            read - kernel_params("flash_mla_with_kvcache_sm120")
+        )
         root = upstream.source("sglang", version)
         sites = []
         for path in (root / "sglang").rglob("*.py"):
@@ -240,11 +284,13 @@ def check_sm120(module_path: str):
                 continue
             for fn, call in calls_to(ast.parse(text), "flash_mla_with_kvcache_sm120"):
                 sites.append(path)
-                assert imports_name_locally(fn, module_path, "flash_mla_with_kvcache_sm120",
-                                            "flash_mla_with_kvcache_sm120"), f"{path}:{fn.name}"
+                assert imports_name_locally(
+                    fn, module_path, "flash_mla_with_kvcache_sm120", "flash_mla_with_kvcache_sm120"
+                ), f"{path}:{fn.name}"
                 assert not call.args and keywords(call) <= kernel_params("flash_mla_with_kvcache_sm120")
         assert sites, f"sglang {version}: nothing calls flash_mla_with_kvcache_sm120"
         assert module_level_bindings(version, module_path, "flash_mla_with_kvcache_sm120") == []
+
     return check
 
 
@@ -290,13 +336,22 @@ def test_a_moved_seam_fails_its_check(version, tmp_path, monkeypatch):
     patch = next(p for p in PATCHES if p.covers(version) and p.id != "sglang.deepgemm_off.configurer")
     src = upstream.source("sglang", version)
     fake = tmp_path / "tree"
-    for rel in (BACKEND, INDEXER, METADATA, MODEL, MHC, CONFIGURER, "sglang/srt/environ.py",
-                "sglang/kernels/ops/attention/flash_mla_sm120.py"):
+    for rel in (
+        BACKEND,
+        INDEXER,
+        METADATA,
+        MODEL,
+        MHC,
+        CONFIGURER,
+        "sglang/srt/environ.py",
+        "sglang/kernels/ops/attention/flash_mla_sm120.py",
+    ):
         if (src / rel).exists():
             (fake / rel).parent.mkdir(parents=True, exist_ok=True)
             text = (src / rel).read_text()
             text = text.replace("flash_mla_with_kvcache", "flash_mla_decode").replace(
-                "fp8_paged_mqa_logits", "paged_logits")
+                "fp8_paged_mqa_logits", "paged_logits"
+            )
             (fake / rel).write_text(text)
     monkeypatch.setattr(upstream, "source", lambda engine, v: fake)
     with pytest.raises(AssertionError):
@@ -308,26 +363,41 @@ def test_0512_wo_a_switch_keeps_the_o_proj_off_deepgemm_source_ast():
     once into a module constant of deepseek_v4.py, and when it is off the weights are dequantised at load
     (the fp8_einsum / transform_sf_into_required_layout path is then never taken)."""
     from packaging.specifiers import SpecifierSet
+
     versions = [v for v in MATRIX if SpecifierSet(deepgemm_gate.WO_A_VERSIONS).contains(v)]
     assert versions == ["0.5.12"]
     for version in versions:
-        fields = {t.id: n.value for n in ast.walk(tree(version, "sglang/srt/environ.py"))
-                  if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        fields = {
+            t.id: n.value
+            for n in ast.walk(tree(version, "sglang/srt/environ.py"))
+            if isinstance(n, ast.Assign)
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
         assert ast.unparse(fields[deepgemm_gate.WO_A_SWITCH]) == "EnvBool(True)"
         model = tree(version, MODEL)
-        constant = {t.id: n.value for n in model.body if isinstance(n, ast.Assign) for t in n.targets
-                    if isinstance(t, ast.Name)}
+        constant = {
+            t.id: n.value for n in model.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
+        }
         assert ast.unparse(constant["_FP8_WO_A_GEMM"]) == f"envs.{deepgemm_gate.WO_A_SWITCH}.get()"
-        guards = [n for _, n in enclosing_functions(model) if isinstance(n, ast.If)
-                  and ast.unparse(n.test) == f"not envs.{deepgemm_gate.WO_A_SWITCH}.get()"]
+        guards = [
+            n
+            for _, n in enclosing_functions(model)
+            if isinstance(n, ast.If) and ast.unparse(n.test) == f"not envs.{deepgemm_gate.WO_A_SWITCH}.get()"
+        ]
         assert any("_dequant_fp8_wo_a" in ast.unparse(g) for g in guards)
         for fn, _ in calls_to(model, "deep_gemm.fp8_einsum") + calls_to(model, "transform_sf_into_required_layout"):
             assert fn.name in ("forward", "_setup_fp8_wo_a_scales"), fn.name
 
 
 def _environ_fields(version: str) -> dict[str, ast.AST]:
-    return {t.id: n.value for n in ast.walk(tree(version, "sglang/srt/environ.py"))
-            if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    return {
+        t.id: n.value
+        for n in ast.walk(tree(version, "sglang/srt/environ.py"))
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
 
 
 def test_sparse_mla_triton_switches_are_sglangs_own_and_read_after_registration_source_ast():
@@ -342,21 +412,38 @@ def test_sparse_mla_triton_switches_are_sglangs_own_and_read_after_registration_
     for version in prefill:
         fields = _environ_fields(version)
         assert ast.unparse(fields[deepgemm_gate.SPARSE_PREFILL_SWITCH]).startswith("EnvBool("), version
-        reads = [n for fn, n in enclosing_functions(tree(version, BACKEND))
-                 if ast.unparse(n) == f"envs.{deepgemm_gate.SPARSE_PREFILL_SWITCH}.get()"]
+        reads = [
+            n
+            for fn, n in enclosing_functions(tree(version, BACKEND))
+            if ast.unparse(n) == f"envs.{deepgemm_gate.SPARSE_PREFILL_SWITCH}.get()"
+        ]
         assert reads, f"sglang {version}: the V4 backend no longer reads {deepgemm_gate.SPARSE_PREFILL_SWITCH}"
     for version in backend:
         assert ast.unparse(_environ_fields(version)[deepgemm_gate.SM120_BACKEND_SWITCH]) == "EnvStr('flashinfer')"
-        rel = ("sglang/srt/layers/attention/flash_mla_sm120.py" if landscape.in_range(">=0.5.13,<0.5.16", version)
-               else "sglang/kernels/ops/attention/flash_mla_sm120.py")
+        rel = (
+            "sglang/srt/layers/attention/flash_mla_sm120.py"
+            if landscape.in_range(">=0.5.13,<0.5.16", version)
+            else "sglang/kernels/ops/attention/flash_mla_sm120.py"
+        )
         module = tree(version, rel)
-        top = {t.id: n.value for n in module.body if isinstance(n, ast.Assign) for t in n.targets
-               if isinstance(t, ast.Name)}
+        top = {
+            t.id: n.value
+            for n in module.body
+            if isinstance(n, ast.Assign)
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
         assert ast.unparse(top["_sm120_default_backend"]) == f"envs.{deepgemm_gate.SM120_BACKEND_SWITCH}.get()"
-        compared = {ast.unparse(n.comparators[0]) for n in ast.walk(module) if isinstance(n, ast.Compare)
-                    and ast.unparse(n.left) == "_sm120_default_backend"}
+        compared = {
+            ast.unparse(n.comparators[0])
+            for n in ast.walk(module)
+            if isinstance(n, ast.Compare) and ast.unparse(n.left) == "_sm120_default_backend"
+        }
         assert {"'triton'", "'flashinfer'"} <= compared, (version, compared)
         # SGLang's attention backend imports that module inside a function: our switch is set by then
-        importers = [fn for fn, n in enclosing_functions(tree(version, BACKEND)) if isinstance(n, ast.ImportFrom)
-                     and (n.module or "").endswith("flash_mla_sm120")]
+        importers = [
+            fn
+            for fn, n in enclosing_functions(tree(version, BACKEND))
+            if isinstance(n, ast.ImportFrom) and (n.module or "").endswith("flash_mla_sm120")
+        ]
         assert importers, f"sglang {version}: the V4 backend imports flash_mla_sm120 at module level"

@@ -24,7 +24,8 @@ def _facts(libs):
 def test_stock_data_is_what_the_wheels_ship(engine, version):
     wheels = compat.stock_libraries(engine, version)
     assert _facts(stock.libraries(engine, version)) == _facts(wheels), (
-        f"ds_plugins/stock.py disagrees with the {engine} {version} wheel and the wheels it pins")
+        f"ds_plugins/stock.py disagrees with the {engine} {version} wheel and the wheels it pins"
+    )
     assert stock.torch(engine, version) == compat.stock_torch(engine, version)
     assert stock.checked(engine, version) == version
 
@@ -38,7 +39,7 @@ def test_ranges_are_the_matrix_cut_at_checked_versions(engine):
     assert wheels, f"stock.py has nothing for {engine}"
     bounds = [w.versions.split(",") for w in wheels]
     assert bounds[0][0] == f">={matrix[0]}", "the first range must start at the oldest checked version"
-    for (this, nxt) in zip(bounds, bounds[1:]):
+    for this, nxt in zip(bounds, bounds[1:]):
         assert len(this) == 2 and this[1] == "<" + nxt[0][2:], f"{this} is not followed by its upper edge: {nxt}"
     assert len(bounds[-1]) == 1, "the newest range must be open-ended (newer versions are assumed like it)"
     for w in wheels:
@@ -57,14 +58,19 @@ def test_every_library_the_wheels_can_bring_is_one_the_catalogue_knows():
 
 
 def test_pins_are_read_with_extras_and_markers_and_a_loose_kernel_pin_is_refused(tmp_path):
-    (tmp_path / "METADATA").write_text("\n".join([
-        "Name: someengine",
-        "Requires-Dist: flashinfer_python[cu13]==0.6.12",
-        "Requires-Dist: torch==2.11.0",
-        'Requires-Dist: mooncake-transfer-engine==0.3; extra == "pd"',
-        'Requires-Dist: triton==3.0; sys_platform == "darwin"',
-        "Requires-Dist: numpy>=2",
-    ]) + "\n")
+    (tmp_path / "METADATA").write_text(
+        "\n".join(
+            [
+                "Name: someengine",
+                "Requires-Dist: flashinfer_python[cu13]==0.6.12",
+                "Requires-Dist: torch==2.11.0",
+                'Requires-Dist: mooncake-transfer-engine==0.3; extra == "pd"',
+                'Requires-Dist: triton==3.0; sys_platform == "darwin"',
+                "Requires-Dist: numpy>=2",
+            ]
+        )
+        + "\n"
+    )
     assert upstream.wheel_pins(tmp_path) == {"flashinfer-python": "0.6.12", "torch": "2.11.0"}
     (tmp_path / "METADATA").write_text("Name: someengine\nRequires-Dist: sgl-deep-gemm>=0.2\n")
     with pytest.raises(ValueError, match="not an exact pin"):

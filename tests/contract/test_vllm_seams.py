@@ -66,8 +66,10 @@ def test_each_version_routes_a_moving_site_exactly_once_ast(family):
             except vllm_seams.SeamMismatch:
                 continue
             live = vllm_seams.name_calls(tree, route.attribute)
-            assert not live, (f"vLLM {version}: {vllm_seams.rel(src, path)}:{live[0].lineno} calls "
-                              f"{route.attribute}, but {other} ({route.versions}) does not cover {version}")
+            assert not live, (
+                f"vLLM {version}: {vllm_seams.rel(src, path)}:{live[0].lineno} calls "
+                f"{route.attribute}, but {other} ({route.versions}) does not cover {version}"
+            )
 
 
 @pytest.mark.parametrize("patch_id", sorted(WRAPPERS))
@@ -78,14 +80,17 @@ def test_wrapper_range_starts_where_the_behaviour_starts_ast(patch_id):
     below = [v for v in VERSIONS if not patch.covers(v)]
     for version in below:
         assert not behaviour(upstream.source("vllm", version), patch), (
-            f"vLLM {version} already has what {patch.id} corrects ({patch.target}), but its range is {patch.versions}")
+            f"vLLM {version} already has what {patch.id} corrects ({patch.target}), but its range is {patch.versions}"
+        )
     lower = [Version(s.version) for s in SpecifierSet(patch.versions) if s.operator == ">="]
     assert len(lower) == 1 and lower[0] in {Version(v) for v in VERSIONS}, (
-        f"{patch.id}: lower edge of {patch.versions} is not a matrix version")
+        f"{patch.id}: lower edge of {patch.versions} is not a matrix version"
+    )
     assert below, f"{patch.id}: no matrix version below {patch.versions} shows the need starts there"
 
 
 # --- the checks themselves fail on a seam that moved (synthetic trees, not engine imitations) ---------------
+
 
 def _tree(tmp_path, files):
     for name, text in files.items():
@@ -98,57 +103,79 @@ def _tree(tmp_path, files):
 
 def test_a_call_with_a_keyword_the_adapter_lacks_is_named(tmp_path):
     route = next(r for r in routes.ROUTES if r.id == "vllm.route.indexer_paged_logits")
-    src = _tree(tmp_path, {
-        "vllm/model_executor/layers/sparse_attn_indexer.py":
-            "from vllm.utils.deep_gemm import fp8_fp4_paged_mqa_logits\n"
-            "def f():\n    fp8_fp4_paged_mqa_logits(1, 2, 3, 4, 5, 6, 7, shiny=True)\n",
-        "vllm/utils/deep_gemm.py": "def fp8_fp4_paged_mqa_logits(*args, **kwargs):\n    pass\n",
-    })
+    src = _tree(
+        tmp_path,
+        {
+            "vllm/model_executor/layers/sparse_attn_indexer.py": (
+                "from vllm.utils.deep_gemm import fp8_fp4_paged_mqa_logits\n"
+                "def f():\n    fp8_fp4_paged_mqa_logits(1, 2, 3, 4, 5, 6, 7, shiny=True)\n"
+            ),
+            "vllm/utils/deep_gemm.py": "def fp8_fp4_paged_mqa_logits(*args, **kwargs):\n    pass\n",
+        },
+    )
     with pytest.raises(vllm_seams.SeamMismatch, match=r"sparse_attn_indexer.py:3: .*keyword shiny"):
         vllm_seams.check_route(src, route)
 
 
 def test_an_original_taking_more_than_the_adapter_is_named(tmp_path):
     route = next(r for r in routes.ROUTES if r.id == "vllm.route.indexer_schedule")
-    src = _tree(tmp_path, {
-        "vllm/v1/attention/backends/mla/indexer.py":
-            "from vllm.utils.deep_gemm import get_paged_mqa_logits_metadata\n"
-            "get_paged_mqa_logits_metadata(1, 2, 3)\n",
-        "vllm/utils/deep_gemm.py": "def get_paged_mqa_logits_metadata(context_lens, block_size, num_sms, extra):\n"
-                                   "    pass\n",
-    })
+    src = _tree(
+        tmp_path,
+        {
+            "vllm/v1/attention/backends/mla/indexer.py": (
+                "from vllm.utils.deep_gemm import get_paged_mqa_logits_metadata\n"
+                "get_paged_mqa_logits_metadata(1, 2, 3)\n"
+            ),
+            "vllm/utils/deep_gemm.py": (
+                "def get_paged_mqa_logits_metadata(context_lens, block_size, num_sms, extra):\n    pass\n"
+            ),
+        },
+    )
     with pytest.raises(vllm_seams.SeamMismatch, match=r"deep_gemm.py:1: def get_paged_mqa_logits_metadata: .*extra"):
         vllm_seams.check_route(src, route)
 
 
 def test_the_varlen_original_picks_the_varlen_adapter(tmp_path):
     route = next(r for r in routes.ROUTES if r.id == "vllm.route.indexer_logits")
-    src = _tree(tmp_path, {
-        "vllm/model_executor/layers/sparse_attn_indexer.py":
-            "from vllm.utils.deep_gemm import fp8_fp4_mqa_logits\nfp8_fp4_mqa_logits(1, 2, 3, 4, 5, 6)\n",
-        "vllm/utils/deep_gemm.py": "def fp8_fp4_mqa_logits(q, kv, weights, ks, ke, max_seqlen_k):\n    pass\n",
-    })
+    src = _tree(
+        tmp_path,
+        {
+            "vllm/model_executor/layers/sparse_attn_indexer.py": (
+                "from vllm.utils.deep_gemm import fp8_fp4_mqa_logits\nfp8_fp4_mqa_logits(1, 2, 3, 4, 5, 6)\n"
+            ),
+            "vllm/utils/deep_gemm.py": "def fp8_fp4_mqa_logits(q, kv, weights, ks, ke, max_seqlen_k):\n    pass\n",
+        },
+    )
     assert vllm_seams.route_adapter(src, route) == "fp8_fp4_mqa_logits_varlen"
-    (src / "vllm/utils/deep_gemm.py").write_text("def fp8_fp4_mqa_logits(q, kv, weights, ks, ke, clean_logits):\n"
-                                                 "    pass\n")
+    (src / "vllm/utils/deep_gemm.py").write_text(
+        "def fp8_fp4_mqa_logits(q, kv, weights, ks, ke, clean_logits):\n    pass\n"
+    )
     parse.cache_clear()
     assert vllm_seams.route_adapter(src, route) == "fp8_fp4_mqa_logits"
 
 
 def test_a_site_nobody_calls_is_reported(tmp_path):
     route = next(r for r in routes.ROUTES if r.id == "vllm.route.indexer_schedule")
-    src = _tree(tmp_path, {
-        "vllm/v1/attention/backends/mla/indexer.py": "from vllm.utils.deep_gemm import get_paged_mqa_logits_metadata\n",
-        "vllm/utils/deep_gemm.py": "def get_paged_mqa_logits_metadata(*args):\n    pass\n",
-    })
+    src = _tree(
+        tmp_path,
+        {
+            "vllm/v1/attention/backends/mla/indexer.py": (
+                "from vllm.utils.deep_gemm import get_paged_mqa_logits_metadata\n"
+            ),
+            "vllm/utils/deep_gemm.py": "def get_paged_mqa_logits_metadata(*args):\n    pass\n",
+        },
+    )
     with pytest.raises(vllm_seams.SeamMismatch, match="nothing in the wheel calls get_paged_mqa_logits_metadata"):
         vllm_seams.check_route(src, route)
 
 
 def test_a_moved_or_reshaped_target_is_named(tmp_path):
     from ds_plugins.vllm.dsv4 import deepgemm_gate
-    src = _tree(tmp_path, {"vllm/platforms/cuda.py": "class CudaPlatformBase:\n    def support_deep_gemm(self):\n"
-                                                     "        return True\n"})
+
+    src = _tree(
+        tmp_path,
+        {"vllm/platforms/cuda.py": "class CudaPlatformBase:\n    def support_deep_gemm(self):\n        return True\n"},
+    )
     assert "cuda.py:2" in vllm_seams.check_patch(src, deepgemm_gate.PLATFORM_OFF)
     assert "not decorated @classmethod" in vllm_seams.check_patch(src, deepgemm_gate.PLATFORM_OFF)
     (src / "vllm/platforms/cuda.py").write_text("class CudaPlatform:\n    pass\n")

@@ -40,11 +40,15 @@ OURS = (methods.W8A8DynamicLinearMethod, methods.W8A8StaticLinearMethod, methods
 
 # Native module -> (vLLM module, shard of a fused layer): the CPU DeepSeek-V4's layers (cpu/model.py,
 # cpu_sparse.py), written out here so the check does not lean on ds-plugins' own name rules.
-LINEARS = {"attn.wq_a": ("attn.fused_wqa_wkv", 0), "attn.wkv": ("attn.fused_wqa_wkv", 1),
-           "attn.wq_b": ("attn.wq_b", None), "attn.indexer.wq_b": ("attn.indexer.wq_b", None),
-           "ffn.shared_experts.w1": ("ffn.shared_experts.gate_up_proj", 0),
-           "ffn.shared_experts.w3": ("ffn.shared_experts.gate_up_proj", 1),
-           "ffn.shared_experts.w2": ("ffn.shared_experts.down_proj", None)}
+LINEARS = {
+    "attn.wq_a": ("attn.fused_wqa_wkv", 0),
+    "attn.wkv": ("attn.fused_wqa_wkv", 1),
+    "attn.wq_b": ("attn.wq_b", None),
+    "attn.indexer.wq_b": ("attn.indexer.wq_b", None),
+    "ffn.shared_experts.w1": ("ffn.shared_experts.gate_up_proj", 0),
+    "ffn.shared_experts.w3": ("ffn.shared_experts.gate_up_proj", 1),
+    "ffn.shared_experts.w2": ("ffn.shared_experts.down_proj", None),
+}
 EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])$")
 
 
@@ -68,8 +72,9 @@ def rows(layer, shard, n):
 
 def check_twin(directory):
     t0 = time.monotonic()
-    vc = EngineArgs(model=directory, quantization="ascend", dtype="bfloat16", enforce_eager=True,
-                    max_model_len=2048, max_num_seqs=4).create_engine_config()
+    vc = EngineArgs(
+        model=directory, quantization="ascend", dtype="bfloat16", enforce_eager=True, max_model_len=2048, max_num_seqs=4
+    ).create_engine_config()
     with set_current_vllm_config(vc):
         model = initialize_model(vc)
         loader = get_model_loader(vc.load_config)
@@ -110,8 +115,8 @@ def check_twin(directory):
             else:
                 half_w, half_s = layer.w13_weight.shape[1] // 2, layer.w13_weight_scale.shape[1] // 2
                 k = 0 if proj == "w1" else 1
-                same(f"{native}.weight", layer.w13_weight.data[e, k * half_w:(k + 1) * half_w], w)
-                same(f"{native}.weight_scale", layer.w13_weight_scale.data[e, k * half_s:(k + 1) * half_s], s)
+                same(f"{native}.weight", layer.w13_weight.data[e, k * half_w : (k + 1) * half_w], w)
+                same(f"{native}.weight_scale", layer.w13_weight_scale.data[e, k * half_s : (k + 1) * half_s], s)
             continue
         layer_no, rest = re.match(r"^layers\.(\d+)\.(.*)$", native).groups()
         target, shard = LINEARS[rest]
@@ -119,24 +124,36 @@ def check_twin(directory):
         r = rows(layer, shard, layer.weight.shape[0])
         same(f"{native}.weight", layer.weight.data[r], ckpt[f"{native}.weight"])
         if scheme == "W8A8_DYNAMIC":
-            same(f"{native}.weight_scale", layer.weight_scale.data[r],
-                 ckpt[f"{native}.weight_scale"].float().reshape(-1))
+            same(
+                f"{native}.weight_scale", layer.weight_scale.data[r], ckpt[f"{native}.weight_scale"].float().reshape(-1)
+            )
         else:
             same(f"{native}.input_scale", layer.input_scale.data.reshape(1), ckpt[f"{native}.input_scale"].reshape(1))
-            same(f"{native}.input_offset", layer.input_offset.data.reshape(1),
-                 ckpt[f"{native}.input_offset"].reshape(1))
+            same(
+                f"{native}.input_offset", layer.input_offset.data.reshape(1), ckpt[f"{native}.input_offset"].reshape(1)
+            )
             same(f"{native}.deq_scale", layer.deq_scale.data[r], ckpt[f"{native}.deq_scale"].float())
             same(f"{native}.quant_bias", layer.quant_bias.data[r], ckpt[f"{native}.quant_bias"])
-    return {"load_s": round(t_load, 1), "modules": len(schemes), "checked": checked, "mismatches": mismatches[:10],
-            "n_mismatches": len(mismatches), "arrived": arrived,
-            "expert_dtype": getattr(vc.model_config.hf_config, "expert_dtype", None),
-            "model_class": type(model).__module__ + "." + type(model).__name__}
+    return {
+        "load_s": round(t_load, 1),
+        "modules": len(schemes),
+        "checked": checked,
+        "mismatches": mismatches[:10],
+        "n_mismatches": len(mismatches),
+        "arrived": arrived,
+        "expert_dtype": getattr(vc.model_config.hf_config, "expert_dtype", None),
+        "model_class": type(model).__module__ + "." + type(model).__name__,
+    }
 
 
-with set_current_vllm_config(EngineArgs(model=spec["twins"][0]["dir"], quantization="ascend", dtype="bfloat16",
-                                        enforce_eager=True, max_model_len=2048).create_engine_config()):
-    init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                 distributed_init_method=f"tcp://127.0.0.1:{spec['port']}", backend="gloo")
+with set_current_vllm_config(
+    EngineArgs(
+        model=spec["twins"][0]["dir"], quantization="ascend", dtype="bfloat16", enforce_eager=True, max_model_len=2048
+    ).create_engine_config()
+):
+    init_distributed_environment(
+        world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{spec['port']}", backend="gloo"
+    )
     initialize_model_parallel(1, 1)
 for twin in spec["twins"]:
     try:

@@ -49,6 +49,7 @@ def static_fq(scale: float, offset: float):
     def fq(x: torch.Tensor) -> torch.Tensor:
         q = torch.round(x.float() / scale + offset).clamp(-128, 127)
         return ((q - offset) * scale).to(x.dtype)
+
     return fq
 
 

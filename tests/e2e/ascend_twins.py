@@ -38,8 +38,14 @@ from tests.quant.fixtures import unpack_np
 KINDS = ("w8a8_dynamic", "w4a8_dynamic", "w8a8_static")
 
 # deepseek_v4_flash_w8a8.yaml: W8A8_DYNAMIC on *attn* and *ffn* linears except these (FLOAT).
-_ATTN_FLOAT = ("*.attn.wo_a", "*.attn.wo_b", "*.compressor.wgate", "*.compressor.wkv", "*.indexer.weights_proj",
-               "*.indexer.compressor.*")
+_ATTN_FLOAT = (
+    "*.attn.wo_a",
+    "*.attn.wo_b",
+    "*.compressor.wgate",
+    "*.compressor.wkv",
+    "*.indexer.weights_proj",
+    "*.indexer.compressor.*",
+)
 _FFN_FLOAT = ("*.ffn.gate",)
 # Static activation ranges are widened by this factor around the calibrated [min, max]: served prompts
 # include generated tokens the calibration pass did not see; 5 % keeps them off the clamp.
@@ -50,8 +56,11 @@ _COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 def linear_modules(state: dict[str, torch.Tensor]) -> list[str]:
     """Native names of the linear layers: every 2-D `<module>.weight` inside a decoder layer."""
-    return [k[: -len(".weight")] for k, t in state.items()
-            if k.startswith("layers.") and k.endswith(".weight") and t.dim() == 2]
+    return [
+        k[: -len(".weight")]
+        for k, t in state.items()
+        if k.startswith("layers.") and k.endswith(".weight") and t.dim() == 2
+    ]
 
 
 def _matches(module: str, patterns) -> bool:
@@ -93,8 +102,7 @@ def _dequantise(scheme: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     return q.to(torch.float32) * parts["weight_scale"].to(torch.float32).reshape(-1, 1)
 
 
-def quantize(state: dict[str, torch.Tensor], kind: str,
-             calib: dict[str, tuple[float, float]] | None = None) -> Twin:
+def quantize(state: dict[str, torch.Tensor], kind: str, calib: dict[str, tuple[float, float]] | None = None) -> Twin:
     """Quantize the bf16 `state` (checkpoint.state_dict) as twin `kind`. `calib`: module -> (min, max) of its
     input activations, needed by the static twin (calibrate())."""
     plan = recipe(state, kind)
@@ -131,8 +139,9 @@ def _copy_side_files(bf16_dir: Path, directory: Path, expert_dtype: str | None) 
             shutil.copy(bf16_dir / name, directory / name)
 
 
-def write_twin(directory: Path, bf16_dir: Path, twin: Twin, *, expert_dtype: str | None = None,
-               shards: int = 2) -> Path:
+def write_twin(
+    directory: Path, bf16_dir: Path, twin: Twin, *, expert_dtype: str | None = None, shards: int = 2
+) -> Path:
     """The msModelSlim output directory: quant_model_description.json, quant_model_weights-*.safetensors
     (+ index), config.json (expert_dtype set only when given), generation config and tokenizer."""
     directory, bf16_dir = Path(directory), Path(bf16_dir)
@@ -151,9 +160,15 @@ def write_dequantised(directory: Path, bf16_dir: Path, twin: Twin) -> Path:
     tensors = {**twin.floats, **twin.dequantised}
     tensors = {k: tensors[k].contiguous() for k in sorted(tensors)}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "model.safetensors.index.json").write_text(json.dumps({
-        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-        "weight_map": {k: "model.safetensors" for k in tensors}}, indent=1))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                "weight_map": {k: "model.safetensors" for k in tensors},
+            },
+            indent=1,
+        )
+    )
     _copy_side_files(bf16_dir, directory, None)
     return directory
 

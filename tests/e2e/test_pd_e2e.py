@@ -66,10 +66,14 @@ class ModelCase:
 # V4: window 128, block size 256 (forced by vLLM for V4): 1663 on the boundary; 2300 > 2048, so the
 # indexer's top-k (512 of the ratio-4 entries) selects (V4 cases run only on an AVX512-BF16 CPU).
 CASES = {
-    "llama-swa": ModelCase(lengths=(300, 703, 1400, 1990), window=64, block_size=128,
-                           spare_lengths=(300, 703) * 4),
-    "dsv4": ModelCase(lengths=(300, 1663, 2300), window=128, block_size=256, spare_lengths=(300, 280) * 4,
-                      flags=("--max-model-len", "3072", "--max-num-batched-tokens", "3072")),
+    "llama-swa": ModelCase(lengths=(300, 703, 1400, 1990), window=64, block_size=128, spare_lengths=(300, 703) * 4),
+    "dsv4": ModelCase(
+        lengths=(300, 1663, 2300),
+        window=128,
+        block_size=256,
+        spare_lengths=(300, 280) * 4,
+        flags=("--max-model-len", "3072", "--max-num-batched-tokens", "3072"),
+    ),
 }
 ALIGNED = {"llama-swa": 703, "dsv4": 1663}
 
@@ -78,8 +82,9 @@ def hybrid_llama(directory: Path) -> Path:
     """tests/e2e/checkpoint.py's tiny Llama with layer 0 a 64-token sliding window (layer_types)."""
     d = checkpoint.build_dense(directory, seed=0)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
-                          for i in range(cfg["num_hidden_layers"])]
+    cfg["layer_types"] = [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg["num_hidden_layers"])
+    ]
     cfg["sliding_window"] = CASES["llama-swa"].window
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
     return d
@@ -102,18 +107,29 @@ def _core_halves() -> tuple[str | None, str | None]:
     half = len(cpus) // 2
     if half == 0:
         return None, None
-    return ",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half:2 * half]))
+    return ",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half : 2 * half]))
 
 
 CORES = _core_halves()
 
 
 def kv_config(role: str, engine_id: str, port: int, policy: str) -> str:
-    return json.dumps({
-        "kv_connector": "MooncakeConnectorV1", "kv_connector_module_path": "ds_plugins.vllm.mooncake.connector",
-        "kv_role": role, "engine_id": engine_id, "kv_port": port, "kv_load_failure_policy": policy,
-        "kv_connector_extra_config": {"host": "127.0.0.1", "mooncake_protocol": "tcp", "allowed_peers": ["127.0.0.1"],
-                                      **KV_TIMEOUTS}})
+    return json.dumps(
+        {
+            "kv_connector": "MooncakeConnectorV1",
+            "kv_connector_module_path": "ds_plugins.vllm.mooncake.connector",
+            "kv_role": role,
+            "engine_id": engine_id,
+            "kv_port": port,
+            "kv_load_failure_policy": policy,
+            "kv_connector_extra_config": {
+                "host": "127.0.0.1",
+                "mooncake_protocol": "tcp",
+                "allowed_peers": ["127.0.0.1"],
+                **KV_TIMEOUTS,
+            },
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -125,8 +141,15 @@ def answer(resp: dict) -> dict:
 
 
 def body(prompt: list[int], **extra) -> dict:
-    return {"model": "tiny-dsv4", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "ignore_eos": True, "logprobs": LOGPROBS, **extra}
+    return {
+        "model": "tiny-dsv4",
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": LOGPROBS,
+        **extra,
+    }
 
 
 def post(url: str, data: dict, timeout: float = 300) -> tuple[int, dict]:
@@ -142,7 +165,7 @@ def post(url: str, data: dict, timeout: float = 300) -> tuple[int, dict]:
             return e.code, {"raw": raw}
 
 
-METRIC = re.compile(r'^(vllm:[a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$')
+METRIC = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$")
 
 
 def metrics(srv: Server) -> dict[str, float]:
@@ -160,8 +183,10 @@ def settled(srv: Server, timeout_s: float = 30) -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     while True:
         m = metrics(srv)
-        busy = {k: m.get(k, 0) for k in ("vllm:num_requests_running", "vllm:num_requests_waiting",
-                                          "vllm:kv_cache_usage_perc")}
+        busy = {
+            k: m.get(k, 0)
+            for k in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+        }
         if not any(busy.values()):
             return m
         if time.monotonic() > deadline:
@@ -187,9 +212,22 @@ class Proxy:
     def __init__(self, python: str, prefill: Server, decode: Server, log: Path, *extra: str):
         self.port = free_port()
         self.log = log.open("w")
-        self.proc = subprocess.Popen([python, str(HERE / "pd_proxy.py"), "--port", str(self.port),
-                                      "--prefill", prefill.url, "--decode", decode.url, *extra],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                python,
+                str(HERE / "pd_proxy.py"),
+                "--port",
+                str(self.port),
+                "--prefill",
+                prefill.url,
+                "--decode",
+                decode.url,
+                *extra,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -218,15 +256,16 @@ class Proxy:
 @dataclass
 class Cluster:
     """P, D and the proxy of one model; the reference answers; helpers the fault tests share."""
+
     name: str
     python: str
     model: Path
     logs: Path
     env: dict
     case: ModelCase
-    reference: dict = field(default_factory=dict)     # tuple(prompt) -> answer
-    main: list = field(default_factory=list)          # the prompts of the equality tests
-    spare: list = field(default_factory=list)         # prompts (with reference answers) for the fault tests
+    reference: dict = field(default_factory=dict)  # tuple(prompt) -> answer
+    main: list = field(default_factory=list)  # the prompts of the equality tests
+    spare: list = field(default_factory=list)  # prompts (with reference answers) for the fault tests
     P: Server | None = None
     D: Server | None = None
     proxy: Proxy | None = None
@@ -236,19 +275,26 @@ class Cluster:
     def server(self, tag: str, flags: list[str], cores: str | None = None) -> Server:
         self.starts += 1
         env = {**self.env, **({"VLLM_CPU_OMP_THREADS_BIND": cores} if cores else {})}
-        srv = Server(self.python, self.model, self.logs / f"{self.name}-{tag}-{self.starts}.log", env=env,
-                     flags=[*self.case.flags, *flags])
+        srv = Server(
+            self.python,
+            self.model,
+            self.logs / f"{self.name}-{tag}-{self.starts}.log",
+            env=env,
+            flags=[*self.case.flags, *flags],
+        )
         srv.start()
         timings.record(f"pd {self.name}: {tag} server start", srv.start_s)
         return srv
 
     def start_prefill(self) -> None:
-        self.P = self.server("prefill", ["--kv-transfer-config", kv_config("kv_producer", "p0", self.kv_port, "fail")],
-                             CORES[0])
+        self.P = self.server(
+            "prefill", ["--kv-transfer-config", kv_config("kv_producer", "p0", self.kv_port, "fail")], CORES[0]
+        )
 
     def start_decode(self, policy: str) -> None:
-        self.D = self.server(f"decode-{policy}", ["--kv-transfer-config",
-                                                  kv_config("kv_consumer", "d0", free_port(), policy)], CORES[1])
+        self.D = self.server(
+            f"decode-{policy}", ["--kv-transfer-config", kv_config("kv_consumer", "d0", free_port(), policy)], CORES[1]
+        )
 
     def start_proxy(self, *extra: str) -> Proxy:
         return Proxy(self.python, self.P, self.D, self.logs / f"{self.name}-proxy-{time.monotonic_ns()}.log", *extra)
@@ -280,6 +326,7 @@ class Cluster:
 def _mooncake_env(python: str) -> dict:
     sys.path.insert(0, str(ROOT))
     from ci import mooncake_env
+
     try:
         return mooncake_env.server_env(mooncake_env.spec(), python)
     except Exception as exc:  # no network, no compiler, no apt: say so
@@ -323,6 +370,7 @@ def cluster(request, tmp_path_factory, e2e_log_dir):
 
 # ------------------------------------------------------------------------------------------ tests
 
+
 def test_pd_output_equals_single_server_byte_for_byte(cluster):
     c = cluster
     before = metrics(c.D)
@@ -339,7 +387,8 @@ def test_pd_output_equals_single_server_byte_for_byte(cluster):
     # D computed only the last prompt token of each: the rest came from P (vLLM counts them as
     # external prefix-cache hits), so this equality is a statement about transferred KV.
     external = after.get("vllm:external_prefix_cache_hits_total", 0) - before.get(
-        "vllm:external_prefix_cache_hits_total", 0)
+        "vllm:external_prefix_cache_hits_total", 0
+    )
     assert external == sum(len(p) - 1 for p in c.main), (external, after)
     settled(c.P)  # P freed every request's blocks on D's notice
 
@@ -470,8 +519,9 @@ def test_forged_kv_transfer_params_fail_alone(cluster):
         status, resp = c.decode(prompt, forged_params(real, change), timeout=60)
         outcomes[name] = (status, round(time.monotonic() - t0, 1))
         assert status >= 500, (name, resp)
-    timings.record(f"pd {c.name}: {len(FORGED)} forged requests, each to its failure",
-                   sum(t for _, t in outcomes.values()))
+    timings.record(
+        f"pd {c.name}: {len(FORGED)} forged requests, each to its failure", sum(t for _, t in outcomes.values())
+    )
     # The real owner still gets its blocks from P (no forged request released them) and is exact.
     status, resp = c.decode(prompt, real)
     assert status == 200 and answer(resp) == want, (outcomes, resp)
@@ -490,8 +540,13 @@ def test_forged_kv_transfer_params_fail_alone(cluster):
     assert re.findall(r"^\(EngineCore(?:_DP\d+)? pid=(\d+)\)", c.D.log_text(), re.M)[-1] == engine_pids[-1]
     log = c.D.log_text()
     # (the read under a request id P never exposed went through, but P refused its Done: not counted)
-    for needle in ("unusable kv_transfer_params", "remote_port must be an integer", "unknown engine id 'p-other'",
-                   "rejected Done: unknown request 'never-exposed'", "outside [0,"):
+    for needle in (
+        "unusable kv_transfer_params",
+        "remote_port must be an integer",
+        "unknown engine id 'p-other'",
+        "rejected Done: unknown request 'never-exposed'",
+        "outside [0,",
+    ):
         assert needle in log, needle
 
 

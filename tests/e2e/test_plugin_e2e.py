@@ -35,8 +35,10 @@ DISABLED = "ds-plugins: disabled by DS_PLUGINS_DISABLE"
 HARNESS = "ds-plugins e2e harness (test only) for vllm-cpu 0.32.0"
 # vLLM prefixes every line of a spawned process with its role and pid; a worker is first
 # "VllmWorker-0", then "Worker"; a line logged before vLLM names the process says "MainProcess".
-PREFIX = re.compile(r"^\((?P<role>MainProcess|APIServer|EngineCore(?:_DP\d+)?|(?:Vllm)?Worker(?:-\d+)?(?:_TP\d+)?) "
-                    r"pid=(?P<pid>\d+)\)\s(?P<text>.*)$")
+PREFIX = re.compile(
+    r"^\((?P<role>MainProcess|APIServer|EngineCore(?:_DP\d+)?|(?:Vllm)?Worker(?:-\d+)?(?:_TP\d+)?) "
+    r"pid=(?P<pid>\d+)\)\s(?P<text>.*)$"
+)
 ROLES = ("APIServer", "EngineCore", "Worker")
 
 MODELS = {"dsv4": ("tiny_v4_dir", "v4_cpu"), "llama": ("tiny_dense_dir", "vllm_cpu_python")}
@@ -114,10 +116,12 @@ def runs(request, e2e_log_dir) -> dict[str, Run]:
 
 
 # Why an API-server line can be missing while the engine's processes have theirs (the failure says so).
-API_SERVER_HINT = ("vLLM >= 0.32 configures its logging (vllm.logger.configure_logging) only after the API "
-                   "server has built its argument parser, which is where it loads general plugins: ds-plugins "
-                   "holds its start-up line there until then (patch vllm.startup_log.configure_logging); check "
-                   "that patch's outcome")
+API_SERVER_HINT = (
+    "vLLM >= 0.32 configures its logging (vllm.logger.configure_logging) only after the API "
+    "server has built its argument parser, which is where it loads general plugins: ds-plugins "
+    "holds its start-up line there until then (patch vllm.startup_log.configure_logging); check "
+    "that patch's outcome"
+)
 
 
 def _missing(found: dict, log: str) -> str:
@@ -158,15 +162,21 @@ def test_greedy_output_identical_with_and_without_plugin(runs):
         assert a["usage"]["completion_tokens"] == MAX_TOKENS, a
         assert len(a["choices"][0]["logprobs"]["tokens"]) == MAX_TOKENS
         assert json.dumps(a["choices"], sort_keys=True) == json.dumps(b["choices"], sort_keys=True), (
-            f"prompt {prompt!r}:\n with ds-plugins: {a['choices']}\n disabled:        {b['choices']}")
+            f"prompt {prompt!r}:\n with ds-plugins: {a['choices']}\n disabled:        {b['choices']}"
+        )
     # the answers depend on the prompt (a server that answers everything alike would pass the above)
     assert len({c["choices"][0]["text"] for c in on}) > 1
 
 
 def _doctor(py: str, *args: str) -> subprocess.CompletedProcess:
     script = Path(py).parent / "ds-plugins"
-    return subprocess.run([str(script), "doctor", *args], capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    return subprocess.run(
+        [str(script), "doctor", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
 
 
 def test_doctor_on_vllm_cpu(vllm_cpu_python):
@@ -193,7 +203,12 @@ def test_cpu_only_decisions(vllm_cpu_python):
         assert decisions[kid]["value"] == "upstream", decisions[kid]
     assert decisions["ascend_quant"]["value"] == "ds_plugins", decisions["ascend_quant"]
     assert "CPU reference path" in decisions["ascend_quant"]["reason"]
-    has_mooncake = subprocess.run([vllm_cpu_python, "-c", "import importlib.util as u, sys; "
-                                   "sys.exit(0 if u.find_spec('mooncake') else 1)"]).returncode == 0
-    assert decisions["mooncake_connector"]["value"] == ("ds_plugins" if has_mooncake else "unavailable"), \
-        decisions["mooncake_connector"]
+    has_mooncake = (
+        subprocess.run(
+            [vllm_cpu_python, "-c", "import importlib.util as u, sys; sys.exit(0 if u.find_spec('mooncake') else 1)"]
+        ).returncode
+        == 0
+    )
+    assert decisions["mooncake_connector"]["value"] == ("ds_plugins" if has_mooncake else "unavailable"), decisions[
+        "mooncake_connector"
+    ]

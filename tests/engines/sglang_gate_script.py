@@ -31,6 +31,7 @@ TAG = "GATE "
 
 def fake_sm120() -> None:
     import sglang.srt.utils as utils
+
     utils.get_device_sm = lambda: 120
     utils.is_cuda = lambda: True
     deep_gemm = types.ModuleType("deep_gemm")
@@ -44,11 +45,13 @@ def import_configurer():
     import importlib.util
 
     import sglang.srt.layers as layers
+
     folder = os.path.join(list(layers.__path__)[0], "deep_gemm_wrapper")
     name = "sglang.srt.layers.deep_gemm_wrapper"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
-                                                      submodule_search_locations=[folder])
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+        )
         sys.modules[name] = importlib.util.module_from_spec(spec)
     return importlib.import_module(name + ".configurer")
 
@@ -58,12 +61,14 @@ def register(how: str) -> None:
         import sglang  # noqa: F401
     else:
         import sglang.srt.plugins as plugins
+
         plugins.load_plugins()
 
 
 def report(where: str) -> dict:
     import ds_plugins.registration as r
     from sglang.srt.environ import envs
+
     configurer = sys.modules.get("sglang.srt.layers.deep_gemm_wrapper.configurer")
     copy = sys.modules.get("sglang.srt.batch_invariant_ops.batch_invariant_ops")
     out = {
@@ -74,8 +79,17 @@ def report(where: str) -> dict:
         "registration": r.get("sglang").snapshot(),
     }
     if configurer is not None:
-        out.update({name: getattr(configurer, name, None) for name in (
-            "ENABLE_JIT_DEEPGEMM", "DEEPGEMM_BLACKWELL", "DEEPGEMM_SCALE_UE8M0", "DEEPGEMM_NEED_TMA_ALIGNED_SCALES")})
+        out.update(
+            {
+                name: getattr(configurer, name, None)
+                for name in (
+                    "ENABLE_JIT_DEEPGEMM",
+                    "DEEPGEMM_BLACKWELL",
+                    "DEEPGEMM_SCALE_UE8M0",
+                    "DEEPGEMM_NEED_TMA_ALIGNED_SCALES",
+                )
+            }
+        )
     if copy is not None:
         out["copy_in_batch_invariant_ops"] = copy.ENABLE_JIT_DEEPGEMM
     print(TAG + json.dumps(out), flush=True)
@@ -86,9 +100,11 @@ def child(how: str, queue) -> None:
     # As in SGLang's scheduler: the modules (and the configurer) load while the target is unpickled,
     # before run_scheduler_process calls load_plugins(): only the inherited environment is in force.
     import sglang  # noqa: F401
+
     fake_sm120()
     import_configurer()
     import sglang.srt.batch_invariant_ops.batch_invariant_ops  # noqa: F401  (holds a copy of the flag)
+
     if how == "entry":
         register(how)
     queue.put(report("child"))
@@ -97,9 +113,11 @@ def child(how: str, queue) -> None:
 def main(how: str, when: str) -> None:
     if when == "stale":
         import sglang.srt.utils  # noqa: F401  (with the hook, this is where ds-plugins registers)
+
         fake_sm120()
         import_configurer()
         import sglang.srt.batch_invariant_ops.batch_invariant_ops  # noqa: F401
+
         report("before")
         register(how)
         report("after")

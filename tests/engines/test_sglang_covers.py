@@ -35,9 +35,10 @@ PARENT_AND_CHILD = (
 @pytest.fixture()
 def script(tmp_path):
     path = tmp_path / "covers.py"
-    path.write_text(READ + PARENT_AND_CHILD +
-                    "import json, ds_plugins.registration as r\n"
-                    "print('DSP-STATE ' + json.dumps(r.get('sglang').snapshot()), flush=True)\n")
+    path.write_text(
+        READ + PARENT_AND_CHILD + "import json, ds_plugins.registration as r\n"
+        "print('DSP-STATE ' + json.dumps(r.get('sglang').snapshot()), flush=True)\n"
+    )
     return path
 
 
@@ -51,8 +52,9 @@ def test_sparse_prefill_off_and_triton_backend_reach_sglang_and_its_workers(sgla
 
 def test_the_users_own_values_stay(sglang_plugins_env, script):
     user = {**SM120_0515, "SGLANG_SM120_FLASHMLA_BACKEND": "flashinfer", "SGLANG_OPT_FLASHMLA_SPARSE_PREFILL": "1"}
-    res = sglang_plugins_env.run("import sglang.srt.plugins as p\np.load_plugins()\n" + READ
-                                 + "print('PARENT', read())\n", env=user).ok()
+    res = sglang_plugins_env.run(
+        "import sglang.srt.plugins as p\np.load_plugins()\n" + READ + "print('PARENT', read())\n", env=user
+    ).ok()
     assert "PARENT (True, 'flashinfer', 'flashinfer')" in res.proc.stdout
     kept = res.lines("ds-plugins keeps the user's value")  # one line per switch and process
     assert len([line for line in kept if "SGLANG_SM120_FLASHMLA_BACKEND=flashinfer" in line]) == 1

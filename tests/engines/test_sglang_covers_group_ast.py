@@ -60,21 +60,27 @@ def installed(fresh_state, monkeypatch):
     def install(module: types.ModuleType):
         monkeypatch.setitem(sys.modules, "flash_mla", module)
         from ds_plugins.sglang.routes import PATCHES
+
         group = [p for p in PATCHES if p.id in GROUP]
         outcomes = patching.apply(group, _plan(), patching_log())
         return {o.patch_id: o for o in outcomes}
+
     return install
 
 
 def patching_log():
     import logging
+
     return logging.getLogger("sglang.ds_plugins.test")
 
 
-@pytest.mark.parametrize("dist,version,path", [
-    ("sgl-flash-mla", "1.0.0", "flash_mla/flash_mla_interface.py"),
-    ("vllm", "0.30.0", "vllm/third_party/flashmla/flash_mla_interface.py"),
-])
+@pytest.mark.parametrize(
+    "dist,version,path",
+    [
+        ("sgl-flash-mla", "1.0.0", "flash_mla/flash_mla_interface.py"),
+        ("vllm", "0.30.0", "vllm/third_party/flashmla/flash_mla_interface.py"),
+    ],
+)
 def test_a_refused_decode_refuses_its_plan_too_ast(installed, dist, version, path):
     module = flash_mla_from(_wheel_file(dist, version, path))
     original = {n: getattr(module, n) for n in NAMES}
@@ -92,9 +98,13 @@ def test_the_group_applies_together_where_every_member_fits(installed):
     import inspect
 
     import ds_plugins.kernels as kernels
-    source = "\n".join(f"def {n}"
-                       f"{inspect.signature(getattr(kernels, n)).replace(return_annotation=inspect.Signature.empty)}:"
-                       f"\n    pass\n" for n in NAMES)
+
+    source = "\n".join(
+        f"def {n}"
+        f"{inspect.signature(getattr(kernels, n)).replace(return_annotation=inspect.Signature.empty)}:"
+        f"\n    pass\n"
+        for n in NAMES
+    )
     module = flash_mla_from(source.replace("'", ""))
     got = installed(module)
     assert got["sglang.route.decode"].state == "applied"

@@ -15,24 +15,34 @@ S, X = "supported", "unsupported"
 # version: {device: (status, deepgemm, sparse_mla)} with the stock pins
 EXPECTED = {
     "0.5.12": {"sm120": (X, X, X), "sm121": (X, X, X), "sm90": (S, "upstream", "upstream")},
-    "0.5.13": {"sm120": (S, "upstream", "upstream"), "sm121": (S, "off", "upstream"),
-               "sm90": (S, "upstream", "upstream")},
-    "0.5.15": {"sm120": (S, "upstream", "triton"), "sm121": (S, "off", "triton"),
-               "sm90": (S, "upstream", "upstream")},
-    "0.5.19": {"sm120": (S, "upstream", "upstream"), "sm121": (S, "upstream", "upstream"),
-               "sm90": (S, "upstream", "upstream")},
-    "0.5.21": {"sm120": (S, "upstream", "upstream"), "sm121": (S, "upstream", "upstream"),
-               "sm90": (S, "upstream", "upstream")},
-    "0.5.23": {"sm120": (S, "upstream", "upstream"), "sm121": (S, "upstream", "upstream"),
-               "sm90": (S, "upstream", "upstream")},
+    "0.5.13": {
+        "sm120": (S, "upstream", "upstream"),
+        "sm121": (S, "off", "upstream"),
+        "sm90": (S, "upstream", "upstream"),
+    },
+    "0.5.15": {"sm120": (S, "upstream", "triton"), "sm121": (S, "off", "triton"), "sm90": (S, "upstream", "upstream")},
+    "0.5.19": {
+        "sm120": (S, "upstream", "upstream"),
+        "sm121": (S, "upstream", "upstream"),
+        "sm90": (S, "upstream", "upstream"),
+    },
+    "0.5.21": {
+        "sm120": (S, "upstream", "upstream"),
+        "sm121": (S, "upstream", "upstream"),
+        "sm90": (S, "upstream", "upstream"),
+    },
+    "0.5.23": {
+        "sm120": (S, "upstream", "upstream"),
+        "sm121": (S, "upstream", "upstream"),
+        "sm90": (S, "upstream", "upstream"),
+    },
 }
 CASES = [(v, d, e) for v, row in EXPECTED.items() for d, e in row.items()]
 
 
 def probe(version: str, device: str, libs=None) -> Probe:
     libraries = dict(stock.libraries("sglang", version)) if libs is None else libs
-    return Probe("3.11", {"sglang": version}, "2.13.0", None, (Device("cuda", 0, device, CAPS[device]),), "",
-                 libraries)
+    return Probe("3.11", {"sglang": version}, "2.13.0", None, (Device("cuda", 0, device, CAPS[device]),), "", libraries)
 
 
 @pytest.mark.parametrize("version,device,expected", CASES, ids=[f"{v}-{d}" for v, d, _ in CASES])
@@ -54,14 +64,19 @@ def test_0512_says_which_kernel_and_what_to_upgrade_to():
     values = {"deepgemm": "off", "sparse_mla": "triton", "indexer": "triton"}
     left = paths.blockers("sglang", "0.5.12", CAPS["sm121"], values)
     assert [(r.stage, r.provider) for r in left.rows] == [
-        ("moe", "marlin"), ("topk", "engine_c"), ("decode", "flash_mla"), ("prefill", "flash_mla"),
-        ("mtp", "flash_mla")]
+        ("moe", "marlin"),
+        ("topk", "engine_c"),
+        ("decode", "flash_mla"),
+        ("prefill", "flash_mla"),
+        ("mtp", "flash_mla"),
+    ]
     assert len(paths.blockers("sglang", "0.5.12", CAPS["sm121"], {}).rows) == 7  # + indexer logits, mHC prenorm
 
 
 def test_forcing_our_kernels_cannot_make_0512_supported():
-    plan = decide(probe("0.5.12", "sm120"), "sglang", env={"DS_PLUGINS_SPARSE_MLA": "triton",
-                                                            "DS_PLUGINS_INDEXER": "triton"})
+    plan = decide(
+        probe("0.5.12", "sm120"), "sglang", env={"DS_PLUGINS_SPARSE_MLA": "triton", "DS_PLUGINS_INDEXER": "triton"}
+    )
     assert plan.status == X
 
 

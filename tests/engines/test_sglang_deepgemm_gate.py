@@ -25,13 +25,19 @@ OFF = {"DS_PLUGINS_DEEPGEMM": "off"}
 
 
 def gate_reports(res) -> dict:
-    return {r["where"]: r for r in (json.loads(line[5:]) for line in res.proc.stdout.splitlines()
-                                    if line.startswith("GATE "))}
+    return {
+        r["where"]: r
+        for r in (json.loads(line[5:]) for line in res.proc.stdout.splitlines() if line.startswith("GATE "))
+    }
 
 
 def run_script(env, how, when, extra_env=None, tmp_path=None):
-    return env.run(script=SCRIPT, env={"GATE_HOW": how, "GATE_WHEN": when, **(extra_env or {})},
-                   pythonpath=HOOK if how == "hook" else (), cwd=tmp_path).ok()
+    return env.run(
+        script=SCRIPT,
+        env={"GATE_HOW": how, "GATE_WHEN": when, **(extra_env or {})},
+        pythonpath=HOOK if how == "hook" else (),
+        cwd=tmp_path,
+    ).ok()
 
 
 @pytest.mark.parametrize("how", ["hook", "entry"])
@@ -45,7 +51,7 @@ def test_off_reaches_a_spawned_child_in_sglangs_own_flags(sglang_plugins_env, ho
     assert child["sglang_switch"] is False
     assert child["ENABLE_JIT_DEEPGEMM"] is False and child["DEEPGEMM_SCALE_UE8M0"] is False
     assert child["copy_in_batch_invariant_ops"] is False
-    if how == "entry":   # the child's own load_plugins() registered after the configurer was imported
+    if how == "entry":  # the child's own load_plugins() registered after the configurer was imported
         assert child["registration"]["via"] == "sglang.srt.plugins"
     else:
         assert child["registration"]["via"] == "pythonpath-hook"
@@ -99,10 +105,11 @@ def test_a_configurer_that_looks_different_is_skipped_with_one_warning(sglang_pl
         "c.DEEPGEMM_SCALE_UE8M0 = 'ue8m0'   # a layout this patch was not written for\n"
         "import sglang.srt.plugins as p\np.load_plugins()\n"
         "print('AFTER', c.ENABLE_JIT_DEEPGEMM, c.DEEPGEMM_SCALE_UE8M0)\n",
-        env=OFF).ok()
+        env=OFF,
+    ).ok()
     [skip] = res.lines("skipping patch sglang.deepgemm_off.configurer")
     assert "DEEPGEMM_SCALE_UE8M0 is not a bool here" in skip and "upstream behaviour kept" in skip
-    assert "AFTER False ue8m0" in res.proc.stdout          # SGLang's values untouched (False on a CPU)
+    assert "AFTER False ue8m0" in res.proc.stdout  # SGLang's values untouched (False on a CPU)
     outcomes = {o["patch"]: o["state"] for o in res.state["outcomes"]}
     assert outcomes["sglang.deepgemm_off.configurer"] == "skipped"
     assert res.state["state"] == "registered"
@@ -111,8 +118,9 @@ def test_a_configurer_that_looks_different_is_skipped_with_one_warning(sglang_pl
 def test_the_hook_sets_the_switch_only_where_sglang_has_deepseek_v4(sglang_env):
     """Through the hook on every live version: 0.5.10 (no V4) is unsupported, so nothing is set even
     when asked to; 0.5.12+ get the switch before SGLang's body runs."""
-    res = sglang_env.run("import os, sglang\nprint('ENV', os.environ.get('SGLANG_ENABLE_JIT_DEEPGEMM'))\n",
-                         pythonpath=HOOK, env=OFF).ok()
+    res = sglang_env.run(
+        "import os, sglang\nprint('ENV', os.environ.get('SGLANG_ENABLE_JIT_DEEPGEMM'))\n", pythonpath=HOOK, env=OFF
+    ).ok()
     if sglang_env.version >= "0.5.12":
         assert "ENV 0" in res.proc.stdout and res.state["status"] == "supported"
     else:
@@ -133,18 +141,24 @@ def test_simulated_policy_defaults_set_the_switches_in_the_spawned_child(sglang_
     assert child["env"] == "0" and child["ENABLE_JIT_DEEPGEMM"] is False
     unsupported = sglang_plugins_env.run(
         "import os, sglang\nprint('ENV', os.environ.get('SGLANG_ENABLE_JIT_DEEPGEMM'), "
-        "os.environ.get('SGLANG_OPT_FP8_WO_A_GEMM'))\n", pythonpath=HOOK,
-        env={"DS_PLUGINS_SIMULATE": "--engine sglang==0.5.12 --capability 12.0 --lib deep_gemm=no-sm12x"}).ok()
+        "os.environ.get('SGLANG_OPT_FP8_WO_A_GEMM'))\n",
+        pythonpath=HOOK,
+        env={"DS_PLUGINS_SIMULATE": "--engine sglang==0.5.12 --capability 12.0 --lib deep_gemm=no-sm12x"},
+    ).ok()
     assert "ENV None None" in unsupported.proc.stdout and unsupported.state["status"] == "unsupported"
     forced = {"DS_PLUGINS_SIMULATE": "--engine sglang==0.5.12 --capability 9.0", "DS_PLUGINS_INDEXER": "triton"}
     res = sglang_plugins_env.run(
         "import os, sglang\nprint('WO_A', os.environ.get('SGLANG_OPT_FP8_WO_A_GEMM'))\n"
         "from sglang.srt.environ import envs\nprint('SGLANG_SAYS', envs.SGLANG_OPT_FP8_WO_A_GEMM.get())\n",
-        pythonpath=HOOK, env=forced).ok()
+        pythonpath=HOOK,
+        env=forced,
+    ).ok()
     assert res.state["decisions"]["indexer"] == "triton"
     assert "WO_A 0" in res.proc.stdout and "SGLANG_SAYS False" in res.proc.stdout
     mine = sglang_plugins_env.run(
         "import os, sglang\nprint('WO_A', os.environ.get('SGLANG_OPT_FP8_WO_A_GEMM'))\n",
-        pythonpath=HOOK, env={**forced, "SGLANG_OPT_FP8_WO_A_GEMM": "1"}).ok()
+        pythonpath=HOOK,
+        env={**forced, "SGLANG_OPT_FP8_WO_A_GEMM": "1"},
+    ).ok()
     assert "WO_A 1" in mine.proc.stdout
     assert len(mine.lines("SGLANG_OPT_FP8_WO_A_GEMM=1 was set explicitly")) == 1

@@ -12,8 +12,7 @@ pytestmark = pytest.mark.engines
 SM120 = {"DS_PLUGINS_SIMULATE": "--capability 12.0 --lib deep_gemm=no-sm12x"}
 FORCED = {**SM120, "DS_PLUGINS_SPARSE_MLA": "triton"}
 MODULE = "sglang.kernels.ops.attention.flash_mla_sm120"
-SHOW = ("f = m.flash_mla_with_kvcache_sm120\n"
-        "print('ROUTE', getattr(f, '__ds_plugins_route__', None), f.__module__)\n")
+SHOW = "f = m.flash_mla_with_kvcache_sm120\nprint('ROUTE', getattr(f, '__ds_plugins_route__', None), f.__module__)\n"
 
 
 def outcomes(res) -> dict:
@@ -24,19 +23,21 @@ def outcomes(res) -> dict:
 def test_forced_triton_replaces_sglangs_sm120_function(sglang_plugins_env, order):
     register = "import sglang.srt.plugins as p\np.load_plugins()\n"
     load = f"import {MODULE} as m\n"
-    res = sglang_plugins_env.run((register + load if order == "register-then-import" else load + register) + SHOW,
-                                 env=FORCED).ok()
+    res = sglang_plugins_env.run(
+        (register + load if order == "register-then-import" else load + register) + SHOW, env=FORCED
+    ).ok()
     assert "ROUTE sglang.route.decode_sm120 ds_plugins.sglang.routes" in res.proc.stdout
     states = {k: v["state"] for k, v in outcomes(res).items()}
     assert states["sglang.route.decode_sm120"] == "applied"
     assert states["sglang.route.decode_sm120_legacy"] == "other-version"
-    assert states["sglang.route.decode"] == "other-version"          # 0.5.12's FlashMLA route
+    assert states["sglang.route.decode"] == "other-version"  # 0.5.12's FlashMLA route
     assert res.state["decisions"]["sparse_mla"] == "triton"
 
 
 def test_by_default_sglangs_own_sm120_path_stays(sglang_plugins_env):
-    res = sglang_plugins_env.run(f"import sglang.srt.plugins as p\np.load_plugins()\nimport {MODULE} as m\n" + SHOW,
-                                 env=SM120).ok()
+    res = sglang_plugins_env.run(
+        f"import sglang.srt.plugins as p\np.load_plugins()\nimport {MODULE} as m\n" + SHOW, env=SM120
+    ).ok()
     assert f"ROUTE None {MODULE}" in res.proc.stdout
     assert res.state["decisions"]["sparse_mla"] == "upstream"
     assert outcomes(res)["sglang.route.decode_sm120"]["state"] == "not-selected"
@@ -51,7 +52,9 @@ def test_a_moved_sm120_seam_is_skipped_with_one_warning(sglang_plugins_env):
         "    return 'theirs'\n"
         "m.flash_mla_with_kvcache_sm120 = flash_mla_with_kvcache_sm120\n"
         "import sglang.srt.plugins as p\np.load_plugins()\n"
-        "print('CALL', m.flash_mla_with_kvcache_sm120(1, 2, 3, 4))\n", env=FORCED).ok()
+        "print('CALL', m.flash_mla_with_kvcache_sm120(1, 2, 3, 4))\n",
+        env=FORCED,
+    ).ok()
     [warning] = res.lines("skipping patch sglang.route.decode_sm120")
     assert "block_table, cache_seqlens" in warning and "upstream behaviour kept" in warning
     assert "CALL theirs" in res.proc.stdout
@@ -61,8 +64,10 @@ def test_a_moved_sm120_seam_is_skipped_with_one_warning(sglang_plugins_env):
 
 def test_the_hook_applies_the_same_route_once_with_the_entry_point(sglang_plugins_env):
     res = sglang_plugins_env.run(
-        "import sglang\nimport sglang.srt.plugins as p\np.load_plugins()\n"
-        f"import {MODULE} as m\n" + SHOW, env=FORCED, pythonpath=(sglang_path(),)).ok()
+        f"import sglang\nimport sglang.srt.plugins as p\np.load_plugins()\nimport {MODULE} as m\n" + SHOW,
+        env=FORCED,
+        pythonpath=(sglang_path(),),
+    ).ok()
     assert "ROUTE sglang.route.decode_sm120 ds_plugins.sglang.routes" in res.proc.stdout
     assert res.state["via"] == "pythonpath-hook" and res.state["calls"] == 2
     assert outcomes(res)["sglang.route.decode_sm120"]["state"] == "applied"

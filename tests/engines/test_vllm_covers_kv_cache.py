@@ -75,9 +75,12 @@ def _fp8_assert_sites(version: str) -> list[str]:
         if not path.exists():
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Assert) and isinstance(node.test, ast.Call)
-                    and getattr(node.test.func, "attr", None) == "startswith"
-                    and [getattr(a, "value", None) for a in node.test.args] == ["fp8"]):
+            if (
+                isinstance(node, ast.Assert)
+                and isinstance(node.test, ast.Call)
+                and getattr(node.test.func, "attr", None) == "startswith"
+                and [getattr(a, "value", None) for a in node.test.args] == ["fp8"]
+            ):
                 found.append(f"{path.name}:{node.lineno}")
     return found
 
@@ -90,6 +93,7 @@ V4_VLLM = [v for e, v in upstream.matrix() if e == "vllm" and Version(v) >= Vers
 def test_kv_cache_fp8_seam_and_the_assert_it_answers_ast(version):
     # the seam (V4's config hook, the architecture map, VllmConfig calling it): ci/vllm_seams.py's contract
     from ci import vllm_seams
+
     assert vllm_seams.check_patch(upstream.source("vllm", version), kv_cache.PATCH) is None
     asserts = _fp8_assert_sites(version)
     if in_range(kv_cache.PATCH.versions, version, what="test"):

@@ -122,8 +122,12 @@ def test_the_seam_in_every_matrix_wheel_ast(version):
     assert vllm_seams.check_patch(upstream.source("vllm", version), custom_all_reduce.PATCH) is None
 
 
-SEAM_FILES = ("vllm/config/parallel.py", "vllm/engine/arg_utils.py", "vllm/v1/worker/gpu_worker.py",
-              "vllm/platforms/cuda.py")
+SEAM_FILES = (
+    "vllm/config/parallel.py",
+    "vllm/engine/arg_utils.py",
+    "vllm/v1/worker/gpu_worker.py",
+    "vllm/platforms/cuda.py",
+)
 
 
 def _copy(tmp_path, version="0.30.0"):
@@ -144,16 +148,35 @@ def _edit(root, rel, old, new):
 
 
 @pytest.mark.contract
-@pytest.mark.parametrize("rel, old, new, message", [
-    ("vllm/config/parallel.py", "disable_custom_all_reduce: bool = False", "disable_custom_all_reduce: bool = True",
-     "has no field disable_custom_all_reduce: bool = False"),
-    ("vllm/config/parallel.py", "    def __post_init__(self) -> None:", "    def __post_init__(self, extra) -> None:",
-     "ParallelConfig.__post_init__ is not a def (self)"),
-    ("vllm/engine/arg_utils.py", "disable_custom_all_reduce=self.disable_custom_all_reduce",
-     "disable_custom_all_reduce=False", "does not build ParallelConfig"),
-    ("vllm/v1/worker/gpu_worker.py", "set_custom_all_reduce(not parallel_config.disable_custom_all_reduce)",
-     "set_custom_all_reduce(True)", "does not call set_custom_all_reduce"),
-])
+@pytest.mark.parametrize(
+    "rel, old, new, message",
+    [
+        (
+            "vllm/config/parallel.py",
+            "disable_custom_all_reduce: bool = False",
+            "disable_custom_all_reduce: bool = True",
+            "has no field disable_custom_all_reduce: bool = False",
+        ),
+        (
+            "vllm/config/parallel.py",
+            "    def __post_init__(self) -> None:",
+            "    def __post_init__(self, extra) -> None:",
+            "ParallelConfig.__post_init__ is not a def (self)",
+        ),
+        (
+            "vllm/engine/arg_utils.py",
+            "disable_custom_all_reduce=self.disable_custom_all_reduce",
+            "disable_custom_all_reduce=False",
+            "does not build ParallelConfig",
+        ),
+        (
+            "vllm/v1/worker/gpu_worker.py",
+            "set_custom_all_reduce(not parallel_config.disable_custom_all_reduce)",
+            "set_custom_all_reduce(True)",
+            "does not call set_custom_all_reduce",
+        ),
+    ],
+)
 def test_the_seam_check_names_what_moved(tmp_path, rel, old, new, message):
     root = _copy(tmp_path)
     assert vllm_seams.check_patch(root, custom_all_reduce.PATCH) is None  # the copy as shipped passes
@@ -170,4 +193,5 @@ def test_the_seam_check_notices_a_cuda_platform_that_keeps_it_off(tmp_path):
     assert marker in text
     _edit(root, "vllm/platforms/cuda.py", marker, "def use_custom_allreduce(cls) -> bool:\n        return False")
     assert "CudaPlatformBase.use_custom_allreduce is not `return True`" in vllm_seams.check_patch(
-        root, custom_all_reduce.PATCH)
+        root, custom_all_reduce.PATCH
+    )

@@ -20,7 +20,9 @@ READ_REGISTRY = (
     "from vllm.model_executor.models.registry import ModelRegistry as R\n"
     "import json\n"
     "print('REG ' + json.dumps({a: [R.models[a].module_name, R.models[a].class_name] for a in "
-    + repr(tuple(ARCHS)) + "}))\n")
+    + repr(tuple(ARCHS))
+    + "}))\n"
+)
 
 
 def registry(res):
@@ -30,8 +32,9 @@ def registry(res):
 
 def test_routed_sm12x_points_v4_at_the_hookup_in_every_inspecting_process(vllm_env):
     res = vllm_env.run(
-        LOAD + READ_REGISTRY +
-        "info = R.models['DeepseekV4ForCausalLM'].inspect_model_cls()\n"  # vLLM's inspection subprocess
+        LOAD
+        + READ_REGISTRY
+        + "info = R.models['DeepseekV4ForCausalLM'].inspect_model_cls()\n"  # vLLM's inspection subprocess
         "assert info.is_text_generation_model and info.supports_pp, info\n"
         "cls = R.models['DeepseekV4ForCausalLM'].load_model_cls()\n"
         "mtp = R.models['DeepSeekV4MTPModel'].load_model_cls()\n"
@@ -43,7 +46,8 @@ def test_routed_sm12x_points_v4_at_the_hookup_in_every_inspecting_process(vllm_e
         "    assert c.__mro__[1] is upstream and c.ds_plugins_upstream is upstream, c.__mro__\n"
         "    assert c.__name__ == upstream.__name__ and c.__module__ == 'ds_plugins.vllm.dsv4.hookup'\n"
         "print('HOOKUP-OK')\n",
-        env={"DS_PLUGINS_SIMULATE": ROUTED}).ok()
+        env={"DS_PLUGINS_SIMULATE": ROUTED},
+    ).ok()
     assert "HOOKUP-OK" in res.proc.stdout
     assert res.state["decisions"]["dsv4_model"] == "ds_plugins"
     assert registry(res) == {a: ["ds_plugins.vllm.dsv4.hookup", c] for a, c in ARCHS.items()}
@@ -58,16 +62,16 @@ def test_registry_left_as_shipped_where_upstream_serves_v4(vllm_env, machine):
 
 
 def test_dsv4_model_upstream_switch_keeps_vllms_classes(vllm_env):
-    res = vllm_env.run(LOAD + READ_REGISTRY,
-                       env={"DS_PLUGINS_SIMULATE": ROUTED, "DS_PLUGINS_DSV4_MODEL": "upstream"}).ok()
+    res = vllm_env.run(
+        LOAD + READ_REGISTRY, env={"DS_PLUGINS_SIMULATE": ROUTED, "DS_PLUGINS_DSV4_MODEL": "upstream"}
+    ).ok()
     assert res.state["decisions"]["dsv4_model"] == "upstream"
     assert all(module.startswith("vllm.") for module, _ in registry(res).values())
 
 
 def test_hooked_class_refuses_to_build_when_a_route_was_skipped(vllm_env):
     res = vllm_env.run(
-        LOAD +
-        "from ds_plugins import patching\n"
+        LOAD + "from ds_plugins import patching\n"
         "from ds_plugins.vllm.dsv4 import hookup, routes\n"
         "assert routes.PATCHES, 'no routes declared'\n"
         "from vllm.version import __version__ as V\n"
@@ -79,20 +83,44 @@ def test_hooked_class_refuses_to_build_when_a_route_was_skipped(vllm_env):
         "    cls(vllm_config=None)\n"
         "except hookup.RoutesMissing as e:\n"
         "    print('REFUSED ' + str(e))\n",
-        env={"DS_PLUGINS_SIMULATE": ROUTED}).ok()
+        env={"DS_PLUGINS_SIMULATE": ROUTED},
+    ).ok()
     [line] = res.lines("REFUSED ")
     assert "DS_PLUGINS_DSV4_MODEL=upstream" in line and "target not found (test)" in line
 
 
 def _v4_config(folder, arch="DeepseekV4ForCausalLM", model_type="deepseek_v4"):
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": [arch], "model_type": model_type, "hidden_size": 256, "num_hidden_layers": 2,
-        "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 512, "qk_rope_head_dim": 64,
-        "vocab_size": 1024, "max_position_embeddings": 4096, "torch_dtype": "bfloat16",
-        "compress_ratios": [1, 4], "sliding_window": 128, "q_lora_rank": 64, "o_lora_rank": 64, "o_groups": 2,
-        "index_topk": 16, "index_n_heads": 4, "index_head_dim": 128, "hc_mult": 2, "n_routed_experts": 4,
-        "num_experts_per_tok": 2, "moe_intermediate_size": 64, "intermediate_size": 128}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": [arch],
+                "model_type": model_type,
+                "hidden_size": 256,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 1,
+                "head_dim": 512,
+                "qk_rope_head_dim": 64,
+                "vocab_size": 1024,
+                "max_position_embeddings": 4096,
+                "torch_dtype": "bfloat16",
+                "compress_ratios": [1, 4],
+                "sliding_window": 128,
+                "q_lora_rank": 64,
+                "o_lora_rank": 64,
+                "o_groups": 2,
+                "index_topk": 16,
+                "index_n_heads": 4,
+                "index_head_dim": 128,
+                "hc_mult": 2,
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 64,
+                "intermediate_size": 128,
+            }
+        )
+    )
     return folder
 
 
@@ -100,7 +128,8 @@ BUILD_CONFIG = (
     "from vllm.config import ModelConfig, VllmConfig, DeviceConfig\n"
     "mc = ModelConfig(model={path!r}, skip_tokenizer_init=True)\n"
     "vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device='cpu'))\n"
-    "print('CG', vc.model_config.enforce_eager, vc.compilation_config.cudagraph_mode.name)\n")
+    "print('CG', vc.model_config.enforce_eager, vc.compilation_config.cudagraph_mode.name)\n"
+)
 
 
 def _cg(res):
@@ -123,12 +152,25 @@ def test_cudagraph_off_makes_v4_on_our_path_eager_through_vllms_own_switch(vllm_
 def test_cudagraph_off_leaves_other_models_alone(vllm_env, tmp_path):
     folder = tmp_path / "llama"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128, "vocab_size": 256,
-        "max_position_embeddings": 512, "torch_dtype": "bfloat16"}))
-    res = vllm_env.run(LOAD + BUILD_CONFIG.format(path=str(folder)),
-                       env={"DS_PLUGINS_SIMULATE": ROUTED, "DS_PLUGINS_CUDAGRAPH": "off"}).ok()
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "intermediate_size": 128,
+                "vocab_size": 256,
+                "max_position_embeddings": 512,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
+    res = vllm_env.run(
+        LOAD + BUILD_CONFIG.format(path=str(folder)), env={"DS_PLUGINS_SIMULATE": ROUTED, "DS_PLUGINS_CUDAGRAPH": "off"}
+    ).ok()
     assert _cg(res)[0] is False and not res.lines("CUDA graphs off")
 
 
@@ -139,7 +181,8 @@ def test_cudagraph_off_leaves_other_models_alone(vllm_env, tmp_path):
 STATE_AFTER = (
     "from vllm.model_executor.models.registry import ModelRegistry as R\n"
     "from vllm.utils.deep_gemm import is_deep_gemm_supported\n"
-    "print('AFTER', R.models['DeepseekV4ForCausalLM'].module_name, is_deep_gemm_supported())\n")
+    "print('AFTER', R.models['DeepseekV4ForCausalLM'].module_name, is_deep_gemm_supported())\n"
+)
 
 
 def _after(res):
@@ -153,7 +196,8 @@ def test_api_server_process_engine_args_run_the_plugin(vllm_env, tmp_path):
         "from vllm.engine.arg_utils import EngineArgs\n"
         "assert 'ds_plugins.registration' not in sys.modules\n"
         f"EngineArgs(model={str(_v4_config(tmp_path / 'v4'))!r}, skip_tokenizer_init=True)\n" + STATE_AFTER,
-        env={"DS_PLUGINS_SIMULATE": ROUTED}).ok()
+        env={"DS_PLUGINS_SIMULATE": ROUTED},
+    ).ok()
     assert res.state["calls"] == 1 and res.state["via"] == "vllm.general_plugins"
     assert _after(res) == ["ds_plugins.vllm.dsv4.hookup", "False"]
 
@@ -163,7 +207,8 @@ def test_worker_process_init_worker_runs_the_plugin_before_the_worker_exists(vll
         "class Worker:\n"
         "    def __init__(self, **kwargs):\n"
         "        import ds_plugins.registration as r\n"
-        "        print('WORKER-SAW', r.get('vllm').state)\n")
+        "        print('WORKER-SAW', r.get('vllm').state)\n"
+    )
     res = vllm_env.run(
         "from vllm.config import ModelConfig, VllmConfig, DeviceConfig\n"
         f"mc = ModelConfig(model={str(_v4_config(tmp_path / 'v4'))!r}, skip_tokenizer_init=True)\n"
@@ -173,7 +218,9 @@ def test_worker_process_init_worker_runs_the_plugin_before_the_worker_exists(vll
         "vc.parallel_config.worker_cls = 'dsp_probe_worker.Worker'\n"
         "from vllm.v1.worker.worker_base import WorkerWrapperBase\n"
         "WorkerWrapperBase(rpc_rank=0).init_worker([{'vllm_config': vc}])\n" + STATE_AFTER,
-        env={"DS_PLUGINS_SIMULATE": ROUTED}, pythonpath=(str(tmp_path),)).ok()
+        env={"DS_PLUGINS_SIMULATE": ROUTED},
+        pythonpath=(str(tmp_path),),
+    ).ok()
     assert "WORKER-SAW registered" in res.proc.stdout
     assert _after(res) == ["ds_plugins.vllm.dsv4.hookup", "False"]
 
@@ -182,8 +229,7 @@ def test_vllms_model_loader_builds_the_hooked_class_the_new_way(vllm_env, tmp_pa
     """vLLM's initialize_model reads the class's __init__ signature: it must see (vllm_config, prefix), or it
     falls back to guessing old-style arguments. A skipped route stops the build at our check, before any layer."""
     res = vllm_env.run(
-        LOAD +
-        "import inspect, warnings\n"
+        LOAD + "import inspect, warnings\n"
         "from ds_plugins import patching\n"
         "from ds_plugins.vllm.dsv4 import hookup\n"
         "from vllm.config import ModelConfig, VllmConfig, DeviceConfig\n"
@@ -200,7 +246,8 @@ def test_vllms_model_loader_builds_the_hooked_class_the_new_way(vllm_env, tmp_pa
         "    initialize_model(vllm_config=vc, model_class=cls)\n"
         "except hookup.RoutesMissing as e:\n"
         "    print('REFUSED ' + str(e))\n",
-        env={"DS_PLUGINS_SIMULATE": ROUTED}).ok()
+        env={"DS_PLUGINS_SIMULATE": ROUTED},
+    ).ok()
     [line] = res.lines("REFUSED ")
     assert "vllm.route.prefill" in line
     assert not res.lines("old-style model class")

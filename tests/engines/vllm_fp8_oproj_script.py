@@ -45,8 +45,13 @@ torch.manual_seed(0)
 TOKENS, GROUPS, RANK, HEADS_PER_GROUP, HEAD_DIM = 5, 2, 256, 1, 512  # V4: 8 groups, 1024, 8 heads of 512
 WIDTH = HEADS_PER_GROUP * HEAD_DIM  # r: what one group of wo_a contracts
 BLOCK = [128, 128]
-CHECKPOINT_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "activation_scheme": "dynamic",
-                    "weight_block_size": BLOCK}  # DeepSeek-V4-Flash's quantization_config
+CHECKPOINT_QUANT = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "scale_fmt": "ue8m0",
+    "activation_scheme": "dynamic",
+    "weight_block_size": BLOCK,
+}  # DeepSeek-V4-Flash's quantization_config
 
 quant_config = DeepseekV4FP8Config.from_config(CHECKPOINT_QUANT)
 assert quant_config.is_scale_e8m0 and quant_config.weight_block_size == BLOCK
@@ -54,7 +59,7 @@ print("V4-CONFIG e8m0", quant_config.is_scale_e8m0)
 
 # The checkpoint: wo_a as e4m3 with power-of-two 128x128 block scales, stored as e8m0 bytes.
 true_weight = torch.randn(GROUPS * RANK, WIDTH) * 0.05
-w_fp8, w_scale = ref.quantize_per_block(true_weight)                      # float32 powers of two
+w_fp8, w_scale = ref.quantize_per_block(true_weight)  # float32 powers of two
 w_e8m0 = ((w_scale.view(torch.int32) >> 23) & 0xFF).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
@@ -71,8 +76,13 @@ def wo_a_layer() -> torch.nn.Module:
     layer.orig_dtype, layer.weight_block_size = torch.bfloat16, BLOCK
     layer.register_parameter("weight", fp8_utils.create_fp8_weight_parameter(out, width, checkpoint_loader))
     scale = fp8_utils.create_fp8_scale_parameter(
-        BlockQuantScaleParameter, [out], width, BLOCK, checkpoint_loader,
-        scale_dtype=torch.float8_e8m0fnu if quant_config.is_scale_e8m0 else None)
+        BlockQuantScaleParameter,
+        [out],
+        width,
+        BLOCK,
+        checkpoint_loader,
+        scale_dtype=torch.float8_e8m0fnu if quant_config.is_scale_e8m0 else None,
+    )
     layer.register_parameter("weight_scale_inv", scale)
     assert layer.weight.shape == w_fp8.shape and layer.weight_scale_inv.shape == w_e8m0.shape
     assert layer.weight_scale_inv.dtype == torch.float8_e8m0fnu
@@ -92,37 +102,55 @@ def _free_port() -> int:
 # vLLM's parameters ask for the tensor-parallel rank, QuantFP8 (a CustomOp) for the current config.
 CONFIG_SCOPE = set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu")))
 CONFIG_SCOPE.__enter__()  # for the whole script (held: a dropped scope would restore "no config")
-init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                             distributed_init_method=f"tcp://127.0.0.1:{_free_port()}")
+init_distributed_environment(
+    world_size=1, rank=0, local_rank=0, backend="gloo", distributed_init_method=f"tcp://127.0.0.1:{_free_port()}"
+)
 initialize_model_parallel(1, 1)
 if True:
-    kernel = cutlass.CutlassFp8BlockScaledMMKernel(FP8ScaledMMLinearLayerConfig(
-        weight_quant_key=create_fp8_quant_key(static=True, group_shape=GroupShape(*BLOCK)),
-        activation_quant_key=create_fp8_quant_key(static=False, group_shape=GroupShape(1, BLOCK[0])),
-        weight_shape=(GROUPS * RANK, WIDTH), input_dtype=torch.bfloat16, out_dtype=torch.bfloat16))
+    kernel = cutlass.CutlassFp8BlockScaledMMKernel(
+        FP8ScaledMMLinearLayerConfig(
+            weight_quant_key=create_fp8_quant_key(static=True, group_shape=GroupShape(*BLOCK)),
+            activation_quant_key=create_fp8_quant_key(static=False, group_shape=GroupShape(1, BLOCK[0])),
+            weight_shape=(GROUPS * RANK, WIDTH),
+            input_dtype=torch.bfloat16,
+            out_dtype=torch.bfloat16,
+        )
+    )
 
 # --- vLLM as shipped ----------------------------------------------------------------------------------------
 shipped = wo_a_layer()
 kernel.process_weights_after_loading(shipped)
-print("UPSTREAM-KEEPS", str(shipped.weight_scale_inv.dtype).replace("torch.", ""),
-      tuple(shipped.weight.shape), tuple(shipped.weight_scale_inv.shape))
+print(
+    "UPSTREAM-KEEPS",
+    str(shipped.weight_scale_inv.dtype).replace("torch.", ""),
+    tuple(shipped.weight.shape),
+    tuple(shipped.weight_scale_inv.shape),
+)
 try:  # the kernel itself, as the route called it before its adapter took vLLM's 2-D wo_a
-    our_einsum.fp8_einsum("bhr,hdr->bhd", ref.quantize_per_token(torch.randn(1, GROUPS, WIDTH)),
-                          (shipped.weight, shipped.weight_scale_inv),
-                          torch.empty(1, GROUPS, RANK, dtype=torch.bfloat16),
-                          recipe=(1, 1, 128))
+    our_einsum.fp8_einsum(
+        "bhr,hdr->bhd",
+        ref.quantize_per_token(torch.randn(1, GROUPS, WIDTH)),
+        (shipped.weight, shipped.weight_scale_inv),
+        torch.empty(1, GROUPS, RANK, dtype=torch.bfloat16),
+        recipe=(1, 1, 128),
+    )
     raise SystemExit("the kernel accepted a 2-D wo_a without the route's adapter")
 except KernelInputError as exc:
     print("KERNEL-REFUSES-2D", exc)
 
 # --- ds-plugins' covers, applied as registration applies them (plan: indexer=triton) ------------------------
-moved = patching.Target(cutlass, cutlass.CutlassFp8BlockScaledMMKernel, "apply_block_scaled_mm",
-                        cutlass.CutlassFp8BlockScaledMMKernel.apply_block_scaled_mm)
+moved = patching.Target(
+    cutlass,
+    cutlass.CutlassFp8BlockScaledMMKernel,
+    "apply_block_scaled_mm",
+    cutlass.CutlassFp8BlockScaledMMKernel.apply_block_scaled_mm,
+)
 print("CHECK-MOVED", fp8_block_scales._check(moved))  # a seam of another shape is refused
 values = dict.fromkeys(DECISION_IDS, "upstream")
 values["indexer"] = "triton"
-plan = Plan("vllm", vllm.__version__, "supported", "", "SM120",
-            tuple(Decision(i, v, "test") for i, v in values.items()))
+plan = Plan(
+    "vllm", vllm.__version__, "supported", "", "SM120", tuple(Decision(i, v, "test") for i, v in values.items())
+)
 oproj_route = next(p for p in routes.PATCHES if p.id == "vllm.route.o_proj_einsum")
 applied = patching.apply([fp8_block_scales.PATCH, oproj_route], plan, logging.getLogger("vllm.ds_plugins"))
 print("OUTCOMES", sorted((o.patch_id, o.state) for o in applied))
@@ -155,10 +183,11 @@ def activation_quantizer(o, positions, cos_sin_cache, *, n_groups, heads_per_gro
     tokens = o.shape[0]
     values = torch.empty(n_groups, tokens, WIDTH, dtype=torch.float8_e4m3fn)
     values.copy_(a_fp8.transpose(0, 1))
-    packed = ref.pack_ue8m0(a_scale)                                    # [T, G, words]
+    packed = ref.pack_ue8m0(a_scale)  # [T, G, words]
     words, aligned = packed.shape[-1], get_tma_aligned_size(tokens, 4)
     scales = torch.zeros(n_groups * words * aligned, dtype=torch.int32).as_strided(
-        (n_groups, tokens, words), (words * aligned, 1, aligned))
+        (n_groups, tokens, words), (words * aligned, 1, aligned)
+    )
     scales.copy_(packed.transpose(0, 1))
     return values.transpose(0, 1), scales.transpose(0, 1)
 
@@ -166,19 +195,34 @@ def activation_quantizer(o, positions, cos_sin_cache, *, n_groups, heads_per_gro
 o_proj.fused_inv_rope_fp8_quant = activation_quantizer
 print("EINSUM-PATH", "triton" if use_triton(a_fp8) else "reference")
 want = torch.empty(TOKENS, GROUPS, RANK)
-ref.fp8_einsum_bhr_hdr_bhd((a_fp8, a_scale), (w_fp8.view(GROUPS, RANK, WIDTH), w_scale.view(GROUPS, RANK // 128, -1)),
-                           want, recipe=(1, 128, 128))
+ref.fp8_einsum_bhr_hdr_bhd(
+    (a_fp8, a_scale),
+    (w_fp8.view(GROUPS, RANK, WIDTH), w_scale.view(GROUPS, RANK // 128, -1)),
+    want,
+    recipe=(1, 128, 128),
+)
 for name, layer in (("fp32", covered), ("e8m0", shipped)):  # e8m0: wo_a as vLLM leaves it without the FP8 cover
     z = o_proj.deep_gemm_fp8_o_proj(
-        attention_out, torch.zeros(TOKENS, dtype=torch.int64), torch.zeros(16, 64), layer, torch.nn.Identity(),
-        n_groups=GROUPS, heads_per_group=HEADS_PER_GROUP, nope_dim=448, rope_dim=64, o_lora_rank=RANK,
-        einsum_recipe=recipe, tma_aligned_scales=tma_aligned)
+        attention_out,
+        torch.zeros(TOKENS, dtype=torch.int64),
+        torch.zeros(16, 64),
+        layer,
+        torch.nn.Identity(),
+        n_groups=GROUPS,
+        heads_per_group=HEADS_PER_GROUP,
+        nope_dim=448,
+        rope_dim=64,
+        o_lora_rank=RANK,
+        einsum_recipe=recipe,
+        tma_aligned_scales=tma_aligned,
+    )
     assert seen == {"n_groups": GROUPS, "heads_per_group": HEADS_PER_GROUP, "tma_aligned_scales": True}, seen
     assert z.shape == (TOKENS, GROUPS * RANK) and z.dtype == torch.bfloat16
-    torch.testing.assert_close(z.float().view(TOKENS, GROUPS, RANK), want, rtol=2.0 ** -7, atol=1e-2)
+    torch.testing.assert_close(z.float().view(TOKENS, GROUPS, RANK), want, rtol=2.0**-7, atol=1e-2)
     # and close to the unquantized projection (the checkpoint is what it approximates)
-    exact_z = torch.einsum("bhr,hdr->bhd", attention_out.float().view(TOKENS, GROUPS, WIDTH),
-                           true_weight.view(GROUPS, RANK, WIDTH))
+    exact_z = torch.einsum(
+        "bhr,hdr->bhd", attention_out.float().view(TOKENS, GROUPS, WIDTH), true_weight.view(GROUPS, RANK, WIDTH)
+    )
     assert (z.float().view_as(exact_z) - exact_z).abs().max() < 0.1 * exact_z.abs().max()
     print("OPROJ", name, "ok", float((z.float().view_as(want) - want).abs().max()))
 

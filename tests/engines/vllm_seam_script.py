@@ -49,9 +49,9 @@ def ok(name: str) -> None:
 
 
 def close_bf16(out, ref, colmax, what):
-    bound = 2.0 ** -8 * colmax + 2.0 ** -7 * ref.float().abs()
+    bound = 2.0**-8 * colmax + 2.0**-7 * ref.float().abs()
     err = (out.float() - ref.float()).abs()
-    assert bool((err <= bound + 2.0 ** -120).all()), f"{what}: max excess {(err - bound).max().item()}"
+    assert bool((err <= bound + 2.0**-120).all()), f"{what}: max excess {(err - bound).max().item()}"
 
 
 def flashmla_module():
@@ -62,7 +62,7 @@ def flashmla_module():
 def decode():
     _, flash_mla_with_kvcache = site(flashmla_module())
     tokens, page, window, extra_page, extra_topk = 2, 64, 16, 16, 16
-    swa = quantize_kv_cache(torch.randn(3, page, ROW).bfloat16())          # [blocks, page, 1, 584]
+    swa = quantize_kv_cache(torch.randn(3, page, ROW).bfloat16())  # [blocks, page, 1, 584]
     comp = quantize_kv_cache(torch.randn(2, extra_page, ROW).bfloat16())
     q = torch.randn(tokens, HEADS, ROW).bfloat16()
     swa_indices = torch.randint(0, 3 * page, (tokens, 1, window), dtype=torch.int32)
@@ -73,20 +73,34 @@ def decode():
     sink = torch.randn(HEADS)
     output = torch.zeros(tokens, HEADS, ROW, dtype=torch.bfloat16)
     from vllm.v1.attention.ops.flashmla import FlashMLASchedMeta  # what vLLM's builder hands out
+
     plan = FlashMLASchedMeta()
-    scale = ROW ** -0.5
+    scale = ROW**-0.5
     for _ in range(2):  # the second call reuses the plan fixed by the first, as FlashMLA's does
         result, lse = flash_mla_with_kvcache(
-            q=q.unsqueeze(1), k_cache=swa, block_table=None, head_dim_v=512, tile_scheduler_metadata=plan,
-            cache_seqlens=None, is_fp8_kvcache=True, indices=swa_indices, topk_length=swa_lens,
-            softmax_scale=scale, attn_sink=sink, extra_k_cache=comp, extra_indices_in_kvcache=topk_indices,
-            extra_topk_length=topk_lens, out=output.unsqueeze(1))
+            q=q.unsqueeze(1),
+            k_cache=swa,
+            block_table=None,
+            head_dim_v=512,
+            tile_scheduler_metadata=plan,
+            cache_seqlens=None,
+            is_fp8_kvcache=True,
+            indices=swa_indices,
+            topk_length=swa_lens,
+            softmax_scale=scale,
+            attn_sink=sink,
+            extra_k_cache=comp,
+            extra_indices_in_kvcache=topk_indices,
+            extra_topk_length=topk_lens,
+            out=output.unsqueeze(1),
+        )
     assert result.data_ptr() == output.data_ptr(), "out= was not written in place"
-    ref_out, ref_lse = ref_sparse_decode(q.unsqueeze(1), swa, swa_indices, swa_lens, sink, comp, topk_indices,
-                                         topk_lens, scale)
+    ref_out, ref_lse = ref_sparse_decode(
+        q.unsqueeze(1), swa, swa_indices, swa_lens, sink, comp, topk_indices, topk_lens, scale
+    )
     colmax = torch.cat([dequantize_kv_cache(c).float().reshape(-1, ROW) for c in (swa, comp)]).abs().amax(0)
     close_bf16(output.unsqueeze(1), ref_out, colmax, "decode out")
-    torch.testing.assert_close(lse, ref_lse, rtol=2.0 ** -15, atol=2.0 ** -15)
+    torch.testing.assert_close(lse, ref_lse, rtol=2.0**-15, atol=2.0**-15)
     ok("decode")
 
 
@@ -101,10 +115,16 @@ def prefill():
     lens = torch.tensor([topk - 4, topk, 7], dtype=torch.int32)
     sink = torch.randn(HEADS)
     output = torch.zeros(tokens + 2, HEADS, ROW, dtype=torch.bfloat16)
-    flash_mla_sparse_fwd(q=q[0:tokens], kv=kv.view(-1, 1, q.shape[-1]), indices=combined.unsqueeze(1),
-                         sm_scale=ROW ** -0.5, attn_sink=sink, topk_length=lens, out=output[0:tokens])
-    ref_out, _, _ = ref_flash_mla_sparse_fwd(q, kv.view(-1, 1, ROW), combined.unsqueeze(1), ROW ** -0.5, 512,
-                                             sink, lens)
+    flash_mla_sparse_fwd(
+        q=q[0:tokens],
+        kv=kv.view(-1, 1, q.shape[-1]),
+        indices=combined.unsqueeze(1),
+        sm_scale=ROW**-0.5,
+        attn_sink=sink,
+        topk_length=lens,
+        out=output[0:tokens],
+    )
+    ref_out, _, _ = ref_flash_mla_sparse_fwd(q, kv.view(-1, 1, ROW), combined.unsqueeze(1), ROW**-0.5, 512, sink, lens)
     close_bf16(output[:tokens], ref_out, kv.float().abs().amax(0), "prefill out")
     assert not output[tokens:].any(), "prefill wrote outside out="
     ok("prefill")
@@ -114,6 +134,7 @@ def prefill():
 def decode_plans():
     sparse_swa = importlib.import_module("vllm.v1.attention.backends.mla.sparse_swa")
     from ds_plugins.kernels.sparse_mla import SparseDecodeSchedMeta
+
     builder = sparse_swa.DeepseekSparseSWAMetadataBuilder
     me = types.SimpleNamespace(_layer_types=list(getattr(sparse_swa, "_LAYER_TYPES", ())) or None)
     if me._layer_types is None:  # the layer-type names are module constants in every version read
@@ -122,8 +143,9 @@ def decode_plans():
     assert plans and all(isinstance(p, SparseDecodeSchedMeta) for p in plans.values() if p is not None), plans
     if V >= (0, 24):
         real = sparse_swa.current_platform
-        sparse_swa.current_platform = types.SimpleNamespace(   # the GPU vLLM would see on an RTX PRO 6000
-            is_rocm=lambda: False, is_xpu=lambda: False, is_device_capability_family=lambda c: c == 120)
+        sparse_swa.current_platform = types.SimpleNamespace(  # the GPU vLLM would see on an RTX PRO 6000
+            is_rocm=lambda: False, is_xpu=lambda: False, is_device_capability_family=lambda c: c == 120
+        )
         try:
             plans = builder.build_tile_scheduler(me, 3)
             assert all(isinstance(p, SparseDecodeSchedMeta) for p in plans.values()), plans
@@ -140,9 +162,11 @@ def attention_class():
     model = importlib.import_module("vllm.models.deepseek_v4.nvidia.model")
     real = model.current_platform
     cap = types.SimpleNamespace(major=12, minor=0)
-    model.current_platform = types.SimpleNamespace(get_device_capability=lambda *a, **k: cap,
-                                                   is_device_capability=lambda *a: False,
-                                                   is_device_capability_family=lambda c: c == 120)
+    model.current_platform = types.SimpleNamespace(
+        get_device_capability=lambda *a, **k: cap,
+        is_device_capability=lambda *a: False,
+        is_device_capability_family=lambda c: c == 120,
+    )
     config = types.SimpleNamespace(attention_config=types.SimpleNamespace(backend=None))
     try:
         chosen = model._select_dsv4_attn_cls(config)
@@ -206,13 +230,18 @@ def o_proj():
     fp8_einsum("bhr,hdr->bhd", (o_fp8, o_scale), (w_fp8, w_scale), z, recipe=(1, 128, 128))
     want = torch.empty(tokens, groups, d, dtype=torch.float32)
     ref_einsum.fp8_einsum_bhr_hdr_bhd((o_fp8, o_scale), (w_fp8, w_scale), want, recipe=(1, 128, 128))
-    torch.testing.assert_close(z.float(), want, rtol=2.0 ** -7, atol=1e-2)
+    torch.testing.assert_close(z.float(), want, rtol=2.0**-7, atol=1e-2)
     # SM12x takes vLLM's SM100 recipe (1, 1, 128): packed UE8M0 activation scales, per-row weight scales
     z2 = torch.empty_like(z)
     w_rows = w_scale.repeat_interleave(128, dim=1)[:, :d]
-    fp8_einsum("bhr,hdr->bhd", (o_fp8, ref_einsum.pack_ue8m0(o_scale)), (w_fp8, ref_einsum.pack_ue8m0(w_rows)),
-               z2, recipe=(1, 1, 128))
-    torch.testing.assert_close(z2.float(), want, rtol=2.0 ** -7, atol=1e-2)
+    fp8_einsum(
+        "bhr,hdr->bhd",
+        (o_fp8, ref_einsum.pack_ue8m0(o_scale)),
+        (w_fp8, ref_einsum.pack_ue8m0(w_rows)),
+        z2,
+        recipe=(1, 1, 128),
+    )
+    torch.testing.assert_close(z2.float(), want, rtol=2.0**-7, atol=1e-2)
     ok("o_proj")
 
 
@@ -220,6 +249,7 @@ def o_proj():
 def mhc():
     _, fn = site("mhc_prenorm")
     from vllm.utils.deep_gemm import tf32_hc_prenorm_gemm
+
     assert tf32_hc_prenorm_gemm is fn
     tokens, hc, hidden, splits = 4, 4, 64, 2
     residual_2d = torch.randn(tokens, hc * hidden).bfloat16()

@@ -21,9 +21,15 @@ def _bench():
 
 def test_every_bench_case_runs_its_kernel_and_reference_on_cpu():
     cases = _bench()._cases("cpu", small=True)
-    assert list(dict.fromkeys(c.name for c in cases)) == ["flash_mla_with_kvcache", "flash_mla_sparse_fwd",
-                                                          "fp8_mqa_logits", "fp8_paged_mqa_logits",
-                                                          "fp8_paged_mqa_topk", "tf32_hc_prenorm_gemm", "fp8_einsum"]
+    assert list(dict.fromkeys(c.name for c in cases)) == [
+        "flash_mla_with_kvcache",
+        "flash_mla_sparse_fwd",
+        "fp8_mqa_logits",
+        "fp8_paged_mqa_logits",
+        "fp8_paged_mqa_topk",
+        "tf32_hc_prenorm_gemm",
+        "fp8_einsum",
+    ]
     for case in cases:
         assert case.flops > 0 and case.bytes > 0
         case.kernel()
@@ -34,9 +40,15 @@ def test_every_bench_case_runs_its_kernel_and_reference_on_cpu():
 def test_selftest_passes_here_and_reports_where_it_ran():
     where, results = selftest.run()
     assert where == ("CPU, Triton interpreter" if not torch.cuda.is_available() else where)
-    assert {r.kernel for r in results} == {"flash_mla_sparse_fwd", "flash_mla_with_kvcache", "fp8_mqa_logits",
-                                           "fp8_paged_mqa_logits", "fp8_paged_mqa_topk", "tf32_hc_prenorm_gemm",
-                                           "fp8_einsum"}
+    assert {r.kernel for r in results} == {
+        "flash_mla_sparse_fwd",
+        "flash_mla_with_kvcache",
+        "fp8_mqa_logits",
+        "fp8_paged_mqa_logits",
+        "fp8_paged_mqa_topk",
+        "tf32_hc_prenorm_gemm",
+        "fp8_einsum",
+    }
     assert all(r.ok for r in results), [r for r in results if not r.ok]
 
 

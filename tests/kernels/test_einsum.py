@@ -24,12 +24,19 @@ import torch
 from ds_plugins.kernels import einsum as einsum_module
 from ds_plugins.kernels._runtime import KernelInputError, use_triton
 from ds_plugins.kernels.einsum import fp8_einsum
-from ds_plugins.kernels.reference.einsum import (block_scales, dequantize, fp8_einsum_bhr_hdr_bhd, pack_ue8m0,
-                                                 quantize_per_block, quantize_per_token, unpack_ue8m0)
+from ds_plugins.kernels.reference.einsum import (
+    block_scales,
+    dequantize,
+    fp8_einsum_bhr_hdr_bhd,
+    pack_ue8m0,
+    quantize_per_block,
+    quantize_per_token,
+    unpack_ue8m0,
+)
 
 EXPR = "bhr,hdr->bhd"
-GROUPS, RANK_IN, RANK_OUT = 8, 4096, 1024   # o_groups, 8 heads x 512, o_lora_rank
-REL, ABS_REL = 2.0 ** -8, 2.0 ** -12
+GROUPS, RANK_IN, RANK_OUT = 8, 4096, 1024  # o_groups, 8 heads x 512, o_lora_rank
+REL, ABS_REL = 2.0**-8, 2.0**-12
 
 
 def _tma_aligned(n: int) -> int:
@@ -48,8 +55,8 @@ def _mn_major(sf: torch.Tensor) -> torch.Tensor:
 
 def _vllm_activation(values: torch.Tensor, scales: torch.Tensor, packed: bool):
     """Activations as vLLM's fused_inv_rope_fp8_quant returns them: [T, G, r] views of group-major buffers."""
-    group_major_values = values.transpose(0, 1).contiguous()                     # [G, T, r]
-    sf = pack_ue8m0(scales) if packed else scales                               # [T, G, L]
+    group_major_values = values.transpose(0, 1).contiguous()  # [G, T, r]
+    sf = pack_ue8m0(scales) if packed else scales  # [T, G, L]
     return group_major_values.transpose(0, 1), _mn_major(sf.transpose(0, 1)).transpose(0, 1)
 
 
@@ -57,7 +64,7 @@ def _vllm_weight(values: torch.Tensor, block_sf: torch.Tensor, packed: bool):
     """SM90: 128x128 float32 block scales as loaded; SM12x: per-row packed UE8M0, MN-major (DeepGEMM's transform)."""
     if not packed:
         return values, block_sf
-    per_row = block_sf.repeat_interleave(128, dim=1)[:, :values.shape[1]]
+    per_row = block_sf.repeat_interleave(128, dim=1)[:, : values.shape[1]]
     return values, _mn_major(pack_ue8m0(per_row))
 
 
@@ -71,9 +78,13 @@ def _block_magnitudes(*block_shape, block_dims, device):
 
 def _problem(batch, groups, rank_in, rank_out, device, packed=True):
     x = torch.randn(batch, groups, rank_in, device=device) * _block_magnitudes(
-        batch, groups, rank_in // 128, block_dims=(-1,), device=device)
-    w = torch.randn(groups, rank_out, rank_in, device=device) * 0.02 * _block_magnitudes(
-        groups, rank_out // 128, rank_in // 128, block_dims=(-2, -1), device=device)
+        batch, groups, rank_in // 128, block_dims=(-1,), device=device
+    )
+    w = (
+        torch.randn(groups, rank_out, rank_in, device=device)
+        * 0.02
+        * _block_magnitudes(groups, rank_out // 128, rank_in // 128, block_dims=(-2, -1), device=device)
+    )
     xq, xs = quantize_per_token(x)
     wq, ws = quantize_per_block(w)
     a = _vllm_activation(xq, xs, packed)
@@ -129,7 +140,7 @@ def test_fp8_einsum_scale_extremes(device, packed):
         flat = t.view(-1)
         flat[::7] = 448.0
         flat[3::11] = -448.0
-        flat[5::13] = 2.0 ** -9
+        flat[5::13] = 2.0**-9
     xs = torch.exp2(torch.randint(-40, 41, (batch, GROUPS, rank_in // 128), generator=gen).float())
     ws = torch.exp2(torch.randint(-40, 41, (GROUPS, rank_out // 128, rank_in // 128), generator=gen).float())
     xq, wq, xs, ws = (t.to(device) for t in (xq, wq, xs, ws))
@@ -149,9 +160,10 @@ def test_fp8_einsum_empty_batch_is_a_no_op(device):
 
 # ---- the reference's own building blocks --------------------------------------------------------
 
+
 def test_ue8m0_packing_is_little_endian_by_block():
     # word 0x807F7E81: byte 0 (block 0) = 0x81 -> 2^2, byte 1 = 0x7E -> 2^-1, byte 2 = 0x7F -> 1, byte 3 = 0x80 -> 2
-    word = torch.tensor([[0x807F7E81 - 2 ** 32]], dtype=torch.int32)
+    word = torch.tensor([[0x807F7E81 - 2**32]], dtype=torch.int32)
     assert unpack_ue8m0(word, 4).tolist() == [[4.0, 0.5, 1.0, 2.0]]
     assert unpack_ue8m0(word, 3).tolist() == [[4.0, 0.5, 1.0]]
     scales = torch.exp2(torch.randint(-100, 101, (3, 7)).float())
@@ -175,14 +187,15 @@ def test_quantisers_round_scales_to_powers_of_two_within_e4m3_precision():
     q, s = quantize_per_token(x)
     assert torch.equal(s, torch.exp2(torch.log2(s).round()))
     err = (dequantize(q, s) - x).abs()
-    assert (err <= 2.0 ** -4 * x.abs() + 2.0 ** -9 * s.repeat_interleave(128, -1)[..., :300]).all()
+    assert (err <= 2.0**-4 * x.abs() + 2.0**-9 * s.repeat_interleave(128, -1)[..., :300]).all()
     w = torch.randn(2, 200, 300)
     q, s = quantize_per_block(w)
     assert s.shape == (2, 2, 3)
-    assert (dequantize(q, s, 128) - w).abs().max() <= 2.0 ** -4 * w.abs().max()
+    assert (dequantize(q, s, 128) - w).abs().max() <= 2.0**-4 * w.abs().max()
 
 
 # ---- bad input: a KernelInputError naming the argument, raised before any launch ----------------
+
 
 def _good():
     a, b, recipe, _ = _problem(3, GROUPS, 256, 128, "cpu", packed=True)
@@ -197,28 +210,29 @@ def _set(key, index, value):
             pair = list(g[key])
             pair[index] = value(g)
             g[key] = tuple(pair)
+
     return corrupt
 
 
 BAD_INPUTS = [
-    ("expr", _set("expr", None, lambda g: "bhd,hdr->bhr")),                      # other expression
+    ("expr", _set("expr", None, lambda g: "bhd,hdr->bhr")),  # other expression
     ("expr", _set("expr", None, lambda g: None)),
-    ("recipe", _set("recipe", None, lambda g: (1, 128, 32))),                     # gran_k 32 (FP4 recipes)
+    ("recipe", _set("recipe", None, lambda g: (1, 128, 32))),  # gran_k 32 (FP4 recipes)
     ("recipe", _set("recipe", None, lambda g: (128, 1, 128))),
     ("recipe", _set("recipe", None, lambda g: (1, 64, 128))),
-    ("a", _set("a", None, lambda g: g["a"][0])),                                  # not a pair
-    ("a\\[0\\]", _set("a", 0, lambda g: g["a"][0].to(torch.bfloat16))),          # wrong dtype
-    ("a\\[0\\]", _set("a", 0, lambda g: g["a"][0][0])),                           # wrong rank
-    ("b\\[0\\]", _set("b", 0, lambda g: g["b"][0][:, :, :128])),                  # wrong last dim (r)
-    ("b\\[0\\]", _set("b", 0, lambda g: g["b"][0][:4])),                          # mismatched groups
-    ("a\\[1\\]", _set("a", 1, lambda g: g["a"][1][:2])),                          # mismatched batch
-    ("a\\[1\\]", _set("a", 1, lambda g: g["a"][1].float())),                      # float32 but packed width
-    ("a\\[1\\]", _set("a", 1, lambda g: g["a"][1].to(torch.int64))),              # wrong dtype
-    ("b\\[1\\]", _set("b", 1, lambda g: torch.ones(GROUPS, 1, 2))),               # 128x128 blocks, per-row recipe
-    ("d", _set("d", None, lambda g: g["d"].half())),                              # wrong dtype
+    ("a", _set("a", None, lambda g: g["a"][0])),  # not a pair
+    ("a\\[0\\]", _set("a", 0, lambda g: g["a"][0].to(torch.bfloat16))),  # wrong dtype
+    ("a\\[0\\]", _set("a", 0, lambda g: g["a"][0][0])),  # wrong rank
+    ("b\\[0\\]", _set("b", 0, lambda g: g["b"][0][:, :, :128])),  # wrong last dim (r)
+    ("b\\[0\\]", _set("b", 0, lambda g: g["b"][0][:4])),  # mismatched groups
+    ("a\\[1\\]", _set("a", 1, lambda g: g["a"][1][:2])),  # mismatched batch
+    ("a\\[1\\]", _set("a", 1, lambda g: g["a"][1].float())),  # float32 but packed width
+    ("a\\[1\\]", _set("a", 1, lambda g: g["a"][1].to(torch.int64))),  # wrong dtype
+    ("b\\[1\\]", _set("b", 1, lambda g: torch.ones(GROUPS, 1, 2))),  # 128x128 blocks, per-row recipe
+    ("d", _set("d", None, lambda g: g["d"].half())),  # wrong dtype
     ("d", _set("d", None, lambda g: torch.empty(4, GROUPS, 128, dtype=torch.bfloat16))),  # mismatched batch
-    ("d", _set("d", None, lambda g: torch.empty(3, GROUPS, 64, dtype=torch.bfloat16))),   # wrong last dim
-    ("c", _set("c", None, lambda g: torch.empty(3, GROUPS, 128))),                # dtype differs from d
+    ("d", _set("d", None, lambda g: torch.empty(3, GROUPS, 64, dtype=torch.bfloat16))),  # wrong last dim
+    ("c", _set("c", None, lambda g: torch.empty(3, GROUPS, 128))),  # dtype differs from d
     ("c", _set("c", None, lambda g: torch.empty(3, GROUPS, 64, dtype=torch.bfloat16))),
 ]
 
@@ -227,6 +241,7 @@ BAD_INPUTS = [
 def test_bad_input_names_the_argument_before_launch(monkeypatch, name, corrupt):
     def launched(*_):
         raise AssertionError("launched despite bad input")
+
     monkeypatch.setattr(einsum_module, "_launch_triton", launched)
     monkeypatch.setattr(einsum_module, "_launch_reference", launched)
     args = _good()

@@ -13,8 +13,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["prerequisites", "ds-plugins selftest", "forced routes", "kernels vs references at V4 shapes",
-         "CUDA-graph capture and replay", "benchmark", "gpu-marked tests"]
+STEPS = [
+    "prerequisites",
+    "ds-plugins selftest",
+    "forced routes",
+    "kernels vs references at V4 shapes",
+    "CUDA-graph capture and replay",
+    "benchmark",
+    "gpu-marked tests",
+]
 
 
 def _load(name):
@@ -26,8 +33,14 @@ def _load(name):
 
 def test_cpu_smoke_runs_every_step_and_writes_one_results_file(tmp_path):
     env = dict(os.environ, DSP_COMMIT="abc1234")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_run.py"), "--cpu-smoke", "--out-dir",
-                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_run.py"), "--cpu-smoke", "--out-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = list(tmp_path.iterdir())
     assert [f.name for f in files] == ["gpu-run-CPU__Triton_interpreter_-abc1234.json"]
@@ -35,16 +48,35 @@ def test_cpu_smoke_runs_every_step_and_writes_one_results_file(tmp_path):
     assert [s["step"] for s in result["steps"]] == STEPS
     assert all(s["status"] == "passed" for s in result["steps"]), result["steps"]
     checks = {c["name"] for s in result["steps"] for c in s.get("checks", [])}
-    assert {"sparse decode b=2 s_q=2 (MTP)", "sparse prefill (SM12x config)", "indexer paged logits, FP4 cache",
-            "indexer paged top-k=16 (tl.topk), FP8 cache", "CUDA graph: fp8_einsum"} <= checks
+    assert {
+        "sparse decode b=2 s_q=2 (MTP)",
+        "sparse prefill (SM12x config)",
+        "indexer paged logits, FP4 cache",
+        "indexer paged top-k=16 (tl.topk), FP8 cache",
+        "CUDA graph: fp8_einsum",
+    } <= checks
     assert {r["kernel"] for r in result["benchmark"]["results"]} >= {"flash_mla_with_kvcache", "fp8_einsum"}
     assert "== gpu_run summary" in proc.stdout and "all steps passed" in proc.stdout
 
 
 def test_a_spent_budget_starts_nothing_and_the_results_file_says_so(tmp_path):
     env = dict(os.environ, DSP_COMMIT="abc1234")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_run.py"), "--cpu-smoke", "--budget", "1",
-                           "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_run.py"),
+            "--cpu-smoke",
+            "--budget",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu-run-CPU__Triton_interpreter_-abc1234.json").read_text())
     assert [s["step"] for s in result["steps"]] == STEPS
@@ -87,12 +119,14 @@ def test_gpu_checks_at_v4_shapes(group):
 def test_test_files_the_device_machine_cannot_import_are_named(tmp_path):
     (tmp_path / "test_needs_absent.py").write_text("import os\nimport no_such_module_xyz.sub\n")
     (tmp_path / "test_fine.py").write_text("import os\nimport torch\n\ndef f():\n    import not_at_top_level\n")
-    assert _load("gpu_run").uncollectable_tests(tmp_path) == {str(tmp_path / "test_needs_absent.py"):
-                                                             ["no_such_module_xyz"]}
+    assert _load("gpu_run").uncollectable_tests(tmp_path) == {
+        str(tmp_path / "test_needs_absent.py"): ["no_such_module_xyz"]
+    }
 
 
 def test_checks_past_their_deadline_are_not_started():
     import time
+
     gpu_checks = _load("gpu_checks")
     checks = gpu_checks.correctness_checks("cpu", small=True, deadline=time.monotonic() - 1)
     assert checks and all(not c.ran and not c.ok and c.seconds == 0.0 for c in checks)

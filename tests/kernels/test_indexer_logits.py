@@ -34,8 +34,8 @@ from ds_plugins.kernels._runtime import KernelInputError
 from ds_plugins.kernels.reference import indexer as ref
 
 FP32_TOL = 1.2e-5
-BF16_TOL = 2.0 ** -7
-HEADS, HEAD_DIM = 64, 128           # V4's indexer (Flash and Pro)
+BF16_TOL = 2.0**-7
+HEADS, HEAD_DIM = 64, 128  # V4's indexer (Flash and Pro)
 FP8 = torch.float8_e4m3fn
 
 
@@ -52,6 +52,7 @@ def assert_logits_close(out: torch.Tensor, expected: torch.Tensor, bound: torch.
 
 # ----------------------------------------------------------------------------- ragged inputs
 
+
 def make_ragged(device: str, fp4: bool, rows: int, n_keys: int, k_scale: torch.Tensor | None = None):
     """Random quantised q, keys and weights; returns the kernel arguments and their dequantised twins."""
     q_src = torch.randn(rows, HEADS, HEAD_DIM)
@@ -62,13 +63,13 @@ def make_ragged(device: str, fp4: bool, rows: int, n_keys: int, k_scale: torch.T
         kv = ref.quantize_fp4(k_src)
         q_f, k_f, scale = ref.dequant_fp4(*q), ref.dequant_fp4(*kv), None
     else:
-        k_fp8, scale = ref.quantize_fp8_keys(k_src, power_of_two=False)      # DeepGEMM's test: amax / 448
+        k_fp8, scale = ref.quantize_fp8_keys(k_src, power_of_two=False)  # DeepGEMM's test: amax / 448
         if k_scale is not None:
             scale = k_scale
         q = (q_src.to(FP8), None)
         kv = (k_fp8, scale)
         q_f, k_f = q[0].float(), k_fp8.float()
-    to = lambda t: t.to(device) if t is not None else None                   # noqa: E731
+    to = lambda t: t.to(device) if t is not None else None  # noqa: E731
     args = ((to(q[0]), to(q[1])), (to(kv[0]), to(kv[1])), weights.to(device))
     return args, (q_f, k_f, weights, scale)
 
@@ -87,8 +88,7 @@ def ragged_expected(dq, ks, ke, max_seqlen_k=0):
     q_f, k_f, w, scale = dq
     ks, ke = ks.cpu(), ke.cpu()
     expected = ref.mqa_logits(q_f, k_f, w, ks, ke, scale, max_seqlen_k)
-    bound = ref.mqa_logits(q_f.abs(), k_f.abs(), w.abs(), ks, ke, None if scale is None else scale.abs(),
-                           max_seqlen_k)
+    bound = ref.mqa_logits(q_f.abs(), k_f.abs(), w.abs(), ks, ke, None if scale is None else scale.abs(), max_seqlen_k)
     return expected, bound
 
 
@@ -138,16 +138,23 @@ def test_mqa_logits_key_scale_extremes(device):
 
 # ----------------------------------------------------------------------------- paged inputs
 
-def make_paged(device: str, fp4: bool, batch: int, next_n: int, block_kv: int, blocks_per_request: int,
-               block_stride_pad: int = 64):
+
+def make_paged(
+    device: str, fp4: bool, batch: int, next_n: int, block_kv: int, blocks_per_request: int, block_stride_pad: int = 64
+):
     """A scattered paged cache: every request's blocks land at random physical blocks, among them the
     blocks of one extra request nobody reads, with a padded block stride (a shared multi-layer
     allocation). Returns kernel arguments, the block table and the dequantised twins."""
     capacity = blocks_per_request * block_kv
     keys = torch.randn(batch + 1, capacity, HEAD_DIM)
     width = (HEAD_DIM // 2 if fp4 else HEAD_DIM) + 4
-    cache, table = ref.paged_cache_from_keys(keys, block_kv, fp4, block_kv * width + block_stride_pad,
-                                             physical_blocks=torch.randperm((batch + 1) * blocks_per_request))
+    cache, table = ref.paged_cache_from_keys(
+        keys,
+        block_kv,
+        fp4,
+        block_kv * width + block_stride_pad,
+        physical_blocks=torch.randperm((batch + 1) * blocks_per_request),
+    )
     table = table[:batch]
     q_src = torch.randn(batch, next_n, HEADS, HEAD_DIM)
     weights = torch.randn(batch * next_n, HEADS)
@@ -159,7 +166,7 @@ def make_paged(device: str, fp4: bool, batch: int, next_n: int, block_kv: int, b
         q = (q_src.to(FP8), None)
         q_f = q[0].float()
         k_blocks, scales = ref.split_fp8_paged_cache(cache)
-    to = lambda t: t.to(device) if t is not None else None                   # noqa: E731
+    to = lambda t: t.to(device) if t is not None else None  # noqa: E731
     args = ((to(q[0]), to(q[1])), cache.to(device), weights.to(device))
     return args, table.to(device), (q_f, k_blocks, weights, scales)
 
@@ -168,8 +175,15 @@ def paged_expected(dq, context_lens, table, max_context_len):
     q_f, k_blocks, w, scales = dq
     context_lens, table = context_lens.cpu(), table.cpu()
     expected = ref.paged_mqa_logits(q_f, k_blocks, w, context_lens, table, max_context_len, scales)
-    bound = ref.paged_mqa_logits(q_f.abs(), k_blocks.abs(), w.abs(), context_lens, table, max_context_len,
-                                 None if scales is None else scales.abs())
+    bound = ref.paged_mqa_logits(
+        q_f.abs(),
+        k_blocks.abs(),
+        w.abs(),
+        context_lens,
+        table,
+        max_context_len,
+        None if scales is None else scales.abs(),
+    )
     return expected, bound
 
 
@@ -189,7 +203,7 @@ def test_paged_mqa_logits_2d_context_lens(device, fp4, case):
     blocks_per_request = -(-max(max(r) for r in lens) // block_kv)
     args, table, dq = make_paged(device, fp4, batch, next_n, block_kv, blocks_per_request)
     context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    max_context_len = blocks_per_request * block_kv - 3          # not a multiple of the 128-key tile
+    max_context_len = blocks_per_request * block_kv - 3  # not a multiple of the 128-key tile
     meta = indexer.get_paged_mqa_logits_metadata(context_lens, block_kv, num_sms=132)
     if fp4:
         out = indexer.fp8_fp4_paged_mqa_logits(args[0], args[1], args[2], context_lens, table, meta, max_context_len)
@@ -219,8 +233,9 @@ def test_paged_mqa_logits_bf16_output_and_varlen_indices(device):
     context_lens = torch.tensor([[5], [64], [128]], dtype=torch.int32, device=device)
     meta = indexer.get_paged_mqa_logits_metadata(context_lens, block_kv, num_sms=8)
     indices = torch.arange(3, dtype=torch.int32, device=device)
-    out = indexer.fp8_fp4_paged_mqa_logits(args[0], args[1], args[2], context_lens, table, meta, 128,
-                                           logits_dtype=torch.bfloat16, indices=indices)
+    out = indexer.fp8_fp4_paged_mqa_logits(
+        args[0], args[1], args[2], context_lens, table, meta, 128, logits_dtype=torch.bfloat16, indices=indices
+    )
     assert out.dtype == torch.bfloat16
     assert_logits_close(out.cpu(), *paged_expected(dq, context_lens, table, 128), rel=BF16_TOL)
 
@@ -236,11 +251,11 @@ def test_storage_formats_round_trip():
     """The writers and readers of the FP8/FP4 formats agree, and FP4 decodes DeepGEMM's way."""
     # e2m1 codes 0..15 with scale bytes 127 (x1) and 130 (x8): low nibble first.
     packed = torch.tensor([[0x10 | 0x0, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE] * 2], dtype=torch.uint8)
-    scales = torch.tensor([127 | (130 << 8)], dtype=torch.int32)          # only group 0 is used (D = 32)
+    scales = torch.tensor([127 | (130 << 8)], dtype=torch.int32)  # only group 0 is used (D = 32)
     values = ref.dequant_fp4(packed[:, :16], scales)
-    expected = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, 0, -.5, -1, -1.5, -2, -3, -4, -6] * 2)
+    expected = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6] * 2)
     assert torch.equal(values[0], expected)
-    x = torch.tensor([[3.0, -0.75, 1e-3, 0.0] * 32])                     # 128 values, exact in e2m1 x 2^k
+    x = torch.tensor([[3.0, -0.75, 1e-3, 0.0] * 32])  # 128 values, exact in e2m1 x 2^k
     assert torch.equal(ref.dequant_fp4(*ref.quantize_fp4(x)), torch.where(x.abs() < 0.01, 0.0, x))
     keys = torch.randn(2, 16, HEAD_DIM)
     values8, scales8 = ref.quantize_fp8_keys(keys)
@@ -252,21 +267,34 @@ def test_storage_formats_round_trip():
 
 # ----------------------------------------------------------------------------- bad input
 
+
 @pytest.fixture
 def no_launch(monkeypatch):
     """Any kernel or reference launch fails the test: bad input must be refused before it."""
+
     def launched(*args, **kwargs):
         raise AssertionError("launched despite bad input")
+
     # The Triton launchers, and the dequantisers every reference launch starts with.
-    for name in ("_mqa_logits_triton", "_paged_mqa_logits_triton", "_dequant_query", "_dequant_ragged_keys",
-                 "_dequant_paged_keys"):
+    for name in (
+        "_mqa_logits_triton",
+        "_paged_mqa_logits_triton",
+        "_dequant_query",
+        "_dequant_ragged_keys",
+        "_dequant_paged_keys",
+    ):
         monkeypatch.setattr(indexer, name, launched)
 
 
 def _ragged_call(**changes):
     args, _ = make_ragged("cpu", False, rows=2, n_keys=20)
-    kw = dict(q=args[0][0], kv=args[1], weights=args[2], cu_seq_len_k_start=torch.zeros(2, dtype=torch.int32),
-              cu_seq_len_k_end=torch.full((2,), 20, dtype=torch.int32))
+    kw = dict(
+        q=args[0][0],
+        kv=args[1],
+        weights=args[2],
+        cu_seq_len_k_start=torch.zeros(2, dtype=torch.int32),
+        cu_seq_len_k_end=torch.full((2,), 20, dtype=torch.int32),
+    )
     kw.update(changes)
     return kw
 
@@ -295,21 +323,28 @@ def test_fp4_mqa_logits_bad_input(no_launch):
     ks, ke = torch.zeros(2, dtype=torch.int32), torch.full((2,), 20, dtype=torch.int32)
     w = torch.randn(2, HEADS)
     fp8_kv = (torch.randn(20, HEAD_DIM).to(FP8), torch.ones(20))
-    with pytest.raises(KernelInputError, match=r"^kv\[0\]: "):               # FP4 q needs FP4 keys
+    with pytest.raises(KernelInputError, match=r"^kv\[0\]: "):  # FP4 q needs FP4 keys
         indexer.fp8_fp4_mqa_logits(q, fp8_kv, w, ks, ke)
     with pytest.raises(KernelInputError, match=r"^q\[1\]: "):
         indexer.fp8_fp4_mqa_logits((q[0], q[1][:1]), kv, w, ks, ke)
     with pytest.raises(KernelInputError, match=r"^logits_dtype: "):
         indexer.fp8_fp4_mqa_logits(q, kv, w, ks, ke, logits_dtype=torch.float16)
     with pytest.raises(KernelInputError, match=r"^q: "):
-        indexer.fp8_fp4_mqa_logits(q[0], kv, w, ks, ke)                     # not a (values, scales) pair
+        indexer.fp8_fp4_mqa_logits(q[0], kv, w, ks, ke)  # not a (values, scales) pair
 
 
 def _paged_call(**changes):
     args, table, _ = make_paged("cpu", False, 2, 2, 16, 2)
     context_lens = torch.tensor([[3, 4], [20, 21]], dtype=torch.int32)
-    kw = dict(q=args[0][0], kv_cache=args[1], weights=args[2], context_lens=context_lens, block_table=table,
-              schedule_meta=torch.zeros(9, 2, dtype=torch.int32), max_context_len=32)
+    kw = dict(
+        q=args[0][0],
+        kv_cache=args[1],
+        weights=args[2],
+        context_lens=context_lens,
+        block_table=table,
+        schedule_meta=torch.zeros(9, 2, dtype=torch.int32),
+        max_context_len=32,
+    )
     kw.update(changes)
     return kw
 
@@ -317,12 +352,12 @@ def _paged_call(**changes):
 PAGED_BAD = {
     "q": dict(q=torch.randn(2, 2, HEADS, HEAD_DIM, dtype=torch.bfloat16)),
     "kv_cache": dict(kv_cache=torch.zeros(4, 16, 1, HEAD_DIM + 8, dtype=torch.uint8)),
-    "weights": dict(weights=torch.randn(2, HEADS)),                      # needs B * next_n = 4 rows
+    "weights": dict(weights=torch.randn(2, HEADS)),  # needs B * next_n = 4 rows
     "context_lens": dict(context_lens=torch.zeros(3, 2, dtype=torch.int32)),
     "block_table": dict(block_table=torch.zeros(3, 2, dtype=torch.int32)),
     "schedule_meta": dict(schedule_meta=torch.zeros(9, 3, dtype=torch.int32)),
     "max_context_len": dict(max_context_len=-5),
-    "indices": dict(indices=torch.zeros(2, dtype=torch.int32)),          # varlen needs next_n == 1
+    "indices": dict(indices=torch.zeros(2, dtype=torch.int32)),  # varlen needs next_n == 1
 }
 
 
@@ -335,8 +370,13 @@ def test_paged_mqa_logits_bad_input(no_launch, name):
 # ----------------------------------------------------------------------------- graph safety
 
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
-KERNELS = ("_mqa_logits_kernel", "_paged_mqa_logits_kernel", "_mqa_topk_partial_kernel", "_paged_topk_partial_kernel",
-           "_topk_merge_kernel")
+KERNELS = (
+    "_mqa_logits_kernel",
+    "_paged_mqa_logits_kernel",
+    "_mqa_topk_partial_kernel",
+    "_paged_topk_partial_kernel",
+    "_topk_merge_kernel",
+)
 
 
 def test_wrappers_never_synchronise(monkeypatch):
@@ -358,6 +398,7 @@ def test_wrappers_never_synchronise(monkeypatch):
 
     def host_sync(*args, **kwargs):
         raise AssertionError("host synchronisation in a wrapper")
+
     for method in SYNC_METHODS:
         monkeypatch.setattr(torch.Tensor, method, host_sync)
 

@@ -72,6 +72,7 @@ def to_device(x, device):
 
 # ----------------------------------------------------------------------------- ragged (prefill)
 
+
 def ragged_problem(device: str, fp4: bool, windows: list[tuple[int, int]], n_keys: int):
     q, q_f = quantised_query(torch.randn(len(windows), HEADS, HEAD_DIM), fp4)
     k_src = torch.randn(n_keys, HEAD_DIM)
@@ -113,23 +114,26 @@ def test_mqa_topk_positions_are_relative_to_ks(device):
     out = indexer.fp8_mqa_topk(q, (k, scale), w, ks, ke, topk=16)
     out_shifted = indexer.fp8_mqa_topk(q, (k_shifted, scale_shifted), w, ks + extra, ke + extra, topk=16)
     assert torch.equal(out, out_shifted)
-    assert int(out[1].max()) < 130                                       # window of 130 keys
+    assert int(out[1].max()) < 130  # window of 130 keys
 
 
 # ----------------------------------------------------------------------------- paged (decode)
 
-def paged_problem(device: str, fp4: bool, lens: list[list[int]], block_kv: int, blocks_per_request: int,
-                  context_lens_1d: bool = False):
+
+def paged_problem(
+    device: str, fp4: bool, lens: list[list[int]], block_kv: int, blocks_per_request: int, context_lens_1d: bool = False
+):
     """Scattered blocks (random physical order, one unused request's blocks among them), padded block stride."""
     batch, next_n = len(lens), len(lens[0])
     keys = torch.randn(batch + 1, blocks_per_request * block_kv, HEAD_DIM)
     width = (HEAD_DIM // 2 if fp4 else HEAD_DIM) + 4
-    cache, table = ref.paged_cache_from_keys(keys, block_kv, fp4, block_kv * width + 32,
-                                             physical_blocks=torch.randperm((batch + 1) * blocks_per_request))
+    cache, table = ref.paged_cache_from_keys(
+        keys, block_kv, fp4, block_kv * width + 32, physical_blocks=torch.randperm((batch + 1) * blocks_per_request)
+    )
     table = table[:batch].contiguous()
     q, q_f = quantised_query(torch.randn(batch, next_n, HEADS, HEAD_DIM), fp4)
     weights = torch.randn(batch * next_n, HEADS)
-    if context_lens_1d:      # row (b, n) sees lens[b] - next_n + n + 1 keys
+    if context_lens_1d:  # row (b, n) sees lens[b] - next_n + n + 1 keys
         context_lens = torch.tensor([row[-1] for row in lens], dtype=torch.int32)
     else:
         context_lens = torch.tensor(lens, dtype=torch.int32)
@@ -163,8 +167,9 @@ def test_paged_topk_v4_topk512(device):
 
 
 def test_paged_topk_1d_context_lens(device):
-    args, logits, bound = paged_problem(device, False, PAGED_LENS, block_kv=64, blocks_per_request=3,
-                                        context_lens_1d=True)
+    args, logits, bound = paged_problem(
+        device, False, PAGED_LENS, block_kv=64, blocks_per_request=3, context_lens_1d=True
+    )
     out = indexer.fp8_paged_mqa_topk(*args, topk=16)
     assert_topk(out.cpu(), logits, bound, 16)
 
@@ -196,23 +201,33 @@ def test_topk_never_materialises_logits(device, monkeypatch):
 
 # ----------------------------------------------------------------------------- bad input
 
+
 @pytest.fixture
 def no_launch(monkeypatch):
     def launched(*args, **kwargs):
         raise AssertionError("launched despite bad input")
-    for name in ("_mqa_topk_triton", "_paged_topk_triton", "_dequant_query", "_dequant_ragged_keys",
-                 "_dequant_paged_keys"):
+
+    for name in (
+        "_mqa_topk_triton",
+        "_paged_topk_triton",
+        "_dequant_query",
+        "_dequant_ragged_keys",
+        "_dequant_paged_keys",
+    ):
         monkeypatch.setattr(indexer, name, launched)
 
 
-@pytest.mark.parametrize("name,changes", [
-    ("topk", dict(topk=0)),
-    ("num_splits", dict(num_splits=0)),
-    ("max_context_len", dict(max_context_len=-1)),
-    ("weights", dict(weights=torch.randn(3, HEADS))),
-    ("context_lens", dict(context_lens=torch.zeros(1, 3, dtype=torch.int32))),
-    ("kv_cache", dict(kv_cache=torch.zeros(4, 64, 1, HEAD_DIM // 2 + 4, dtype=torch.uint8))),   # FP4 width, FP8 q
-])
+@pytest.mark.parametrize(
+    "name,changes",
+    [
+        ("topk", dict(topk=0)),
+        ("num_splits", dict(num_splits=0)),
+        ("max_context_len", dict(max_context_len=-1)),
+        ("weights", dict(weights=torch.randn(3, HEADS))),
+        ("context_lens", dict(context_lens=torch.zeros(1, 3, dtype=torch.int32))),
+        ("kv_cache", dict(kv_cache=torch.zeros(4, 64, 1, HEAD_DIM // 2 + 4, dtype=torch.uint8))),  # FP4 width, FP8 q
+    ],
+)
 def test_paged_topk_bad_input(no_launch, name, changes):
     args, _, _ = paged_problem("cpu", False, [[5, 6]], block_kv=64, blocks_per_request=1)
     kw = dict(zip(("q", "kv_cache", "weights", "context_lens", "block_table"), args))

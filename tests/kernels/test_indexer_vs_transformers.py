@@ -43,10 +43,20 @@ RATIO = 4
 
 def make_indexer(index_topk: int, seed: int = 0) -> torch.nn.Module:
     cfg = DeepseekV4Config(
-        vocab_size=32, num_hidden_layers=1, layer_types=["compressed_sparse_attention"], hidden_size=64,
-        num_attention_heads=2, head_dim=512, partial_rotary_factor=64 / 512, q_lora_rank=32,
-        index_n_heads=64, index_head_dim=128, index_topk=index_topk,
-        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        vocab_size=32,
+        num_hidden_layers=1,
+        layer_types=["compressed_sparse_attention"],
+        hidden_size=64,
+        num_attention_heads=2,
+        head_dim=512,
+        partial_rotary_factor=64 / 512,
+        q_lora_rank=32,
+        index_n_heads=64,
+        index_head_dim=128,
+        index_topk=index_topk,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
     )
     assert cfg.compress_rates["compressed_sparse_attention"] == RATIO
     indexer = hf.DeepseekV4Indexer(cfg).eval()
@@ -57,7 +67,7 @@ def make_indexer(index_topk: int, seed: int = 0) -> torch.nn.Module:
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
             elif name == "position_bias":
                 param.copy_(torch.randn(param.shape, generator=gen))
-            else:                                   # linear [out, in]
+            else:  # linear [out, in]
                 param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
     return indexer
 
@@ -95,7 +105,7 @@ def test_reference_matches_transformers_indexer(index_topk):
     assert top_k.shape == (batch, seq_len, min(index_topk, entries))
 
     ks = torch.zeros(seq_len, dtype=torch.int32)
-    ke = ((torch.arange(seq_len) + 1) // RATIO).to(torch.int32)            # causal: entries j < (t + 1) // 4
+    ke = ((torch.arange(seq_len) + 1) // RATIO).to(torch.int32)  # causal: entries j < (t + 1) // 4
     for b in range(batch):
         logits = ref.mqa_logits(q[b], keys[b], weights[b], ks, ke)
         bound = ref.mqa_logits(q[b].abs(), keys[b].abs(), weights[b].abs(), ks, ke)

@@ -26,8 +26,8 @@ HC_MULT, HIDDEN = 4, 4096
 N_MIX, K = (2 + HC_MULT) * HC_MULT, HC_MULT * HIDDEN
 HC_EPS, RMS_EPS, SINKHORN_ITERS = 1e-6, 1e-6, 20
 
-GEMM_REL = {"cpu": 2.0 ** -14, "cuda": 2.0 ** -9}
-SQR_REL = 2.0 ** -14
+GEMM_REL = {"cpu": 2.0**-14, "cuda": 2.0**-9}
+SQR_REL = 2.0**-14
 MIX_ATOL = {"cpu": 1e-5, "cuda": 2e-3}
 
 
@@ -113,17 +113,18 @@ def test_hc_pre_through_kernel_matches_reference(device, num_splits):
     """The whole mHC pre-step at V4 size with the Triton GEMM inside, against the all-reference one."""
     t = 3
     x = (torch.randn(t, HC_MULT, HIDDEN, device=device) * 2).bfloat16()
-    fn = torch.randn(N_MIX, K, device=device) * (1.5 / K ** 0.5)
+    fn = torch.randn(N_MIX, K, device=device) * (1.5 / K**0.5)
     scale = torch.rand(3, device=device) + 0.5
     base = torch.randn(N_MIX, device=device)
-    got = ref_hc_pre(x, fn, scale, base, HC_EPS, SINKHORN_ITERS, RMS_EPS, num_splits=num_splits,
-                     prenorm_gemm=tf32_hc_prenorm_gemm)
+    got = ref_hc_pre(
+        x, fn, scale, base, HC_EPS, SINKHORN_ITERS, RMS_EPS, num_splits=num_splits, prenorm_gemm=tf32_hc_prenorm_gemm
+    )
     want = ref_hc_pre(x, fn, scale, base, HC_EPS, SINKHORN_ITERS, RMS_EPS)
     atol = MIX_ATOL[device]
-    torch.testing.assert_close(got[1], want[1], rtol=0, atol=atol)   # post
-    torch.testing.assert_close(got[2], want[2], rtol=0, atol=atol)   # comb
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=atol)  # post
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=atol)  # comb
     pre_mag = (x.float().abs() * 2).sum(1)  # pre < 1 + eps: |y| <= sum_j |X_j|, its error ~ atol * that
-    assert ((got[0].float() - want[0].float()).abs() <= 2.0 ** -7 * want[0].float().abs() + atol * pre_mag).all()
+    assert ((got[0].float() - want[0].float()).abs() <= 2.0**-7 * want[0].float().abs() + atol * pre_mag).all()
     # Sinkhorn ends on a column normalisation: columns sum to 1 up to hc_eps
     torch.testing.assert_close(got[2].sum(-2), torch.ones(t, HC_MULT, device=device), rtol=0, atol=1e-5)
     assert (got[1] >= 0).all() and (got[1] <= 2).all()
@@ -131,24 +132,30 @@ def test_hc_pre_through_kernel_matches_reference(device, num_splits):
 
 # ---- bad input: a KernelInputError naming the argument, raised before any launch ----------------
 
+
 def _good(device="cpu"):
     m = 3
-    return dict(a=torch.randn(m, K, device=device).bfloat16(), b=torch.randn(N_MIX, K, device=device),
-                d=torch.empty(2, m, N_MIX, device=device), sqr_sum=torch.empty(2, m, device=device), num_splits=2)
+    return dict(
+        a=torch.randn(m, K, device=device).bfloat16(),
+        b=torch.randn(N_MIX, K, device=device),
+        d=torch.empty(2, m, N_MIX, device=device),
+        sqr_sum=torch.empty(2, m, device=device),
+        num_splits=2,
+    )
 
 
 BAD_INPUTS = [
-    ("a", lambda g: g.update(a=g["a"].float())),                                   # wrong dtype
-    ("a", lambda g: g.update(a=g["a"][None])),                                     # wrong rank
-    ("b", lambda g: g.update(b=g["b"].bfloat16())),                                # wrong dtype
-    ("b", lambda g: g.update(b=g["b"][:, :-64])),                                  # wrong last dim (K)
-    ("b", lambda g: g.update(b=torch.randn(129, K))),                              # N too large
-    ("d", lambda g: g.update(d=g["d"][0])),                                        # 2-D d with num_splits
-    ("d", lambda g: g.update(d=torch.empty(2, 4, N_MIX))),                         # mismatched M
-    ("d", lambda g: g.update(d=g["d"].double())),                                  # wrong dtype
-    ("sqr_sum", lambda g: g.update(sqr_sum=torch.empty(3, 3))),                    # mismatched splits
-    ("sqr_sum", lambda g: g.update(sqr_sum=g["sqr_sum"].bfloat16())),              # wrong dtype
-    ("d", lambda g: g.update(num_splits=None)),                                    # 3-D d without num_splits
+    ("a", lambda g: g.update(a=g["a"].float())),  # wrong dtype
+    ("a", lambda g: g.update(a=g["a"][None])),  # wrong rank
+    ("b", lambda g: g.update(b=g["b"].bfloat16())),  # wrong dtype
+    ("b", lambda g: g.update(b=g["b"][:, :-64])),  # wrong last dim (K)
+    ("b", lambda g: g.update(b=torch.randn(129, K))),  # N too large
+    ("d", lambda g: g.update(d=g["d"][0])),  # 2-D d with num_splits
+    ("d", lambda g: g.update(d=torch.empty(2, 4, N_MIX))),  # mismatched M
+    ("d", lambda g: g.update(d=g["d"].double())),  # wrong dtype
+    ("sqr_sum", lambda g: g.update(sqr_sum=torch.empty(3, 3))),  # mismatched splits
+    ("sqr_sum", lambda g: g.update(sqr_sum=g["sqr_sum"].bfloat16())),  # wrong dtype
+    ("d", lambda g: g.update(num_splits=None)),  # 3-D d without num_splits
     ("num_splits", lambda g: g.update(num_splits=0)),
     ("num_splits", lambda g: g.update(num_splits=2.0)),
 ]
@@ -158,6 +165,7 @@ BAD_INPUTS = [
 def test_bad_input_names_the_argument_before_launch(monkeypatch, name, corrupt):
     def launched(*_):
         raise AssertionError("launched despite bad input")
+
     monkeypatch.setattr(mhc_module, "_launch_triton", launched)
     monkeypatch.setattr(mhc_module, "_launch_reference", launched)
     args = _good()

@@ -29,8 +29,11 @@ Tolerances, stated once:
 import pytest
 import torch
 from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
-from transformers.models.deepseek_v4.modeling_deepseek_v4 import (DeepseekV4DecoderLayer, DeepseekV4HyperConnection,
-                                                                  DeepseekV4HyperHead)
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+    DeepseekV4DecoderLayer,
+    DeepseekV4HyperConnection,
+    DeepseekV4HyperHead,
+)
 
 from ds_plugins.kernels._runtime import use_triton
 from ds_plugins.kernels.mhc import tf32_hc_prenorm_gemm
@@ -38,20 +41,37 @@ from ds_plugins.kernels.reference.mhc import hc_prenorm_gemm, ref_hc_head, ref_h
 
 HIDDEN, HC_MULT, ITERS = 128, 4, 20
 BATCH, SEQ = 2, 3
-MIX_ATOL, Y_REL, COLSUM_ATOL, POST_MIX_REL = 1e-5, 2.0 ** -7, 1e-5, 2.0 ** -6
+MIX_ATOL, Y_REL, COLSUM_ATOL, POST_MIX_REL = 1e-5, 2.0**-7, 1e-5, 2.0**-6
 
 # the GEMM inside our mHC step: the PyTorch reference, or the Triton kernel (interpreter on CPU)
-GEMMS = [pytest.param(hc_prenorm_gemm, None, id="reference"),
-         pytest.param(tf32_hc_prenorm_gemm, None, id="triton"),
-         pytest.param(tf32_hc_prenorm_gemm, 3, id="triton-splitk3")]
+GEMMS = [
+    pytest.param(hc_prenorm_gemm, None, id="reference"),
+    pytest.param(tf32_hc_prenorm_gemm, None, id="triton"),
+    pytest.param(tf32_hc_prenorm_gemm, 3, id="triton-splitk3"),
+]
 
 
 @pytest.fixture(scope="module")
 def config():
-    return DeepseekV4Config(hidden_size=HIDDEN, hc_mult=HC_MULT, hc_sinkhorn_iters=ITERS, num_hidden_layers=1,
-                            num_attention_heads=2, head_dim=64, qk_rope_head_dim=16, q_lora_rank=32, o_groups=2,
-                            o_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                            index_n_heads=2, index_head_dim=32, index_topk=4, vocab_size=64)
+    return DeepseekV4Config(
+        hidden_size=HIDDEN,
+        hc_mult=HC_MULT,
+        hc_sinkhorn_iters=ITERS,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=64,
+        qk_rope_head_dim=16,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        index_n_heads=2,
+        index_head_dim=32,
+        index_topk=4,
+        vocab_size=64,
+    )
 
 
 def _randomise_hc(module, fn_name, base_name, scale_name, gen):
@@ -83,8 +103,17 @@ def test_hc_pre_matches_transformers_hyper_connection(config, gemm, num_splits):
     with torch.no_grad():
         post_tf, comb_tf, collapsed_tf = module(streams)
 
-    y, post, comb = ref_hc_pre(streams.flatten(0, 1), fn, scale, base, config.hc_eps, config.hc_sinkhorn_iters,
-                               config.rms_norm_eps, num_splits=num_splits, prenorm_gemm=gemm)
+    y, post, comb = ref_hc_pre(
+        streams.flatten(0, 1),
+        fn,
+        scale,
+        base,
+        config.hc_eps,
+        config.hc_sinkhorn_iters,
+        config.rms_norm_eps,
+        num_splits=num_splits,
+        prenorm_gemm=gemm,
+    )
     torch.testing.assert_close(post, post_tf.flatten(0, 1), rtol=0, atol=MIX_ATOL)
     torch.testing.assert_close(comb, comb_tf.flatten(0, 1), rtol=0, atol=MIX_ATOL)
     torch.testing.assert_close(y.float(), collapsed_tf.flatten(0, 1).float(), rtol=Y_REL, atol=0)
@@ -105,8 +134,16 @@ def test_hc_head_matches_transformers_hyper_head(config, gemm, num_splits):
     streams = _streams(gen)
     with torch.no_grad():
         out_tf = module(streams)
-    out = ref_hc_head(streams.flatten(0, 1), fn, scale, base, config.hc_eps, config.rms_norm_eps,
-                      num_splits=num_splits, prenorm_gemm=gemm)
+    out = ref_hc_head(
+        streams.flatten(0, 1),
+        fn,
+        scale,
+        base,
+        config.hc_eps,
+        config.rms_norm_eps,
+        num_splits=num_splits,
+        prenorm_gemm=gemm,
+    )
     assert out.dtype == out_tf.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), out_tf.flatten(0, 1).float(), rtol=Y_REL, atol=0)
 
@@ -150,7 +187,8 @@ def test_hc_post_matches_transformers_decoder_layer(config):
     out = ref_hc_post(f.flatten(0, 1), x, post, comb)
     assert out.dtype == out_tf.dtype == torch.bfloat16
     magnitude = post[..., None] * f.flatten(0, 1).float().abs()[:, None, :] + torch.einsum(
-        "tjk,tjd->tkd", comb, x.float().abs())
+        "tjk,tjd->tkd", comb, x.float().abs()
+    )
     err = (out.float() - out_tf.flatten(0, 1).float()).abs()
     assert (err <= POST_MIX_REL * magnitude).all(), (err / magnitude).max()
     # the transpose matters: mixing with comb instead of comb^T is far outside the tolerance

@@ -28,17 +28,31 @@ def _launched_kernels() -> set[str]:
     names = set()
     for path in (ROOT / "ds_plugins" / "kernels").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
-                    ast.unparse(d) == "triton.jit" for d in node.decorator_list):
+            if (
+                isinstance(node, ast.FunctionDef)
+                and node.name.endswith("_kernel")
+                and any(ast.unparse(d) == "triton.jit" for d in node.decorator_list)
+            ):
                 names.add(node.name)
     return names
 
 
 def _compile_report() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kernels" / "offline_compile.py"), "--targets",
-                           ",".join(TARGETS), "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "kernels" / "offline_compile.py"),
+            "--targets",
+            ",".join(TARGETS),
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -56,8 +70,13 @@ def test_no_variant_spills_and_each_fits_shared_memory_on_sm90a_sm120a_sm121a():
         # indexer FP8/FP4 x ragged/paged x logits/top-k (top-k also split), mHC, einsum batch tiers x
         # scale recipes: 30 distinct binaries on sm_120a/sm_121a, 32 on sm_90a (Triton 3.9)
         assert len(mine) >= 30, (target, len(mine))
-    bad = [f"sm_{r['target']}a {r['kernel']} [{r['variant']}] ({r['case']}): {r['registers']} registers, "
-           f"spill {r['spill_stores']}/{r['spill_loads']} bytes, smem {r['smem']}"
-           for r in reports if r["spill_stores"] or r["spill_loads"] or r["registers"] > MAX_REGISTERS
-           or r["smem"] > SMEM_LIMIT[r["target"]]]
+    bad = [
+        f"sm_{r['target']}a {r['kernel']} [{r['variant']}] ({r['case']}): {r['registers']} registers, "
+        f"spill {r['spill_stores']}/{r['spill_loads']} bytes, smem {r['smem']}"
+        for r in reports
+        if r["spill_stores"]
+        or r["spill_loads"]
+        or r["registers"] > MAX_REGISTERS
+        or r["smem"] > SMEM_LIMIT[r["target"]]
+    ]
     assert not bad, "\n".join(bad)

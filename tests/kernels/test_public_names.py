@@ -15,20 +15,67 @@ import ds_plugins.kernels as kernels
 UPSTREAM = {
     "flash_mla_sparse_fwd": ["q", "kv", "indices", "sm_scale", "d_v=512", "attn_sink=None", "topk_length=None"],
     "flash_mla_with_kvcache": [
-        "q", "k_cache", "block_table", "cache_seqlens", "head_dim_v", "tile_scheduler_metadata", "num_splits=None",
-        "softmax_scale=None", "causal=False", "is_fp8_kvcache=False", "indices=None", "attn_sink=None",
-        "extra_k_cache=None", "extra_indices_in_kvcache=None", "topk_length=None", "extra_topk_length=None"],
+        "q",
+        "k_cache",
+        "block_table",
+        "cache_seqlens",
+        "head_dim_v",
+        "tile_scheduler_metadata",
+        "num_splits=None",
+        "softmax_scale=None",
+        "causal=False",
+        "is_fp8_kvcache=False",
+        "indices=None",
+        "attn_sink=None",
+        "extra_k_cache=None",
+        "extra_indices_in_kvcache=None",
+        "topk_length=None",
+        "extra_topk_length=None",
+    ],
     "get_mla_metadata": ["*args", "**kwargs"],
-    "fp8_mqa_logits": ["q", "kv", "weights", "cu_seq_len_k_start", "cu_seq_len_k_end", "clean_logits=True",
-                       "max_seqlen_k=0"],
-    "fp8_fp4_mqa_logits": ["q", "kv", "weights", "cu_seq_len_k_start", "cu_seq_len_k_end", "clean_logits=True",
-                           "max_seqlen_k=0", "logits_dtype=torch.float32"],
+    "fp8_mqa_logits": [
+        "q",
+        "kv",
+        "weights",
+        "cu_seq_len_k_start",
+        "cu_seq_len_k_end",
+        "clean_logits=True",
+        "max_seqlen_k=0",
+    ],
+    "fp8_fp4_mqa_logits": [
+        "q",
+        "kv",
+        "weights",
+        "cu_seq_len_k_start",
+        "cu_seq_len_k_end",
+        "clean_logits=True",
+        "max_seqlen_k=0",
+        "logits_dtype=torch.float32",
+    ],
     "get_paged_mqa_logits_metadata": ["context_lens", "block_kv", "num_sms", "indices=None"],
-    "fp8_paged_mqa_logits": ["q", "kv_cache", "weights", "context_lens", "block_table", "schedule_meta",
-                             "max_context_len", "clean_logits=False", "indices=None"],
-    "fp8_fp4_paged_mqa_logits": ["q", "kv_cache", "weights", "context_lens", "block_table", "schedule_meta",
-                                 "max_context_len", "clean_logits=False", "logits_dtype=torch.float32",
-                                 "indices=None"],
+    "fp8_paged_mqa_logits": [
+        "q",
+        "kv_cache",
+        "weights",
+        "context_lens",
+        "block_table",
+        "schedule_meta",
+        "max_context_len",
+        "clean_logits=False",
+        "indices=None",
+    ],
+    "fp8_fp4_paged_mqa_logits": [
+        "q",
+        "kv_cache",
+        "weights",
+        "context_lens",
+        "block_table",
+        "schedule_meta",
+        "max_context_len",
+        "clean_logits=False",
+        "logits_dtype=torch.float32",
+        "indices=None",
+    ],
     "tf32_hc_prenorm_gemm": ["a", "b", "d", "sqr_sum", "num_splits=None"],
     "fp8_einsum": ["expr", "a", "b", "d", "c=None", "recipe=(1, 128, 128)"],
 }
@@ -63,7 +110,9 @@ def test_every_export_is_listed_and_resolves():
 
 
 def test_importing_the_package_imports_no_kernel_module():
-    code = ("import sys, ds_plugins.kernels; "
-            "print(sorted(m for m in sys.modules if m.startswith(('ds_plugins.kernels.', 'triton'))))")
+    code = (
+        "import sys, ds_plugins.kernels; "
+        "print(sorted(m for m in sys.modules if m.startswith(('ds_plugins.kernels.', 'triton'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

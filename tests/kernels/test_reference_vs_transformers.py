@@ -44,16 +44,41 @@ ATOL = 1e-5
 RTOL = 1e-5
 
 # Real V4-Flash rope settings (research notes 1.1), used by every config below.
-YARN = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536,
-        "beta_fast": 32, "beta_slow": 1}
+YARN = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1}
 
 SHAPES = {
-    "tiny": dict(hidden_size=64, num_attention_heads=4, head_dim=64, rope_dim=16, q_lora_rank=32, o_groups=2,
-                 o_lora_rank=16, sliding_window=8, csa_ratio=4, hca_ratio=16, index_n_heads=8, index_head_dim=32,
-                 index_topk=3, seq_len=45),
-    "v4dims": dict(hidden_size=256, num_attention_heads=64, head_dim=512, rope_dim=64, q_lora_rank=64, o_groups=8,
-                   o_lora_rank=32, sliding_window=128, csa_ratio=4, hca_ratio=128, index_n_heads=64,
-                   index_head_dim=128, index_topk=16, seq_len=300),
+    "tiny": dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=64,
+        rope_dim=16,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=16,
+        sliding_window=8,
+        csa_ratio=4,
+        hca_ratio=16,
+        index_n_heads=8,
+        index_head_dim=32,
+        index_topk=3,
+        seq_len=45,
+    ),
+    "v4dims": dict(
+        hidden_size=256,
+        num_attention_heads=64,
+        head_dim=512,
+        rope_dim=64,
+        q_lora_rank=64,
+        o_groups=8,
+        o_lora_rank=32,
+        sliding_window=128,
+        csa_ratio=4,
+        hca_ratio=128,
+        index_n_heads=64,
+        index_head_dim=128,
+        index_topk=16,
+        seq_len=300,
+    ),
 }
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 
@@ -61,13 +86,25 @@ LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_comp
 def make_config(shape: str) -> DeepseekV4Config:
     s = SHAPES[shape]
     cfg = DeepseekV4Config(
-        vocab_size=128, num_hidden_layers=len(LAYER_TYPES), layer_types=list(LAYER_TYPES),
-        hidden_size=s["hidden_size"], num_attention_heads=s["num_attention_heads"], head_dim=s["head_dim"],
-        partial_rotary_factor=s["rope_dim"] / s["head_dim"], q_lora_rank=s["q_lora_rank"],
-        o_groups=s["o_groups"], o_lora_rank=s["o_lora_rank"], sliding_window=s["sliding_window"],
+        vocab_size=128,
+        num_hidden_layers=len(LAYER_TYPES),
+        layer_types=list(LAYER_TYPES),
+        hidden_size=s["hidden_size"],
+        num_attention_heads=s["num_attention_heads"],
+        head_dim=s["head_dim"],
+        partial_rotary_factor=s["rope_dim"] / s["head_dim"],
+        q_lora_rank=s["q_lora_rank"],
+        o_groups=s["o_groups"],
+        o_lora_rank=s["o_lora_rank"],
+        sliding_window=s["sliding_window"],
         compress_rates={"compressed_sparse_attention": s["csa_ratio"], "heavily_compressed_attention": s["hca_ratio"]},
-        index_n_heads=s["index_n_heads"], index_head_dim=s["index_head_dim"], index_topk=s["index_topk"],
-        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, rope_parameters=dict(YARN),
+        index_n_heads=s["index_n_heads"],
+        index_head_dim=s["index_head_dim"],
+        index_topk=s["index_topk"],
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        rope_parameters=dict(YARN),
     )
     cfg._attn_implementation = "eager"
     return cfg
@@ -113,24 +150,36 @@ def run_transformers(module, cfg, x: torch.Tensor, positions: torch.Tensor | Non
     captured: dict = {}
     hooks = [module.o_a_proj.register_forward_pre_hook(lambda m, args: captured.__setitem__("o", args[0][0]))]
     if module.compressor is not None:
+
         def grab_compressor(m, args, output):
             captured["compressed_kv"] = output[0][0, 0]
             captured["block_bias"] = None if output[1] is None else output[1][0, 0]
+
         hooks.append(module.compressor.register_forward_hook(grab_compressor))
     indexer = getattr(module.compressor, "indexer", None)
     if indexer is not None:
         hooks.append(indexer.register_forward_hook(lambda m, a, out: captured.__setitem__("topk", out[0])))
-        hooks.append(indexer.scorer.register_forward_hook(
-            lambda m, a, out: captured.update(scores=out[0], index_q=a[0][0], index_keys=a[1][0])))
+        hooks.append(
+            indexer.scorer.register_forward_hook(
+                lambda m, a, out: captured.update(scores=out[0], index_q=a[0][0], index_keys=a[1][0])
+            )
+        )
     rotary = hf.DeepseekV4RotaryEmbedding(cfg)
     batch = x[None]
     pos = positions[None]
     embeddings = {kind: rotary(batch, position_ids=pos, layer_type=kind) for kind in ("main", "compress")}
-    mask = create_sliding_window_causal_mask(config=cfg, inputs_embeds=batch, attention_mask=None,
-                                             past_key_values=cache, position_ids=pos, layer_idx=module.layer_idx)
+    mask = create_sliding_window_causal_mask(
+        config=cfg,
+        inputs_embeds=batch,
+        attention_mask=None,
+        past_key_values=cache,
+        position_ids=pos,
+        layer_idx=module.layer_idx,
+    )
     try:
-        out, weights = module(batch, position_embeddings=embeddings, position_ids=pos, attention_mask=mask,
-                              past_key_values=cache)
+        out, weights = module(
+            batch, position_embeddings=embeddings, position_ids=pos, attention_mask=mask, past_key_values=cache
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -147,10 +196,16 @@ def weights_of(module) -> dict[str, torch.Tensor]:
 
 
 def inv_freq_for(cfg, layer_type: str) -> torch.Tensor:
-    return ref.layer_inv_freq(ratio_of(cfg, layer_type), cfg.qk_rope_head_dim, rope_theta=cfg.rope_theta,
-                              compress_rope_theta=cfg.compress_rope_theta, factor=YARN["factor"],
-                              original_max_position=YARN["original_max_position_embeddings"],
-                              beta_fast=YARN["beta_fast"], beta_slow=YARN["beta_slow"])
+    return ref.layer_inv_freq(
+        ratio_of(cfg, layer_type),
+        cfg.qk_rope_head_dim,
+        rope_theta=cfg.rope_theta,
+        compress_rope_theta=cfg.compress_rope_theta,
+        factor=YARN["factor"],
+        original_max_position=YARN["original_max_position_embeddings"],
+        beta_fast=YARN["beta_fast"],
+        beta_slow=YARN["beta_slow"],
+    )
 
 
 def indexer_scores(w: dict, cfg, x, qr, positions, inv_freq) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,13 +213,20 @@ def indexer_scores(w: dict, cfg, x, qr, positions, inv_freq) -> tuple[torch.Tens
     sum_h relu(q_h . k_j) * (x weights_proj^T)_h * index_head_dim^-0.5 * index_n_heads^-0.5.
     Also returns the indexer's compressed keys [N, index_head_dim] and rotated queries."""
     p = "compressor.indexer."
-    keys = ref.compress_kv(x, w[p + "kv_proj.weight"], w[p + "gate_proj.weight"], w[p + "position_bias"],
-                           w[p + "kv_norm.weight"], inv_freq, ratio_of(cfg, "compressed_sparse_attention"),
-                           overlap=True, eps=cfg.rms_norm_eps)
+    keys = ref.compress_kv(
+        x,
+        w[p + "kv_proj.weight"],
+        w[p + "gate_proj.weight"],
+        w[p + "position_bias"],
+        w[p + "kv_norm.weight"],
+        inv_freq,
+        ratio_of(cfg, "compressed_sparse_attention"),
+        overlap=True,
+        eps=cfg.rms_norm_eps,
+    )
     q = (qr @ w[p + "q_b_proj.weight"].t()).view(x.shape[0], cfg.index_n_heads, cfg.index_head_dim)
     q = ref.apply_rope(q, positions, inv_freq)
-    head_weight = (x @ w[p + "scorer.weights_proj.weight"].t()) * (cfg.index_head_dim ** -0.5
-                                                                  * cfg.index_n_heads ** -0.5)
+    head_weight = (x @ w[p + "scorer.weights_proj.weight"].t()) * (cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
     return (torch.einsum("thd,nd->thn", q, keys).relu() * head_weight[..., None]).sum(dim=1), keys, q
 
 
@@ -186,20 +248,35 @@ def run_reference(module, cfg, layer_type: str, x: torch.Tensor, positions: torc
 
     compressed = indices = None
     if layer_type != "sliding_attention":
-        compressed = ref.compress_kv(x, w["compressor.kv_proj.weight"], w["compressor.gate_proj.weight"],
-                                     w["compressor.position_bias"], w["compressor.kv_norm.weight"], inv_freq, ratio,
-                                     overlap=layer_type == "compressed_sparse_attention", eps=eps)
+        compressed = ref.compress_kv(
+            x,
+            w["compressor.kv_proj.weight"],
+            w["compressor.gate_proj.weight"],
+            w["compressor.position_bias"],
+            w["compressor.kv_norm.weight"],
+            inv_freq,
+            ratio,
+            overlap=layer_type == "compressed_sparse_attention",
+            eps=eps,
+        )
         if layer_type == "heavily_compressed_attention":
             indices = ref.c128_indices(positions, ratio, num_compressed=compressed.shape[0])
         else:
             scores, keys, index_q = indexer_scores(w, cfg, x, qr, all_pos, inv_freq)
             indices = ref.c4_indices(scores[positions], positions, cfg.index_topk, ratio)
             result.update(scores=scores, index_keys=keys, index_q=index_q)
-    o = ref.attention_layer(q[positions], kv, positions, w["sinks"], inv_freq, window=cfg.sliding_window,
-                            compressed_kv=compressed, compressed_indices=indices)
+    o = ref.attention_layer(
+        q[positions],
+        kv,
+        positions,
+        w["sinks"],
+        inv_freq,
+        window=cfg.sliding_window,
+        compressed_kv=compressed,
+        compressed_indices=indices,
+    )
     out = ref.grouped_output_projection(o, w["o_a_proj.weight"], w["o_b_proj.weight"], cfg.o_groups)
-    result.update(o=o, out=out, compressed_kv=compressed, compressed_indices=indices, q=q, kv=kv,
-                  inv_freq=inv_freq)
+    result.update(o=o, out=out, compressed_kv=compressed, compressed_indices=indices, q=q, kv=kv, inv_freq=inv_freq)
     return result
 
 
@@ -255,8 +332,9 @@ def test_rope_is_interleaved_on_the_trailing_slice():
     freqs = positions[None, :, None].float() * inv_freq
     theirs = hf.apply_rotary_pos_emb(x.transpose(0, 1)[None], freqs.cos(), freqs.sin())[0].transpose(0, 1)
     close(ours, theirs)
-    assert torch.equal(theirs[..., :-rope_dim], x[..., :-rope_dim]), \
+    assert torch.equal(theirs[..., :-rope_dim], x[..., :-rope_dim]), (
         "transformers rotates the trailing slice (its docstring's 'first rope_head_dim' is wrong)"
+    )
     # not the GPT-NeoX pairing (x[i], x[i + rope_dim/2]), which gives a different result
     half = rope_dim // 2
     first, second = x[..., -rope_dim:][..., :half], x[..., -rope_dim:][..., half:]
@@ -279,8 +357,15 @@ def test_yarn_frequencies_match_official_and_transformers():
     assert torch.all((freq[15:25] <= plain[15:25]) & (freq[15:25] >= plain[15:25] / 16))
     assert torch.equal(ref.layer_inv_freq(4), ref.layer_inv_freq(128))
 
-    real = DeepseekV4Config(rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
-                                          "beta_fast": 32, "beta_slow": 1})
+    real = DeepseekV4Config(
+        rope_scaling={
+            "type": "yarn",
+            "factor": 16,
+            "original_max_position_embeddings": 65536,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        }
+    )
     rotary = hf.DeepseekV4RotaryEmbedding(real)
     close(rotary.compress_inv_freq, ref.layer_inv_freq(4), atol=0, rtol=1e-6)
     close(rotary.main_inv_freq, ref.layer_inv_freq(0), atol=0, rtol=1e-6)
@@ -301,8 +386,12 @@ def test_transformers_default_config_is_not_v4_flash():
     assert not torch.allclose(rotary.compress_inv_freq, ref.layer_inv_freq(4), rtol=1e-3)
     assert default.layer_types[:4] == ["heavily_compressed_attention"] * 3 + ["compressed_sparse_attention"]
     flash = DeepseekV4Config(compress_ratios=[0, 0] + [4, 128] * 20 + [4, 0])
-    assert flash.layer_types[:4] == ["sliding_attention", "sliding_attention", "compressed_sparse_attention",
-                                     "heavily_compressed_attention"]
+    assert flash.layer_types[:4] == [
+        "sliding_attention",
+        "sliding_attention",
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+    ]
 
 
 def test_nested_rope_parameters_without_attention_factor_get_yarn_mscale():
@@ -311,9 +400,18 @@ def test_nested_rope_parameters_without_attention_factor_get_yarn_mscale():
     (configuration_deepseek_v4.py:318-319). A config that already arrives nested
     ({"main": ..., "compress": {yarn, no attention_factor}}) is kept as is (lines 302-304), and
     transformers then scales cos/sin by 0.1*ln(16)+1 = 1.277 on every compressed layer."""
-    nested = {"main": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.125},
-              "compress": {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536,
-                           "beta_fast": 32, "beta_slow": 1, "rope_theta": 160000.0, "partial_rotary_factor": 0.125}}
+    nested = {
+        "main": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.125},
+        "compress": {
+            "rope_type": "yarn",
+            "factor": 16.0,
+            "original_max_position_embeddings": 65536,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "rope_theta": 160000.0,
+            "partial_rotary_factor": 0.125,
+        },
+    }
     rotary = hf.DeepseekV4RotaryEmbedding(DeepseekV4Config(rope_parameters=nested))
     assert rotary.compress_attention_scaling == pytest.approx(0.1 * math.log(16.0) + 1.0)
     flat = hf.DeepseekV4RotaryEmbedding(DeepseekV4Config(rope_parameters=dict(YARN)))
@@ -348,7 +446,7 @@ def test_c128_indices_are_complete_blocks():
 def test_c4_indices_top_k_of_visible_entries():
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(4, 1)
     scores[3] = torch.tensor([0.0, 9.0, 1.0, 8.0, 2.0, 7.0])
-    positions = torch.tensor([2, 3, 11, 23])            # visible counts 0, 1, 3, 6
+    positions = torch.tensor([2, 3, 11, 23])  # visible counts 0, 1, 3, 6
     idx = ref.c4_indices(scores, positions, topk=4, ratio=4)
     assert idx.tolist() == [[-1, -1, -1, -1], [0, -1, -1, -1], [0, 1, 2, -1], [1, 3, 5, 4]]
     # future entries never win, even with the highest score
@@ -410,8 +508,10 @@ def test_overlap_compressor_first_block_uses_only_its_own_half():
     close(over[0], own_half[0], atol=1e-6, rtol=1e-6)
     # fewer tokens than one block: nothing to compress yet, for both kinds
     assert ref.compress_kv(x[:3], wkv, wgate, ape, norm_w, inv_freq, ratio, overlap=True).shape == (0, d)
-    assert ref.compress_kv(x[:3], wkv[d:], wgate[d:], ape[:, d:], norm_w, inv_freq, ratio,
-                           overlap=False).shape == (0, d)
+    assert ref.compress_kv(x[:3], wkv[d:], wgate[d:], ape[:, d:], norm_w, inv_freq, ratio, overlap=False).shape == (
+        0,
+        d,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,8 +548,9 @@ def test_transformers_mask_equals_candidate_sets(shape, layer_type):
     allowed_theirs = theirs["mask"] > torch.finfo(torch.float32).min / 2
     if n:
         allowed_theirs = torch.cat((allowed_theirs, theirs["block_bias"] == 0), dim=-1)
-    idx, _ = ref.union_indices(ref.window_indices(torch.arange(t), cfg.sliding_window),
-                               ours["compressed_indices"], compressed_offset=t)
+    idx, _ = ref.union_indices(
+        ref.window_indices(torch.arange(t), cfg.sliding_window), ours["compressed_indices"], compressed_offset=t
+    )
     allowed_ours = torch.zeros(t, t + n + 1, dtype=torch.bool)
     allowed_ours.scatter_(1, torch.where(idx >= 0, idx.long(), t + n), True)
     allowed_ours = allowed_ours[:, :-1]
@@ -471,21 +572,22 @@ def test_sink_enters_the_denominator_only(layer_type):
     q = ref.apply_rope(ours["q"], torch.arange(t), ours["inv_freq"])
     kv = ref.apply_rope(ours["kv"], torch.arange(t), ours["inv_freq"])
     buffer = kv if ours["compressed_kv"] is None else torch.cat((kv, ours["compressed_kv"]))
-    idx, lengths = ref.union_indices(ref.window_indices(torch.arange(t), cfg.sliding_window),
-                                     ours["compressed_indices"], compressed_offset=t)
-    scale = cfg.head_dim ** -0.5
+    idx, lengths = ref.union_indices(
+        ref.window_indices(torch.arange(t), cfg.sliding_window), ours["compressed_indices"], compressed_offset=t
+    )
+    scale = cfg.head_dim**-0.5
     out_s, max_s, lse_s = sparse_attention(q, buffer, idx, scale, d_v=cfg.head_dim, attn_sink=sink, topk_length=lengths)
     out_n, max_n, lse_n = sparse_attention(q, buffer, idx, scale, d_v=cfg.head_dim, topk_length=lengths)
     assert torch.equal(lse_s, lse_n) and torch.equal(max_s, max_n)
-    kept = torch.sigmoid(lse_n - sink[None, :])                                # [T, H]
+    kept = torch.sigmoid(lse_n - sink[None, :])  # [T, H]
     close(out_s, out_n * kept[..., None], atol=1e-6, rtol=1e-6)
     close(theirs["weights"].sum(dim=-1).transpose(0, 1), kept)
     assert kept.max() < 0.999 and kept.min() > 0.001, "the sinks must matter in this test"
 
 
 DECODE_STEPS = {  # call boundaries: a prefill ending inside a block, single tokens, a multi-token chunk
-    "tiny": [0, 21, 22, 23, 24, 30, 31, 32, 45],          # ratio 16 block completes at 31, ratio 4 at 23, 27, ...
-    "v4dims": [0, 254, 255, 256, 300],     # token 255 completes HCA block 1 (tokens 128..255) and a CSA block
+    "tiny": [0, 21, 22, 23, 24, 30, 31, 32, 45],  # ratio 16 block completes at 31, ratio 4 at 23, 27, ...
+    "v4dims": [0, 254, 255, 256, 300],  # token 255 completes HCA block 1 (tokens 128..255) and a CSA block
 }
 
 
@@ -526,7 +628,8 @@ def test_transformers_applies_no_fp8_qat():
     cfg, module, x, theirs, ours = prefill_run("v4dims", "sliding_attention")
     nope = cfg.head_dim - cfg.qk_rope_head_dim
     kv_qat = torch.cat((fp8_block_qat(ours["kv"][:, :nope]), ours["kv"][:, nope:]), dim=-1)
-    o_qat = ref.attention_layer(ours["q"], kv_qat, torch.arange(x.shape[0]), module.sinks.detach(), ours["inv_freq"],
-                                window=cfg.sliding_window)
+    o_qat = ref.attention_layer(
+        ours["q"], kv_qat, torch.arange(x.shape[0]), module.sinks.detach(), ours["inv_freq"], window=cfg.sliding_window
+    )
     close(ours["o"].reshape(theirs["o"].shape), theirs["o"])
     assert (o_qat.reshape(theirs["o"].shape) - theirs["o"]).abs().max() > 100 * ATOL

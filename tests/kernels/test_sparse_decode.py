@@ -26,29 +26,36 @@ from ds_plugins.kernels._runtime import KernelInputError
 from ds_plugins.kernels.kv_cache import dequantize_kv_cache, quantize_kv_cache
 from ds_plugins.kernels.reference.attention import sparse_attention
 from ds_plugins.kernels.reference.sparse_mla import ref_sparse_decode
-from ds_plugins.kernels.sparse_mla import (SparseDecodeSchedMeta, decode_num_splits, flash_mla_with_kvcache,
-                                           get_mla_metadata, sparse_decode_fwd)
+from ds_plugins.kernels.sparse_mla import (
+    SparseDecodeSchedMeta,
+    decode_num_splits,
+    flash_mla_with_kvcache,
+    get_mla_metadata,
+    sparse_decode_fwd,
+)
 
-OUT_COL_ATOL = 2.0 ** -8
-OUT_RTOL = 2.0 ** -7
-OUT_FLOOR = 2.0 ** -120
-LSE_TOL = 2.0 ** -15
+OUT_COL_ATOL = 2.0**-8
+OUT_RTOL = 2.0**-7
+OUT_FLOOR = 2.0**-120
+LSE_TOL = 2.0**-15
 
-PAGE = 64            # window (SWA) cache page
-EXTRA_PAGE = 3       # the compressed cache has its own page size (V4: block_size / ratio); odd on purpose
-WINDOW = 32          # window top-k (V4: 128)
-EXTRA_TOPK = 40      # compressed top-k (V4: 512)
-RATIO = 4            # C4 layers: one compressed entry per 4 tokens
+PAGE = 64  # window (SWA) cache page
+EXTRA_PAGE = 3  # the compressed cache has its own page size (V4: block_size / ratio); odd on purpose
+WINDOW = 32  # window top-k (V4: 128)
+EXTRA_TOPK = 40  # compressed top-k (V4: 512)
+RATIO = 4  # C4 layers: one compressed entry per 4 tokens
 
 
 # ------------------------------------------- cases -------------------------------------------
 
+
 @dataclasses.dataclass
 class Paged:
     """A paged FP8 cache holding several requests' rows in shuffled physical pages."""
+
     cache: torch.Tensor
-    table: torch.Tensor          # [b, max_pages]: physical page of each logical page
-    rows: list                   # per request: its logical rows as the cache stores them (dequantised)
+    table: torch.Tensor  # [b, max_pages]: physical page of each logical page
+    rows: list  # per request: its logical rows as the cache stores them (dequantised)
     page: int
 
     def slots(self, batch: int, positions: torch.Tensor) -> torch.Tensor:
@@ -59,12 +66,12 @@ class Paged:
 
 def build_paged(lengths, page, spare_pages=2, kv_fn=None) -> Paged:
     pages = [max(1, math.ceil(n / page)) for n in lengths]
-    total = sum(pages) + spare_pages                       # spare pages hold rows nobody may read
+    total = sum(pages) + spare_pages  # spare pages hold rows nobody may read
     physical = torch.randperm(total)
     table = torch.zeros(len(lengths), max(pages), dtype=torch.long)
     start = 0
     for b, n in enumerate(pages):
-        table[b, :n] = physical[start:start + n]
+        table[b, :n] = physical[start : start + n]
         start += n
     kv = torch.randn(total, page, 512)
     if kv_fn is not None:
@@ -79,7 +86,7 @@ def cache_to(cache: torch.Tensor, device) -> torch.Tensor:
     """Move a quantised cache with its whole padded pages, so stride(0) stays the padded page size."""
     num_blocks, page = cache.shape[0], cache.shape[1]
     pages = cache.as_strided((num_blocks, cache.stride(0)), (cache.stride(0), 1)).to(device)
-    return pages[:, :page * 584].view(num_blocks, page, 1, 584)
+    return pages[:, : page * 584].view(num_blocks, page, 1, 584)
 
 
 @dataclasses.dataclass
@@ -92,25 +99,41 @@ class Case:
     extra: Paged | None = None
     extra_indices: torch.Tensor | None = None
     extra_topk_length: torch.Tensor | None = None
-    window_pos: torch.Tensor | None = None        # logical positions behind indices (-1: none)
+    window_pos: torch.Tensor | None = None  # logical positions behind indices (-1: none)
     extra_pos: torch.Tensor | None = None
 
     def to(self, device) -> "Case":
         """The same case on `device` (FP8 caches keep their padded page layout)."""
+
         def move(t):
             return None if t is None else t.to(device)
 
         def paged(p):
             return None if p is None else dataclasses.replace(p, cache=cache_to(p.cache, device))
 
-        return dataclasses.replace(self, q=move(self.q), main=paged(self.main), indices=move(self.indices),
-                                   topk_length=move(self.topk_length), attn_sink=move(self.attn_sink),
-                                   extra=paged(self.extra), extra_indices=move(self.extra_indices),
-                                   extra_topk_length=move(self.extra_topk_length))
+        return dataclasses.replace(
+            self,
+            q=move(self.q),
+            main=paged(self.main),
+            indices=move(self.indices),
+            topk_length=move(self.topk_length),
+            attn_sink=move(self.attn_sink),
+            extra=paged(self.extra),
+            extra_indices=move(self.extra_indices),
+            extra_topk_length=move(self.extra_topk_length),
+        )
 
     def args(self):
-        return (self.q, self.main.cache, self.indices, self.topk_length, self.attn_sink,
-                self.extra.cache if self.extra else None, self.extra_indices, self.extra_topk_length)
+        return (
+            self.q,
+            self.main.cache,
+            self.indices,
+            self.topk_length,
+            self.attn_sink,
+            self.extra.cache if self.extra else None,
+            self.extra_indices,
+            self.extra_topk_length,
+        )
 
     def colmax(self):
         """Largest |value| per column over every row a candidate could read."""
@@ -118,8 +141,18 @@ class Case:
         return torch.stack([dequantize_kv_cache(c).float().abs().amax(dim=(0, 1)) for c in caches]).amax(0)
 
 
-def make_case(lengths, s_q, h_q, window=WINDOW, extra_topk=EXTRA_TOPK, with_extra=True, sink="random",
-              garbage_past_length=False, main_kv_fn=None, extra_kv_fn=None) -> Case:
+def make_case(
+    lengths,
+    s_q,
+    h_q,
+    window=WINDOW,
+    extra_topk=EXTRA_TOPK,
+    with_extra=True,
+    sink="random",
+    garbage_past_length=False,
+    main_kv_fn=None,
+    extra_kv_fn=None,
+) -> Case:
     """Requests of the given lengths; query token j of request b sits at position len - s_q + j. Window
     candidates are the last `window` positions (-1 before the start), compressed candidates a random
     top-k of the visible compressed entries (-1 padded)."""
@@ -130,13 +163,13 @@ def make_case(lengths, s_q, h_q, window=WINDOW, extra_topk=EXTRA_TOPK, with_extr
         for j in range(s_q):
             t = n - s_q + j
             visible = torch.arange(max(0, t - window + 1), max(0, t + 1))
-            window_pos[i, j, :len(visible)] = visible
+            window_pos[i, j, : len(visible)] = visible
     topk_length = torch.tensor([min(n, window) for n in lengths], dtype=torch.int32)
     indices = torch.stack([main.slots(i, window_pos[i]) for i in range(b)])
     if garbage_past_length:
         # Valid slots past topk_length that would change the answer if read.
         for i in range(b):
-            indices[i, :, topk_length[i]:] = main.slots(i, torch.zeros(window - topk_length[i], dtype=torch.long))
+            indices[i, :, topk_length[i] :] = main.slots(i, torch.zeros(window - topk_length[i], dtype=torch.long))
 
     case = Case(torch.randn(b, s_q, h_q, 512).bfloat16(), main, indices, topk_length, None, window_pos=window_pos)
     if sink == "random":
@@ -151,7 +184,7 @@ def make_case(lengths, s_q, h_q, window=WINDOW, extra_topk=EXTRA_TOPK, with_extr
             for j in range(s_q):
                 visible = max(0, n - s_q + j + 1) // RATIO
                 chosen = torch.randperm(visible)[:extra_topk]
-                extra_pos[i, j, :len(chosen)] = chosen
+                extra_pos[i, j, : len(chosen)] = chosen
         case.extra, case.extra_pos = extra, extra_pos
         case.extra_indices = torch.stack([extra.slots(i, extra_pos[i]) for i in range(b)])
         case.extra_topk_length = torch.tensor([min(c, extra_topk) for c in n_comp], dtype=torch.int32)
@@ -163,6 +196,7 @@ def make_case(lengths, s_q, h_q, window=WINDOW, extra_topk=EXTRA_TOPK, with_extr
 
 
 # ------------------------------------------- checks ------------------------------------------
+
 
 def assert_decode_close(out, lse, ref_out, ref_lse, colmax):
     assert out.shape == ref_out.shape and out.dtype == torch.bfloat16
@@ -185,12 +219,12 @@ def run_and_check(case: Case, device, num_splits=None):
 
 # ------------------------------------- kernel vs reference -----------------------------------
 
+
 def test_the_kernel_path_is_what_runs(device):
     """Guard against comparing the reference with itself: on CPU without a GPU the interpreter must be
     on (tests/kernels/conftest.py sets TRITON_INTERPRET before ds_plugins.kernels is imported)."""
     if device == "cuda" or not torch.cuda.is_available():
         assert sparse_mla.use_triton(torch.empty(0, device=device))
-
 
 
 @pytest.mark.parametrize("h_q", [64, 128])
@@ -212,7 +246,7 @@ def test_window_at_sequence_start(lengths, device):
     the start attend to nothing (out 0, lse +inf)."""
     case = make_case(lengths, s_q=2, h_q=64)
     _, _, _, ref_lse = run_and_check(case, device)
-    assert torch.isinf(ref_lse).any()                     # the case does contain empty rows
+    assert torch.isinf(ref_lse).any()  # the case does contain empty rows
 
 
 def test_zero_topk_lengths(device):
@@ -277,7 +311,7 @@ def test_padded_and_odd_head_counts(h_q, device):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")   # exp(1e4 - lse) = inf -> 0
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # exp(1e4 - lse) = inf -> 0
 def test_sink_extremes(device):
     """sink -inf (no effect), 0, +inf (out 0), large positive/negative, per head."""
     specials = torch.tensor([float("-inf"), 0.0, float("inf"), 1e4, -1e4, 30.0, -30.0, 1.0])
@@ -286,29 +320,32 @@ def test_sink_extremes(device):
     out, _, _, _ = run_and_check(case, device)
     no_sink = sparse_decode_fwd(*dataclasses.replace(case, attn_sink=None).to(device).args())[0].cpu()
     heads = torch.arange(64)
-    assert torch.all(out[:, :, (heads % 8) == 2] == 0)                                        # +inf
-    assert torch.all(out[:, :, (heads % 8) == 3] == 0)                                        # 1e4
-    assert torch.equal(out[:, :, (heads % 8) == 0], no_sink[:, :, (heads % 8) == 0])          # -inf
-    assert torch.equal(out[:, :, (heads % 8) == 4], no_sink[:, :, (heads % 8) == 4])          # -1e4
+    assert torch.all(out[:, :, (heads % 8) == 2] == 0)  # +inf
+    assert torch.all(out[:, :, (heads % 8) == 3] == 0)  # 1e4
+    assert torch.equal(out[:, :, (heads % 8) == 0], no_sink[:, :, (heads % 8) == 0])  # -inf
+    assert torch.equal(out[:, :, (heads % 8) == 4], no_sink[:, :, (heads % 8) == 4])  # -1e4
 
 
 def test_fp8_scale_extremes(device):
     """Blocks of tiny and huge magnitude (UE8M0 bytes at the quantiser's floor, 114, and near 219),
     mixed in one row; queries are zero on the huge block so logits stay finite while the output
     carries its values."""
+
     def extremes(kv):
-        kv[..., 0:64] *= 2.0 ** 90          # huge block
-        kv[..., 64:128] *= 1e-30            # tiny block: floored scale
+        kv[..., 0:64] *= 2.0**90  # huge block
+        kv[..., 64:128] *= 1e-30  # tiny block: floored scale
         kv[..., 128:192] *= 1e-6
         return kv
+
     case = make_case([100, 70], s_q=1, h_q=64, main_kv_fn=extremes, extra_kv_fn=extremes)
     case.q[..., 0:64] = 0
     bytes_ = case.main.cache.view(torch.uint8).as_strided(
-        (case.main.cache.shape[0], case.main.cache.stride(0)), (case.main.cache.stride(0), 1))
-    scale_bytes = bytes_[:, PAGE * 576:PAGE * 584].reshape(-1, PAGE, 8)[..., :7]
+        (case.main.cache.shape[0], case.main.cache.stride(0)), (case.main.cache.stride(0), 1)
+    )
+    scale_bytes = bytes_[:, PAGE * 576 : PAGE * 584].reshape(-1, PAGE, 8)[..., :7]
     assert scale_bytes[..., 0].min() >= 200 and scale_bytes[..., 1].max() == 114
     out, _, _, _ = run_and_check(case, device)
-    assert out[..., :64].float().abs().max() > 2.0 ** 80
+    assert out[..., :64].float().abs().max() > 2.0**80
 
 
 def test_raw_scale_bytes_near_both_ends(device):
@@ -318,14 +355,14 @@ def test_raw_scale_bytes_near_both_ends(device):
     case = make_case([64, 64], s_q=1, h_q=64, with_extra=False)
     cache = case.main.cache
     storage = cache.as_strided((cache.shape[0], cache.stride(0)), (cache.stride(0), 1))
-    scale_area = storage[:, PAGE * 576:PAGE * 584].view(-1, PAGE, 8)
+    scale_area = storage[:, PAGE * 576 : PAGE * 584].view(-1, PAGE, 8)
     scale_area[..., :7] = torch.tensor([1, 2, 238, 7, 244, 127, 100], dtype=torch.uint8)
-    nope = storage[:, :PAGE * 576].view(-1, PAGE, 576)[..., :448]
+    nope = storage[:, : PAGE * 576].view(-1, PAGE, 576)[..., :448]
     nope.copy_((torch.rand(nope.shape) - 0.5).to(torch.float8_e4m3fn).view(torch.uint8))
     case.q[..., 128:192] = 0
     case.q[..., 256:320] = 0
     out, _, _, _ = run_and_check(case, device)
-    assert out[..., 256:320].float().abs().max() > 2.0 ** 100
+    assert out[..., 256:320].float().abs().max() > 2.0**100
 
 
 def test_split_kv_on_and_off_agree(device):
@@ -335,7 +372,7 @@ def test_split_kv_on_and_off_agree(device):
     each other by the same p-rounding term the reference tolerance allows, not by exactly zero.)
     The empty request checks that merging splits with nothing gives out 0 and lse +inf."""
     case = make_case([200, 90, 0], s_q=2, h_q=64, window=96, extra_topk=128)
-    assert sparse_mla.DECODE_CONFIG.block_n == 16          # 6 window + 8 compressed chunks of 16
+    assert sparse_mla.DECODE_CONFIG.block_n == 16  # 6 window + 8 compressed chunks of 16
     outs = [run_and_check(case, device, num_splits=n)[:2] for n in (1, 2, 5)]
     for out, lse in outs[1:]:
         assert_decode_close(out, lse, *outs[0], case.colmax())
@@ -348,11 +385,12 @@ def test_split_count_is_a_function_of_shapes():
     assert decode_num_splits(64, 1, 64, 128, 512, target_programs=132) == 1
     long = decode_num_splits(1, 1, 64, 128, 8192, target_programs=132)
     assert 16 <= long <= sparse_mla.MAX_SPLITS
-    assert decode_num_splits(1, 1, 64, 128, 0, target_programs=132) == 1       # too few candidates to split
-    assert decode_num_splits(1, 1, 128, 128, 10 ** 7, target_programs=10 ** 6) == sparse_mla.MAX_SPLITS
+    assert decode_num_splits(1, 1, 64, 128, 0, target_programs=132) == 1  # too few candidates to split
+    assert decode_num_splits(1, 1, 128, 128, 10**7, target_programs=10**6) == sparse_mla.MAX_SPLITS
 
 
 # --------------------------------- reference vs sparse_attention ----------------------------
+
 
 def test_reference_matches_sparse_attention_on_logical_rows():
     """The reference reads pages through slots; here the same attention is computed from each
@@ -361,20 +399,22 @@ def test_reference_matches_sparse_attention_on_logical_rows():
     case = make_case([150, 70, 5], s_q=2, h_q=64)
     ref_out, ref_lse = ref_sparse_decode(*case.args())
     b, s_q = case.q.shape[:2]
-    scale = 512 ** -0.5
+    scale = 512**-0.5
     for i in range(b):
         n_window = case.main.rows[i].shape[0]
         rows = torch.cat([case.main.rows[i], case.extra.rows[i]])
         window = case.window_pos[i].masked_fill(torch.arange(WINDOW) >= case.topk_length[i], -1)
         extra = case.extra_pos[i].masked_fill(torch.arange(EXTRA_TOPK) >= case.extra_topk_length[i], -1)
         extra = torch.where(extra >= 0, extra + n_window, -1)
-        out, _, lse = sparse_attention(case.q[i], rows, torch.cat([window, extra], dim=-1), scale,
-                                       attn_sink=case.attn_sink)
+        out, _, lse = sparse_attention(
+            case.q[i], rows, torch.cat([window, extra], dim=-1), scale, attn_sink=case.attn_sink
+        )
         assert torch.allclose(ref_out[i].float(), out.float(), rtol=OUT_RTOL, atol=0)
-        torch.testing.assert_close(ref_lse[i].T, lse, rtol=2.0 ** -20, atol=2.0 ** -20)
+        torch.testing.assert_close(ref_lse[i].T, lse, rtol=2.0**-20, atol=2.0**-20)
 
 
 # ---------------------------------- FlashMLA's Python contract -------------------------------
+
 
 def test_flash_mla_with_kvcache_contract(device):
     """Arguments by FlashMLA's names and order; the sched meta records the first call's shapes and
@@ -383,10 +423,17 @@ def test_flash_mla_with_kvcache_contract(device):
     case = cpu_case.to(device)
     sched, none = get_mla_metadata(case.topk_length, 64, 1, whatever=True)
     assert none is None and isinstance(sched, SparseDecodeSchedMeta) and not sched.have_initialized
-    kwargs = dict(softmax_scale=None, causal=False, is_fp8_kvcache=True, indices=case.indices,
-                  attn_sink=case.attn_sink, extra_k_cache=case.extra.cache,
-                  extra_indices_in_kvcache=case.extra_indices, topk_length=case.topk_length,
-                  extra_topk_length=case.extra_topk_length)
+    kwargs = dict(
+        softmax_scale=None,
+        causal=False,
+        is_fp8_kvcache=True,
+        indices=case.indices,
+        attn_sink=case.attn_sink,
+        extra_k_cache=case.extra.cache,
+        extra_indices_in_kvcache=case.extra_indices,
+        topk_length=case.topk_length,
+        extra_topk_length=case.extra_topk_length,
+    )
     out, lse = flash_mla_with_kvcache(case.q, case.main.cache, None, None, 512, sched, None, **kwargs)
     assert sched.have_initialized and sched.config.b == 2 and sched.config.extra_page_block_size == EXTRA_PAGE
     assert lse.shape == (2, 64, 2)
@@ -397,8 +444,12 @@ def test_flash_mla_with_kvcache_contract(device):
     kwargs["topk_length"] = case.topk_length - 1
     flash_mla_with_kvcache(case.q, case.main.cache, None, None, 512, sched, **kwargs)
     # Other batch: the sched meta says so.
-    kwargs.update(indices=case.indices[:1], extra_indices_in_kvcache=case.extra_indices[:1],
-                  topk_length=case.topk_length[:1], extra_topk_length=case.extra_topk_length[:1])
+    kwargs.update(
+        indices=case.indices[:1],
+        extra_indices_in_kvcache=case.extra_indices[:1],
+        topk_length=case.topk_length[:1],
+        extra_topk_length=case.extra_topk_length[:1],
+    )
     with pytest.raises(KernelInputError, match="tile_scheduler_metadata.*b 2 -> 1"):
         flash_mla_with_kvcache(case.q[:1], case.main.cache, None, None, 512, sched, **kwargs)
 
@@ -407,51 +458,75 @@ def test_reference_dispatch_without_triton(monkeypatch):
     """Where Triton cannot run, the public function returns the reference's answer in the same layout."""
     case = make_case([50, 20], s_q=2, h_q=64)
     monkeypatch.setattr(sparse_mla, "use_triton", lambda t: False)
-    out, lse = flash_mla_with_kvcache(case.q, case.main.cache, None, None, 512, get_mla_metadata()[0],
-                                      is_fp8_kvcache=True, indices=case.indices, attn_sink=case.attn_sink,
-                                      extra_k_cache=case.extra.cache, extra_indices_in_kvcache=case.extra_indices,
-                                      topk_length=case.topk_length, extra_topk_length=case.extra_topk_length)
+    out, lse = flash_mla_with_kvcache(
+        case.q,
+        case.main.cache,
+        None,
+        None,
+        512,
+        get_mla_metadata()[0],
+        is_fp8_kvcache=True,
+        indices=case.indices,
+        attn_sink=case.attn_sink,
+        extra_k_cache=case.extra.cache,
+        extra_indices_in_kvcache=case.extra_indices,
+        topk_length=case.topk_length,
+        extra_topk_length=case.extra_topk_length,
+    )
     ref_out, ref_lse = ref_sparse_decode(*case.args())
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse) and lse.shape == (2, 64, 2)
 
 
 # ---------------------------------------- bad input ------------------------------------------
 
+
 @pytest.fixture
 def no_launch(monkeypatch):
     """Any kernel launch fails the test: errors must come before it."""
+
     class Forbidden:
         def __getitem__(self, grid):
             raise AssertionError("a kernel was launched before the bad argument was reported")
+
     for name in ("_sparse_decode_kernel", "_combine_splits_kernel"):
         monkeypatch.setattr(sparse_mla, name, Forbidden())
 
 
 def _bad(case, **change):
-    args = dict(q=case.q, k_cache=case.main.cache, block_table=None, cache_seqlens=None, head_dim_v=512,
-                tile_scheduler_metadata=get_mla_metadata()[0], is_fp8_kvcache=True, indices=case.indices,
-                attn_sink=case.attn_sink, extra_k_cache=case.extra.cache,
-                extra_indices_in_kvcache=case.extra_indices, topk_length=case.topk_length,
-                extra_topk_length=case.extra_topk_length)
+    args = dict(
+        q=case.q,
+        k_cache=case.main.cache,
+        block_table=None,
+        cache_seqlens=None,
+        head_dim_v=512,
+        tile_scheduler_metadata=get_mla_metadata()[0],
+        is_fp8_kvcache=True,
+        indices=case.indices,
+        attn_sink=case.attn_sink,
+        extra_k_cache=case.extra.cache,
+        extra_indices_in_kvcache=case.extra_indices,
+        topk_length=case.topk_length,
+        extra_topk_length=case.extra_topk_length,
+    )
     args.update(change)
     return args
 
 
 BAD_DECODE = {
-    "q": lambda c: dict(q=c.q.half()),                                           # dtype
-    "q ": lambda c: dict(q=torch.zeros(2, 1, 64, 576, dtype=torch.bfloat16)),    # last dim (V3.2's 576)
-    "indices": lambda c: dict(indices=c.indices[:1]),                            # batch != q's batch
+    "q": lambda c: dict(q=c.q.half()),  # dtype
+    "q ": lambda c: dict(q=torch.zeros(2, 1, 64, 576, dtype=torch.bfloat16)),  # last dim (V3.2's 576)
+    "indices": lambda c: dict(indices=c.indices[:1]),  # batch != q's batch
     "indices  ": lambda c: dict(indices=c.indices.long()),
-    "k_cache": lambda c: dict(k_cache=torch.zeros(4, 64, 1, 656, dtype=torch.uint8)),   # V3.2's 656 bytes
+    "k_cache": lambda c: dict(k_cache=torch.zeros(4, 64, 1, 656, dtype=torch.uint8)),  # V3.2's 656 bytes
     "k_cache ": lambda c: dict(k_cache=c.main.cache.view(torch.uint8).float()),
-    "attn_sink": lambda c: dict(attn_sink=torch.zeros(63)),                      # length != h_q
+    "attn_sink": lambda c: dict(attn_sink=torch.zeros(63)),  # length != h_q
     "attn_sink ": lambda c: dict(attn_sink=torch.zeros(64, dtype=torch.bfloat16)),
     "topk_length": lambda c: dict(topk_length=c.topk_length.long()),
     "extra_k_cache": lambda c: dict(extra_k_cache=torch.zeros(4, 3, 1, 512, dtype=torch.uint8)),
     "extra_indices_in_kvcache": lambda c: dict(extra_k_cache=None, extra_topk_length=None),
     "extra_topk_length": lambda c: dict(extra_topk_length=torch.zeros(3, dtype=torch.int32)),
     "head_dim_v": lambda c: dict(head_dim_v=448),
-    "indices   ": lambda c: dict(indices=None),                                  # the dense path
+    "indices   ": lambda c: dict(indices=None),  # the dense path
     "is_fp8_kvcache": lambda c: dict(is_fp8_kvcache=False),
     "causal": lambda c: dict(causal=True),
     "num_splits": lambda c: dict(num_splits=4),

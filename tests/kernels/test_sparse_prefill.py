@@ -17,10 +17,10 @@ from ds_plugins.kernels._runtime import KernelInputError, launch_target
 from ds_plugins.kernels.reference.sparse_mla import ref_flash_mla_sparse_fwd
 from ds_plugins.kernels.sparse_mla import flash_mla_sparse_fwd
 
-OUT_ATOL = 2.0 ** -8          # times max|kv|
-OUT_RTOL = 2.0 ** -7
-STAT_TOL = 2.0 ** -15
-SCALE = 512 ** -0.5
+OUT_ATOL = 2.0**-8  # times max|kv|
+OUT_RTOL = 2.0**-7
+STAT_TOL = 2.0**-15
+SCALE = 512**-0.5
 
 
 class _Recorder:
@@ -33,6 +33,7 @@ class _Recorder:
         def launch(*args, **kwargs):
             self.launched.append(kwargs)
             return self.kernel[grid](*args, **kwargs)
+
         return launch
 
 
@@ -141,14 +142,15 @@ def test_lengths_hide_valid_indices(device):
     assert not torch.equal(out, full)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")   # exp(1e4 - lse) = inf -> 0
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # exp(1e4 - lse) = inf -> 0
 def test_sink_extremes(device):
     """sink -inf: no effect; +inf and 1e4: out 0; lse and max_logits never change."""
     q, kv, indices, _, lengths = make_inputs(s_q=2, h_q=64, s_kv=60, topk=48)
     sink = torch.tensor([float("-inf"), 0.0, float("inf"), 1e4, -1e4, 25.0, -25.0, 3.0]).repeat(8)
     out, max_logits, lse = check(q, kv, indices, sink, lengths, device=device)
-    plain, plain_max, plain_lse = (t.cpu() for t in flash_mla_sparse_fwd(*on(device, q, kv, indices), SCALE, 512,
-                                                                         None, *on(device, lengths)))
+    plain, plain_max, plain_lse = (
+        t.cpu() for t in flash_mla_sparse_fwd(*on(device, q, kv, indices), SCALE, 512, None, *on(device, lengths))
+    )
     kind = torch.arange(64) % 8
     assert torch.equal(out[:, kind == 0], plain[:, kind == 0])
     assert torch.all(out[:, (kind == 2) | (kind == 3)] == 0)
@@ -159,10 +161,11 @@ def test_non_contiguous_inputs(device):
     """Strided q (a slice of a wider head axis) and kv (a slice of a wider row buffer)."""
     q_wide, kv_wide = torch.randn(2, 96, 512).bfloat16(), torch.randn(60, 2, 512).bfloat16()
     indices, sink = torch.randint(-1, 60, (2, 1, 40), dtype=torch.int32), torch.randn(64)
-    q, kv = q_wide.to(device)[:, 16:80], kv_wide.to(device)[:, 1:]          # sliced where they live
+    q, kv = q_wide.to(device)[:, 16:80], kv_wide.to(device)[:, 1:]  # sliced where they live
     assert not q.is_contiguous() and not kv.is_contiguous()
-    out, max_logits, lse = (t.cpu() for t in flash_mla_sparse_fwd(q, kv, *on(device, indices), SCALE, 512,
-                                                                    *on(device, sink), None))
+    out, max_logits, lse = (
+        t.cpu() for t in flash_mla_sparse_fwd(q, kv, *on(device, indices), SCALE, 512, *on(device, sink), None)
+    )
     want = check(q_wide[:, 16:80], kv_wide[:, 1:], indices, sink, None, device=device)
     assert torch.equal(out, want[0]) and torch.equal(lse, want[2])
 
@@ -177,11 +180,13 @@ def test_reference_dispatch_without_triton(monkeypatch):
 
 # ---------------------------------------- bad input ------------------------------------------
 
+
 @pytest.fixture
 def no_launch(monkeypatch):
     class Forbidden:
         def __getitem__(self, grid):
             raise AssertionError("a kernel was launched before the bad argument was reported")
+
     monkeypatch.setattr(sparse_mla, "_sparse_prefill_kernel", Forbidden())
 
 
@@ -189,10 +194,10 @@ BAD_PREFILL = {
     "q": lambda a: dict(q=a["q"].float()),
     "q ": lambda a: dict(q=a["q"][..., :448]),
     "kv": lambda a: dict(kv=a["kv"].half()),
-    "kv ": lambda a: dict(kv=a["kv"].expand(-1, 2, -1)),                 # h_kv must be 1
-    "indices": lambda a: dict(indices=a["indices"][:1]),                # s_q mismatch
+    "kv ": lambda a: dict(kv=a["kv"].expand(-1, 2, -1)),  # h_kv must be 1
+    "indices": lambda a: dict(indices=a["indices"][:1]),  # s_q mismatch
     "indices ": lambda a: dict(indices=a["indices"].long()),
-    "indices  ": lambda a: dict(indices=a["indices"][:, 0]),            # missing h_kv axis
+    "indices  ": lambda a: dict(indices=a["indices"][:, 0]),  # missing h_kv axis
     "attn_sink": lambda a: dict(attn_sink=torch.zeros(32)),
     "topk_length": lambda a: dict(topk_length=torch.zeros(3, dtype=torch.int32)),
     "d_v": lambda a: dict(d_v=448),

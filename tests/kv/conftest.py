@@ -43,6 +43,7 @@ def _hard_timeout(request):
 
     def fire(signum, frame):
         raise TimeoutError(f"test exceeded {limit} s")
+
     old = signal.signal(signal.SIGALRM, fire)
     signal.alarm(limit)
     yield
@@ -54,6 +55,7 @@ def _hard_timeout(request):
 def mooncake_spec() -> dict:
     sys.path.insert(0, str(ROOT))
     from ci import mooncake_env
+
     try:
         return mooncake_env.spec()
     except Exception as exc:  # no network, no compiler, no apt: say so
@@ -72,8 +74,9 @@ class Child:
     """A child process speaking JSON lines; reads never block past their timeout."""
 
     def __init__(self, args: list[str], env: dict):
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        )
         self.events: queue.Queue = queue.Queue()
         self.stderr: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -118,6 +121,7 @@ def spawn(mooncake_spec):
     """spawn(script, *args, extra_env) -> Child with the mooncake environment; all are killed at teardown."""
     sys.path.insert(0, str(ROOT))
     from ci.mooncake_env import child_env
+
     children: list[Child] = []
 
     def make(script: Path, *args: str, python: str | None = None) -> Child:

@@ -40,8 +40,13 @@ def fill(bufs: list[list[np.ndarray]], seed: int) -> None:
 
 
 def regions(layout, bufs) -> list[list[Region]]:
-    return [[Region(base=b.ctypes.data, block_len=r["block_len"], stride=r["stride"], num_blocks=r["num_blocks"])
-             for r, b in zip(gl, gb)] for gl, gb in zip(layout, bufs)]
+    return [
+        [
+            Region(base=b.ctypes.data, block_len=r["block_len"], stride=r["stride"], num_blocks=r["num_blocks"])
+            for r, b in zip(gl, gb)
+        ]
+        for gl, gb in zip(layout, bufs)
+    ]
 
 
 def security(spec: dict) -> dict:
@@ -51,17 +56,28 @@ def security(spec: dict) -> dict:
 
 
 def leaks(engine: Engine) -> dict:
-    return {"registered": len(engine.registered),
-            "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("mooncake-"))}
+    return {
+        "registered": len(engine.registered),
+        "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("mooncake-")),
+    }
 
 
 def run_source(spec: dict) -> None:
     bufs = buffers(spec["layout"])
     fill(bufs, spec["seed"])
     engine = Engine("127.0.0.1", "tcp", "", spec.get("transfer_timeout_s", 5))
-    src = KVSource(engine, spec["engine_id"], 0, regions(spec["layout"], bufs), spec.get("host", "127.0.0.1"),
-                   spec["port"], spec.get("abort_timeout_s", 30), tp_size=spec.get("tp_size", 0),
-                   decode_tp_size=spec.get("decode_tp_size", 0), **security(spec))
+    src = KVSource(
+        engine,
+        spec["engine_id"],
+        0,
+        regions(spec["layout"], bufs),
+        spec.get("host", "127.0.0.1"),
+        spec["port"],
+        spec.get("abort_timeout_s", 30),
+        tp_size=spec.get("tp_size", 0),
+        decode_tp_size=spec.get("decode_tp_size", 0),
+        **security(spec),
+    )
     for rid in spec["expose"]:
         src.expose(rid)
     emit("ready", session=engine.session, port=src.address[1])
@@ -74,8 +90,14 @@ def run_source(spec: dict) -> None:
             emit("finished", request_id=rid, failed=src.failed.get(rid))
         time.sleep(0.02)
     src.close()
-    emit("closed", pending=sorted(src.pending), rejected=src.rejected, refused=src.refused,
-         failed_kept=len(src.failed), **leaks(engine))
+    emit(
+        "closed",
+        pending=sorted(src.pending),
+        rejected=src.rejected,
+        refused=src.refused,
+        failed_kept=len(src.failed),
+        **leaks(engine),
+    )
     engine.close()
 
 
@@ -84,8 +106,16 @@ def run_sink(spec: dict) -> None:
     layout = spec["layout"]
     bufs = buffers(layout)
     engine = Engine("127.0.0.1", "tcp", "", spec.get("transfer_timeout_s", 5))
-    sink = KVSink(engine, spec["engine_id"], regions(layout, bufs), spec.get("handshake_timeout_s", 2),
-                  num_workers=2, null_block=0, tp_size=spec.get("tp_size", 0), **security(spec))
+    sink = KVSink(
+        engine,
+        spec["engine_id"],
+        regions(layout, bufs),
+        spec.get("handshake_timeout_s", 2),
+        num_workers=2,
+        null_block=0,
+        tp_size=spec.get("tp_size", 0),
+        **security(spec),
+    )
     expected = buffers(layout)
     fill(expected, spec["source_seed"])
     emit("ready", session=engine.session)
@@ -102,18 +132,29 @@ def run_sink(spec: dict) -> None:
             if cmd is not None:
                 if cmd["op"] == "quit":
                     break
-                ref = SourceRef(cmd.get("host", "127.0.0.1"), cmd["port"],
-                                cmd.get("engine_id", spec["source_engine_id"]), cmd["request_id"],
-                                tp_size=cmd.get("tp_size", 0))
+                ref = SourceRef(
+                    cmd.get("host", "127.0.0.1"),
+                    cmd["port"],
+                    cmd.get("engine_id", spec["source_engine_id"]),
+                    cmd["request_id"],
+                    tp_size=cmd.get("tp_size", 0),
+                )
                 started[cmd["request_id"]] = (cmd, time.perf_counter())
                 sink.fetch(cmd["request_id"], ref, cmd["local"], cmd["remote"])
                 waiting = cmd.get("wait", True)
         for res in sink.poll():
             cmd, t0 = started.pop(res.request_id)
             waiting = waiting and bool(started)
-            emit("result", request_id=res.request_id, ok=res.ok, nbytes=res.nbytes, error=res.error,
-                 failed_blocks=sorted(res.failed_blocks), seconds=time.perf_counter() - t0,
-                 check=verify(layout, bufs, expected, cmd["local"], cmd["remote"], set(res.failed_blocks)))
+            emit(
+                "result",
+                request_id=res.request_id,
+                ok=res.ok,
+                nbytes=res.nbytes,
+                error=res.error,
+                failed_blocks=sorted(res.failed_blocks),
+                seconds=time.perf_counter() - t0,
+                check=verify(layout, bufs, expected, cmd["local"], cmd["remote"], set(res.failed_blocks)),
+            )
         if waiting:
             time.sleep(0.005)
     sources = sink.sources
@@ -126,15 +167,18 @@ def verify(layout, got, expected, local_blocks, remote_blocks, failed) -> dict:
     """Per region: filled blocks equal the source's blocks (block_len bytes), everything else still zero."""
     mismatched, dirty, filled = [], [], 0
     for g, (gl, gg, ge) in enumerate(zip(layout, got, expected)):
-        pairs = {lid: remote_blocks[g][i] for i, lid in enumerate(local_blocks[g])
-                 if lid != 0 and lid not in failed and i < len(remote_blocks[g]) and remote_blocks[g][i] != 0}
+        pairs = {
+            lid: remote_blocks[g][i]
+            for i, lid in enumerate(local_blocks[g])
+            if lid != 0 and lid not in failed and i < len(remote_blocks[g]) and remote_blocks[g][i] != 0
+        }
         for r, (rl, bg, be) in enumerate(zip(gl, gg, ge)):
             s, n = rl["stride"], rl["block_len"]
             for blk in range(rl["num_blocks"]):
-                mine = bg[blk * s:(blk + 1) * s]
+                mine = bg[blk * s : (blk + 1) * s]
                 if blk in pairs:
                     rid = pairs[blk]
-                    if not np.array_equal(mine[:n], be[rid * s:rid * s + n]):
+                    if not np.array_equal(mine[:n], be[rid * s : rid * s + n]):
                         mismatched.append([g, r, blk])
                     if mine[n:].any():
                         dirty.append([g, r, blk])  # padding past block_len must not be written

@@ -44,6 +44,7 @@ def _amx_tiles() -> bool:
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return False
     import torch
+
     return bool(torch.cpu._is_amx_tile_supported())
 
 
@@ -51,8 +52,14 @@ needs_amx = pytest.mark.skipif(not _amx_tiles(), reason="needs a Linux x86-64 CP
 
 
 def _run(device: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, device], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, device],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
 

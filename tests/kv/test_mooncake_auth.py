@@ -67,8 +67,9 @@ def test_allow_list():
 
 
 def config(extra: dict, env: dict | None = None) -> MooncakeConfig:
-    return MooncakeConfig.from_mapping({"kv_role": "kv_consumer", "engine_id": "d0",
-                                        "kv_connector_extra_config": extra}, env=env or {})
+    return MooncakeConfig.from_mapping(
+        {"kv_role": "kv_consumer", "engine_id": "d0", "kv_connector_extra_config": extra}, env=env or {}
+    )
 
 
 def test_secret_comes_from_a_file_or_the_environment_and_never_from_the_json(tmp_path):

@@ -77,8 +77,9 @@ def test_close_leaves_the_socket_to_a_thread_still_in_a_handler(monkeypatch, cap
     port = free_port()
     server = HandshakeServer("127.0.0.1", port, slow)
     client = HandshakeClient(5)
-    asker = threading.Thread(target=lambda: pytest.raises(Exception, client.request, "127.0.0.1", port,
-                                                           GetLayout(engine_id="p0")))
+    asker = threading.Thread(
+        target=lambda: pytest.raises(Exception, client.request, "127.0.0.1", port, GetLayout(engine_id="p0"))
+    )
     asker.start()
     try:
         assert entered.wait(5)

@@ -8,8 +8,10 @@ import sys
 
 from tests.kv.conftest import ROOT
 
-CODE = ("import sys, ds_plugins.vllm.mooncake.connector as m; print(m.state()); "
-        "print(sorted(x for x in ('torch', 'vllm', 'mooncake') if x in sys.modules))")
+CODE = (
+    "import sys, ds_plugins.vllm.mooncake.connector as m; print(m.state()); "
+    "print(sorted(x for x in ('torch', 'vllm', 'mooncake') if x in sys.modules))"
+)
 
 
 def run(env: dict) -> list[str]:
@@ -20,6 +22,7 @@ def run(env: dict) -> list[str]:
 
 def test_state_reports_available_where_the_engine_can_load(mooncake_spec):
     from ci.mooncake_env import child_env
+
     env = child_env(mooncake_spec)
     line, imported = run(env)
     assert line.startswith(f"available: mooncake-transfer-engine {mooncake_spec['mooncake']} (tcp; rdma:"), line
@@ -28,19 +31,25 @@ def test_state_reports_available_where_the_engine_can_load(mooncake_spec):
 
 def test_state_names_the_missing_driver_library(mooncake_spec):
     from ci.mooncake_env import child_env
+
     env = child_env(mooncake_spec)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in env["LD_LIBRARY_PATH"].split(os.pathsep)
-                                             if not p.endswith("/stub"))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in env["LD_LIBRARY_PATH"].split(os.pathsep) if not p.endswith("/stub")
+    )
     line, _ = run(env)
-    assert line.startswith(f"unavailable: mooncake-transfer-engine {mooncake_spec['mooncake']} installed, but its "
-                           "engine.so cannot find libcuda.so.1"), line
+    assert line.startswith(
+        f"unavailable: mooncake-transfer-engine {mooncake_spec['mooncake']} installed, but its "
+        "engine.so cannot find libcuda.so.1"
+    ), line
 
 
 def test_the_0_1_module_path_is_the_same_module():
     """Configurations written for ds-plugins 0.1 name `ds_plugins.vllm.mooncake_connector`: vLLM importing
     that path gets the connector module itself (same classes, same MODULE_PATH), not a copy."""
-    code = ("import ds_plugins.vllm.mooncake_connector as old, ds_plugins.vllm.mooncake.connector as new; "
-            "print('SAME', old is new, old.MooncakeConnectorV1 is new.DSV4MooncakeConnector, old.MODULE_PATH)")
+    code = (
+        "import ds_plugins.vllm.mooncake_connector as old, ds_plugins.vllm.mooncake.connector as new; "
+        "print('SAME', old is new, old.MooncakeConnectorV1 is new.DSV4MooncakeConnector, old.MODULE_PATH)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     [line] = [x for x in out.stdout.splitlines() if x.startswith("SAME ")]  # vLLM logs to stdout too

@@ -20,8 +20,7 @@ SCRIPT = HERE / "peer_script.py"
 
 # Per KV group, the sink's blocks and, position by position, the source's. Group 1 is the sliding-window
 # group: its leading positions are null (0) on both sides, as vLLM's hybrid manager leaves them.
-REQ_A = {"local": [[3, 4, 5, 9], [0, 0, 6, 7], [1, 2, 3, 4]],
-         "remote": [[10, 11, 12, 2], [0, 0, 8, 9], [5, 6, 7, 15]]}
+REQ_A = {"local": [[3, 4, 5, 9], [0, 0, 6, 7], [1, 2, 3, 4]], "remote": [[10, 11, 12, 2], [0, 0, 8, 9], [5, 6, 7, 15]]}
 
 
 def start(spawn, role: str, **spec):
@@ -133,8 +132,11 @@ def test_side_channel_needs_the_shared_secret_and_discloses_nothing_before(spawn
     src, ready = start(spawn, "source", engine_id="p0", port=port, seed=2, expose=["held"], secret=SECRET)
     get = messages.encode(messages.GetLayout(engine_id="p0", requester="x"))
     release = messages.encode(messages.Done(engine_id="p0", request_id="held", ok=False, error="forged"))
-    stranger, other, friend = (RawPeer(port), RawPeer(port, b"another-secret-of-enough-length"),
-                               RawPeer(port, SECRET.encode()))
+    stranger, other, friend = (
+        RawPeer(port),
+        RawPeer(port, b"another-secret-of-enough-length"),
+        RawPeer(port, SECRET.encode()),
+    )
     late = RawPeer(port, SECRET.encode(), clock=lambda: time.time() - 600)
     try:
         answers = []
@@ -246,8 +248,7 @@ def test_stalled_source_times_out_and_both_sides_free(spawn):
     assert fin["request_id"] == "x" and (fin["failed"] is None or "rc=-1" in fin["failed"]), fin
     sink.send(op="quit")
     closed = sink.expect("closed")
-    assert closed == {"event": "closed", "inflight": 0, "open_sockets": 0, "registered": 0, "threads": [],
-                      "sources": 1}
+    assert closed == {"event": "closed", "inflight": 0, "open_sockets": 0, "registered": 0, "threads": [], "sources": 1}
 
 
 def test_source_killed_mid_transfer_fails_the_request_promptly(spawn):
@@ -296,8 +297,15 @@ def test_a_stalled_source_does_not_delay_reads_from_a_healthy_one(spawn):
     """Each source address has its own workers: with every worker for a frozen source busy (the
     sink runs 2 per source), a read from a healthy source still completes at once."""
     stalled_port, healthy_port = free_port(), free_port()
-    stalled, _ = start(spawn, "source", engine_id="p0", port=stalled_port, seed=5,
-                       expose=["warm", "s1", "s2", "s3"], abort_timeout_s=30)
+    stalled, _ = start(
+        spawn,
+        "source",
+        engine_id="p0",
+        port=stalled_port,
+        seed=5,
+        expose=["warm", "s1", "s2", "s3"],
+        abort_timeout_s=30,
+    )
     healthy, _ = start(spawn, "source", engine_id="p1", port=healthy_port, seed=5, expose=["h"])
     sink, _ = start(spawn, "sink", engine_id="d0", source_seed=5, source_engine_id="p0", handshake_timeout_s=1)
     sink.send(op="fetch", request_id="warm", port=stalled_port, **REQ_A)
@@ -339,8 +347,7 @@ def test_tp_mismatch_is_refused_at_the_handshake(spawn):
     """The source (TP 2, configured for decode TP 2) meets a sink at TP 1, and a request naming the
     wrong remote_tp_size: each fails with the mismatch named, before any read."""
     port = free_port()
-    src, _ = start(spawn, "source", engine_id="p0", port=port, seed=3, expose=["a", "b"], tp_size=2,
-                   decode_tp_size=2)
+    src, _ = start(spawn, "source", engine_id="p0", port=port, seed=3, expose=["a", "b"], tp_size=2, decode_tp_size=2)
     sink, _ = start(spawn, "sink", engine_id="d0", source_seed=3, source_engine_id="p0", tp_size=1)
     sink.send(op="fetch", request_id="a", port=port, tp_size=2, **REQ_A)
     res = sink.expect("result")
@@ -349,8 +356,11 @@ def test_tp_mismatch_is_refused_at_the_handshake(spawn):
     sink2, _ = start(spawn, "sink", engine_id="d1", source_seed=3, source_engine_id="p0", tp_size=2)
     sink2.send(op="fetch", request_id="b", port=port, tp_size=4, **REQ_A)
     res = sink2.expect("result")
-    assert not res["ok"] and "remote_tp_size 4, the prefill at 127.0.0.1" in res["error"] and \
-        "runs tp_size 2" in res["error"], res
+    assert (
+        not res["ok"]
+        and "remote_tp_size 4, the prefill at 127.0.0.1" in res["error"]
+        and "runs tp_size 2" in res["error"]
+    ), res
     assert res["check"]["dirty"] == []
 
 
@@ -358,6 +368,7 @@ def test_sink_keeps_a_bounded_number_of_sources(spawn):
     """Requests naming many distinct sources (here: ports nobody listens on) leave at most
     MAX_SOURCES idle per-source pools behind, not one per address ever seen."""
     from ds_plugins.kv.mooncake.peers import MAX_SOURCES
+
     sink, _ = start(spawn, "sink", engine_id="d0", source_seed=1, source_engine_id="p0", handshake_timeout_s=0.2)
     ports = [free_port() for _ in range(MAX_SOURCES + 6)]
     for i, port in enumerate(ports):
@@ -376,15 +387,24 @@ def test_hold_renewed_by_the_decode_side_outlives_the_abort_timeout(spawn):
     so the read that finally comes is confirmed; a request nobody renews expires and its read fails."""
     from ds_plugins.kv.mooncake.handshake import HandshakeClient
     from ds_plugins.kv.mooncake.peers import HoldRenewer
+
     port = free_port()
-    src, _ = start(spawn, "source", engine_id="p0", port=port, seed=10, expose=["kept", "dropped"],
-                   abort_timeout_s=0.6, secret=SECRET)
+    src, _ = start(
+        spawn,
+        "source",
+        engine_id="p0",
+        port=port,
+        seed=10,
+        expose=["kept", "dropped"],
+        abort_timeout_s=0.6,
+        secret=SECRET,
+    )
     renewer = HoldRenewer(HandshakeClient(1, auth=Authenticator(SECRET.encode())), "d0", interval_s=0.15)
     try:
         renewer.watch("d-kept", "p0", [("127.0.0.1", port)], "kept")
         fin = src.expect("finished", timeout=10)
         assert fin["request_id"] == "dropped"  # not renewed: freed at its timeout
-        time.sleep(1.0)                         # well past the timeout: "kept" is still held
+        time.sleep(1.0)  # well past the timeout: "kept" is still held
         sink, _ = start(spawn, "sink", engine_id="d0", source_seed=10, source_engine_id="p0", secret=SECRET)
         sink.send(op="fetch", request_id="kept", port=port, **REQ_A)
         res = sink.expect("result")
@@ -405,8 +425,9 @@ def test_requests_queued_behind_a_stalled_source_fail_at_once(spawn):
     it frees every request (the skipped ones at its abort timeout)."""
     port = free_port()
     rids = [f"q{i}" for i in range(6)]
-    src, _ = start(spawn, "source", engine_id="p0", port=port, seed=13, expose=["warm", "after", *rids],
-                   abort_timeout_s=14)
+    src, _ = start(
+        spawn, "source", engine_id="p0", port=port, seed=13, expose=["warm", "after", *rids], abort_timeout_s=14
+    )
     sink, _ = start(spawn, "sink", engine_id="d0", source_seed=13, source_engine_id="p0", handshake_timeout_s=1)
     sink.send(op="fetch", request_id="warm", port=port, **REQ_A)
     assert sink.expect("result")["ok"]
@@ -439,6 +460,7 @@ def test_source_keeps_a_bounded_number_of_failure_reports(spawn):
     """Sinks reporting failed reads (each a real Done over the side channel) leave at most MAX_FAILED_KEPT
     reports at the source, the latest ones, not one per request ever failed."""
     from ds_plugins.kv.mooncake.peers import MAX_FAILED_KEPT
+
     port = free_port()
     rids = [f"f{i}" for i in range(MAX_FAILED_KEPT + 10)]
     src, _ = start(spawn, "source", engine_id="p0", port=port, seed=1, expose=rids)

@@ -37,10 +37,17 @@ WHEEL_SOURCES = ("0.25.0", "0.33.0")
 @pytest.mark.parametrize("version", WHEEL_SOURCES)
 def test_scheduler_side_on_the_wheel_source_of_versions_not_installed(version):
     from ci import upstream
+
     source = upstream.source("vllm", version)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(source)]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(HERE / "vllm_scheduler_script.py")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "vllm_scheduler_script.py")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     out = result_of(proc.stdout)
     assert out["vllm_version"] == version and out["vllm_file"].startswith(str(source)), out["vllm_file"]
@@ -77,7 +84,7 @@ def check_scheduler_side(out: dict) -> None:
     # nulls back where they were, so block i still covers the same tokens on both sides.
     t = out["p_trim"]
     skip = t["params"]["remote_block_skip"]
-    assert skip[0] == skip[2] == 0 and skip[1] > 0 and t["block_ids"][1][:skip[1]] == [0] * skip[1], t
+    assert skip[0] == skip[2] == 0 and skip[1] > 0 and t["block_ids"][1][: skip[1]] == [0] * skip[1], t
     assert t["params"]["remote_block_ids"] == [g[k:] for g, k in zip(t["block_ids"], skip)], t
     assert t["restored"] == t["block_ids"], t
     assert all(len(g) == 7 for g in p["block_ids"])  # 100 tokens / 16 per block
@@ -91,8 +98,9 @@ def check_scheduler_side(out: dict) -> None:
     if "d_refused" in out:
         # vLLM before failed_recving takes failed block ids of one KV group only: a decode instance of
         # a three-group model would die at the first transfer fault, so it refuses to start instead.
-        assert out["d_refused"].startswith("ConfigError: this vLLM cannot be told that a KV load failed for a "
-                                           "model with 3 KV cache groups"), out["d_refused"]
+        assert out["d_refused"].startswith(
+            "ConfigError: this vLLM cannot be told that a KV load failed for a model with 3 KV cache groups"
+        ), out["d_refused"]
         return
 
     # D: all prompt tokens come from P, asynchronously; the blocks vLLM allocated (per group, null
@@ -113,7 +121,8 @@ def check_scheduler_side(out: dict) -> None:
     longer = out["d_longer"]
     assert longer["matched"] == [100, True], longer
     assert [len(g) for g in longer["local"]] == [7, 7, 7] and all(
-        loc == alloc[:7] for loc, alloc in zip(longer["local"], longer["allocated"])), longer
+        loc == alloc[:7] for loc, alloc in zip(longer["local"], longer["allocated"])
+    ), longer
 
     # D aborted before allocation: a release-only notice for P, so P's blocks do not wait for the timeout.
     assert out["d_early"] == [False, None]
@@ -127,8 +136,10 @@ def check_scheduler_side(out: dict) -> None:
     assert all(v["matched"] == [100, True] and v["error"] for v in forged.values()), forged
     assert "missing" in forged["incomplete"]["error"] and "remote_port" in forged["port_text"]["error"]
     assert "2 KV groups, this instance has 3" in forged["blocks_groups"]["error"]
-    assert "'169.254.169.254' is not in kv_connector_extra_config.allowed_peers (10.1.2.0/24)" in \
-        forged["host_not_allowed"]["error"]
+    assert (
+        "'169.254.169.254' is not in kv_connector_extra_config.allowed_peers (10.1.2.0/24)"
+        in forged["host_not_allowed"]["error"]
+    )
     # vLLM 0.32+ asks which groups a load restores: all of them, as P/D moves every group.
     assert out.get("loaded_groups", [0, 1, 2]) == [0, 1, 2]
     # ... and counts the loaded tokens as peer-to-peer hits in its metrics.
@@ -140,11 +151,14 @@ def common_checks(out: dict) -> None:
     assert out["bad_tp"].startswith("ConfigError: kv_connector_extra_config.prefill.tp_size (1) must be >=")
     assert out["tp_not_configured"] == (
         "ConfigError: kv_connector_extra_config.prefill.tp_size is 1 but this prefill instance runs "
-        "--tensor-parallel-size 2; they must match (and be the same on every instance)")
+        "--tensor-parallel-size 2; they must match (and be the same on every instance)"
+    )
     assert out["switch_DS_PLUGINS_MOONCAKE"].startswith(
-        "RuntimeError: ds-plugins' Mooncake connector is switched off (DS_PLUGINS_MOONCAKE=off)")
+        "RuntimeError: ds-plugins' Mooncake connector is switched off (DS_PLUGINS_MOONCAKE=off)"
+    )
     assert out["switch_DS_PLUGINS_DISABLE"].startswith(
-        "RuntimeError: ds-plugins' Mooncake connector is switched off (DS_PLUGINS_DISABLE=1)")
+        "RuntimeError: ds-plugins' Mooncake connector is switched off (DS_PLUGINS_DISABLE=1)"
+    )
 
 
 def test_worker_side_moves_v4_groups_between_two_vllm_workers(spawn):
@@ -157,16 +171,25 @@ def test_worker_side_moves_v4_groups_between_two_vllm_workers(spawn):
     port = free_port()
     prod = spawn(HERE / "vllm_worker_script.py", "producer", str(port))
     prod.expect("ready", timeout=80)
-    spec = {"local_blocks": [[5, 6, 7], [0, 0, 9], [12, 13, 20], [14, 16, 18, 1]],
-            "remote_blocks": [[1, 2, 3], [4, 8, 10], [22, 11, 30], [31, 33, 32, 35]],
-            "remote_engine_id": "p0", "remote_request_id": "p-req", "remote_host": "127.0.0.1",
-            "remote_port": port, "remote_tp_size": 1}
+    spec = {
+        "local_blocks": [[5, 6, 7], [0, 0, 9], [12, 13, 20], [14, 16, 18, 1]],
+        "remote_blocks": [[1, 2, 3], [4, 8, 10], [22, 11, 30], [31, 33, 32, 35]],
+        "remote_engine_id": "p0",
+        "remote_request_id": "p-req",
+        "remote_host": "127.0.0.1",
+        "remote_port": port,
+        "remote_tp_size": 1,
+    }
     cons = spawn(HERE / "vllm_worker_script.py", "consumer", str(port), json.dumps(spec))
     got = cons.expect("result", timeout=90)
     # vLLM's own grouping of V4's specs: two sliding-window KV groups, compressed KV with the indexer keys,
     # and the compressor states (main and indexer) -- the groups the served tiny V4 has.
-    assert got["groups"] == [["l0.swa"], ["l1.swa"], ["l1.compressed", "l1.indexer"],
-                             ["l1.state", "l1.indexer_state"]], got
+    assert got["groups"] == [
+        ["l0.swa"],
+        ["l1.swa"],
+        ["l1.compressed", "l1.indexer"],
+        ["l1.state", "l1.indexer_state"],
+    ], got
     assert got["done"] == ["d-bad", "d-refused", "d-req"], got
     if got["per_request"]:  # vLLM 0.30+: failed requests, never block ids (0.32+ ends the engine on those)
         assert got["failed"] == ["d-bad", "d-refused"] and got["load_errors"] == [], got

@@ -54,17 +54,26 @@ def consumes_failed_recving(sched: ast.Module) -> bool:
     scheduler = methods(classes(sched)["Scheduler"])
     if "_handle_failed_recving" not in scheduler:
         return False
-    calls = [n for f in scheduler.values() for n in ast.walk(f) if isinstance(n, ast.Call)
-             and isinstance(n.func, ast.Attribute) and n.func.attr == "_handle_failed_recving"]
+    calls = [
+        n
+        for f in scheduler.values()
+        for n in ast.walk(f)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "_handle_failed_recving"
+    ]
     return any(isinstance(a, ast.Attribute) and a.attr == "failed_recving" for c in calls for a in c.args)
 
 
 def block_path_takes_one_group(sched: ast.Module) -> bool:
     fn = methods(classes(sched)["Scheduler"])["_update_requests_with_invalid_blocks"]
     for node in ast.walk(fn):
-        if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple)
-                and len(node.targets[0].elts) == 1 and isinstance(node.value, ast.Call)
-                and isinstance(node.value.func, ast.Attribute) and node.value.func.attr == "get_block_ids"):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Tuple)
+            and len(node.targets[0].elts) == 1
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute)
+            and node.value.func.attr == "get_block_ids"
+        ):
             return True
     return False
 
@@ -78,7 +87,8 @@ def test_failure_route_detected_is_the_one_the_scheduler_takes(version):
         assert not consumes_failed_recving(sched)
         assert block_path_takes_one_group(sched), (
             f"vllm {version}: the block-id path no longer unpacks one group; multi-group consumers may work "
-            "there now (revisit SchedulerSide's refusal)")
+            "there now (revisit SchedulerSide's refusal)"
+        )
 
 
 @pytest.mark.parametrize("version", MATRIX)
@@ -91,8 +101,11 @@ def test_our_class_defines_the_p_d_hooks_vllm_declares(version):
 
 def test_kv_ip_is_optional_and_read_with_getattr():
     newest = MATRIX[-1]
-    fields = {n.target.id for n in ast.walk(parse(newest, CONFIG)) if isinstance(n, ast.AnnAssign)
-              and isinstance(n.target, ast.Name)}
+    fields = {
+        n.target.id
+        for n in ast.walk(parse(newest, CONFIG))
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
     assert "kv_ip" not in fields and "kv_port" in fields, f"vllm {newest}: KVTransferConfig fields changed"
     src = ast.parse(OURS.read_text())
     direct = [n.lineno for n in ast.walk(src) if isinstance(n, ast.Attribute) and n.attr == "kv_ip"]

@@ -30,18 +30,29 @@ PROMPT = 100  # 7 blocks of 16, the last one partial
 def kv_cache_config(num_blocks: int = 64) -> KVCacheConfig:
     full = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=584, dtype=torch.uint8)
     swa = SlidingWindowSpec(block_size=BS, num_kv_heads=1, head_size=584, dtype=torch.uint8, sliding_window=32)
-    groups = [KVCacheGroupSpec(["layers.0.compressed"], full), KVCacheGroupSpec(["layers.0.swa"], swa),
-              KVCacheGroupSpec(["layers.0.indexer"], full)]
+    groups = [
+        KVCacheGroupSpec(["layers.0.compressed"], full),
+        KVCacheGroupSpec(["layers.0.swa"], swa),
+        KVCacheGroupSpec(["layers.0.indexer"], full),
+    ]
     # The scheduler never reads kv_cache_tensors (whose fields differ between 0.28 and 0.30): none given.
     return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
 
 
 def connector(role: str, engine_id: str, extra: dict | None = None, tp: int = 1, kcc: KVCacheConfig | None = None):
-    kv = KVTransferConfig(kv_connector="MooncakeConnectorV1",
-                          kv_connector_module_path="ds_plugins.vllm.mooncake.connector",
-                          kv_role=role, engine_id=engine_id, kv_port="30000",
-                          kv_connector_extra_config={"host": "10.1.2.3", "prefill": {"dp_size": 2, "tp_size": 1},
-                                                     "decode": {"dp_size": 4, "tp_size": 1}, **(extra or {})})
+    kv = KVTransferConfig(
+        kv_connector="MooncakeConnectorV1",
+        kv_connector_module_path="ds_plugins.vllm.mooncake.connector",
+        kv_role=role,
+        engine_id=engine_id,
+        kv_port="30000",
+        kv_connector_extra_config={
+            "host": "10.1.2.3",
+            "prefill": {"dp_size": 2, "tp_size": 1},
+            "decode": {"dp_size": 4, "tp_size": 1},
+            **(extra or {}),
+        },
+    )
     cfg = VllmConfig(kv_transfer_config=kv, device_config=DeviceConfig(device="cpu"))
     cfg.scheduler_config.disable_hybrid_kv_cache_manager = False
     cfg.parallel_config.data_parallel_rank = 1
@@ -56,12 +67,14 @@ def manager(kcc) -> KVCacheManager:
 
 def request(rid: str, params: dict | None) -> Request:
     sp = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params} if params is not None else None)
-    return Request(request_id=rid, prompt_token_ids=list(range(1000, 1000 + PROMPT)), sampling_params=sp,
-                   pooling_params=None)
+    return Request(
+        request_id=rid, prompt_token_ids=list(range(1000, 1000 + PROMPT)), sampling_params=sp, pooling_params=None
+    )
 
 
 def main() -> None:
     import vllm
+
     out: dict = {"vllm_file": vllm.__file__, "vllm_version": vllm.__version__}
     # ---------------- prefill instance
     p, kcc = connector("kv_producer", "p0")
@@ -87,6 +100,7 @@ def main() -> None:
     # After its prefill, vLLM's sliding-window manager has replaced the blocks before the window with the
     # null block (remove_skipped_blocks, as its scheduler calls it): P sends them as a count, D restores them.
     from ds_plugins.vllm.mooncake.connector import parse_remote
+
     trim = request("p-trim", {"do_remote_decode": True, "do_remote_prefill": False})
     mgr.allocate_slots(trim, PROMPT)
     trim.num_computed_tokens = PROMPT
@@ -94,8 +108,11 @@ def main() -> None:
     trim.status = RequestStatus.FINISHED_LENGTH_CAPPED
     trim_ids = [list(g) for g in mgr.get_block_ids(trim.request_id)]
     _, trim_params = p.request_finished_all_groups(trim, mgr.get_block_ids(trim.request_id))
-    out["p_trim"] = {"block_ids": trim_ids, "params": trim_params,
-                     "restored": parse_remote(trim_params, 3, PROMPT, 1)["remote_blocks"]}
+    out["p_trim"] = {
+        "block_ids": trim_ids,
+        "params": trim_params,
+        "restored": parse_remote(trim_params, 3, PROMPT, 1)["remote_blocks"],
+    }
     p.build_connector_meta(SchedulerOutput.make_empty())
 
     # ---------------- decode instance, fed P's params as the proxy would
@@ -114,11 +131,13 @@ def main() -> None:
 def transfer_groups(out: dict) -> None:
     """vLLM 0.30+: a group vLLM marks enable_kv_transfer=False (its host-resident HiSparse groups) is not
     moved: P hands off, D loads and asks for the transfer groups only, as vLLM's own Mooncake connector."""
+
     def config():
         kcc = kv_cache_config()
         host = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=584, dtype=torch.uint8)
         kcc.kv_cache_groups.insert(1, KVCacheGroupSpec(["layers.0.host"], host, enable_kv_transfer=False))
         return kcc
+
     res: dict = {}
     kcc = config()
     p, _ = connector("kv_producer", "p0", kcc=kcc)
@@ -155,16 +174,26 @@ def decode(out: dict, d, kcc, params: dict) -> None:
     computed, num_computed = dmgr.get_computed_blocks(dreq)[:2]
     n, load_async = d.get_num_new_matched_tokens(dreq, num_computed)
     out["holding_while_waiting"] = d.scheduler_side.holding  # P's hold renewed while D's queue holds it
-    dmgr.allocate_slots(dreq, 0, num_new_computed_tokens=num_computed, new_computed_blocks=computed,
-                        num_external_computed_tokens=n, delay_cache_blocks=load_async)
+    dmgr.allocate_slots(
+        dreq,
+        0,
+        num_new_computed_tokens=num_computed,
+        new_computed_blocks=computed,
+        num_external_computed_tokens=n,
+        delay_cache_blocks=load_async,
+    )
     d.update_state_after_alloc(dreq, dmgr.get_blocks(dreq.request_id), n)
     d.update_state_after_alloc(dreq, dmgr.get_blocks(dreq.request_id), 0)  # the second, post-load call
     meta = d.build_connector_meta(SchedulerOutput.make_empty())
     spec = meta.recv.get("d-req")
-    out["d"] = {"matched": [n, load_async], "num_computed": num_computed,
-                "allocated": [list(g) for g in dmgr.get_block_ids(dreq.request_id)],
-                "recv_keys": sorted(meta.recv), "spec": spec.__dict__ if spec else None,
-                "params_after": dreq.kv_transfer_params}
+    out["d"] = {
+        "matched": [n, load_async],
+        "num_computed": num_computed,
+        "allocated": [list(g) for g in dmgr.get_block_ids(dreq.request_id)],
+        "recv_keys": sorted(meta.recv),
+        "spec": spec.__dict__ if spec else None,
+        "params_after": dreq.kv_transfer_params,
+    }
     out["d_meta_after"] = sorted(d.build_connector_meta(SchedulerOutput.make_empty()).recv)
     out["holding_after_alloc"] = d.scheduler_side.holding
     dreq.status = RequestStatus.FINISHED_STOPPED
@@ -174,15 +203,21 @@ def decode(out: dict, d, kcc, params: dict) -> None:
 
     # P prefilled the first 100 tokens of D's 113 (the P/D proxy sends P all but the last): D loads the 100
     # tokens P holds, reads only the blocks P has (7 of its 8 per group), and computes the rest itself.
-    longer = Request(request_id="d-longer", prompt_token_ids=list(range(1000, 1000 + PROMPT + 13)),
-                     sampling_params=SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": dict(params)}),
-                     pooling_params=None)
+    longer = Request(
+        request_id="d-longer",
+        prompt_token_ids=list(range(1000, 1000 + PROMPT + 13)),
+        sampling_params=SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": dict(params)}),
+        pooling_params=None,
+    )
     n, load_async = d.get_num_new_matched_tokens(longer, 0)
     dmgr.allocate_slots(longer, 0, num_external_computed_tokens=n, delay_cache_blocks=load_async)
     d.update_state_after_alloc(longer, dmgr.get_blocks(longer.request_id), n)
     spec = d.build_connector_meta(SchedulerOutput.make_empty()).recv["d-longer"]
-    out["d_longer"] = {"matched": [n, load_async], "allocated": [list(g) for g in dmgr.get_block_ids("d-longer")],
-                       "local": spec.local_blocks}
+    out["d_longer"] = {
+        "matched": [n, load_async],
+        "allocated": [list(g) for g in dmgr.get_block_ids("d-longer")],
+        "local": spec.local_blocks,
+    }
     longer.status = RequestStatus.FINISHED_STOPPED
     d.request_finished_all_groups(longer, dmgr.get_block_ids("d-longer"))
     dmgr.free(longer)
@@ -227,8 +262,12 @@ def decode(out: dict, d, kcc, params: dict) -> None:
             r.status = RequestStatus.FINISHED_ABORTED
             fin = d.request_finished_all_groups(r, dmgr.get_block_ids(r.request_id))
             dmgr.free(r)
-            out["forged"][name] = {"matched": [n, load_async], "error": spec.error if spec else None,
-                                   "finished": list(fin), "left": len(d.scheduler_side._bad)}
+            out["forged"][name] = {
+                "matched": [n, load_async],
+                "error": spec.error if spec else None,
+                "finished": list(fin),
+                "left": len(d.scheduler_side._bad),
+            }
         except Exception as exc:  # the engine would die here
             out["forged"][name] = {"raised": f"{type(exc).__name__}: {exc}"}
     out["per_request"] = d.scheduler_side.fail_requests
@@ -239,9 +278,9 @@ def decode(out: dict, d, kcc, params: dict) -> None:
     if hasattr(d, "get_loaded_kv_cache_group_ids"):
         out["loaded_groups"] = list(d.get_loaded_kv_cache_group_ids(dreq))
     if hasattr(d, "get_external_cache_hit_sources"):
-        out["hit_sources"] = {str(getattr(k, "value", k)): v
-                              for k, v in d.get_external_cache_hit_sources(dreq, 100).items()}
-
+        out["hit_sources"] = {
+            str(getattr(k, "value", k)): v for k, v in d.get_external_cache_hit_sources(dreq, 100).items()
+        }
 
 
 def checks(out: dict) -> None:
@@ -252,8 +291,10 @@ def checks(out: dict) -> None:
             return None
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
-    out["bad_tp"] = error_of("kv_consumer", "d1", {"prefill": {"dp_size": 1, "tp_size": 1},
-                                                   "decode": {"dp_size": 1, "tp_size": 2}})
+
+    out["bad_tp"] = error_of(
+        "kv_consumer", "d1", {"prefill": {"dp_size": 1, "tp_size": 1}, "decode": {"dp_size": 1, "tp_size": 2}}
+    )
     # The instance's own TP against its side of the config: caught when the connector is made, not at
     # the first finished request (where source_ranks could not pick TP ranks that do not exist).
     out["tp_not_configured"] = error_of("kv_producer", "p1", tp=2)

@@ -36,19 +36,42 @@ MEMORY = 40 * 46080  # vLLM's planner packs these specs into 46,080-byte blocks:
 
 def v4_specs() -> dict:
     """Two V4 layers' cache specs, as DeepseekV4 attention, indexer and compressor build them."""
+
     def swa():
-        return SlidingWindowMLASpec(block_size=64, num_kv_heads=1, head_size=584, dtype=torch.uint8,
-                                    sliding_window=128, alignment=576, model_version="deepseek_v4")
+        return SlidingWindowMLASpec(
+            block_size=64,
+            num_kv_heads=1,
+            head_size=584,
+            dtype=torch.uint8,
+            sliding_window=128,
+            alignment=576,
+            model_version="deepseek_v4",
+        )
 
     def compressed(head: int):
-        return MLAAttentionSpec(block_size=256, num_kv_heads=1, head_size=head, dtype=torch.uint8, tokens_per_state=4,
-                                alignment=576, model_version="deepseek_v4")
+        return MLAAttentionSpec(
+            block_size=256,
+            num_kv_heads=1,
+            head_size=head,
+            dtype=torch.uint8,
+            tokens_per_state=4,
+            alignment=576,
+            model_version="deepseek_v4",
+        )
 
     def state(dim: int):
-        return SlidingWindowMLASpec(block_size=4, num_kv_heads=1, head_size=dim, dtype=torch.float32,
-                                    sliding_window=8, alignment=576)
-    return {"l0.swa": swa(), "l1.swa": swa(), "l1.compressed": compressed(584), "l1.indexer": compressed(132),
-            "l1.state": state(2048), "l1.indexer_state": state(512)}
+        return SlidingWindowMLASpec(
+            block_size=4, num_kv_heads=1, head_size=dim, dtype=torch.float32, sliding_window=8, alignment=576
+        )
+
+    return {
+        "l0.swa": swa(),
+        "l1.swa": swa(),
+        "l1.compressed": compressed(584),
+        "l1.indexer": compressed(132),
+        "l1.state": state(2048),
+        "l1.indexer_state": state(512),
+    }
 
 
 def plan(cfg: VllmConfig):
@@ -69,11 +92,19 @@ def caches(kcc, seed: int | None) -> tuple[dict[str, torch.Tensor], torch.Tensor
 
 def main() -> None:
     role, port = sys.argv[1], int(sys.argv[2])
-    kv = KVTransferConfig(kv_connector="MooncakeConnectorV1",
-                          kv_connector_module_path="ds_plugins.vllm.mooncake.connector",
-                          kv_role=f"kv_{role}", engine_id="p0" if role == "producer" else "d0", kv_port=port,
-                          kv_connector_extra_config={"host": "127.0.0.1", "mooncake_protocol": "tcp",
-                                                     "handshake_timeout_s": 2, "transfer_timeout_s": 5})
+    kv = KVTransferConfig(
+        kv_connector="MooncakeConnectorV1",
+        kv_connector_module_path="ds_plugins.vllm.mooncake.connector",
+        kv_role=f"kv_{role}",
+        engine_id="p0" if role == "producer" else "d0",
+        kv_port=port,
+        kv_connector_extra_config={
+            "host": "127.0.0.1",
+            "mooncake_protocol": "tcp",
+            "handshake_timeout_s": 2,
+            "transfer_timeout_s": 5,
+        },
+    )
     cfg = VllmConfig(kv_transfer_config=kv, device_config=DeviceConfig(device="cpu"))
     cfg.scheduler_config.disable_hybrid_kv_cache_manager = False
     kcc = plan(cfg)
@@ -90,9 +121,14 @@ def main() -> None:
         # block the source does not have. Their local blocks are ones "d-req" leaves untouched.
         spare = sorted(set(range(1, num_blocks)) - {b for g in spec.local_blocks for b in g})
         refused = _failed_spec("remote_port must be an integer in [1, 65535], got 'x'")
-        bad = RecvSpec(**{**spec.__dict__, "local_blocks": [[spare[i]] for i in range(len(layers))],
-                          "remote_blocks": [[num_blocks + 5]] + [[1]] * (len(layers) - 1),
-                          "remote_request_id": "p-bad"})
+        bad = RecvSpec(
+            **{
+                **spec.__dict__,
+                "local_blocks": [[spare[i]] for i in range(len(layers))],
+                "remote_blocks": [[num_blocks + 5]] + [[1]] * (len(layers) - 1),
+                "remote_request_id": "p-bad",
+            }
+        )
         # And a release-only notice (D reads nothing, P is told to free): never reported to vLLM, whose
         # scheduler has no such request waiting (0.32 ends the engine on an unknown finished_recving).
         release = RecvSpec(**{**spec.__dict__, "local_blocks": [[] for _ in layers], "remote_request_id": "p-release"})
@@ -120,8 +156,13 @@ def main() -> None:
         done |= (sending or set()) if role == "producer" else (recving or set())
         errors |= conn.get_block_ids_with_load_errors()
         time.sleep(0.01)
-    result = {"event": "result", "done": sorted(done), "load_errors": sorted(errors), "failed": sorted(failed),
-              "per_request": per_request}
+    result = {
+        "event": "result",
+        "done": sorted(done),
+        "load_errors": sorted(errors),
+        "failed": sorted(failed),
+        "per_request": per_request,
+    }
     result["groups"] = layers
     if role == "consumer":
         ref, _ = caches(kcc, 11)
@@ -133,13 +174,14 @@ def main() -> None:
                         continue
                     filled += 1
                     # As bytes: random bytes read as float32 hold NaNs, which never compare equal.
-                    if not torch.equal(kvs[name][lid].view(torch.uint8),
-                                       ref[name][spec.remote_blocks[g][i]].view(torch.uint8)):
+                    if not torch.equal(
+                        kvs[name][lid].view(torch.uint8), ref[name][spec.remote_blocks[g][i]].view(torch.uint8)
+                    ):
                         bad.append([name, lid])
         # Every byte of a block no read names, the bytes between blocks' pages included.
         stride = kcc.kv_cache_tensors[0].block_stride
         untouched = sorted(set(range(num_blocks)) - {b for g in spec.local_blocks for b in g})
-        dirty = [b for b in untouched if raw[b * stride:(b + 1) * stride].any()]
+        dirty = [b for b in untouched if raw[b * stride : (b + 1) * stride].any()]
         result.update(mismatched=bad, filled=filled, dirty=dirty, block_stride=stride)
     ws = conn.worker_side
     engine = ws.engine

@@ -44,5 +44,5 @@ def moe(x, topk_weights, topk_ids, experts, limit):
             e = int(topk_ids[t, j])
             if e < 0:
                 continue
-            out[t] += float(topk_weights[t, j]) * expert(q[t:t + 1], s[t:t + 1], *experts[e], limit)[0]
+            out[t] += float(topk_weights[t, j]) * expert(q[t : t + 1], s[t : t + 1], *experts[e], limit)[0]
     return out

@@ -42,7 +42,7 @@ def read_raw(file: Path) -> tuple[dict, bytes]:
     """(header dict, data bytes) of a safetensors file."""
     raw = file.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def write_raw(file: Path, header, data: bytes) -> None:
@@ -221,6 +221,7 @@ def _set_first(v):
     def fn(t):
         t.view(-1)[0] = v
         return t
+
     return fn
 
 
@@ -287,8 +288,9 @@ def layer_that_does_not_exist(d):
 def expert_that_does_not_exist(d):
     set_config(d, n_routed_experts=4)
     parts = writer.w4a8_dynamic(torch.randn(32, 64), "gate")
-    add_tensors(d, {f"layers.0.ffn.experts.4.w1.{s}": t for s, t in parts.items() if not s.startswith("_")},
-                "W4A8_DYNAMIC")
+    add_tensors(
+        d, {f"layers.0.ffn.experts.4.w1.{s}": t for s, t in parts.items() if not s.startswith("_")}, "W4A8_DYNAMIC"
+    )
     return DESC, "layers.0.ffn.experts.4.w1", "expert 4 does not exist"
 
 
@@ -359,8 +361,9 @@ def non_ascii_suffix(d):
 
 
 def missing_routed_expert(d):
-    drop_tensors(d, [k for e in (2,) for p in ("w1", "w3", "w2")
-                     for k in module_keys(d, f"layers.0.ffn.experts.{e}.{p}")])
+    drop_tensors(
+        d, [k for e in (2,) for p in ("w1", "w3", "w2") for k in module_keys(d, f"layers.0.ffn.experts.{e}.{p}")]
+    )
     return DESC, "layers.0.ffn.experts.2.w1", "routed expert 2"
 
 
@@ -369,11 +372,39 @@ def missing_expert_part(d):
     return DESC, "layers.0.ffn.experts.1.w3", "has no w3 tensors"
 
 
-CASES = [header_is_a_json_list, entry_without_shape, entry_is_a_number, string_dimension, unknown_dtype,
-         down_input_differs_from_gate_output, one_expert_of_another_shape, fused_inputs_differ,
-         truncated_data, offsets_past_the_end, overlapping_offsets, header_over_safetensors_limit,
-         nan_weight_scale, nan_expert_scale, zero_weight_scale, negative_weight_scale, zero_input_scale,
-         inf_input_scale, nan_deq_scale, nibbles_swapped, int8_labelled_float, float16_in_a_bfloat16_model,
-         layer_that_does_not_exist, expert_that_does_not_exist, layer_without_tensors, experts_fewer_than_config,
-         index_omits_a_key, unknown_global_key, bad_n_mtp_layers, mtp_layer_beyond_n_mtp_layers, weight_packed,
-         non_ascii_suffix, missing_routed_expert, missing_expert_part]
+CASES = [
+    header_is_a_json_list,
+    entry_without_shape,
+    entry_is_a_number,
+    string_dimension,
+    unknown_dtype,
+    down_input_differs_from_gate_output,
+    one_expert_of_another_shape,
+    fused_inputs_differ,
+    truncated_data,
+    offsets_past_the_end,
+    overlapping_offsets,
+    header_over_safetensors_limit,
+    nan_weight_scale,
+    nan_expert_scale,
+    zero_weight_scale,
+    negative_weight_scale,
+    zero_input_scale,
+    inf_input_scale,
+    nan_deq_scale,
+    nibbles_swapped,
+    int8_labelled_float,
+    float16_in_a_bfloat16_model,
+    layer_that_does_not_exist,
+    expert_that_does_not_exist,
+    layer_without_tensors,
+    experts_fewer_than_config,
+    index_omits_a_key,
+    unknown_global_key,
+    bad_n_mtp_layers,
+    mtp_layer_beyond_n_mtp_layers,
+    weight_packed,
+    non_ascii_suffix,
+    missing_routed_expert,
+    missing_expert_part,
+]

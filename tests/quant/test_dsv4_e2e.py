@@ -27,12 +27,32 @@ E, I = 4, 32
 
 def tiny_config() -> DeepseekV4Config:
     cfg = DeepseekV4Config(
-        vocab_size=128, num_hidden_layers=3, layer_types=list(LAYER_TYPES), hidden_size=64, num_attention_heads=4,
-        head_dim=64, partial_rotary_factor=0.25, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16}, index_n_heads=8,
-        index_head_dim=32, index_topk=3, n_routed_experts=E, num_experts_per_tok=2, moe_intermediate_size=I,
-        rope_parameters={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536,
-                         "beta_fast": 32, "beta_slow": 1})
+        vocab_size=128,
+        num_hidden_layers=3,
+        layer_types=list(LAYER_TYPES),
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=64,
+        partial_rotary_factor=0.25,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=16,
+        sliding_window=8,
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+        index_n_heads=8,
+        index_head_dim=32,
+        index_topk=3,
+        n_routed_experts=E,
+        num_experts_per_tok=2,
+        moe_intermediate_size=I,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 16.0,
+            "original_max_position_embeddings": 65536,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+    )
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -88,8 +108,9 @@ def models(tmp_path_factory):
     for layer in range(cfg.num_hidden_layers):
         hf_moe = names.dsv4_to_transformers(f"layers.{layer}.ffn.experts.0.w1.weight").rsplit(".", 3)[0]
         parent, attr = hf_moe.rsplit(".", 1)
-        setattr(quant.get_submodule(parent), attr,
-                QuantExperts(ckpt, f"layers.{layer}.ffn.experts", E, cfg.swiglu_limit))
+        setattr(
+            quant.get_submodule(parent), attr, QuantExperts(ckpt, f"layers.{layer}.ffn.experts", E, cfg.swiglu_limit)
+        )
     for native, scheme in plan.items():
         if ".ffn.experts." in native:
             continue
@@ -113,8 +134,10 @@ def test_every_native_module_maps_to_a_transformers_module(models):
             continue
         hf = names.dsv4_to_transformers(module + ".weight").rsplit(".", 1)[0]
         assert isinstance(model.get_submodule(hf), torch.nn.Linear), (module, hf)
-    assert names.dsv4_to_transformers("layers.1.attn.indexer.wq_b.weight") == \
-        "model.layers.1.self_attn.compressor.indexer.q_b_proj.weight"
+    assert (
+        names.dsv4_to_transformers("layers.1.attn.indexer.wq_b.weight")
+        == "model.layers.1.self_attn.compressor.indexer.q_b_proj.weight"
+    )
 
 
 def test_quantized_dsv4_logits_match_float(models):

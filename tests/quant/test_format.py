@@ -37,6 +37,7 @@ class _Reads:
 
     def __init__(self, monkeypatch):
         import safetensors
+
         self.log: list[tuple[str, tuple]] = []
         real = safetensors.safe_open
         reads = self
@@ -67,12 +68,18 @@ class _Reads:
     def assert_small(self):
         """Only scales (and offsets) whole, and W4A8 weights as a few packed rows: never a whole weight."""
         from ds_plugins.quant.ascend import values
+
         for key, shape in self.log:
             if key.endswith(".weight"):
                 assert shape[0] <= values.SAMPLE_ROWS, (key, shape)
             else:
-                assert key.rpartition(".")[2] in ("weight_scale", "input_scale", "input_offset", "deq_scale",
-                                                  "scale_bias"), key
+                assert key.rpartition(".")[2] in (
+                    "weight_scale",
+                    "input_scale",
+                    "input_offset",
+                    "deq_scale",
+                    "scale_bias",
+                ), key
 
 
 def _refuse_tensor_reads(monkeypatch):
@@ -111,6 +118,7 @@ def _set_desc(d, data):
 def _rewrite_tensor(d, key, tensor):
     """Replace one tensor in whichever shard holds it."""
     from safetensors import safe_open
+
     for f in d.glob("*.safetensors"):
         with safe_open(str(f), "pt") as h:
             keys = list(h.keys())
@@ -125,6 +133,7 @@ def _rewrite_tensor(d, key, tensor):
 
 def _drop_tensor(d, key):
     from safetensors import safe_open
+
     for f in d.glob("*.safetensors"):
         with safe_open(str(f), "pt") as h:
             keys = list(h.keys())
@@ -169,8 +178,9 @@ def _mixed_fused(d):
     for k in list(data):
         if k.startswith("layers.0.attn.wkv."):
             data[k] = "FLOAT"
-    data = {k: v for k, v in data.items()
-            if k in ("layers.0.attn.wkv.weight",) or not k.startswith("layers.0.attn.wkv.")}
+    data = {
+        k: v for k, v in data.items() if k in ("layers.0.attn.wkv.weight",) or not k.startswith("layers.0.attn.wkv.")
+    }
     _set_desc(d, data)
     return DESC, "weight", "mixed quant types inside one fused module"
 
@@ -301,10 +311,30 @@ def _not_safetensors(d):
     return "broken.safetensors", None, "not a safetensors file"
 
 
-CASES = [_listed_absent, _present_unlisted, _missing_required, _mixed_fused, _mixed_experts, _type_mismatch_in_module,
-         _unknown_type, _known_unsupported_type, _wrong_weight_dtype, _wrong_scale_shape, _wrong_packed_shape,
-         _deq_scale_dtype, _per_group_w4a8, _per_group_tensor, _w4a8_linear, _kv_cache_quant, _malformed_json,
-         _json_not_object, _non_string_type, _missing_json, _index_disagrees, _not_safetensors]
+CASES = [
+    _listed_absent,
+    _present_unlisted,
+    _missing_required,
+    _mixed_fused,
+    _mixed_experts,
+    _type_mismatch_in_module,
+    _unknown_type,
+    _known_unsupported_type,
+    _wrong_weight_dtype,
+    _wrong_scale_shape,
+    _wrong_packed_shape,
+    _deq_scale_dtype,
+    _per_group_w4a8,
+    _per_group_tensor,
+    _w4a8_linear,
+    _kv_cache_quant,
+    _malformed_json,
+    _json_not_object,
+    _non_string_type,
+    _missing_json,
+    _index_disagrees,
+    _not_safetensors,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
@@ -324,8 +354,16 @@ def test_bad_input_is_a_clear_error_before_any_weight(case, ckpt, monkeypatch):
 
 
 def test_description_globals_are_read():
-    d = description.from_dict({"version": "1.0.0", "model_quant_type": "W8A8_DYNAMIC", "group_size": 0,
-                               "metadata": {"quarot": True}, "a.weight": "W8A8_DYNAMIC", "embed.weight": "FLOAT"})
+    d = description.from_dict(
+        {
+            "version": "1.0.0",
+            "model_quant_type": "W8A8_DYNAMIC",
+            "group_size": 0,
+            "metadata": {"quarot": True},
+            "a.weight": "W8A8_DYNAMIC",
+            "embed.weight": "FLOAT",
+        }
+    )
     assert d.model_quant_type == "W8A8_DYNAMIC" and d.extras["metadata"] == {"quarot": True}
     assert d.type_of("a.weight") == "W8A8_DYNAMIC" and d.type_of("nope") is None
     assert not d.is_deepseek_native

@@ -32,8 +32,16 @@ from .fixtures import layer_checkpoint
 
 SEED = 20261202
 N_TRUNCATE, N_HEADER_FLIPS, N_DESC_FLIPS, N_DTYPE, N_SHAPE = 60, 240, 80, 100, 100
-FILE_LEVEL = ("not a safetensors file", "unreadable safetensors header", "truncated", "not valid JSON",
-              "expected a JSON object", "bad safetensors header", "bytes after the last tensor", "lists no tensors")
+FILE_LEVEL = (
+    "not a safetensors file",
+    "unreadable safetensors header",
+    "truncated",
+    "not valid JSON",
+    "expected a JSON object",
+    "bad safetensors header",
+    "bytes after the last tensor",
+    "lists no tensors",
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +68,9 @@ def _load_and_compare(d: Path, ref: dict, floats: dict) -> None:
     x = ref["x"]
     fused = torch.cat([QuantLinear(c, m)(x.float()) for m in ("layers.0.attn.wq_a", "layers.0.attn.wkv")], 1)
     wo_a = QuantLinear(c, "layers.0.attn.wo_a")(x.float())
-    moe = QuantExperts(c, "layers.0.ffn.experts", ref["E"], swiglu_limit=10.0)(x.float(), ref["topk_ids"],
-                                                                              ref["topk_weights"])
+    moe = QuantExperts(c, "layers.0.ffn.experts", ref["E"], swiglu_limit=10.0)(
+        x.float(), ref["topk_ids"], ref["topk_weights"]
+    )
     for got, want in ((fused, ref["fused_wqa_wkv"]), (wo_a, ref["wo_a"]), (moe, ref["moe"])):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-3, atol=1e-4)
@@ -109,10 +118,14 @@ def _truncations(rng):
         def damage(d):
             f = _shards(d)[file_index]
             raw = f.read_bytes()
-            f.write_bytes(raw[:int(length * len(raw))])
+            f.write_bytes(raw[: int(length * len(raw))])
+
         return damage
-    return [(f"truncate shard {i} to {x:.3f}", cut(i, x))
-            for i, x in ((rng.randrange(2), rng.random()) for _ in range(N_TRUNCATE))]
+
+    return [
+        (f"truncate shard {i} to {x:.3f}", cut(i, x))
+        for i, x in ((rng.randrange(2), rng.random()) for _ in range(N_TRUNCATE))
+    ]
 
 
 def _header_flips(rng):
@@ -124,7 +137,9 @@ def _header_flips(rng):
             for pos, mask in picks:
                 raw[int(pos * (8 + n))] ^= mask
             f.write_bytes(bytes(raw))
+
         return damage
+
     cases = []
     for _ in range(N_HEADER_FLIPS):
         picks = [(rng.random(), rng.randrange(1, 256)) for _ in range(rng.randrange(1, 4))]
@@ -139,9 +154,13 @@ def _desc_flips(rng):
             raw = bytearray(f.read_bytes())
             raw[int(pos * len(raw))] ^= mask
             f.write_bytes(bytes(raw))
+
         return damage
-    return [(f"flip description byte {p:.4f}^{m}", flip(p, m))
-            for p, m in ((rng.random(), rng.randrange(1, 256)) for _ in range(N_DESC_FLIPS))]
+
+    return [
+        (f"flip description byte {p:.4f}^{m}", flip(p, m))
+        for p, m in ((rng.random(), rng.randrange(1, 256)) for _ in range(N_DESC_FLIPS))
+    ]
 
 
 def _entries(d: Path):
@@ -163,9 +182,13 @@ def _dtype_swaps(rng, pristine_dir):
             header, data = malformed.read_raw(f)
             header[key]["dtype"] = tag
             malformed.write_raw(f, header, data)
+
         return damage
-    return [(f"dtype of {entries[i][1]} -> {t}", swap(i, t))
-            for i, t in ((rng.randrange(len(entries)), rng.choice(tags)) for _ in range(N_DTYPE))]
+
+    return [
+        (f"dtype of {entries[i][1]} -> {t}", swap(i, t))
+        for i, t in ((rng.randrange(len(entries)), rng.choice(tags)) for _ in range(N_DTYPE))
+    ]
 
 
 def _shape_swaps(rng, pristine_dir):
@@ -181,14 +204,19 @@ def _shape_swaps(rng, pristine_dir):
             n = 1
             for s in shape:
                 n *= s
-            options = [list(reversed(shape)), [n], [n, 1], [1, n]] + ([[shape[0] // 2, shape[1] * 2]]
-                                                                       if len(shape) == 2 and shape[0] % 2 == 0 else [])
+            options = [list(reversed(shape)), [n], [n, 1], [1, n]] + (
+                [[shape[0] // 2, shape[1] * 2]] if len(shape) == 2 and shape[0] % 2 == 0 else []
+            )
             options = [o for o in options if o != shape] or [[n, 1]]
             header[key]["shape"] = options[int(choice * len(options))]
             malformed.write_raw(f, header, data)
+
         return damage
-    return [(f"shape of {entries[i][1]} #{c:.2f}", reshape(i, c))
-            for i, c in ((rng.randrange(len(entries)), rng.random()) for _ in range(N_SHAPE))]
+
+    return [
+        (f"shape of {entries[i][1]} #{c:.2f}", reshape(i, c))
+        for i, c in ((rng.randrange(len(entries)), rng.random()) for _ in range(N_SHAPE))
+    ]
 
 
 def test_fuzz_truncation_and_header_flips(work, pristine):

@@ -75,8 +75,9 @@ def test_scale_bias_is_checked_on_a_bounded_sample(ckpt, monkeypatch):
     reads.assert_small()
     weight_reads = [(k, s) for k, s in reads.log if k.endswith(".weight")]
     w4 = [m for m, s in c.modules.items() if s.scheme == "W4A8_DYNAMIC"]
-    assert len(weight_reads) == min(len(w4), values.SAMPLE_MODULES) and all(s[0] == values.SAMPLE_ROWS
-                                                                             for _, s in weight_reads)
+    assert len(weight_reads) == min(len(w4), values.SAMPLE_MODULES) and all(
+        s[0] == values.SAMPLE_ROWS for _, s in weight_reads
+    )
 
 
 def test_missing_expert_in_layer_names_that_expert(pristine):

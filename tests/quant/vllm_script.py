@@ -90,7 +90,10 @@ print("OK config", flush=True)
 from vllm.distributed import init_distributed_environment, initialize_model_parallel  # noqa: E402
 from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory, fused_moe_make_expert_params_mapping  # noqa: E402
 from vllm.model_executor.layers.linear import (  # noqa: E402
-    MergedColumnParallelLinear, RowParallelLinear, UnquantizedLinearMethod)
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
 from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM  # noqa: E402
 
 from ds_plugins.vllm.ascend import methods  # noqa: E402
@@ -107,13 +110,21 @@ ckpt = quant_config.checkpoint
 H, Q, D, I, E = ref["H"], ref["Q"], ref["D"], ref["I"], ref["E"]
 
 with set_current_vllm_config(VllmConfig()):
-    init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                 distributed_init_method=f"tcp://127.0.0.1:{ref['port']}", backend="gloo")
+    init_distributed_environment(
+        world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{ref['port']}", backend="gloo"
+    )
     initialize_model_parallel(1, 1)
 
     # attn.wq_a + attn.wkv -> vLLM's fused_wqa_wkv (W8A8_DYNAMIC), loaded shard by shard.
-    fused = MergedColumnParallelLinear(H, [Q, D], bias=False, quant_config=quant_config, params_dtype=torch.bfloat16,
-                                       prefix="model.layers.0.attn.fused_wqa_wkv", disable_tp=True)
+    fused = MergedColumnParallelLinear(
+        H,
+        [Q, D],
+        bias=False,
+        quant_config=quant_config,
+        params_dtype=torch.bfloat16,
+        prefix="model.layers.0.attn.fused_wqa_wkv",
+        disable_tp=True,
+    )
     assert isinstance(fused.quant_method, methods.W8A8DynamicLinearMethod), type(fused.quant_method)
     params = dict(fused.named_parameters())
     for shard, src in enumerate(("layers.0.attn.wq_a", "layers.0.attn.wkv")):
@@ -125,20 +136,23 @@ with set_current_vllm_config(VllmConfig()):
     y = fused(x)
     y = y[0] if isinstance(y, tuple) else y
     want = ref["fused_wqa_wkv"]
-    assert (y.dtype == torch.bfloat16
-            and torch.allclose(y.float(), want, rtol=1e-2, atol=1e-3)), (y.float() - want).abs().max()
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), want, rtol=1e-2, atol=1e-3), (
+        (y.float() - want).abs().max()
+    )
     assert fused.weight.dtype == torch.int8 and not hasattr(fused, "weight_offset")
     print("OK linear_w8a8_dynamic", flush=True)
 
     # wo_b is FLOAT in the DeepSeek-V4 recipes: vLLM's own unquantized method.
-    wo_b = RowParallelLinear(Q, H, bias=False, quant_config=quant_config, params_dtype=torch.bfloat16,
-                             prefix="model.layers.0.attn.wo_b")
+    wo_b = RowParallelLinear(
+        Q, H, bias=False, quant_config=quant_config, params_dtype=torch.bfloat16, prefix="model.layers.0.attn.wo_b"
+    )
     assert isinstance(wo_b.quant_method, UnquantizedLinearMethod), type(wo_b.quant_method)
     print("OK linear_float", flush=True)
 
     # W8A8 static, int64 deq_scale, on a row-parallel layer (checkpoint module `layers.0.attn.wo_a`).
-    static = RowParallelLinear(H, D, bias=False, quant_config=quant_config, params_dtype=torch.bfloat16,
-                               prefix="model.layers.0.attn.wo_a")
+    static = RowParallelLinear(
+        H, D, bias=False, quant_config=quant_config, params_dtype=torch.bfloat16, prefix="model.layers.0.attn.wo_a"
+    )
     assert isinstance(static.quant_method, methods.W8A8StaticLinearMethod), type(static.quant_method)
     params = dict(static.named_parameters())
     assert params["deq_scale"].dtype == torch.int64  # created in the checkpoint's dtype
@@ -152,13 +166,22 @@ with set_current_vllm_config(VllmConfig()):
     print("OK linear_w8a8_static", flush=True)
 
     # Routed experts, W4A8_DYNAMIC, through vLLM's FusedMoE factory and its expert weight loader.
-    moe = FusedMoEFactory(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, quant_config=quant_config,
-                          params_dtype=torch.bfloat16, prefix="model.layers.0.ffn.experts", swiglu_limit=10.0)
+    moe = FusedMoEFactory(
+        num_experts=E,
+        top_k=2,
+        hidden_size=H,
+        intermediate_size=I,
+        quant_config=quant_config,
+        params_dtype=torch.bfloat16,
+        prefix="model.layers.0.ffn.experts",
+        swiglu_limit=10.0,
+    )
     routed = getattr(moe, "routed_experts", moe)
     assert isinstance(routed.quant_method, methods.AscendMoEMethod) and routed.quant_method.packed
     params = dict(routed.named_parameters())
-    mapping = fused_moe_make_expert_params_mapping(routed, ckpt_gate_proj_name="w1", ckpt_down_proj_name="w2",
-                                                   ckpt_up_proj_name="w3", num_experts=E)
+    mapping = fused_moe_make_expert_params_mapping(
+        routed, ckpt_gate_proj_name="w1", ckpt_down_proj_name="w2", ckpt_up_proj_name="w3", num_experts=E
+    )
     loaded = 0
     for key in ckpt.tensors:
         if ".ffn.experts." not in key:
@@ -169,8 +192,9 @@ with set_current_vllm_config(VllmConfig()):
                 continue
             mapped = name.replace(weight_name, param_name)
             p = params[mapped.rsplit(".", 1)[1]]
-            assert p.weight_loader(p, ckpt.read(key), mapped, shard_id=shard_id, expert_id=expert_id,
-                                   return_success=True)
+            assert p.weight_loader(
+                p, ckpt.read(key), mapped, shard_id=shard_id, expert_id=expert_id, return_success=True
+            )
             loaded += 1
             break
     assert loaded == E * 3 * 4, loaded

@@ -38,9 +38,13 @@ def w4a8_dynamic(w: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
     q = torch.round(w / s).clamp(-8, 7).to(torch.int8)
     chunks = 16 if kind == "down" else 1
     qs = q.double().reshape(q.shape[0], chunks, -1).sum(-1)
-    return {"weight": torch.from_numpy(pack_int4_np(q.numpy())), "weight_scale": s,
-            "weight_offset": torch.zeros_like(s), "scale_bias": (8.0 * s.double() * qs).float(),
-            "_int": q}
+    return {
+        "weight": torch.from_numpy(pack_int4_np(q.numpy())),
+        "weight_scale": s,
+        "weight_offset": torch.zeros_like(s),
+        "scale_bias": (8.0 * s.double() * qs).float(),
+        "_int": q,
+    }
 
 
 def w8a8_static(w: torch.Tensor, bias: torch.Tensor | None, calib: torch.Tensor, deq_int64: bool) -> dict:
@@ -56,14 +60,25 @@ def w8a8_static(w: torch.Tensor, bias: torch.Tensor | None, calib: torch.Tensor,
         deq_t = torch.from_numpy(deq.numpy().view(np.uint32).astype(np.int64))
     else:
         deq_t = deq
-    out = {"weight": q["weight"], "input_scale": torch.tensor([in_scale], dtype=torch.float32),
-           "input_offset": torch.tensor([in_offset], dtype=torch.float32), "deq_scale": deq_t, "quant_bias": qb,
-           "weight_scale": q["weight_scale"], "weight_offset": q["weight_offset"]}
+    out = {
+        "weight": q["weight"],
+        "input_scale": torch.tensor([in_scale], dtype=torch.float32),
+        "input_offset": torch.tensor([in_offset], dtype=torch.float32),
+        "deq_scale": deq_t,
+        "quant_bias": qb,
+        "weight_scale": q["weight_scale"],
+        "weight_offset": q["weight_offset"],
+    }
     return out
 
 
-def write(directory: Path, modules: dict[str, tuple[str, dict]], floats: dict[str, torch.Tensor] | None = None,
-          extras: dict | None = None, shards: int = 2) -> Path:
+def write(
+    directory: Path,
+    modules: dict[str, tuple[str, dict]],
+    floats: dict[str, torch.Tensor] | None = None,
+    extras: dict | None = None,
+    shards: int = 2,
+) -> Path:
     """modules: checkpoint module -> (scheme, tensors by suffix); floats: FLOAT tensors by key."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -78,8 +93,13 @@ def write(directory: Path, modules: dict[str, tuple[str, dict]], floats: dict[st
     for key, t in (floats or {}).items():
         tensors[key] = t.contiguous()
         types[key] = "FLOAT"
-    desc = {"version": "1.0.0", "model_quant_type": max(set(types.values()) - {"FLOAT"} or {"FLOAT"}),
-            "group_size": 0, **(extras or {}), **types}
+    desc = {
+        "version": "1.0.0",
+        "model_quant_type": max(set(types.values()) - {"FLOAT"} or {"FLOAT"}),
+        "group_size": 0,
+        **(extras or {}),
+        **types,
+    }
     (directory / "quant_model_description.json").write_text(json.dumps(desc, indent=1))
     keys = sorted(tensors)
     parts = [keys[i::shards] for i in range(shards)]

@@ -66,11 +66,13 @@ def hub(tmp_path, monkeypatch):
 
 def _config():
     from ds_plugins.vllm.ascend.config import AscendQuantConfig
+
     return AscendQuantConfig()
 
 
 def test_remote_id_fetches_only_json_while_the_config_is_built(hub, monkeypatch):
     from vllm.model_executor.model_loader import weight_utils
+
     cfg = _config()
     cfg.maybe_update_config(REPO, hf_config=None, revision=None)  # the weights are not in the cache yet
     assert hub.asked and all(name.endswith(".json") for name in hub.asked), hub.asked
@@ -88,6 +90,7 @@ def test_remote_id_fetches_only_json_while_the_config_is_built(hub, monkeypatch)
     import vllm.platforms as platforms
     from vllm.config import LoadConfig, VllmConfig, set_current_vllm_config
     from vllm.platforms.cpu import CpuPlatform
+
     monkeypatch.setattr(platforms, "_current_platform", CpuPlatform())  # the CUDA wheel finds no GPU here
     with set_current_vllm_config(VllmConfig(load_config=LoadConfig(download_dir=str(hub.cache / "dl")))):
         assert cfg.scheme_for("layers.0.attn.wq_a") == "W8A8_DYNAMIC"  # model construction asks, in this context
@@ -112,8 +115,11 @@ def test_the_index_is_checked_against_the_description_from_the_json_alone(hub):
     key = "layers.0.attn.wkv.weight_scale"
     del data["weight_map"][key]
     index.write_text(json.dumps(data))
-    with pytest.raises(AscendFormatError, match=r"listed in the description but not in the safetensors index "
-                                                r"\(quant_model_weights.safetensors.index.json\)") as info:
+    with pytest.raises(
+        AscendFormatError,
+        match=r"listed in the description but not in the safetensors index "
+        r"\(quant_model_weights.safetensors.index.json\)",
+    ) as info:
         _config().maybe_update_config(REPO)
     assert info.value.key == key and info.value.file.endswith("quant_model_description.json")
     data["weight_map"][key] = data["weight_map"]["layers.0.attn.wq_a.weight"]
@@ -134,8 +140,11 @@ def test_layers_beyond_config_json_are_refused_from_the_json_alone(hub):
 
 def test_a_repo_without_the_description_is_one_clear_line(hub):
     (hub.snap / "quant_model_description.json").unlink()
-    with pytest.raises(ValueError, match=r"could not fetch quant_model_description.json of 'org/tiny-w8a8' from "
-                                         r"the Hugging Face Hub \(LocalEntryNotFoundError"):
+    with pytest.raises(
+        ValueError,
+        match=r"could not fetch quant_model_description.json of 'org/tiny-w8a8' from "
+        r"the Hugging Face Hub \(LocalEntryNotFoundError",
+    ):
         _config().maybe_update_config(REPO)
 
 
@@ -147,12 +156,17 @@ MODELSCOPE = ("modelscope==1.40.2", "modelscope-hub==0.5.1")
 @pytest.fixture(scope="session")
 def modelscope_site():
     from ci.upstream import cache_dir
+
     target = cache_dir() / "overlays" / "-".join(p.replace("==", "-") for p in MODELSCOPE)
     if not (target / ".complete").exists():
         if target.exists():
             shutil.rmtree(target)
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-                               str(target), *MODELSCOPE], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), *MODELSCOPE],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if proc.returncode:
             msg = f"could not install {' '.join(MODELSCOPE)}: {proc.stderr[-2000:]}"
             if os.environ.get("DSP_REQUIRE_ENGINES") == "1":
@@ -167,6 +181,7 @@ def test_modelscope_when_vllm_is_told_to_use_it(hub, modelscope_site, tmp_path, 
     (`<cache>/models/<owner>--<name>/snapshots/<revision>/`): the JSON files one by one while the config is
     built, the weights through vLLM's own maybe_download_from_modelscope when the model is built."""
     from vllm import envs
+
     monkeypatch.setenv("VLLM_USE_MODELSCOPE", "1")
     assert envs.VLLM_USE_MODELSCOPE  # vLLM's own reading of the switch
     cache = tmp_path / "modelscope"
@@ -177,6 +192,7 @@ def test_modelscope_when_vllm_is_told_to_use_it(hub, modelscope_site, tmp_path, 
     monkeypatch.setenv("MODELSCOPE_CACHE", str(cache))
     monkeypatch.syspath_prepend(str(modelscope_site))
     import modelscope.hub.file_download as msfd
+
     asked = []
     real = msfd.model_file_download
 
@@ -196,6 +212,7 @@ def test_modelscope_when_vllm_is_told_to_use_it(hub, modelscope_site, tmp_path, 
     import vllm.platforms as platforms
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.platforms.cpu import CpuPlatform
+
     monkeypatch.setattr(platforms, "_current_platform", CpuPlatform())
     with set_current_vllm_config(VllmConfig()):
         assert cfg.scheme_for("layers.0.attn.wq_a") == "W8A8_DYNAMIC"
@@ -206,8 +223,11 @@ def test_modelscope_when_vllm_is_told_to_use_it(hub, modelscope_site, tmp_path, 
 def test_modelscope_missing_is_one_clear_line(hub, monkeypatch):
     monkeypatch.setenv("VLLM_USE_MODELSCOPE", "1")
     monkeypatch.setitem(sys.modules, "modelscope.hub.file_download", None)  # import fails as if not installed
-    with pytest.raises(ValueError, match=r"VLLM_USE_MODELSCOPE is set.*modelscope package is not installed "
-                                         r"\(pip install modelscope\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"VLLM_USE_MODELSCOPE is set.*modelscope package is not installed "
+        r"\(pip install modelscope\)",
+    ):
         _config().maybe_update_config(REPO)
     assert hub.asked == []
 

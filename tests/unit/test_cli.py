@@ -17,14 +17,33 @@ def run(capsys, *argv, env=None, monkeypatch=None):
 
 
 def test_simulate_the_issue_example(capsys):
-    code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "vllm==0.22.1", "--capability", "12.0",
-                       "--lib", "deep_gemm=no-sm12x")
+    code, out, _ = run(
+        capsys,
+        "doctor",
+        "--simulate",
+        "--engine",
+        "vllm==0.22.1",
+        "--capability",
+        "12.0",
+        "--lib",
+        "deep_gemm=no-sm12x",
+    )
     assert code == 0
     assert "(simulated environment)" in out
-    lines = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ") and
-             line.split() and line.split()[0] in ("deepgemm", "sparse_mla", "indexer", "dsv4_model", "cudagraph")}
-    assert lines == {"deepgemm": "upstream", "sparse_mla": "triton", "indexer": "triton",
-                     "dsv4_model": "ds_plugins", "cudagraph": "on"}
+    lines = {
+        line.split()[0]: line.split()[1]
+        for line in out.splitlines()
+        if line.startswith("  ")
+        and line.split()
+        and line.split()[0] in ("deepgemm", "sparse_mla", "indexer", "dsv4_model", "cudagraph")
+    }
+    assert lines == {
+        "deepgemm": "upstream",
+        "sparse_mla": "triton",
+        "indexer": "triton",
+        "dsv4_model": "ds_plugins",
+        "cudagraph": "on",
+    }
     assert "vLLM 0.22.1 has no SM12x sparse-MLA path" in out
     assert "not in this build yet" not in out  # every decision there is served by this build
     assert "vllm.route.decode  vllm.models.deepseek_v4.nvidia.flashmla.flash_mla_with_kvcache" in out
@@ -40,15 +59,35 @@ def test_doctor_says_what_this_build_does_not_implement(capsys, monkeypatch):
 
 
 def test_simulate_json_has_every_decision_with_a_reason(capsys):
-    code, out, _ = run(capsys, "doctor", "--json", "--simulate", "--engine", "vllm==0.30.0", "--engine",
-                       "sglang==0.5.13", "--capability", "12.1", "--lib", "deep_gemm=no-sm12x")
+    code, out, _ = run(
+        capsys,
+        "doctor",
+        "--json",
+        "--simulate",
+        "--engine",
+        "vllm==0.30.0",
+        "--engine",
+        "sglang==0.5.13",
+        "--capability",
+        "12.1",
+        "--lib",
+        "deep_gemm=no-sm12x",
+    )
     report = json.loads(out)
     assert code == 0 and report["exit_code"] == 0 and report["simulated"]
     for engine in ("vllm", "sglang"):
         decisions = report["engines"][engine]["decisions"]
-        assert [d["id"] for d in decisions] == ["deepgemm", "sparse_mla", "indexer", "cudagraph", "dsv4_model",
-                                                "kv_cache_dtype", "custom_all_reduce", "ascend_quant",
-                                                "mooncake_connector"]
+        assert [d["id"] for d in decisions] == [
+            "deepgemm",
+            "sparse_mla",
+            "indexer",
+            "cudagraph",
+            "dsv4_model",
+            "kv_cache_dtype",
+            "custom_all_reduce",
+            "ascend_quant",
+            "mooncake_connector",
+        ]
         assert all(d["reason"] for d in decisions)
     assert {d["id"]: d["value"] for d in report["engines"]["sglang"]["decisions"]}["deepgemm"] == "off"
 
@@ -94,8 +133,9 @@ def test_bad_simulation_flags_are_usage_errors_naming_the_flag(capsys):
     assert json.loads(out) == {"error": err.strip(), "exit_code": 64}  # --json always prints JSON
 
 
-@pytest.mark.parametrize("argv", [["doctor", "--capability", "12.0"], ["doctor", "--no-such-flag"], ["frobnicate"],
-                                  ["selftest", "--fast"]])
+@pytest.mark.parametrize(
+    "argv", [["doctor", "--capability", "12.0"], ["doctor", "--no-such-flag"], ["frobnicate"], ["selftest", "--fast"]]
+)
 def test_usage_errors_exit_64_not_2_which_means_unsupported(capsys, argv):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
@@ -119,6 +159,7 @@ def test_bad_disable_value_is_a_config_error_in_doctor_and_in_the_engine(capsys,
     import logging
 
     from ds_plugins import registration
+
     monkeypatch.setenv("DS_PLUGINS_DISABLE", value)
     code, out, _ = run(capsys, "doctor", "--simulate", "--engine", "vllm==0.30.0")
     assert code == 1 and f"DS_PLUGINS_DISABLE={value!r}" in out
@@ -128,15 +169,19 @@ def test_bad_disable_value_is_a_config_error_in_doctor_and_in_the_engine(capsys,
 
 
 def test_doctor_into_a_closed_pipe_is_quiet():
-    code = ("import sys; from ds_plugins import cli; "
-            "sys.exit(cli.main(['doctor', '--simulate', '--engine', 'vllm==0.30.0']))")
-    proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True, capture_output=True, text=True)
-    assert (proc.stdout.startswith("ds-plugins") and "BrokenPipeError" not in proc.stderr
-            and "Traceback" not in proc.stderr)
+    code = (
+        "import sys; from ds_plugins import cli; "
+        "sys.exit(cli.main(['doctor', '--simulate', '--engine', 'vllm==0.30.0']))"
+    )
+    proc = subprocess.run(f'{sys.executable} -c "{code}" | head -1', shell=True, capture_output=True, text=True)
+    assert (
+        proc.stdout.startswith("ds-plugins") and "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr
+    )
 
 
 def test_selftest_without_its_prerequisites_says_what_to_install(capsys, monkeypatch):
     from ds_plugins.kernels import selftest
+
     monkeypatch.setattr(selftest, "missing_prerequisites", lambda: ["torch", "triton"])
     code, out, err = run(capsys, "selftest")
     assert code == 2 and "cannot run here: needs torch, triton (pip install torch triton" in err and not out
@@ -146,6 +191,7 @@ def test_selftest_without_its_prerequisites_says_what_to_install(capsys, monkeyp
 
 def test_selftest_prerequisites_are_found_without_importing(monkeypatch):
     from ds_plugins.kernels import selftest
+
     assert selftest.missing_prerequisites(lambda name: None if name == "numpy" else object()) == ["numpy"]
 
 

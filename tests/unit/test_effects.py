@@ -40,7 +40,10 @@ def test_reports_agree_with_the_table_on_every_policy_row(engine, version, devic
     acting = [f"{d.id}={d.value}" for d in plan.decisions if d.active]
     assert sorted(acc.changes + acc.offers + acc.missing) == sorted(acting)
     assert (report["changes"], report["offers"], report["not_in_this_build"]) == (
-        list(acc.changes), list(acc.offers), list(acc.missing))
+        list(acc.changes),
+        list(acc.offers),
+        list(acc.missing),
+    )
     line = _startup_line(plan)
     verdict = doctor.build(probe, env={})["verdict"]
     clause = effects.sentence("vLLM" if engine == "vllm" else "SGLang", acc)
@@ -54,8 +57,9 @@ def test_reports_agree_with_the_table_on_every_policy_row(engine, version, devic
 
 
 def _sim(engine, version, devices, libs=(), env=None):
-    probe = Probe("3.11", {engine: version}, None, None, tuple(devices), "",
-                  {lib.name: lib for lib in libs}, simulated=True)
+    probe = Probe(
+        "3.11", {engine: version}, None, None, tuple(devices), "", {lib.name: lib for lib in libs}, simulated=True
+    )
     return probe, decide(probe, engine, env=env or {})
 
 
@@ -101,7 +105,8 @@ def test_startup_line_in_a_live_registration_uses_the_same_account(fresh_state, 
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("DS_PLUGINS_SIMULATE", "--engine vllm==0.30.0 --capability 9.0")
     log = logging.getLogger("test.effects")
-    registration.register("vllm", "test", lambda: doctor.declared_patches("vllm"), log,
-                          carriers=lambda: doctor.adapter_carriers("vllm"))
+    registration.register(
+        "vllm", "test", lambda: doctor.declared_patches("vllm"), log, carriers=lambda: doctor.adapter_carriers("vllm")
+    )
     [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == log.name]
     assert "nothing to do here on vLLM" in line and "offers ascend_quant=ds_plugins (opt-in)" in line

@@ -5,11 +5,14 @@ from tests.internals import hook_pending
 
 
 def test_before_and_after_run_around_the_module_body(module_factory):
-    name = module_factory("dsp_hook_target_a", """
+    name = module_factory(
+        "dsp_hook_target_a",
+        """
         import sys
         seen_flag = getattr(sys, "_dsp_flag", None)
         value = 41
-    """)
+    """,
+    )
     order = []
 
     def before(module):
@@ -23,6 +26,7 @@ def test_before_and_after_run_around_the_module_body(module_factory):
     assert importhook.when_imported(name, after)
     assert hook_pending(name)
     import dsp_hook_target_a
+
     assert order == [("before", False), ("after", 41)]
     assert dsp_hook_target_a.seen_flag == "set before"  # the before-hook ran ahead of the body
     assert not hook_pending(name)
@@ -50,6 +54,7 @@ def test_failing_callback_does_not_break_the_import(module_factory, caplog):
 
     importhook.when_imported(name, broken)
     import dsp_hook_target_c
+
     assert dsp_hook_target_c.y == 2
     assert "import hook" in caplog.text and "boom" in caplog.text
 
@@ -60,6 +65,7 @@ def test_submodule_and_package_targets(module_factory):
     importhook.when_imported("dsp_hook_pkg", lambda m: got.append(m.__name__))
     importhook.when_imported(name, lambda m: got.append(m.z))
     import dsp_hook_pkg.inner  # noqa: F401
+
     assert got == ["dsp_hook_pkg", 3]
 
 

@@ -55,11 +55,21 @@ def test_upstream_references_are_owner_repo_number(patch):
 
 
 def _patch(**changes) -> Patch:
-    fields = dict(id="vllm.example", engine="vllm", module="vllm.platforms.cuda",
-                  attribute="CudaPlatformBase.support_deep_gemm", versions=">=0.24",
-                  implements=("deepgemm", ("off", "on")), why="why", retire="retire",
-                  check=lambda t: None, install=lambda t: (lambda: None), how="how",
-                  upstream=("vllm-project/vllm#1",), evidence=("tests/contract/test_vllm_seams.py",))
+    fields = dict(
+        id="vllm.example",
+        engine="vllm",
+        module="vllm.platforms.cuda",
+        attribute="CudaPlatformBase.support_deep_gemm",
+        versions=">=0.24",
+        implements=("deepgemm", ("off", "on")),
+        why="why",
+        retire="retire",
+        check=lambda t: None,
+        install=lambda t: lambda: None,
+        how="how",
+        upstream=("vllm-project/vllm#1",),
+        evidence=("tests/contract/test_vllm_seams.py",),
+    )
     fields.update(changes)
     return Patch(**fields)
 
@@ -83,7 +93,8 @@ def test_live_evidence_lists_the_live_versions_in_range():
     assert patch_records.evidence_text(served) == "live: `tests/e2e/test_plugin_e2e.py` (vLLM 0.32.0)"
     with pytest.raises(AssertionError):  # a live claim with no live version in range is refused
         test_each_patch_says_how_and_names_its_evidence(
-            _patch(versions=">=0.20,<0.22", evidence=("tests/engines/test_vllm_routes.py",)))
+            _patch(versions=">=0.20,<0.22", evidence=("tests/engines/test_vllm_routes.py",))
+        )
     assert patch_records.evidence_text(_patch(evidence=())) == "reading"
 
 
@@ -96,10 +107,12 @@ def test_the_check_catches_a_stale_record(tmp_path, monkeypatch):
     assert patch_records.main(["write"]) == 0
     assert patch_records.differences() == []
     first = tmp_path / "patches" / f"{IDS[0]}.toml"
-    first.write_text(first.read_text().replace("versions = ", "versions = \">=9\" #"))
+    first.write_text(first.read_text().replace("versions = ", 'versions = ">=9" #'))
     (tmp_path / "patches" / "orphan.toml").write_text("id = 'orphan'\n")
-    assert patch_records.differences() == [f"patches/{IDS[0]}.toml is out of date",
-                                           "patches/orphan.toml has no declared patch"]
+    assert patch_records.differences() == [
+        f"patches/{IDS[0]}.toml is out of date",
+        "patches/orphan.toml has no declared patch",
+    ]
     assert patch_records.main(["check"]) == 1
     assert patch_records.main(["write"]) == 0 and patch_records.differences() == []
 
@@ -107,6 +120,7 @@ def test_the_check_catches_a_stale_record(tmp_path, monkeypatch):
 def test_every_declared_range_has_the_form_patches_use():
     """Patch.covers reads ">=A" or ">=A,<B" only (cheap at engine start-up); anything else must fail here."""
     from ds_plugins.landscape import in_range
+
     for patch in PATCHES:
         in_range(patch.versions, "0.1.0", what=patch.id)  # raises on another form
     with pytest.raises(ValueError, match="unsupported range clause"):

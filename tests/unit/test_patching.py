@@ -31,9 +31,16 @@ def plan(value="off", version="0.30.0"):
 def gate_patch(module, **kw):
     def factory(original):
         return classmethod(lambda cls: False)
+
     fields = dict(
-        id="test.gate", engine="vllm", module=module, attribute="Platform.support_deep_gemm",
-        versions=">=0.24", implements=("deepgemm", ("off",)), why="test", retire="never",
+        id="test.gate",
+        engine="vllm",
+        module=module,
+        attribute="Platform.support_deep_gemm",
+        versions=">=0.24",
+        implements=("deepgemm", ("off",)),
+        why="test",
+        retire="never",
         check=lambda t: None if isinstance(t.value, classmethod) else "not a classmethod",
         install=replace_attribute(factory),
     )
@@ -72,8 +79,12 @@ def test_deferred_until_the_engine_imports_the_target(module_factory, fresh_stat
 
 
 def test_failed_check_skips_with_one_warning(module_factory, fresh_state, caplog):
-    name = module_factory("dsp_patch_t3", TARGET_SOURCE.replace("@classmethod", "@staticmethod")
-                          .replace("def support_deep_gemm(cls)", "def support_deep_gemm()"))
+    name = module_factory(
+        "dsp_patch_t3",
+        TARGET_SOURCE.replace("@classmethod", "@staticmethod").replace(
+            "def support_deep_gemm(cls)", "def support_deep_gemm()"
+        ),
+    )
     mod = __import__(name)
     [outcome] = patching.apply([gate_patch(name)], plan(), LOG)
     assert outcome.state == "skipped" and "not a classmethod" in outcome.detail
@@ -135,8 +146,13 @@ def test_failure_of_a_deferred_patch_is_logged_not_raised(module_factory, fresh_
 def test_plain_function_replacement_and_undo(module_factory, fresh_state):
     name = module_factory("dsp_patch_t8", TARGET_SOURCE)
     mod = __import__(name)
-    patch = gate_patch(name, id="test.helper", attribute="helper", check=lambda t: None,
-                       install=replace_attribute(lambda orig: (lambda: "patched:" + orig())))
+    patch = gate_patch(
+        name,
+        id="test.helper",
+        attribute="helper",
+        check=lambda t: None,
+        install=replace_attribute(lambda orig: lambda: "patched:" + orig()),
+    )
     [outcome] = patching.apply([patch], plan(), LOG)
     assert mod.helper() == "patched:original"
     patching.revert([outcome])

@@ -8,8 +8,11 @@ from ds_plugins import stock
 
 
 def _row(stage, kernel_part, versions):
-    return next(r for r in paths.rows("vllm")
-                if r.stage == stage and kernel_part in r.kernel and r.versions == versions and "sm120" in r.devices)
+    return next(
+        r
+        for r in paths.rows("vllm")
+        if r.stage == stage and kernel_part in r.kernel and r.versions == versions and "sm120" in r.devices
+    )
 
 
 def test_applies_by_range_and_device():
@@ -39,9 +42,12 @@ def test_uncovered_lists_blockers_and_the_upgrade():
 
 def test_upgrade_target_is_the_first_named_release_without_a_blocker():
     from ds_plugins.paths.model import Row, upgrade_target
-    rows = (Row("vllm", "decode", "a", "engine_c", ">=0.20.0,<0.24.0", ("sm120",), "blocker", "", fixed_in="0.24.0"),
-            Row("vllm", "decode", "b", "engine_c", ">=0.25.0,<0.26.0", ("sm120",), "blocker", ""),
-            Row("vllm", "decode", "c", "engine_c", ">=0.20.0", ("sm120",), "has_code", ""))
+
+    rows = (
+        Row("vllm", "decode", "a", "engine_c", ">=0.20.0,<0.24.0", ("sm120",), "blocker", "", fixed_in="0.24.0"),
+        Row("vllm", "decode", "b", "engine_c", ">=0.25.0,<0.26.0", ("sm120",), "blocker", ""),
+        Row("vllm", "decode", "c", "engine_c", ">=0.20.0", ("sm120",), "has_code", ""),
+    )
     assert upgrade_target(rows, "0.21.0", "sm120") == "0.24.0"
     assert upgrade_target(rows, "0.25.0", "sm120") == "0.26.0"
     assert upgrade_target(rows, "0.21.0", "sm90") == "0.24.0"  # nothing applies on sm90 at 0.24 either
@@ -51,13 +57,27 @@ def test_upgrade_target_is_the_first_named_release_without_a_blocker():
 
 def test_device_class():
     assert [device_class(c) for c in [(12, 0), (12, 1), (9, 0), (10, 0), (8, 0), None]] == [
-        "sm120", "sm121", "sm90", "sm100", None, None]
+        "sm120",
+        "sm121",
+        "sm90",
+        "sm100",
+        None,
+        None,
+    ]
     assert paths.blockers("vllm", "0.27.0", (8, 0), {}) == Blockers((), None)
 
 
 def _plan(version, capability, env=None):
-    probe = Probe("", {"vllm": version}, None, None, (Device("cuda", 0, "gpu", capability),), "",
-                  stock.libraries("vllm", version), simulated=True)
+    probe = Probe(
+        "",
+        {"vllm": version},
+        None,
+        None,
+        (Device("cuda", 0, "gpu", capability),),
+        "",
+        stock.libraries("vllm", version),
+        simulated=True,
+    )
     return decide(probe, "vllm", env=env or {})
 
 
@@ -80,8 +100,16 @@ def test_the_kv_dtype_decision_covers_auto_on_sm12x_only_where_vllm_asserts():
 
 
 def test_forcing_the_cover_off_makes_a_supported_version_unsupported():
-    probe = Probe("", {"vllm": "0.28.0"}, None, None, (Device("cuda", 0, "gpu", (12, 0)),), "",
-                  stock.libraries("vllm", "0.28.0"), simulated=True)
+    probe = Probe(
+        "",
+        {"vllm": "0.28.0"},
+        None,
+        None,
+        (Device("cuda", 0, "gpu", (12, 0)),),
+        "",
+        stock.libraries("vllm", "0.28.0"),
+        simulated=True,
+    )
     plan = decide(probe, "vllm", env={"DS_PLUGINS_KV_CACHE_DTYPE": "upstream"})
     assert plan.status == "unsupported" and "fp8_ds_mla KV-cache dtype" in plan.status_reason
 
@@ -90,13 +118,27 @@ def test_a_row_about_a_stock_library_is_lifted_by_the_library_installed_instead(
     rows = paths.rows("vllm")
     stock_only = uncovered(rows, "0.25.0", "sm120", {"kv_cache_dtype": "fp8"})
     assert any("FlashInfer SM120, pinned FlashInfer too old" in r.kernel for r in stock_only.rows)
-    newer = uncovered(rows, "0.25.0", "sm120", {"kv_cache_dtype": "fp8"},
-                      lambda library, feature: (library, feature) == ("flashinfer", "sm120_sparse_mla"))
+    newer = uncovered(
+        rows,
+        "0.25.0",
+        "sm120",
+        {"kv_cache_dtype": "fp8"},
+        lambda library, feature: (library, feature) == ("flashinfer", "sm120_sparse_mla"),
+    )
     assert not newer
     # the policy asks the probe: a FlashInfer with the SM120 V4 decode leaves attention upstream, supported
-    probe = Probe("", {"vllm": "0.25.0"}, None, None, (Device("cuda", 0, "gpu", (12, 0)),), "",
-                  {**stock.libraries("vllm", "0.25.0"),
-                   "flashinfer": Library("flashinfer", True, "0.6.18", "/site", ("sm120_sparse_mla",))},
-                  simulated=True)
+    probe = Probe(
+        "",
+        {"vllm": "0.25.0"},
+        None,
+        None,
+        (Device("cuda", 0, "gpu", (12, 0)),),
+        "",
+        {
+            **stock.libraries("vllm", "0.25.0"),
+            "flashinfer": Library("flashinfer", True, "0.6.18", "/site", ("sm120_sparse_mla",)),
+        },
+        simulated=True,
+    )
     plan = decide(probe, "vllm", env={})
     assert plan.status == "supported" and plan.value("sparse_mla") == "upstream"

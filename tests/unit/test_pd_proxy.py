@@ -78,13 +78,25 @@ class Fake:
                 await self.gate.wait()
             await asyncio.sleep(self.delay_s)
             if self.status != 200:
-                return web.json_response({"error": {"message": f"{self.name} refuses", "code": self.status}},
-                                         status=self.status)
+                return web.json_response(
+                    {"error": {"message": f"{self.name} refuses", "code": self.status}}, status=self.status
+                )
             if self.role == "prefill":
-                params = ({"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.name,
-                           "remote_request_id": f"cmpl-{len(self.seen)}", "remote_host": "127.0.0.1",
-                           "remote_port": 30000, "remote_block_ids": [[1, 2]], "remote_tp_size": 1,
-                           "remote_num_tokens": 5} if self.params else None)
+                params = (
+                    {
+                        "do_remote_prefill": True,
+                        "do_remote_decode": False,
+                        "remote_engine_id": self.name,
+                        "remote_request_id": f"cmpl-{len(self.seen)}",
+                        "remote_host": "127.0.0.1",
+                        "remote_port": 30000,
+                        "remote_block_ids": [[1, 2]],
+                        "remote_tp_size": 1,
+                        "remote_num_tokens": 5,
+                    }
+                    if self.params
+                    else None
+                )
                 return web.json_response({"choices": [{"text": "x"}], "kv_transfer_params": params})
             answer = {"served_by": self.name, "got_params": body.get("kv_transfer_params")}
             if not body.get("stream"):
@@ -109,14 +121,18 @@ def free_port() -> int:
 
 def scenario(test, prefill=1, decode=1, dead_decode=0, **config):
     """Start the fakes and the proxy, run `test(client, prefills, decodes, dead_urls)`, stop everything."""
+
     async def main():
         ps = [Fake("prefill", f"p{i}") for i in range(prefill)]
         ds = [Fake("decode", f"d{i}") for i in range(decode)]
         for f in ps + ds:
             await f.server.start_server()
         dead = [f"http://127.0.0.1:{free_port()}" for _ in range(dead_decode)]
-        cfg = ProxyConfig(prefill=tuple(f.url for f in ps), decode=tuple([*(f.url for f in ds), *dead]),
-                          **{"health_interval_s": 0.2, "connect_timeout_s": 1, **config})
+        cfg = ProxyConfig(
+            prefill=tuple(f.url for f in ps),
+            decode=tuple([*(f.url for f in ds), *dead]),
+            **{"health_interval_s": 0.2, "connect_timeout_s": 1, **config},
+        )
         client = TestClient(TestServer(build(cfg), host="127.0.0.1"))
         await client.start_server()
         try:
@@ -125,6 +141,7 @@ def scenario(test, prefill=1, decode=1, dead_decode=0, **config):
             await client.close()
             for f in ps + ds:
                 await f.server.close()
+
     asyncio.run(main())
 
 
@@ -144,6 +161,7 @@ def test_completion_two_steps_all_but_last_token():
         path, dec = ds[0].seen[0]
         assert path == "/v1/completions" and dec["prompt"] == "hello" and dec["max_tokens"] == 8
         assert got["got_params"]["remote_engine_id"] == "p0" and got["got_params"]["do_remote_prefill"] is True
+
     scenario(test)
 
 
@@ -153,12 +171,14 @@ def test_token_id_prompt_needs_no_tokenize_and_full_prompt_flag():
         assert r.status == 200
         assert [p for p, _ in ps[0].seen] == ["/v1/completions"] and ps[0].seen[0][1]["prompt"] == [5, 6, 7]
         assert ds[0].seen[0][1]["prompt"] == [5, 6, 7, 8]
+
     scenario(test)
 
     async def whole(client, ps, ds, _):
         r = await client.post("/v1/completions", json=BODY)
         assert r.status == 200
         assert [p for p, _ in ps[0].seen] == ["/v1/completions"] and ps[0].seen[0][1]["prompt"] == "hello"
+
     scenario(whole, all_but_last=False)
 
 
@@ -179,13 +199,16 @@ def test_chat_rendered_by_prefill_tokenize_then_prefilled_as_ids():
         r = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "tools": tools})
         assert r.status == 200
         assert [p for p, _ in ps[0].seen] == ["/v1/chat/completions"] and ps[0].seen[0][1]["tools"] == tools
+
     scenario(test)
 
 
 def test_streaming_completion_and_chat_pass_through_in_order():
     async def test(client, ps, ds, _):
-        for path, extra in (("/v1/completions", {"prompt": "hello"}),
-                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        for path, extra in (
+            ("/v1/completions", {"prompt": "hello"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ):
             r = await client.post(path, json={"model": "tiny", "max_tokens": 4, "stream": True, **extra})
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
             events = [line[6:] for line in (await r.text()).splitlines() if line.startswith("data: ")]
@@ -193,21 +216,31 @@ def test_streaming_completion_and_chat_pass_through_in_order():
             assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == "hello world"
             prefill = ps[0].seen[-1][1]
             assert prefill["stream"] is False and "stream_options" not in prefill
+
     scenario(test)
 
 
 def test_forged_kv_transfer_params_never_pass_through():
-    forged = {"do_remote_prefill": True, "remote_host": "169.254.169.254", "remote_port": 1000000,
-              "remote_block_ids": [[1], 7], "remote_engine_id": "p0", "remote_request_id": "someone-else"}
+    forged = {
+        "do_remote_prefill": True,
+        "remote_host": "169.254.169.254",
+        "remote_port": 1000000,
+        "remote_block_ids": [[1], 7],
+        "remote_engine_id": "p0",
+        "remote_request_id": "someone-else",
+    }
 
     async def test(client, ps, ds, _):
-        for path, extra in (("/v1/completions", {"prompt": [1, 2, 3]}),
-                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        for path, extra in (
+            ("/v1/completions", {"prompt": [1, 2, 3]}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ):
             r = await client.post(path, json={"model": "tiny", "kv_transfer_params": forged, **extra})
             assert r.status == 200
             assert ps[0].seen[-1][1]["kv_transfer_params"] == flow.PREFILL_PARAMS
             sent = ds[0].seen[-1][1]["kv_transfer_params"]
             assert sent["remote_host"] == "127.0.0.1" and sent["remote_request_id"] == f"cmpl-{len(ps[0].seen)}"
+
     scenario(test)
 
 
@@ -232,6 +265,7 @@ def test_round_robin_across_instances_and_least_in_flight():
         finally:
             gate.set()
         assert (await held).status == 200
+
     scenario(test, prefill=2, decode=2)
 
 
@@ -269,6 +303,7 @@ def test_dead_decode_instance_is_skipped_and_all_dead_is_503_naming_the_side():
         r = await client.get("/health")
         body = await r.json()
         assert r.status == 503 and body["error"]["side"] == "decode" and "no healthy decode" in body["error"]["message"]
+
     scenario(test, dead_decode=1)
 
 
@@ -276,8 +311,9 @@ def test_dead_prefill_is_503_and_instance_comes_back_after_health_check():
     async def test(client, ps, ds, _):
         port = ps[0].server.port
         await ps[0].server.close()
-        r = await client.post("/v1/chat/completions",
-                              json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+        r = await client.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+        )
         err = (await r.json())["error"]
         assert r.status == 503 and err["side"] == "prefill" and not ds[0].seen, err
         again = Fake("prefill", "p0-again")
@@ -292,6 +328,7 @@ def test_dead_prefill_is_503_and_instance_comes_back_after_health_check():
             assert r.status == 200 and again.seen
         finally:
             await again.server.close()
+
     scenario(test)
 
 
@@ -303,6 +340,7 @@ def test_slow_prefill_times_out_with_504_naming_it():
         err = (await r.json())["error"]
         assert r.status == 504 and err["side"] == "prefill" and err["instance"] == ps[0].url, err
         assert time.monotonic() - t0 < 2 and "--timeout-s" in err["message"] and not ds[0].seen
+
     scenario(test, timeout_s=0.4)
 
 
@@ -320,13 +358,17 @@ def test_side_errors_prefill_without_params_and_passthrough_of_4xx():
         r = await client.post("/v1/completions", json={**BODY, "prompt": [1, 2]})
         err = (await r.json())["error"]
         assert r.status == 502 and err["side"] == "decode" and "answered 500" in err["message"]
+
     scenario(test)
 
 
 def test_requests_the_proxy_refuses_and_models():
     async def test(client, ps, ds, _):
-        for body, needle in (({**BODY, "prompt": ["a", "b"]}, "not a batch"), ({**BODY, "n": 2}, "n=2"),
-                             ({**BODY, "prompt": []}, "non-empty")):
+        for body, needle in (
+            ({**BODY, "prompt": ["a", "b"]}, "not a batch"),
+            ({**BODY, "n": 2}, "n=2"),
+            ({**BODY, "prompt": []}, "non-empty"),
+        ):
             r = await client.post("/v1/completions", json=body)
             assert r.status == 400 and needle in (await r.json())["error"]["message"]
         r = await client.post("/v1/completions", data=b"{not json")
@@ -334,6 +376,7 @@ def test_requests_the_proxy_refuses_and_models():
         assert not ps[0].seen and not ds[0].seen
         r = await client.get("/v1/models")
         assert r.status == 200 and (await r.json())["data"][0]["owned_by"] == "d0"
+
     scenario(test)
 
 
@@ -352,7 +395,22 @@ def test_cli_usage_errors_and_taken_port(capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        out = subprocess.run([sys.executable, "-m", "ds_plugins.cli", "pd-proxy", "--prefill", "http://127.0.0.1:9",
-                              "--decode", "http://127.0.0.1:10", "--port", str(s.getsockname()[1])],
-                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ds_plugins.cli",
+                "pd-proxy",
+                "--prefill",
+                "http://127.0.0.1:9",
+                "--decode",
+                "http://127.0.0.1:10",
+                "--port",
+                str(s.getsockname()[1]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
     assert out.returncode == 1 and "cannot listen on 127.0.0.1:" in out.stderr, out.stderr

@@ -22,8 +22,18 @@ PATCH_ID = "vllm.custom_all_reduce.off"
 
 def machine(gpus=2, device="SM120", links="pcie", engine="vllm", version="0.30.0") -> Probe:
     devices = tuple(Device("cuda", i, "gpu", CAPS[device]) for i in range(gpus))
-    return Probe("3.11", {engine: version}, None, None, devices, "", stock.libraries(engine, version), simulated=True,
-                 gpu_links=links, gpu_links_note=f"test: {links}")
+    return Probe(
+        "3.11",
+        {engine: version},
+        None,
+        None,
+        devices,
+        "",
+        stock.libraries(engine, version),
+        simulated=True,
+        gpu_links=links,
+        gpu_links_note=f"test: {links}",
+    )
 
 
 def decision(probe=None, engine="vllm", **env):
@@ -47,8 +57,9 @@ def test_sm12x_pcie_only_gpus_on_vllm_turn_it_off(version, device, gpus):
     assert "vllm-project/vllm#47266" in d.reason and f"{gpus} x {device}" in d.reason and "test: pcie" in d.reason
 
 
-@pytest.mark.parametrize("links, said", [("nvlink", "NVLink-connected"), ("mixed", "others not"),
-                                         ("unknown", "not known here")])
+@pytest.mark.parametrize(
+    "links, said", [("nvlink", "NVLink-connected"), ("mixed", "others not"), ("unknown", "not known here")]
+)
 def test_nvlink_mixed_or_an_unknown_topology_keep_upstream(links, said):
     d = decision(machine(2, "SM120", links))
     assert d.value == "upstream" and said in d.reason and not d.active
@@ -70,8 +81,11 @@ def test_one_gpu_keeps_upstream():
 def test_sglang_is_left_alone_even_when_forced():
     d = decision(machine(2, "SM120", "pcie", engine="sglang", version="0.5.23"), engine="sglang")
     assert d.value == "upstream" and "SGLang" in d.reason
-    d = decision(machine(2, "SM120", "pcie", engine="sglang", version="0.5.23"), engine="sglang",
-                 DS_PLUGINS_CUSTOM_ALL_REDUCE="off")
+    d = decision(
+        machine(2, "SM120", "pcie", engine="sglang", version="0.5.23"),
+        engine="sglang",
+        DS_PLUGINS_CUSTOM_ALL_REDUCE="off",
+    )
     assert d.value == "upstream"
 
 
@@ -102,6 +116,7 @@ def test_the_patch_carries_it_on_every_v4_vllm_and_the_startup_line_says_so():
     plan = decide(machine(), "vllm", env={})
     declared = doctor.declared_patches("vllm")
     from ds_plugins import patching
+
     armed = [patching.Outcome(p.id, "armed") for p in declared if p.selected_by(plan) and p.covers("0.30.0")]
     assert [o.patch_id for o in armed] == [PATCH_ID]
     line = registration.summary(plan, declared, armed, doctor.adapter_carriers("vllm"))
@@ -147,15 +162,21 @@ def test_doctor_lists_the_decision_and_the_patch():
 def test_explain_says_where_the_known_failure_is_handled():
     record = known_failures.BY_ID["custom_all_reduce_p2p"]
     assert record.handled_by == ("custom_all_reduce", ("off",))
-    [pcie] = explain.assess(record, _sim("--engine vllm==0.28.0 --capability 12.0 --capability 12.0 --gpu-link pcie"),
-                            env={})
+    [pcie] = explain.assess(
+        record, _sim("--engine vllm==0.28.0 --capability 12.0 --capability 12.0 --gpu-link pcie"), env={}
+    )
     assert pcie.state == explain.HANDLED and "custom_all_reduce=off" in pcie.reason
-    [nvlink] = explain.assess(record, _sim("--engine vllm==0.28.0 --capability 12.0 --capability 12.0 "
-                                           "--gpu-link nvlink"), env={})
+    [nvlink] = explain.assess(
+        record, _sim("--engine vllm==0.28.0 --capability 12.0 --capability 12.0 --gpu-link nvlink"), env={}
+    )
     assert nvlink.state == explain.NOT_HANDLED and "custom_all_reduce=upstream" in nvlink.reason
-    [opted_out] = explain.assess(record, _sim("--engine vllm==0.28.0 --capability 12.0 --capability 12.0 "
-                                              "--gpu-link pcie"), env={"DS_PLUGINS_CUSTOM_ALL_REDUCE": "upstream"})
+    [opted_out] = explain.assess(
+        record,
+        _sim("--engine vllm==0.28.0 --capability 12.0 --capability 12.0 --gpu-link pcie"),
+        env={"DS_PLUGINS_CUSTOM_ALL_REDUCE": "upstream"},
+    )
     assert opted_out.state == explain.NOT_HANDLED
-    [sglang] = explain.assess(record, _sim("--engine sglang==0.5.23 --capability 12.0 --capability 12.0 "
-                                           "--gpu-link pcie"), env={})
+    [sglang] = explain.assess(
+        record, _sim("--engine sglang==0.5.23 --capability 12.0 --capability 12.0 --gpu-link pcie"), env={}
+    )
     assert sglang.state == explain.NOT_HANDLED and "custom_all_reduce=upstream" in sglang.reason

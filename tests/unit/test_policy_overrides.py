@@ -83,11 +83,19 @@ def test_unsupported_engine_ignores_overrides_but_still_validates_them():
         plan(version="0.19.1", DS_PLUGINS_SPARSE_MLA="nope")
 
 
-@pytest.mark.parametrize("var,bad", [
-    ("DS_PLUGINS_DEEPGEMM", "maybe"), ("DS_PLUGINS_SPARSE_MLA", "flashmla"), ("DS_PLUGINS_INDEXER", "1"),
-    ("DS_PLUGINS_CUDAGRAPH", "sometimes"), ("DS_PLUGINS_DSV4_MODEL", "ds_plugins"),
-    ("DS_PLUGINS_ASCEND_QUANT", "on"), ("DS_PLUGINS_MOONCAKE", "yes"), ("DS_PLUGINS_DISABLE", "2"),
-])
+@pytest.mark.parametrize(
+    "var,bad",
+    [
+        ("DS_PLUGINS_DEEPGEMM", "maybe"),
+        ("DS_PLUGINS_SPARSE_MLA", "flashmla"),
+        ("DS_PLUGINS_INDEXER", "1"),
+        ("DS_PLUGINS_CUDAGRAPH", "sometimes"),
+        ("DS_PLUGINS_DSV4_MODEL", "ds_plugins"),
+        ("DS_PLUGINS_ASCEND_QUANT", "on"),
+        ("DS_PLUGINS_MOONCAKE", "yes"),
+        ("DS_PLUGINS_DISABLE", "2"),
+    ],
+)
 def test_bad_override_names_variable_and_allowed_values(var, bad):
     with pytest.raises(settings.ConfigError) as err:
         plan(**{var: bad})

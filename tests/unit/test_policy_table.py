@@ -66,8 +66,7 @@ TABLE = {
 CASES = [(e, v, dev, exp) for (e, v), row in TABLE.items() for dev, exp in row.items()]
 
 
-@pytest.mark.parametrize("engine,version,device,expected", CASES,
-                         ids=[f"{e}-{v}-{d}" for e, v, d, _ in CASES])
+@pytest.mark.parametrize("engine,version,device,expected", CASES, ids=[f"{e}-{v}-{d}" for e, v, d, _ in CASES])
 def test_landscape_row(engine, version, device, expected):
     plan = decide(make_probe(engine, version, device), engine, env={})
     got = tuple(plan.value(i) for i in ("deepgemm", "sparse_mla", "indexer", "dsv4_model"))
@@ -108,6 +107,7 @@ def test_every_landscape_row_is_in_the_table():
 
 # --- library variations ------------------------------------------------------------
 
+
 def libs(**spec):
     out = {}
     for name, features in spec.items():
@@ -117,11 +117,15 @@ def libs(**spec):
 
 
 def test_vllm_025_sm120_with_sm12x_deepgemm_and_flashinfer_steps_aside():
-    probe = make_probe("vllm", "0.25.0", "SM120",
-                       libs(deep_gemm=["sm12x"], flashinfer=["sm120_sparse_mla"]))
+    probe = make_probe("vllm", "0.25.0", "SM120", libs(deep_gemm=["sm12x"], flashinfer=["sm120_sparse_mla"]))
     plan = decide(probe, "vllm", env={})
     assert [plan.value(i) for i in ("deepgemm", "sparse_mla", "indexer", "dsv4_model", "cudagraph")] == [
-        "upstream", "upstream", "upstream", "upstream", "upstream"]
+        "upstream",
+        "upstream",
+        "upstream",
+        "upstream",
+        "upstream",
+    ]
 
 
 def test_vllm_uses_vendored_deepgemm_when_site_packages_has_none():
@@ -189,8 +193,15 @@ def test_absent_engine():
 
 
 def test_mixed_gpus_decide_for_gpu0_and_say_so():
-    probe = Probe("3.11", {"vllm": "0.22.1"}, None, None,
-                  (Device("cuda", 0, "RTX PRO 6000", (12, 0)), Device("cuda", 1, "H100", (9, 0))), "", {})
+    probe = Probe(
+        "3.11",
+        {"vllm": "0.22.1"},
+        None,
+        None,
+        (Device("cuda", 0, "RTX PRO 6000", (12, 0)), Device("cuda", 1, "H100", (9, 0))),
+        "",
+        {},
+    )
     plan = decide(probe, "vllm", env={})
     assert plan.value("sparse_mla") == "triton"
     assert "mixed capabilities" in plan.target

@@ -49,8 +49,9 @@ def test_flashinfer_v4_decode_is_judged_by_its_parameters_and_sm12x_branch(tmp_p
     cases = {"ok": (full, branch), "old": ("", branch), "no-branch": (full, "    return None\n")}
     found = {}
     for name, (params, body) in cases.items():
-        (tmp_path / "mla" / "_core.py").write_text("import torch\n\n\n" + head.format(params) + body
-                                                   + "\n\ndef after():\n    pass\n")
+        (tmp_path / "mla" / "_core.py").write_text(
+            "import torch\n\n\n" + head.format(params) + body + "\n\ndef after():\n    pass\n"
+        )
         found[name] = probe.flashinfer_at(tmp_path, "0.6")
     assert found["ok"].has("sm120_sparse_mla")
     assert not found["old"].has("sm120_sparse_mla")
@@ -86,18 +87,29 @@ def test_engine_found_by_its_import_package_whatever_the_distribution(tmp_path, 
     other.mkdir()
     (other / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-ascend\nVersion: 0.30.0\n")
     (other / "RECORD").write_text("vllm_ascend/__init__.py,,\n")
-    code = ("import json, ds_plugins.probe as p; e = p.find_engine('vllm'); "
-            "print(json.dumps([e.version, e.distribution]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    code = (
+        "import json, ds_plugins.probe as p; e = p.find_engine('vllm'); print(json.dumps([e.version, e.distribution]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+    )
     assert json.loads(out.stdout) == ["0.32.0", dist]
 
 
 def test_engine_source_tree_without_metadata_reads_its_version_file(tmp_path):
     site = _site_with_engine(tmp_path, "sglang", None, None, version_file='__version__ = "0.5.23"\n')
     code = "import ds_plugins.probe as p; e = p.find_engine('sglang'); print(e.version, repr(e.distribution))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+    )
     assert out.stdout.split() == ["0.5.23", "''"]
 
 

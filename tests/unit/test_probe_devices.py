@@ -84,8 +84,11 @@ def _box(*gpus):
 
 PRO6000 = "NVIDIA RTX PRO 6000 Blackwell Workstation Edition"
 FOUR_PRO6000 = _box(*((u, PRO6000, (12, 0), 24064, None) for u in (A, B, C, D)))
-MIXED = _box((A, "NVIDIA GeForce RTX 3090", (8, 6), 10496, None), (B, PRO6000, (12, 0), 24064, None),
-             (C, "NVIDIA H100 80GB HBM3", (9, 0), 16896, list(MIG_C)))
+MIXED = _box(
+    (A, "NVIDIA GeForce RTX 3090", (8, 6), 10496, None),
+    (B, PRO6000, (12, 0), 24064, None),
+    (C, "NVIDIA H100 80GB HBM3", (9, 0), 16896, list(MIG_C)),
+)
 
 
 def _probe(gpus, **env):
@@ -100,20 +103,23 @@ def _uuids(found):
     return [d.uuid for d in found]
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, [A, B, C, D]),
-    ("0", [A]),
-    ("0,1", [A, B]),
-    (" 2 , 0 ", [C, A]),
-    ("3,0", [D, A]),
-    (B, [B]),
-    (C[:12], [C]),  # a unique UUID prefix
-    (f"1,{D}", [B, D]),
-    ("0,1,", [A, B]),  # a trailing comma
-    ("1,7,0", [B]),  # CUDA stops at the first entry it cannot resolve
-    ("1,1,0", [B]),  # and at a repeat
-    ("GPU-", []),  # a prefix matching every GPU is not unique
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, [A, B, C, D]),
+        ("0", [A]),
+        ("0,1", [A, B]),
+        (" 2 , 0 ", [C, A]),
+        ("3,0", [D, A]),
+        (B, [B]),
+        (C[:12], [C]),  # a unique UUID prefix
+        (f"1,{D}", [B, D]),
+        ("0,1,", [A, B]),  # a trailing comma
+        ("1,7,0", [B]),  # CUDA stops at the first entry it cannot resolve
+        ("1,1,0", [B]),  # and at a repeat
+        ("GPU-", []),  # a prefix matching every GPU is not unique
+    ],
+)
 def test_cuda_visible_devices_forms(value, expected):
     env = {} if value is None else {"CUDA_VISIBLE_DEVICES": value}
     found, note = _probe(FOUR_PRO6000, **env)
@@ -158,6 +164,7 @@ def test_no_driver_no_binding_and_nvml_failure():
 
     def missing():
         raise ImportError("No module named 'pynvml'")
+
     assert "nvidia-ml-py" in probe.devices({}, Host(missing, lambda: True, lambda: []))[1]
     broken = FakeNVML(FOUR_PRO6000, fail_init=True)
     found, note = probe.devices({}, Host(lambda: broken, lambda: True, lambda: []))
@@ -176,5 +183,7 @@ def test_doctor_json_lists_visible_gpus_in_cuda_order():
     found = probe.probe({"CUDA_VISIBLE_DEVICES": "3,0"}, Host(lambda: fake, lambda: True, lambda: []))
     report = json.loads(json.dumps(doctor.build(found, env={})))
     assert [(d["index"], d["uuid"], d["capability"]) for d in report["probe"]["devices"]] == [
-        (0, D, [12, 0]), (1, A, [12, 0])]
+        (0, D, [12, 0]),
+        (1, A, [12, 0]),
+    ]
     assert "RTX PRO 6000" in doctor.render(report)

@@ -80,8 +80,11 @@ def test_the_pairs_are_the_visible_gpus_in_cuda_order():
 
 def test_fastest_first_order_maps_to_the_right_nvml_gpus():
     # NVML order: a slow GPU first; CUDA's default order puts the two SM120 GPUs (NVML 1, 2) first
-    box = _box((A, "NVIDIA GeForce RTX 3090", (8, 6), 10496, None), (B, PRO6000, (12, 0), 24064, None),
-               (C, PRO6000, (12, 0), 24064, None))
+    box = _box(
+        (A, "NVIDIA GeForce RTX 3090", (8, 6), 10496, None),
+        (B, PRO6000, (12, 0), 24064, None),
+        (C, PRO6000, (12, 0), 24064, None),
+    )
     fake = FakeNVMLWithP2P(box, nvlink=[(1, 2)])
     found, links = _links(fake, CUDA_VISIBLE_DEVICES="0,1")
     assert [d.uuid for d in found] == [B, C] and links.kind == probe.LINK_NVLINK
@@ -104,6 +107,7 @@ def test_a_binding_without_the_p2p_query_is_unknown():
 def test_no_binding_no_driver_and_a_failed_init_are_unknown():
     def missing():
         raise ImportError("No module named 'pynvml'")
+
     assert probe.devices_and_links({}, Host(missing, lambda: True, lambda: []))[2].kind == probe.LINK_UNKNOWN
     assert probe.devices_and_links({}, Host(missing, lambda: False, lambda: []))[2].kind == probe.LINK_UNKNOWN
     broken = FakeNVMLWithP2P(FOUR)
@@ -123,8 +127,10 @@ def test_mig_devices_are_unknown():
 def test_the_probe_carries_it_to_doctor_and_back():
     fake = FakeNVMLWithP2P(FOUR[:2])
     found = probe.probe({}, Host(lambda: fake, lambda: True, lambda: []))
-    assert (found.gpu_links, found.gpu_links_note) == (probe.LINK_PCIE, "NVML: no NVLink between the 2 visible GPUs, "
-                                                                         "PCIe only")
+    assert (found.gpu_links, found.gpu_links_note) == (
+        probe.LINK_PCIE,
+        "NVML: no NVLink between the 2 visible GPUs, PCIe only",
+    )
     data = json.loads(json.dumps(found.to_dict()))
     assert data["gpu_links"] == "pcie" and Probe.from_dict(data) == found
     text = doctor.render(doctor.build(found, env={}))
@@ -132,4 +138,3 @@ def test_the_probe_carries_it_to_doctor_and_back():
     # a probe written before the field existed reads as unknown
     old = {k: v for k, v in data.items() if not k.startswith("gpu_links")}
     assert Probe.from_dict(old).gpu_links == probe.LINK_UNKNOWN
-

@@ -19,8 +19,15 @@ def test_switch_table_is_the_settings_table():
     for row in rows:
         name, values, default, meaning = [c.strip() for c in row.strip("|").split(" | ")]
         parsed.append((name.strip("`"), values, default, meaning))
-    expected = [(s.name, ", ".join(f"`{c}`" for c in s.choices) if s.choices else "text",
-                 f"`{s.default}`" if s.default else "(unset)", s.help) for s in SETTINGS]
+    expected = [
+        (
+            s.name,
+            ", ".join(f"`{c}`" for c in s.choices) if s.choices else "text",
+            f"`{s.default}`" if s.default else "(unset)",
+            s.help,
+        )
+        for s in SETTINGS
+    ]
     assert parsed == expected
 
 
@@ -35,6 +42,7 @@ def test_exit_codes_are_documented():
     assert "Doctor's exit status: 0 supported, 1 a bad `DS_PLUGINS_*` setting" in text
     assert "2 unsupported" in text and "64 a usage error" in text
     from ds_plugins.kernels import selftest
+
     assert (selftest.EXIT_OK, selftest.EXIT_MISMATCH, selftest.EXIT_CANNOT_RUN) == (0, 1, 2)
     assert "`selftest` exits 0 when every kernel matches, 1 when one does not, 2 when it cannot run here" in text
 
@@ -52,11 +60,14 @@ def test_startup_figures_are_the_committed_bench_results():
     sgl = data["sglang_import_with_hook_shared_imports_preloaded"]
     sgl_all = data["sglang_import_with_hook"]
     start = data["python_start_with_hook"]
-    assert (f"| {vllm['with_ms']:.1f} ms | {vllm['without_ms']:.1f} ms | {vllm['ratio']:.2f} | "
-            f"{vllm['ours_ms']:.1f} ms |") in README
+    assert (
+        f"| {vllm['with_ms']:.1f} ms | {vllm['without_ms']:.1f} ms | {vllm['ratio']:.2f} | {vllm['ours_ms']:.1f} ms |"
+    ) in README
     assert f"{sgl['ours_ms']:.1f} ms ({sgl_all['ours_ms']:.1f} ms counting imports SGLang makes anyway)" in README
-    assert (f"| {start['with_ms']:.1f} ms | {start['without_ms']:.1f} ms | {start['ratio']:.2f} | "
-            f"{start['added_ms']:.1f} ms added |") in README
+    assert (
+        f"| {start['with_ms']:.1f} ms | {start['without_ms']:.1f} ms | {start['ratio']:.2f} | "
+        f"{start['added_ms']:.1f} ms added |"
+    ) in README
     assert f"{data['runs']} paired runs" in README
     for s in (vllm, sgl, sgl_all, start):
         assert s["heavy_modules_added_by_ds_plugins"] == []
@@ -68,6 +79,7 @@ def _startup_line(engine, version, device, libs):
     from ds_plugins import patching, registration
     from ds_plugins.policy import decide
     from ds_plugins.probe import Probe
+
     probe = Probe("3.11", {engine: version}, None, None, (device,), "", libs)
     plan = decide(probe, engine, env={})
     declared = doctor.declared_patches(engine)
@@ -82,6 +94,7 @@ def _example(marker):
 
 def test_startup_line_examples_are_what_the_code_logs():
     from ds_plugins.probe import Device, Library
+
     pro6000 = Device("cuda", 0, "NVIDIA RTX PRO 6000 Blackwell Workstation Edition", (12, 0))
     vendored = {"vllm.third_party.deep_gemm": Library("vllm.third_party.deep_gemm", True, "0.22.1", None, ())}
     assert _example("vllm") == _startup_line("vllm", "0.22.1", pro6000, vendored)
@@ -93,14 +106,14 @@ def test_startup_line_examples_are_what_the_code_logs():
 def test_readme_links_resolve():
     for target in re.findall(r"\]\(((?:docs|patches|ci)/[^)#]*)\)", README):
         assert (ROOT / target).exists(), target
-    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
-               for h in re.findall(r"^#+ (.*)$", README, re.M)}
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", README, re.M)}
     for anchor in re.findall(r"\]\(#([^)]*)\)", README):
         assert anchor in anchors, anchor
 
 
 def test_known_failure_table_is_generated_from_the_records():
     from ds_plugins import explain
+
     block = README.split("<!-- known-failures:start -->\n", 1)[1].split("<!-- known-failures:end -->", 1)[0]
     assert block.strip() == explain.markdown_table().strip()
 
@@ -108,6 +121,7 @@ def test_known_failure_table_is_generated_from_the_records():
 def _readme_versions(cell: str, matrix: list[str]) -> list[str]:
     """The matrix versions a first-column cell ("0.20 - 0.23", "0.25", "0.30 - 0.33") names."""
     from packaging.version import Version
+
     lo, _, hi = cell.partition(" - ")
     hi = hi or lo
     minor = lambda v: Version(".".join(v.split(".")[:2]))  # noqa: E731
@@ -119,6 +133,7 @@ def test_vllm_version_table_is_what_the_policy_decides_with_stock_libraries():
     from ds_plugins import effects, stock
     from ds_plugins.policy import decide
     from ds_plugins.probe import Device, Probe
+
     matrix = [v for e, v in upstream.matrix() if e == "vllm"]
     block = README.split("<!-- vllm-versions:start -->\n", 1)[1].split("<!-- vllm-versions:end -->", 1)[0]
     seen = []
@@ -128,13 +143,23 @@ def test_vllm_version_table_is_what_the_policy_decides_with_stock_libraries():
         for version in _readme_versions(cell, matrix):
             seen.append(version)
             for capability in ((12, 0), (12, 1)):
-                probe = Probe("", {"vllm": version}, None, None, (Device("cuda", 0, "gpu", capability),), "",
-                              stock.libraries("vllm", version), simulated=True)
+                probe = Probe(
+                    "",
+                    {"vllm": version},
+                    None,
+                    None,
+                    (Device("cuda", 0, "gpu", capability),),
+                    "",
+                    stock.libraries("vllm", version),
+                    simulated=True,
+                )
                 plan = decide(probe, "vllm", env={})
                 assert verdict == plan.status, (version, capability, plan.status_reason)
-                changes = {f"{d.id}={d.value}" for d in plan.decisions
-                           if effects.effect(d.id, d.value).kind == effects.CHANGES}
+                changes = {
+                    f"{d.id}={d.value}" for d in plan.decisions if effects.effect(d.id, d.value).kind == effects.CHANGES
+                }
                 assert listed == changes, (version, capability)
     from ds_plugins.landscape import MINIMUM
     from packaging.version import Version
+
     assert seen == [v for v in matrix if Version(v) >= Version(MINIMUM["vllm"])], "every vLLM with V4 has a row"

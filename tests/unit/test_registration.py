@@ -14,9 +14,16 @@ SM120_VLLM_0_30 = "--engine vllm==0.30.0 --capability 12.0 --lib deep_gemm=no-sm
 
 def gate(module):
     return Patch(
-        id="test.gate", engine="vllm", module=module, attribute="support_deep_gemm", versions=">=0.24",
-        implements=("deepgemm", ("off",)), why="test", retire="never", check=lambda t: None,
-        install=replace_attribute(lambda orig: (lambda: False)),
+        id="test.gate",
+        engine="vllm",
+        module=module,
+        attribute="support_deep_gemm",
+        versions=">=0.24",
+        implements=("deepgemm", ("off",)),
+        why="test",
+        retire="never",
+        check=lambda t: None,
+        install=replace_attribute(lambda orig: lambda: False),
     )
 
 
@@ -33,8 +40,10 @@ def records(caplog, level):
 def test_register_is_idempotent_and_says_what_it_did_once(target, fresh_state, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("DS_PLUGINS_SIMULATE", SM120_VLLM_0_30)
+
     def source():
         return [gate(target.__name__)]
+
     first = registration.register("vllm", "vllm.general_plugins", source, LOG)
     replaced = target.support_deep_gemm
     second = registration.register("vllm", "vllm.general_plugins", source, LOG)
@@ -75,8 +84,7 @@ def test_bad_simulate_value_does_not_exit_the_engine(fresh_state, monkeypatch, c
     assert reg.state == "config-error" and "DS_PLUGINS_SIMULATE" in reg.error
 
 
-def test_internal_failure_is_one_error_line_and_leaves_the_engine_untouched(target, fresh_state, monkeypatch,
-                                                                              caplog):
+def test_internal_failure_is_one_error_line_and_leaves_the_engine_untouched(target, fresh_state, monkeypatch, caplog):
     monkeypatch.setenv("DS_PLUGINS_SIMULATE", SM120_VLLM_0_30)
 
     def explode(target_):
@@ -128,6 +136,7 @@ def test_vllm_entry_point_survives_a_broken_adapter(monkeypatch, caplog):
 
 def test_sglang_entry_point_survives_a_broken_core(monkeypatch, caplog):
     import ds_plugins_sglang
+
     monkeypatch.setitem(sys.modules, "ds_plugins.registration", None)
     ds_plugins_sglang.register()
     ds_plugins_sglang.prepare("hook")

@@ -27,6 +27,7 @@ def plan_for(flags: str, engine: str):
 
 # --- a stock install, no --lib ----------------------------------------------------
 
+
 def test_stock_vllm_0_24_on_sm120_turns_its_vendored_deepgemm_off():
     probe = probe_for("--engine vllm==0.24.0 --capability 12.0")
     vendored = probe.library("vllm.third_party.deep_gemm")
@@ -60,8 +61,9 @@ def test_stock_sglang_brings_its_pinned_deepgemm_and_flashinfer():
     assert deepgemm.value == "off" and "deep_gemm 0.1.2 has no SM12x kernels" in deepgemm.reason
     # 0.5.19 pins an sgl-deep-gemm with SM12x kernels; its gate does not guard SM121 yet
     plan = plan_for("--engine sglang==0.5.19 --capability 12.1", "sglang")
-    assert (plan.value("deepgemm") == "upstream"
-            and "deep_gemm 0.1.7 has SM12x kernels" in plan.decision("deepgemm").reason)
+    assert (
+        plan.value("deepgemm") == "upstream" and "deep_gemm 0.1.7 has SM12x kernels" in plan.decision("deepgemm").reason
+    )
 
 
 def test_library_notes_say_they_come_from_the_stock_wheel():
@@ -91,11 +93,13 @@ def test_a_later_engine_replaces_an_earlier_ones_library_as_a_later_pip_install_
     assert probe.library("flashinfer").version == "0.6.11.post1"  # sglang's pin, installed last
     assert probe.library("vllm.third_party.deep_gemm").has("sm12x")
     # vLLM prefers a site-packages DeepGEMM over its vendored one: sglang's sgl-deep-gemm 0.1.0 here
-    assert (plan_for("--engine vllm==0.30.0 --engine sglang==0.5.12 --capability 12.0", "vllm")
-            .value("deepgemm") == "off")
+    assert (
+        plan_for("--engine vllm==0.30.0 --engine sglang==0.5.12 --capability 12.0", "vllm").value("deepgemm") == "off"
+    )
 
 
 # --- --lib overrides ----------------------------------------------------------------
+
 
 def test_lib_no_removes_a_stock_library():
     probe = probe_for("--engine vllm==0.24.0 --capability 12.0 --lib vllm.third_party.deep_gemm=no")
@@ -108,8 +112,9 @@ def test_lib_replaces_a_stock_library_and_says_so():
     probe = probe_for("--engine vllm==0.24.0 --capability 12.0 --lib flashinfer=no-sm120_sparse_mla")
     fi = probe.library("flashinfer")
     assert fi.present and fi.features == () and fi.version is None
-    assert fi.note == ("from --lib flashinfer=no-sm120_sparse_mla: no sm120_sparse_mla; "
-                       "replaces the stock wheel's flashinfer 0.6.12")
+    assert fi.note == (
+        "from --lib flashinfer=no-sm120_sparse_mla: no sm120_sparse_mla; replaces the stock wheel's flashinfer 0.6.12"
+    )
     assert decide(probe, "vllm", env={}).value("sparse_mla") == "triton"
     fixed = plan_for("--engine vllm==0.24.0 --capability 12.0 --lib vllm.third_party.deep_gemm=sm12x", "vllm")
     assert fixed.value("deepgemm") == "upstream" and fixed.value("indexer") == "upstream"
@@ -117,14 +122,21 @@ def test_lib_replaces_a_stock_library_and_says_so():
 
 def test_lib_adds_a_site_deepgemm_that_vllm_prefers():
     plan = plan_for("--engine vllm==0.27.0 --capability 12.0 --lib deep_gemm=sm12x,version=2.5.0", "vllm")
-    assert (plan.value("deepgemm") == "upstream"
-            and "deep_gemm 2.5.0 has SM12x kernels" in plan.decision("deepgemm").reason)
+    assert (
+        plan.value("deepgemm") == "upstream" and "deep_gemm 2.5.0 has SM12x kernels" in plan.decision("deepgemm").reason
+    )
 
 
-@pytest.mark.parametrize("name,alias,feature", [
-    ("deep_gemm", "sm120", "sm12x"), ("deep_gemm", "sm121", "sm12x"), ("deep_gemm", "SM12X", "sm12x"),
-    ("vllm.third_party.deep_gemm", "sm121", "sm12x"), ("flashinfer", "sm120", "sm120_sparse_mla"),
-])
+@pytest.mark.parametrize(
+    "name,alias,feature",
+    [
+        ("deep_gemm", "sm120", "sm12x"),
+        ("deep_gemm", "sm121", "sm12x"),
+        ("deep_gemm", "SM12X", "sm12x"),
+        ("vllm.third_party.deep_gemm", "sm121", "sm12x"),
+        ("flashinfer", "sm120", "sm120_sparse_mla"),
+    ],
+)
 def test_each_library_has_its_own_feature_aliases(name, alias, feature):
     assert probe_for(f"--lib {name}={alias}").library(name).features == (feature,)
     assert probe_for(f"--lib {name}=no-{alias}").library(name).features == ()
@@ -143,34 +155,47 @@ def test_npu_count():
 
 # --- errors ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags,message", [
-    ("--npu -1", "--npu '-1': expected a number of NPUs, 0 or more"),
-    ("--npu two", "--npu 'two': expected a number of NPUs, 0 or more"),
-    ("--torch banana", "--torch 'banana': 'banana' is not a version (e.g. 2.11.0)"),
-    ("--capability 12", "--capability '12': expected MAJOR.MINOR, e.g. 12.0"),
-    ("--capability twelve", "--capability 'twelve': expected MAJOR.MINOR, e.g. 12.0"),
-    ("--capability -1.0", "--capability '-1.0': expected MAJOR.MINOR with MAJOR >= 1, e.g. 12.0"),
-    ("--engine vllm=0.22.1", "--engine 'vllm=0.22.1': expected NAME==VERSION with NAME one of vllm, sglang"),
-    ("--engine tgi==1.0", "--engine 'tgi==1.0': expected NAME==VERSION with NAME one of vllm, sglang"),
-    ("--engine vllm==banana", "--engine 'vllm==banana': 'banana' is not a version (e.g. 0.24.0)"),
-    ("--engine vllm==0.24.0 --engine vllm==0.30.0",
-     "--engine 'vllm==0.30.0': vllm is already given (vllm==0.24.0)"),
-    ("--lib cutlass=yes", "--lib 'cutlass=yes': unknown library 'cutlass'; known: deep_gemm, "),
-    ("--lib deep_gemm=sm90",
-     "--lib 'deep_gemm=sm90': deep_gemm has no feature 'sm90' (features: sm12x; also spelled sm120 (sm12x), "
-     "sm121 (sm12x))"),
-    ("--lib deep_gemm=sm120_sparse_mla", "deep_gemm has no feature 'sm120_sparse_mla' (features: sm12x;"),
-    ("--lib flashinfer=sm12x",
-     "--lib 'flashinfer=sm12x': flashinfer has no feature 'sm12x' (features: sm120_sparse_mla; "
-     "also spelled sm120 (sm120_sparse_mla))"),
-    ("--lib flash_mla=sm120", "--lib 'flash_mla=sm120': flash_mla has no feature 'sm120' (features: none)"),
-    ("--lib flashinfer=no-sm121", "flashinfer has no feature 'sm121'"),
-    ("--lib deep_gemm=no,sm12x", "--lib 'deep_gemm=no,sm12x': 'no' removes deep_gemm; it cannot also have"),
-    ("--lib deep_gemm=sm12x,no-sm120", "--lib 'deep_gemm=sm12x,no-sm120': sm12x both given and negated"),
-    ("--lib deep_gemm=version=new", "--lib 'deep_gemm=version=new': 'new' is not a version"),
-    ("--lib deep_gemm=", "--lib 'deep_gemm=': expected NAME=SPEC"),
-    ("--lib deep_gemm=sm12x --lib deep_gemm=no", "--lib 'deep_gemm=no': deep_gemm is already given by another --lib"),
-])
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ("--npu -1", "--npu '-1': expected a number of NPUs, 0 or more"),
+        ("--npu two", "--npu 'two': expected a number of NPUs, 0 or more"),
+        ("--torch banana", "--torch 'banana': 'banana' is not a version (e.g. 2.11.0)"),
+        ("--capability 12", "--capability '12': expected MAJOR.MINOR, e.g. 12.0"),
+        ("--capability twelve", "--capability 'twelve': expected MAJOR.MINOR, e.g. 12.0"),
+        ("--capability -1.0", "--capability '-1.0': expected MAJOR.MINOR with MAJOR >= 1, e.g. 12.0"),
+        ("--engine vllm=0.22.1", "--engine 'vllm=0.22.1': expected NAME==VERSION with NAME one of vllm, sglang"),
+        ("--engine tgi==1.0", "--engine 'tgi==1.0': expected NAME==VERSION with NAME one of vllm, sglang"),
+        ("--engine vllm==banana", "--engine 'vllm==banana': 'banana' is not a version (e.g. 0.24.0)"),
+        (
+            "--engine vllm==0.24.0 --engine vllm==0.30.0",
+            "--engine 'vllm==0.30.0': vllm is already given (vllm==0.24.0)",
+        ),
+        ("--lib cutlass=yes", "--lib 'cutlass=yes': unknown library 'cutlass'; known: deep_gemm, "),
+        (
+            "--lib deep_gemm=sm90",
+            "--lib 'deep_gemm=sm90': deep_gemm has no feature 'sm90' (features: sm12x; also spelled sm120 (sm12x), "
+            "sm121 (sm12x))",
+        ),
+        ("--lib deep_gemm=sm120_sparse_mla", "deep_gemm has no feature 'sm120_sparse_mla' (features: sm12x;"),
+        (
+            "--lib flashinfer=sm12x",
+            "--lib 'flashinfer=sm12x': flashinfer has no feature 'sm12x' (features: sm120_sparse_mla; "
+            "also spelled sm120 (sm120_sparse_mla))",
+        ),
+        ("--lib flash_mla=sm120", "--lib 'flash_mla=sm120': flash_mla has no feature 'sm120' (features: none)"),
+        ("--lib flashinfer=no-sm121", "flashinfer has no feature 'sm121'"),
+        ("--lib deep_gemm=no,sm12x", "--lib 'deep_gemm=no,sm12x': 'no' removes deep_gemm; it cannot also have"),
+        ("--lib deep_gemm=sm12x,no-sm120", "--lib 'deep_gemm=sm12x,no-sm120': sm12x both given and negated"),
+        ("--lib deep_gemm=version=new", "--lib 'deep_gemm=version=new': 'new' is not a version"),
+        ("--lib deep_gemm=", "--lib 'deep_gemm=': expected NAME=SPEC"),
+        (
+            "--lib deep_gemm=sm12x --lib deep_gemm=no",
+            "--lib 'deep_gemm=no': deep_gemm is already given by another --lib",
+        ),
+    ],
+)
 def test_bad_flags_are_simulate_errors_naming_the_flag(flags, message):
     with pytest.raises(simulate.SimulateError) as exc:
         probe_for(flags)
@@ -180,6 +205,7 @@ def test_bad_flags_are_simulate_errors_naming_the_flag(flags, message):
 
 # --- DS_PLUGINS_SIMULATE ----------------------------------------------------------------
 
+
 def test_env_value_keeps_the_real_engine_and_adds_no_stock_library_without_engine():
     probe = simulate.from_env_value("--capability 12.0", {"vllm": "0.30.0"})
     assert probe.engines == {"vllm": "0.30.0"} and probe.libraries == {}
@@ -187,17 +213,20 @@ def test_env_value_keeps_the_real_engine_and_adds_no_stock_library_without_engin
     assert probe.engines == {"vllm": "0.24.0"} and not probe.library("vllm.third_party.deep_gemm").has("sm12x")
 
 
-@pytest.mark.parametrize("value,names", [
-    ("--capability twelve", "--capability 'twelve'"),
-    ("--npu -1", "--npu '-1'"),
-    ("--torch banana", "--torch 'banana'"),
-    ("--lib deep_gemm=sm90", "--lib 'deep_gemm=sm90'"),
-    ("--no-such-flag", "unrecognized arguments: --no-such-flag"),
-    ("--npu", "argument --npu: expected one argument"),
-    ("--eng vllm==0.30.0", "unrecognized arguments: --eng"),  # no abbreviations inside an engine process
-    ("vllm==0.30.0", "unrecognized arguments: vllm==0.30.0"),
-    ("--lib 'deep_gemm=sm12x", "No closing quotation"),
-])
+@pytest.mark.parametrize(
+    "value,names",
+    [
+        ("--capability twelve", "--capability 'twelve'"),
+        ("--npu -1", "--npu '-1'"),
+        ("--torch banana", "--torch 'banana'"),
+        ("--lib deep_gemm=sm90", "--lib 'deep_gemm=sm90'"),
+        ("--no-such-flag", "unrecognized arguments: --no-such-flag"),
+        ("--npu", "argument --npu: expected one argument"),
+        ("--eng vllm==0.30.0", "unrecognized arguments: --eng"),  # no abbreviations inside an engine process
+        ("vllm==0.30.0", "unrecognized arguments: vllm==0.30.0"),
+        ("--lib 'deep_gemm=sm12x", "No closing quotation"),
+    ],
+)
 def test_every_bad_env_value_is_a_config_error_naming_the_variable_and_the_flag(value, names):
     with pytest.raises(ConfigError) as exc:
         simulate.from_env_value(value, {})

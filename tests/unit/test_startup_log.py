@@ -20,10 +20,15 @@ def _fake_vllm_logger(stream):
     module = types.ModuleType("dsp_test_vllm_logger")
 
     def configure_logging(config):
-        logging.config.dictConfig({
-            "version": 1, "disable_existing_loggers": False,
-            "handlers": {"h": {"class": "logging.StreamHandler", "stream": stream}},
-            "loggers": {"dsp_test_vllm": {"handlers": ["h"], "level": "INFO", "propagate": False}}})
+        logging.config.dictConfig(
+            {
+                "version": 1,
+                "disable_existing_loggers": False,
+                "handlers": {"h": {"class": "logging.StreamHandler", "stream": stream}},
+                "loggers": {"dsp_test_vllm": {"handlers": ["h"], "level": "INFO", "propagate": False}},
+            }
+        )
+
     module.configure_logging = configure_logging
     return module
 

@@ -18,9 +18,15 @@ from __future__ import annotations
 import torch
 
 
-def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                     d_v: int = 512, attn_sink: torch.Tensor | None = None,
-                     topk_length: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sparse_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+    attn_sink: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [s_q, h, d_qk], kv [s_kv, d_qk], indices [s_q, topk] (int) -> out [s_q, h, d_v] (q's dtype),
     max_logits [s_q, h] fp32, lse [s_q, h] fp32. All math in fp32."""
     s_q, h, _ = q.shape
@@ -30,16 +36,16 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     valid = (idx >= 0) & (idx < s_kv)
     if topk_length is not None:
         valid &= torch.arange(topk, device=idx.device)[None, :] < topk_length.long()[:, None]
-    gathered = kv.float()[idx.clamp(0, max(s_kv - 1, 0))]                          # [s_q, topk, d_qk]
-    scores = torch.einsum("thd,tkd->thk", q.float(), gathered) * sm_scale           # [s_q, h, topk]
+    gathered = kv.float()[idx.clamp(0, max(s_kv - 1, 0))]  # [s_q, topk, d_qk]
+    scores = torch.einsum("thd,tkd->thk", q.float(), gathered) * sm_scale  # [s_q, h, topk]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    max_logits = scores.amax(dim=-1)                                                 # -inf on empty rows
-    lse = torch.logsumexp(scores, dim=-1)                                            # -inf on empty rows
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)                       # 0 on empty rows
+    max_logits = scores.amax(dim=-1)  # -inf on empty rows
+    lse = torch.logsumexp(scores, dim=-1)  # -inf on empty rows
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # 0 on empty rows
     out = torch.einsum("thk,tkd->thd", probs, gathered[..., :d_v])
     if attn_sink is not None:
         # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink), stable for any magnitude
         out = out * torch.sigmoid(lse - attn_sink.float()[None, :])[..., None].nan_to_num(0.0)
-    empty = ~valid.any(dim=-1)                                                       # [s_q]
+    empty = ~valid.any(dim=-1)  # [s_q]
     lse = lse.masked_fill(empty[:, None], float("inf"))
     return out.to(q.dtype), max_logits, lse

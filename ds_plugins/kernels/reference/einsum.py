@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-SCALE_BLOCK_K = 128        # gran_k: one scale per 128 values along the contracted dim
-FP8_MAX = 448.0            # largest finite float8_e4m3fn
+SCALE_BLOCK_K = 128  # gran_k: one scale per 128 values along the contracted dim
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def num_scale_blocks(length: int) -> int:
@@ -38,8 +38,8 @@ def num_packed_words(length: int) -> int:
 def unpack_ue8m0(packed: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """int32 [..., words] of packed UE8M0 exponents -> float32 [..., num_blocks] scales."""
     shifts = torch.arange(4, device=packed.device, dtype=torch.int32) * 8
-    exponents = (packed[..., None].to(torch.int32) >> shifts) & 0xFF            # [..., words, 4]
-    scales = (exponents << 23).view(torch.float32)                               # 2^(e - 127)
+    exponents = (packed[..., None].to(torch.int32) >> shifts) & 0xFF  # [..., words, 4]
+    scales = (exponents << 23).view(torch.float32)  # 2^(e - 127)
     return scales.flatten(-2)[..., :num_blocks]
 
 
@@ -54,7 +54,7 @@ def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
 
 def _wrap_int32(values: torch.Tensor) -> torch.Tensor:
     """int64 in [0, 2^32) -> the int32 with the same bit pattern."""
-    return torch.where(values >= 2 ** 31, values - 2 ** 32, values).to(torch.int32)
+    return torch.where(values >= 2**31, values - 2**32, values).to(torch.int32)
 
 
 def block_scales(sf: torch.Tensor, length: int) -> torch.Tensor:
@@ -72,9 +72,13 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor, rows_per_scale: int =
     return values.float() * per_value
 
 
-def fp8_einsum_bhr_hdr_bhd(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
-                           d: torch.Tensor, c: torch.Tensor | None = None,
-                           recipe: tuple[int, int, int] = (1, 128, 128)) -> None:
+def fp8_einsum_bhr_hdr_bhd(
+    a: tuple[torch.Tensor, torch.Tensor],
+    b: tuple[torch.Tensor, torch.Tensor],
+    d: torch.Tensor,
+    c: torch.Tensor | None = None,
+    recipe: tuple[int, int, int] = (1, 128, 128),
+) -> None:
     """Reference for `fp8_einsum("bhr,hdr->bhd", a, b, d, c, recipe)`: writes d in place (fp32 math).
 
     a = (A [b, h, r] e4m3, scales [b, h, *]), b = (W [h, d, r] e4m3, scales [h, ceil(d/gran_n), *]),
@@ -109,7 +113,7 @@ def quantize_per_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     padded = torch.nn.functional.pad(w.float(), (0, pl, 0, pr))
     # [..., R/128, 128, L/128, 128]
     blocks = padded.unflatten(-1, (-1, SCALE_BLOCK_K)).unflatten(-3, (-1, SCALE_BLOCK_K))
-    amax = blocks.abs().amax(dim=(-3, -1)).clamp_min(1e-10)                                  # [.., R/128, L/128]
+    amax = blocks.abs().amax(dim=(-3, -1)).clamp_min(1e-10)  # [.., R/128, L/128]
     scales = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
     q = (blocks / scales[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
     q = q.flatten(-2).flatten(-3, -2)[..., :rows, :length]

@@ -43,6 +43,7 @@ _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 # ----------------------------------------------------------------------------- formats
 
+
 def ue8m0_to_float(scale_bytes: torch.Tensor) -> torch.Tensor:
     """UE8M0 bytes (uint8) -> fp32 powers of two 2^(e-127), via the bit pattern e << 23."""
     return (scale_bytes.to(torch.int32) << 23).view(torch.float32)
@@ -51,7 +52,7 @@ def ue8m0_to_float(scale_bytes: torch.Tensor) -> torch.Tensor:
 def dequant_fp4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """MXFP4 [..., D/2] (int8 or uint8) with packed UE8M0 scales [...] (int32) -> fp32 [..., D]."""
     codes = packed.contiguous().view(torch.uint8).to(torch.int64)
-    codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)            # even element = low nibble
+    codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)  # even element = low nibble
     magnitudes = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=packed.device)
     values = magnitudes[codes & 0x7]
     values = torch.where((codes & 0x8) != 0, -values, values)
@@ -65,8 +66,9 @@ def dequant_fp4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def _blocks_as_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
     """[num_blocks, block_kv, 1, W] uint8 -> [num_blocks, block_kv * W] bytes of each block."""
     num_blocks, block_kv, _, width = kv_cache.shape
-    return torch.as_strided(kv_cache, (num_blocks, block_kv * width), (kv_cache.stride(0), 1),
-                            kv_cache.storage_offset())
+    return torch.as_strided(
+        kv_cache, (num_blocks, block_kv * width), (kv_cache.stride(0), 1), kv_cache.storage_offset()
+    )
 
 
 def split_fp8_paged_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,9 +77,11 @@ def split_fp8_paged_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.T
     head_dim = width - 4
     blocks = _blocks_as_bytes(kv_cache)
     values = blocks[:, : block_kv * head_dim].reshape(num_blocks, block_kv, head_dim)
-    scales = blocks[:, block_kv * head_dim: block_kv * width].reshape(num_blocks, block_kv, 4)
-    return (values.contiguous().view(torch.float8_e4m3fn).float(),
-            scales.contiguous().view(torch.float32).reshape(num_blocks, block_kv))
+    scales = blocks[:, block_kv * head_dim : block_kv * width].reshape(num_blocks, block_kv, 4)
+    return (
+        values.contiguous().view(torch.float8_e4m3fn).float(),
+        scales.contiguous().view(torch.float32).reshape(num_blocks, block_kv),
+    )
 
 
 def split_fp4_paged_cache(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -86,11 +90,12 @@ def split_fp4_paged_cache(kv_cache: torch.Tensor) -> torch.Tensor:
     packed_dim = width - 4
     blocks = _blocks_as_bytes(kv_cache)
     packed = blocks[:, : block_kv * packed_dim].reshape(num_blocks, block_kv, packed_dim)
-    scales = blocks[:, block_kv * packed_dim: block_kv * width].reshape(num_blocks, block_kv, 4)
+    scales = blocks[:, block_kv * packed_dim : block_kv * width].reshape(num_blocks, block_kv, 4)
     return dequant_fp4(packed, scales.contiguous().view(torch.int32).reshape(num_blocks, block_kv))
 
 
 # ----------------------------------------------------------------------------- writers (tests, selftest)
+
 
 def quantize_fp8_keys(x: torch.Tensor, power_of_two: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys [..., D] -> (e4m3 [..., D], fp32 scale [...]) with scale = amax/448 per key (amax >= 1e-4),
@@ -106,7 +111,7 @@ def quantize_fp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     per 32 values s = 2^ceil(log2(amax / 6)), amax >= 6 * 2^-126 (V4's rule), value -> nearest e2m1 of x / s."""
     head_dim = x.shape[-1]
     groups = x.float().reshape(*x.shape[:-1], head_dim // 32, 32)
-    amax = groups.abs().amax(dim=-1).clamp_min(6.0 * 2.0 ** -126)
+    amax = groups.abs().amax(dim=-1).clamp_min(6.0 * 2.0**-126)
     exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
     scaled = (groups / torch.exp2(exponent)[..., None]).clamp(-6.0, 6.0).reshape(x.shape)
     magnitudes = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=x.device)
@@ -128,13 +133,19 @@ def pack_paged_cache(values: torch.Tensor, scale_words: torch.Tensor, block_stri
     storage = torch.zeros(num_blocks * stride, dtype=torch.uint8, device=values.device)
     blocks = storage.view(num_blocks, stride)
     blocks[:, : block_kv * value_bytes] = values.contiguous().view(torch.uint8).reshape(num_blocks, -1)
-    blocks[:, block_kv * value_bytes: block_kv * width] = scale_words.contiguous().view(torch.uint8).reshape(
-        num_blocks, -1)
+    blocks[:, block_kv * value_bytes : block_kv * width] = (
+        scale_words.contiguous().view(torch.uint8).reshape(num_blocks, -1)
+    )
     return torch.as_strided(storage, (num_blocks, block_kv, 1, width), (stride, width, width, 1))
 
 
-def paged_cache_from_keys(keys: torch.Tensor, block_kv: int, fp4: bool = False, block_stride: int | None = None,
-                          physical_blocks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def paged_cache_from_keys(
+    keys: torch.Tensor,
+    block_kv: int,
+    fp4: bool = False,
+    block_stride: int | None = None,
+    physical_blocks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise per-request keys [B, capacity, D] (capacity a multiple of block_kv) into a paged cache.
     Logical block i of request b is stored in physical block physical_blocks[b * blocks_per_request + i]
     (default: in order; pass a permutation for a scattered table). Returns (kv_cache, block_table int32)."""
@@ -152,27 +163,36 @@ def paged_cache_from_keys(keys: torch.Tensor, block_kv: int, fp4: bool = False, 
 
 # ----------------------------------------------------------------------------- scores
 
-def index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
-                 k_scale: torch.Tensor | None = None) -> torch.Tensor:
+
+def index_scores(
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """q [M, H, D], k [N, D], weights [M, H], k_scale [N] | None -> unmasked scores [M, N] fp32."""
     q, k, weights = q.float(), k.float(), weights.float()
     scores = q.new_zeros(q.shape[0], k.shape[0])
-    for h in range(q.shape[1]):                       # one head at a time keeps memory at [M, N]
+    for h in range(q.shape[1]):  # one head at a time keeps memory at [M, N]
         scores += torch.relu(q[:, h] @ k.T) * weights[:, h, None]
     if k_scale is not None:
         scores = scores * k_scale.float()[None, :]
     return scores
 
 
-def mqa_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
-               k_scale: torch.Tensor | None = None, max_seqlen_k: int = 0) -> torch.Tensor:
+def mqa_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    ks: torch.Tensor,
+    ke: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    max_seqlen_k: int = 0,
+) -> torch.Tensor:
     """Ragged logits: [M, N] with -inf outside ks[t] <= j < ke[t]; or, with max_seqlen_k > 0,
     [M, max_seqlen_k] where column c is key ks[t] + c (-inf where that key is not visible)."""
     n_keys = k.shape[0]
     scores = index_scores(q, k, weights, k_scale)
     ks, ke = ks.long()[:, None], ke.long()[:, None]
     if max_seqlen_k > 0:
-        cols = ks + torch.arange(max_seqlen_k, device=q.device)[None, :]           # key index per column
+        cols = ks + torch.arange(max_seqlen_k, device=q.device)[None, :]  # key index per column
     else:
         cols = torch.arange(n_keys, device=q.device)[None, :].expand(q.shape[0], -1)
     visible = (cols >= ks) & (cols < ke) & (cols >= 0) & (cols < n_keys)
@@ -188,9 +208,15 @@ def row_lengths(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:
     return (context_lens.long()[:, None] + offsets[None, :]).clamp_min(0).reshape(-1)
 
 
-def paged_mqa_logits(q: torch.Tensor, k_blocks: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
-                     block_table: torch.Tensor, max_context_len: int,
-                     k_scale_blocks: torch.Tensor | None = None) -> torch.Tensor:
+def paged_mqa_logits(
+    q: torch.Tensor,
+    k_blocks: torch.Tensor,
+    weights: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    max_context_len: int,
+    k_scale_blocks: torch.Tensor | None = None,
+) -> torch.Tensor:
     """q [B, next_n, H, D], keys [num_blocks, block_kv, D] (+ scales [num_blocks, block_kv]),
     weights [B*next_n, H] -> logits [B*next_n, max_context_len], -inf at positions >= the row length."""
     batch, next_n, heads, head_dim = q.shape
@@ -201,11 +227,11 @@ def paged_mqa_logits(q: torch.Tensor, k_blocks: torch.Tensor, weights: torch.Ten
     positions = torch.arange(max_context_len, device=q.device)
     block_idx = positions // block_kv
     in_table = block_idx < block_table.shape[1]
-    physical = block_table.long()[:, block_idx.clamp(max=block_table.shape[1] - 1)]             # [B, P]
+    physical = block_table.long()[:, block_idx.clamp(max=block_table.shape[1] - 1)]  # [B, P]
     in_cache = in_table[None, :] & (physical >= 0) & (physical < num_blocks)
     physical = physical.clamp(0, num_blocks - 1)
     slots = (positions % block_kv)[None, :].expand_as(physical)
-    keys = k_blocks.float()[physical, slots]                                                  # [B, P, D]
+    keys = k_blocks.float()[physical, slots]  # [B, P, D]
     scales = k_scale_blocks.float()[physical, slots] if k_scale_blocks is not None else None
     logits = q.new_zeros(batch * next_n, max_context_len, dtype=torch.float32)
     for b in range(batch):
@@ -216,6 +242,7 @@ def paged_mqa_logits(q: torch.Tensor, k_blocks: torch.Tensor, weights: torch.Ten
 
 
 # ----------------------------------------------------------------------------- top-k
+
 
 def topk_from_logits(logits: torch.Tensor, topk: int) -> torch.Tensor:
     """Column indices of each row's topk best finite logits, best first (stable: equal scores keep
@@ -230,16 +257,30 @@ def topk_from_logits(logits: torch.Tensor, topk: int) -> torch.Tensor:
     return out
 
 
-def mqa_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
-             topk: int, k_scale: torch.Tensor | None = None) -> torch.Tensor:
+def mqa_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    ks: torch.Tensor,
+    ke: torch.Tensor,
+    topk: int,
+    k_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Ragged top-k: int32 [M, topk] of positions relative to ks[t] (key ks[t] + p), -1 padded."""
-    width = max(k.shape[0], 1)          # a visible window never exceeds the key count
+    width = max(k.shape[0], 1)  # a visible window never exceeds the key count
     return topk_from_logits(mqa_logits(q, k, weights, ks, ke, k_scale, max_seqlen_k=width), topk)
 
 
-def paged_mqa_topk(q: torch.Tensor, k_blocks: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
-                   block_table: torch.Tensor, max_context_len: int, topk: int,
-                   k_scale_blocks: torch.Tensor | None = None) -> torch.Tensor:
+def paged_mqa_topk(
+    q: torch.Tensor,
+    k_blocks: torch.Tensor,
+    weights: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    max_context_len: int,
+    topk: int,
+    k_scale_blocks: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Paged top-k: int32 [B*next_n, topk] of logical positions, -1 padded."""
     logits = paged_mqa_logits(q, k_blocks, weights, context_lens, block_table, max_context_len, k_scale_blocks)
     return topk_from_logits(logits, topk)

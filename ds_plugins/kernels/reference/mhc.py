@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 HC_SPLIT_BLOCK_K = 64  # DeepGEMM's split-K granularity: a split always holds whole 64-wide K blocks
-HC_POST_MULT = 2.0     # post = 2 * sigmoid(.): hard-coded in V4 (vLLM's hc_post_mult_value)
+HC_POST_MULT = 2.0  # post = 2 * sigmoid(.): hard-coded in V4 (vLLM's hc_post_mult_value)
 
 
 def hc_split_k_ranges(k: int, num_splits: int) -> list[tuple[int, int]]:
@@ -42,8 +42,9 @@ def hc_split_k_ranges(k: int, num_splits: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def hc_prenorm_gemm(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sqr_sum: torch.Tensor,
-                    num_splits: int | None = None) -> None:
+def hc_prenorm_gemm(
+    a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sqr_sum: torch.Tensor, num_splits: int | None = None
+) -> None:
     """Reference for `tf32_hc_prenorm_gemm`: fills d and sqr_sum in place (fp32 math), returns None.
 
     a [M, K] bf16, b [N, K] fp32; d [M, N] and sqr_sum [M] when num_splits is None, else
@@ -62,8 +63,14 @@ def hc_prenorm_gemm(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sqr_sum: 
 PrenormGemm = Callable[..., None]  # the tf32_hc_prenorm_gemm signature: (a, b, d, sqr_sum, num_splits)
 
 
-def hc_mixes(x_flat: torch.Tensor, fn: torch.Tensor, rms_eps: float, *, num_splits: int | None = None,
-             prenorm_gemm: PrenormGemm | None = None) -> torch.Tensor:
+def hc_mixes(
+    x_flat: torch.Tensor,
+    fn: torch.Tensor,
+    rms_eps: float,
+    *,
+    num_splits: int | None = None,
+    prenorm_gemm: PrenormGemm | None = None,
+) -> torch.Tensor:
     """m = (x @ fn^T) * rsqrt(mean(x^2) + rms_eps) for x_flat [T, K] bf16 -> [T, N] fp32, going
     through a prenorm GEMM with the DeepGEMM contract (the reference by default), as callers do."""
     gemm = prenorm_gemm or hc_prenorm_gemm
@@ -93,9 +100,18 @@ def collapse(x_streams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights[..., None] * x_streams.float()).sum(dim=-2).to(x_streams.dtype)
 
 
-def ref_hc_pre(x_streams: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-               hc_eps: float, sinkhorn_iters: int, rms_eps: float, *, num_splits: int | None = None,
-               prenorm_gemm: PrenormGemm | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ref_hc_pre(
+    x_streams: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    hc_eps: float,
+    sinkhorn_iters: int,
+    rms_eps: float,
+    *,
+    num_splits: int | None = None,
+    prenorm_gemm: PrenormGemm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_streams [T, n, D] bf16, fn [(2+n)n, n*D], scale [3], base [(2+n)n] (fp32)
     -> y [T, D] (x's dtype), post [T, n] fp32, comb [T, n, n] fp32 (comb[t, j, k]: stream j into k).
 
@@ -106,8 +122,8 @@ def ref_hc_pre(x_streams: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, b
     s = scale.float()
     b = base.float()
     pre = torch.sigmoid(m[:, :n] * s[0] + b[:n]) + hc_eps
-    post = HC_POST_MULT * torch.sigmoid(m[:, n:2 * n] * s[1] + b[n:2 * n])
-    comb_logits = (m[:, 2 * n:] * s[2] + b[2 * n:]).view(t, n, n)
+    post = HC_POST_MULT * torch.sigmoid(m[:, n : 2 * n] * s[1] + b[n : 2 * n])
+    comb_logits = (m[:, 2 * n :] * s[2] + b[2 * n :]).view(t, n, n)
     comb = sinkhorn(comb_logits, hc_eps, sinkhorn_iters)
     return collapse(x_streams, pre), post, comb
 
@@ -120,9 +136,17 @@ def ref_hc_post(f: torch.Tensor, x_streams: torch.Tensor, post: torch.Tensor, co
     return (post.float()[..., None] * f.float()[:, None, :] + mixed).to(x_streams.dtype)
 
 
-def ref_hc_head(x_streams: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-                hc_eps: float, rms_eps: float, *, num_splits: int | None = None,
-                prenorm_gemm: PrenormGemm | None = None) -> torch.Tensor:
+def ref_hc_head(
+    x_streams: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    hc_eps: float,
+    rms_eps: float,
+    *,
+    num_splits: int | None = None,
+    prenorm_gemm: PrenormGemm | None = None,
+) -> torch.Tensor:
     """Final collapse before the model's norm: x_streams [T, n, D], fn [n, n*D], scale [1], base [n] -> [T, D]."""
     t, n, hidden = x_streams.shape
     m = hc_mixes(x_streams.reshape(t, n * hidden), fn, rms_eps, num_splits=num_splits, prenorm_gemm=prenorm_gemm)

@@ -75,8 +75,13 @@ def rope_inv_freq(rope_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
 
 
-def yarn_correction_range(rope_dim: int, base: float, original_max_position: int,
-                          beta_fast: float = YARN_BETA_FAST, beta_slow: float = YARN_BETA_SLOW) -> tuple[int, int]:
+def yarn_correction_range(
+    rope_dim: int,
+    base: float,
+    original_max_position: int,
+    beta_fast: float = YARN_BETA_FAST,
+    beta_slow: float = YARN_BETA_SLOW,
+) -> tuple[int, int]:
     """The pair indices (low, high) between which YaRN ramps from interpolated to original frequencies.
 
     The pair whose wavelength makes `n` full turns over the original context sits at
@@ -84,6 +89,7 @@ def yarn_correction_range(rope_dim: int, base: float, original_max_position: int
     n = beta_slow (rounded up), clamped to [0, rope_dim - 1]. Base 160000, rope_dim 64,
     L = 65536 gives (15, 25).
     """
+
     def pair_index(turns: float) -> float:
         return rope_dim * math.log(original_max_position / (turns * 2 * math.pi)) / (2 * math.log(base))
 
@@ -92,8 +98,14 @@ def yarn_correction_range(rope_dim: int, base: float, original_max_position: int
     return max(low, 0), min(high, rope_dim - 1)
 
 
-def yarn_inv_freq(rope_dim: int, base: float, factor: float, original_max_position: int,
-                  beta_fast: float = YARN_BETA_FAST, beta_slow: float = YARN_BETA_SLOW) -> torch.Tensor:
+def yarn_inv_freq(
+    rope_dim: int,
+    base: float,
+    factor: float,
+    original_max_position: int,
+    beta_fast: float = YARN_BETA_FAST,
+    beta_slow: float = YARN_BETA_SLOW,
+) -> torch.Tensor:
     """YaRN frequencies: pairs below `low` keep f_i (high frequency, extrapolated), pairs above
     `high` use f_i / factor (interpolated), with a linear blend in between. No mscale: V4 does
     not scale cos/sin."""
@@ -105,10 +117,17 @@ def yarn_inv_freq(rope_dim: int, base: float, factor: float, original_max_positi
     return freq * keep + (freq / factor) * (1.0 - keep)
 
 
-def layer_inv_freq(compress_ratio: int, rope_dim: int = ROPE_DIM, *, rope_theta: float = ROPE_THETA,
-                   compress_rope_theta: float = COMPRESS_ROPE_THETA, factor: float = YARN_FACTOR,
-                   original_max_position: int = YARN_ORIGINAL_MAX_POSITION, beta_fast: float = YARN_BETA_FAST,
-                   beta_slow: float = YARN_BETA_SLOW) -> torch.Tensor:
+def layer_inv_freq(
+    compress_ratio: int,
+    rope_dim: int = ROPE_DIM,
+    *,
+    rope_theta: float = ROPE_THETA,
+    compress_rope_theta: float = COMPRESS_ROPE_THETA,
+    factor: float = YARN_FACTOR,
+    original_max_position: int = YARN_ORIGINAL_MAX_POSITION,
+    beta_fast: float = YARN_BETA_FAST,
+    beta_slow: float = YARN_BETA_SLOW,
+) -> torch.Tensor:
     """The frequencies one layer uses for q, kv, its compressor and its indexer.
 
     Sliding-only layers (compress_ratio 0): plain RoPE, base 10000. Compressed layers: YaRN on
@@ -119,8 +138,7 @@ def layer_inv_freq(compress_ratio: int, rope_dim: int = ROPE_DIM, *, rope_theta:
     return yarn_inv_freq(rope_dim, compress_rope_theta, factor, original_max_position, beta_fast, beta_slow)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-               inverse: bool = False) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Rotate the last 2*len(inv_freq) channels of x [T, ..., D] at positions [T] (fp32 result).
 
     Interleaved pairs: (x[2i], x[2i+1]) -> (a cos - b sin, a sin + b cos) with angle
@@ -129,12 +147,12 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
     """
     rope_dim = 2 * inv_freq.numel()
     x = x.float()
-    angle = positions.to(torch.float32)[:, None] * inv_freq.float().to(x.device)[None, :]   # [T, rope_dim/2]
-    angle = angle.view(angle.shape[0], *([1] * (x.dim() - 2)), angle.shape[1])          # broadcast over heads
+    angle = positions.to(torch.float32)[:, None] * inv_freq.float().to(x.device)[None, :]  # [T, rope_dim/2]
+    angle = angle.view(angle.shape[0], *([1] * (x.dim() - 2)), angle.shape[1])  # broadcast over heads
     cos, sin = torch.cos(angle), torch.sin(angle)
     if inverse:
         sin = -sin
-    pairs = x[..., x.shape[-1] - rope_dim:].unflatten(-1, (rope_dim // 2, 2))
+    pairs = x[..., x.shape[-1] - rope_dim :].unflatten(-1, (rope_dim // 2, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
     return torch.cat((x[..., : x.shape[-1] - rope_dim], rotated), dim=-1)
@@ -188,8 +206,9 @@ def c4_indices(scores: torch.Tensor, positions: torch.Tensor, topk: int, ratio: 
     return picked.to(torch.int32)
 
 
-def union_indices(window_idx: torch.Tensor, compressed_idx: torch.Tensor | None,
-                  compressed_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+def union_indices(
+    window_idx: torch.Tensor, compressed_idx: torch.Tensor | None, compressed_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One index list per query over the concatenated buffer [raw tokens | compressed entries].
 
     Compressed index j becomes compressed_offset + j (compressed_offset = number of raw rows),
@@ -213,9 +232,17 @@ def union_indices(window_idx: torch.Tensor, compressed_idx: torch.Tensor | None,
 # Compressor
 
 
-def compress_kv(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,
-                norm_weight: torch.Tensor, inv_freq: torch.Tensor, ratio: int, overlap: bool | None = None,
-                eps: float = 1e-6) -> torch.Tensor:
+def compress_kv(
+    x: torch.Tensor,
+    wkv: torch.Tensor,
+    wgate: torch.Tensor,
+    ape: torch.Tensor,
+    norm_weight: torch.Tensor,
+    inv_freq: torch.Tensor,
+    ratio: int,
+    overlap: bool | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """Compressed KV entries of one sequence whose tokens sit at positions 0..T-1: [T//ratio, d].
 
     x [T, hidden]; wkv, wgate [c*d, hidden] with c = 2 if overlap else 1; ape [ratio, c*d];
@@ -242,9 +269,9 @@ def compress_kv(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: to
         # block i-1's first channel half, shifted down one block; [:n_blocks] keeps T < ratio empty
         prev_kv = torch.cat((kv.new_zeros(1, ratio, d), kv[:-1, :, :d]), dim=0)[:n_blocks]
         prev_gate = torch.cat((gate.new_full((1, ratio, d), float("-inf")), gate[:-1, :, :d]), dim=0)[:n_blocks]
-        kv = torch.cat((prev_kv, kv[:, :, d:]), dim=1)            # [n, 2*ratio, d]
+        kv = torch.cat((prev_kv, kv[:, :, d:]), dim=1)  # [n, 2*ratio, d]
         gate = torch.cat((prev_gate, gate[:, :, d:]), dim=1)
-    pooled = (kv * torch.softmax(gate, dim=1)).sum(dim=1)       # per-channel softmax over rows
+    pooled = (kv * torch.softmax(gate, dim=1)).sum(dim=1)  # per-channel softmax over rows
     pooled = rms_norm(pooled, norm_weight, eps)
     block_start = torch.arange(n_blocks, device=x.device) * ratio
     return apply_rope(pooled, block_start, inv_freq)
@@ -254,10 +281,18 @@ def compress_kv(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: to
 # The layer core
 
 
-def attention_layer(q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, attn_sink: torch.Tensor | None,
-                    inv_freq: torch.Tensor, *, window: int = WINDOW, compressed_kv: torch.Tensor | None = None,
-                    compressed_indices: torch.Tensor | None = None,
-                    sm_scale: float | None = None) -> torch.Tensor:
+def attention_layer(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    positions: torch.Tensor,
+    attn_sink: torch.Tensor | None,
+    inv_freq: torch.Tensor,
+    *,
+    window: int = WINDOW,
+    compressed_kv: torch.Tensor | None = None,
+    compressed_indices: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
     """One V4 attention layer from projected q/kv to the de-rotated output, before wo_a: [S, H, D].
 
     q [S, H, D]: per-head RMS-normed queries at `positions` [S], not yet rotated.
@@ -269,14 +304,15 @@ def attention_layer(q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, 
     sm_scale defaults to D^-0.5 (512^-0.5 for the real model, no YaRN mscale).
     """
     head_dim = q.shape[-1]
-    scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+    scale = head_dim**-0.5 if sm_scale is None else sm_scale
     q = apply_rope(q, positions, inv_freq)
     kv = apply_rope(kv, torch.arange(kv.shape[0], device=kv.device), inv_freq)
     buffer = kv
     if compressed_kv is not None:
         buffer = torch.cat((kv, compressed_kv.float()), dim=0)
-    indices, lengths = union_indices(window_indices(positions, window),
-                                     compressed_indices if compressed_kv is not None else None, kv.shape[0])
+    indices, lengths = union_indices(
+        window_indices(positions, window), compressed_indices if compressed_kv is not None else None, kv.shape[0]
+    )
     out, _, _ = sparse_attention(q, buffer, indices, scale, d_v=head_dim, attn_sink=attn_sink, topk_length=lengths)
     return apply_rope(out, positions, inv_freq, inverse=True)
 
@@ -290,6 +326,6 @@ def grouped_output_projection(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.T
     """
     t = o.shape[0]
     grouped = o.float().reshape(t, n_groups, -1)
-    per_group = wo_a.float().view(n_groups, -1, grouped.shape[-1])                # [G, r, H*D/G]
+    per_group = wo_a.float().view(n_groups, -1, grouped.shape[-1])  # [G, r, H*D/G]
     mid = torch.einsum("tgi,gri->tgr", grouped, per_group).reshape(t, -1)
     return mid @ wo_b.float().t()

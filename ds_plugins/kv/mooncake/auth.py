@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import msgspec
 
-MAX_SKEW_S = 60.0       # a request older or newer than this (receiver's clock) is refused
-MAX_NONCES = 1 << 18    # nonces remembered per receiver (verified requests only); beyond: refused
+MAX_SKEW_S = 60.0  # a request older or newer than this (receiver's clock) is refused
+MAX_NONCES = 1 << 18  # nonces remembered per receiver (verified requests only); beyond: refused
 NONCE_BYTES = 16
 MIN_SECRET_BYTES = 16
 _REQUEST = b"dsp-mooncake-1/request\0"
@@ -56,7 +56,7 @@ class Authenticator:
         if secret is not None and len(secret) < MIN_SECRET_BYTES:
             raise ValueError(f"the shared secret must be at least {MIN_SECRET_BYTES} bytes")
         self._key, self._clock = secret, clock
-        self._seen: OrderedDict[bytes, float] = OrderedDict()   # nonce -> request time, oldest first
+        self._seen: OrderedDict[bytes, float] = OrderedDict()  # nonce -> request time, oldest first
         self._lock = threading.Lock()
 
     @property
@@ -79,10 +79,12 @@ class Authenticator:
         if self._key is not None:
             want = self._mac(_ANSWER, request_nonce, env.nonce, env.body)
             if not env.mac or not hmac.compare_digest(env.mac, want):
-                raise NotAuthenticated("the answer is not authenticated by the shared secret "
-                                       "(the peer has no secret or another one)" if not env.mac else
-                                       "the answer's authentication does not match (another secret, or not "
-                                       "the answer to this request)")
+                raise NotAuthenticated(
+                    "the answer is not authenticated by the shared secret (the peer has no secret or another one)"
+                    if not env.mac
+                    else "the answer's authentication does not match (another secret, or not "
+                    "the answer to this request)"
+                )
         return env.body
 
     # ---------------------------------------------------------------- receiver side
@@ -99,8 +101,10 @@ class Authenticator:
             raise NotAuthenticated("authentication does not match (another shared secret)")
         now = self._clock()
         if abs(now - env.time) > MAX_SKEW_S:
-            raise NotAuthenticated(f"request time is {now - env.time:+.0f} s off this host's clock "
-                                   f"(more than {MAX_SKEW_S:g} s: stale, replayed, or clocks not in sync)")
+            raise NotAuthenticated(
+                f"request time is {now - env.time:+.0f} s off this host's clock "
+                f"(more than {MAX_SKEW_S:g} s: stale, replayed, or clocks not in sync)"
+            )
         with self._lock:
             # A nonce must be remembered while its request's time is within the window (until then a
             # copy would pass the time check); arrival order is close to time order, and an entry kept

@@ -49,9 +49,9 @@ class Sizes:
 @dataclass(frozen=True)
 class MooncakeConfig:
     engine_id: str
-    role: str                   # producer | consumer | both
-    host: str                   # address the handshake binds and the TransferEngine announces
-    port: int                   # kv_port: first handshake port of data-parallel rank 0
+    role: str  # producer | consumer | both
+    host: str  # address the handshake binds and the TransferEngine announces
+    port: int  # kv_port: first handshake port of data-parallel rank 0
     prefill: Sizes
     decode: Sizes
     protocol: str = "rdma"
@@ -60,9 +60,9 @@ class MooncakeConfig:
     transfer_timeout_s: float = 30.0
     abort_timeout_s: float = 480.0
     num_workers: int = 4
-    secret: bytes | None = field(default=None, repr=False)   # None: unauthenticated side channel
-    secret_from: str = ""                                    # where it came from, for the start-up line
-    allowed_peers: tuple[str, ...] | None = None             # None: any address
+    secret: bytes | None = field(default=None, repr=False)  # None: unauthenticated side channel
+    secret_from: str = ""  # where it came from, for the start-up line
+    allowed_peers: tuple[str, ...] | None = None  # None: any address
 
     @property
     def is_producer(self) -> bool:
@@ -84,8 +84,9 @@ class MooncakeConfig:
         return self.decode if self.role == "consumer" else self.prefill
 
     @classmethod
-    def from_mapping(cls, top: Mapping[str, Any], default_host: str = "127.0.0.1",
-                     env: Mapping[str, str] | None = None) -> MooncakeConfig:
+    def from_mapping(
+        cls, top: Mapping[str, Any], default_host: str = "127.0.0.1", env: Mapping[str, str] | None = None
+    ) -> MooncakeConfig:
         extra = top.get(EXTRA) or {}
         if not isinstance(extra, Mapping):
             raise ConfigError(f"{EXTRA} must be a mapping, got {type(extra).__name__}")
@@ -101,26 +102,37 @@ class MooncakeConfig:
         prefill = _sizes(extra, "prefill")
         decode = _sizes(extra, "decode")
         if prefill.tp_size < decode.tp_size:
-            raise ConfigError(f"{EXTRA}.prefill.tp_size ({prefill.tp_size}) must be >= "
-                              f"{EXTRA}.decode.tp_size ({decode.tp_size}): each decode rank reads one prefill rank")
+            raise ConfigError(
+                f"{EXTRA}.prefill.tp_size ({prefill.tp_size}) must be >= "
+                f"{EXTRA}.decode.tp_size ({decode.tp_size}): each decode rank reads one prefill rank"
+            )
         if prefill.tp_size % decode.tp_size:
-            raise ConfigError(f"{EXTRA}.prefill.tp_size ({prefill.tp_size}) must be a multiple of "
-                              f"{EXTRA}.decode.tp_size ({decode.tp_size})")
+            raise ConfigError(
+                f"{EXTRA}.prefill.tp_size ({prefill.tp_size}) must be a multiple of "
+                f"{EXTRA}.decode.tp_size ({decode.tp_size})"
+            )
         if "auth_secret" in extra:
-            raise ConfigError(f"{EXTRA}.auth_secret is not accepted (vLLM logs this JSON at start-up): put the "
-                              f"secret in a file and name it in {EXTRA}.auth_secret_file, or set {SECRET_ENV}")
+            raise ConfigError(
+                f"{EXTRA}.auth_secret is not accepted (vLLM logs this JSON at start-up): put the "
+                f"secret in a file and name it in {EXTRA}.auth_secret_file, or set {SECRET_ENV}"
+            )
         secret, secret_from = _secret(extra, env)
         return cls(
-            engine_id=str(engine_id), role=role,
+            engine_id=str(engine_id),
+            role=role,
             host=str(extra.get("host") or top.get("kv_ip") or default_host),
             port=_int(top.get("kv_port", 30000), "kv_port", low=1, high=65535),
-            prefill=prefill, decode=decode, protocol=protocol,
+            prefill=prefill,
+            decode=decode,
+            protocol=protocol,
             device_name=str(extra.get("device_name", "")),
             handshake_timeout_s=_float(extra, "handshake_timeout_s", 5.0),
             transfer_timeout_s=_float(extra, "transfer_timeout_s", 30.0),
             abort_timeout_s=_float(extra, "abort_timeout_s", 480.0),
             num_workers=_int(extra.get("num_workers", 4), f"{EXTRA}.num_workers", low=1, high=256),
-            secret=secret, secret_from=secret_from, allowed_peers=_allowed(extra.get("allowed_peers")),
+            secret=secret,
+            secret_from=secret_from,
+            allowed_peers=_allowed(extra.get("allowed_peers")),
         )
 
 
@@ -156,8 +168,10 @@ def _secret(extra: Mapping[str, Any], env: Mapping[str, str] | None) -> tuple[by
             return None, ""
         where = SECRET_ENV
     if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(f"{where}: the shared secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)} "
-                          "(e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
+        raise ConfigError(
+            f"{where}: the shared secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)} "
+            "(e.g. python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
     return secret, where
 
 
@@ -192,8 +206,10 @@ def _sizes(extra: Mapping[str, Any], side: str) -> Sizes:
         raise ConfigError(f"{EXTRA}.{side} has unknown keys {sorted(unknown)}")
     if int(raw.get("pp_size", 1)) != 1:
         raise ConfigError(f"{EXTRA}.{side}.pp_size must be 1 (pipeline-parallel transfer is not implemented)")
-    return Sizes(dp_size=_int(raw.get("dp_size", 1), f"{EXTRA}.{side}.dp_size", low=1),
-                 tp_size=_int(raw.get("tp_size", 1), f"{EXTRA}.{side}.tp_size", low=1))
+    return Sizes(
+        dp_size=_int(raw.get("dp_size", 1), f"{EXTRA}.{side}.dp_size", low=1),
+        tp_size=_int(raw.get("tp_size", 1), f"{EXTRA}.{side}.tp_size", low=1),
+    )
 
 
 def _int(value: Any, key: str, low: int | None = None, high: int | None = None) -> int:

@@ -36,7 +36,8 @@ def load_transfer_engine():
     except ImportError as exc:
         raise MooncakeUnavailable(
             f"mooncake-transfer-engine cannot be imported ({exc}); install ds-plugins[mooncake] "
-            "(its engine.so also needs libcudart.so.12, libibverbs.so.1 and libcuda.so.1)") from exc
+            "(its engine.so also needs libcudart.so.12, libibverbs.so.1 and libcuda.so.1)"
+        ) from exc
     return TransferEngine
 
 
@@ -56,8 +57,9 @@ class Engine:
                     os.environ["MC_TRANSFER_TIMEOUT"] = old
         rc = self._te.initialize(host, "P2PHANDSHAKE", protocol, device_name)
         if rc != 0:
-            raise TransferError(f"TransferEngine.initialize({host!r}, 'P2PHANDSHAKE', {protocol!r}, "
-                                f"{device_name!r}) returned {rc}")
+            raise TransferError(
+                f"TransferEngine.initialize({host!r}, 'P2PHANDSHAKE', {protocol!r}, {device_name!r}) returned {rc}"
+            )
         self.host, self.protocol, self.timeout_s = host, protocol, timeout
         self.rpc_port = self._te.get_rpc_port()
         self.session = f"{host}:{self.rpc_port}"
@@ -86,16 +88,19 @@ class Engine:
         if lengths:
             rc = self._te.batch_transfer_sync_read(session, list(local), list(remote), list(lengths))
             if rc != 0:
-                raise TransferError(f"read of {len(lengths)} segments ({sum(lengths)} B) from {session} "
-                                    f"failed (rc={rc}): peer unreachable, stalled past {self.timeout_s} s, "
-                                    "or addresses not registered there")
+                raise TransferError(
+                    f"read of {len(lengths)} segments ({sum(lengths)} B) from {session} "
+                    f"failed (rc={rc}): peer unreachable, stalled past {self.timeout_s} s, "
+                    "or addresses not registered there"
+                )
 
     def write(self, session: str, local: Sequence[int], remote: Sequence[int], lengths: Sequence[int]) -> None:
         if lengths:
             rc = self._te.batch_transfer_sync_write(session, list(local), list(remote), list(lengths))
             if rc != 0:
-                raise TransferError(f"write of {len(lengths)} segments ({sum(lengths)} B) to {session} "
-                                    f"failed (rc={rc})")
+                raise TransferError(
+                    f"write of {len(lengths)} segments ({sum(lengths)} B) to {session} failed (rc={rc})"
+                )
 
     @property
     def raw(self):

@@ -31,12 +31,12 @@ from .messages import FromSource, MalformedMessage, Reject, ToSource, decode_fro
 log = logging.getLogger(__name__)
 
 TICK_MS = 50
-MAX_REQUEST_BYTES = 64 << 10   # GetLayout and Done are a few hundred bytes
-MAX_ANSWER_BYTES = 16 << 20    # a Layout: a few regions per layer, 61 layers for V4
-MAX_PEERS = 256                # client sockets kept open; more distinct peers reuse the oldest idle slot
-MAX_LOGGED_ADDRESSES = 1024    # addresses whose refusals were logged (then: counted only)
-CLOSE_WAIT_S = 5.0             # close(): how long to wait for the serving thread (a handler may be slow)
-REFUSAL = "refused: not an allowed, authenticated peer"   # all a refused peer learns
+MAX_REQUEST_BYTES = 64 << 10  # GetLayout and Done are a few hundred bytes
+MAX_ANSWER_BYTES = 16 << 20  # a Layout: a few regions per layer, 61 layers for V4
+MAX_PEERS = 256  # client sockets kept open; more distinct peers reuse the oldest idle slot
+MAX_LOGGED_ADDRESSES = 1024  # addresses whose refusals were logged (then: counted only)
+CLOSE_WAIT_S = 5.0  # close(): how long to wait for the serving thread (a handler may be slow)
+REFUSAL = "refused: not an allowed, authenticated peer"  # all a refused peer learns
 HINT = "check that both sides have the same shared secret and allow each other's address"
 
 
@@ -64,8 +64,15 @@ def _socket_options(sock: zmq.Socket, host: str, max_bytes: int) -> None:
 
 
 class HandshakeServer:
-    def __init__(self, host: str, port: int, handler: Callable[[ToSource], FromSource], name: str = "source",
-                 auth: Authenticator | None = None, allowed: AllowList | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handler: Callable[[ToSource], FromSource],
+        name: str = "source",
+        auth: Authenticator | None = None,
+        allowed: AllowList | None = None,
+    ):
         self._handler = handler
         self._auth = auth or Authenticator(None)
         self._allowed = allowed or AllowList(None)
@@ -77,9 +84,11 @@ class HandshakeServer:
         except zmq.ZMQError as exc:
             self._sock.close()
             self._ctx.term()
-            raise OSError(f"mooncake handshake cannot bind {host}:{port} ({exc}); set "
-                          "kv_connector_extra_config.host (or kv_ip where vLLM has it) and kv_port to a free "
-                          "address") from exc
+            raise OSError(
+                f"mooncake handshake cannot bind {host}:{port} ({exc}); set "
+                "kv_connector_extra_config.host (or kv_ip where vLLM has it) and kv_port to a free "
+                "address"
+            ) from exc
         self.address = (host, port)
         self.rejected = 0
         self.refused = 0  # of those: not allowed or not authenticated (answered with nothing but the refusal)
@@ -107,8 +116,13 @@ class HandshakeServer:
         self.refused += 1
         if peer not in self._logged and len(self._logged) < MAX_LOGGED_ADDRESSES:
             self._logged.add(peer)
-            log.warning("mooncake handshake on %s:%d: refused %s: %s (logged once per address; %d refused so far)",
-                        *self.address, peer or "a peer", why, self.refused)
+            log.warning(
+                "mooncake handshake on %s:%d: refused %s: %s (logged once per address; %d refused so far)",
+                *self.address,
+                peer or "a peer",
+                why,
+                self.refused,
+            )
         return Authenticator.unsealed(encode(Reject(reason=REFUSAL)))
 
     def _answer(self, data: bytes, peer: str) -> bytes:
@@ -200,8 +214,9 @@ class HandshakeClient:
                     while True:
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            raise PeerTimeout(f"no answer from {host}:{port} to {type(msg).__name__} "
-                                              f"within {self.timeout_s:g} s")
+                            raise PeerTimeout(
+                                f"no answer from {host}:{port} to {type(msg).__name__} within {self.timeout_s:g} s"
+                            )
                         # pyzmq takes float milliseconds; its stubs say int
                         if sock.poll(min(left, 0.5) * 1000, zmq.POLLIN):  # type: ignore[arg-type]
                             data = sock.recv()
@@ -216,9 +231,11 @@ class HandshakeClient:
         except NotAuthenticated as exc:
             # An unauthenticated refusal can only make this request fail, so its reason is shown.
             refusal = _bare_refusal(data)
-            raise PeerRejected(f"{host}:{port} rejected {type(msg).__name__}: {refusal}; {HINT}" if refusal else
-                               f"{host}:{port} answered {type(msg).__name__} without valid authentication: {exc}"
-                               ) from None
+            raise PeerRejected(
+                f"{host}:{port} rejected {type(msg).__name__}: {refusal}; {HINT}"
+                if refusal
+                else f"{host}:{port} answered {type(msg).__name__} without valid authentication: {exc}"
+            ) from None
         if isinstance(reply, Reject):
             hint = f"; {HINT}" if reply.reason == REFUSAL else ""
             raise PeerRejected(f"{host}:{port} rejected {type(msg).__name__}: {reply.reason}{hint}")

@@ -49,13 +49,19 @@ def check_compatible(local: Sequence[Sequence[Region]], remote: Sequence[Sequenc
             raise PlanError(f"group {g}: local has {len(lg)} cache regions, remote {len(rg)}")
         for r, (lr, rr) in enumerate(zip(lg, rg)):
             if lr.block_len != rr.block_len:
-                raise PlanError(f"group {g} region {r}: block_len differs (local {lr.block_len} B, "
-                                f"remote {rr.block_len} B): the two instances use different KV layouts")
+                raise PlanError(
+                    f"group {g} region {r}: block_len differs (local {lr.block_len} B, "
+                    f"remote {rr.block_len} B): the two instances use different KV layouts"
+                )
 
 
-def plan(local: Sequence[Sequence[Region]], remote: Sequence[Sequence[Region]],
-         local_blocks: Sequence[Sequence[int]], remote_blocks: Sequence[Sequence[int]],
-         null_block: int | None = None) -> Plan:
+def plan(
+    local: Sequence[Sequence[Region]],
+    remote: Sequence[Sequence[Region]],
+    local_blocks: Sequence[Sequence[int]],
+    remote_blocks: Sequence[Sequence[int]],
+    null_block: int | None = None,
+) -> Plan:
     """Addresses to read (sink side `local`, source side `remote`) to fill `local_blocks` from `remote_blocks`.
 
     `null_block` is the engine's placeholder id (vLLM: 0) for positions a group does not keep, such as
@@ -64,8 +70,9 @@ def plan(local: Sequence[Sequence[Region]], remote: Sequence[Sequence[Region]],
     """
     check_compatible(local, remote)
     if len(local_blocks) != len(local) or len(remote_blocks) != len(remote):
-        raise PlanError(f"block lists for {len(local_blocks)} local / {len(remote_blocks)} remote groups, "
-                        f"layouts have {len(local)}")
+        raise PlanError(
+            f"block lists for {len(local_blocks)} local / {len(remote_blocks)} remote groups, layouts have {len(local)}"
+        )
     out = Plan()
     for g, (lg, rg, lb, rb) in enumerate(zip(local, remote, local_blocks, remote_blocks)):
         pairs = []
@@ -93,8 +100,9 @@ def spans(groups: Sequence[Sequence[Region]]) -> list[tuple[int, int]]:
     Under the hybrid KV cache manager several layers (even of different groups) can share one tensor;
     registering it once per layer would hand the engine overlapping registrations.
     """
-    extents = sorted((r.base, r.base + (r.num_blocks - 1) * r.stride + r.block_len)
-                     for g in groups for r in g if r.num_blocks > 0)
+    extents = sorted(
+        (r.base, r.base + (r.num_blocks - 1) * r.stride + r.block_len) for g in groups for r in g if r.num_blocks > 0
+    )
     merged: list[list[int]] = []
     for start, end in extents:
         if merged and start <= merged[-1][1]:

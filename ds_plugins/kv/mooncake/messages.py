@@ -16,6 +16,7 @@ import msgspec
 
 class Region(msgspec.Struct, frozen=True, array_like=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     """One cache tensor of one layer: `num_blocks` blocks of `block_len` bytes, `stride` bytes apart."""
+
     base: int
     block_len: int
     stride: int
@@ -25,7 +26,7 @@ class Region(msgspec.Struct, frozen=True, array_like=True):  # type: ignore[call
 class GetLayout(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     engine_id: str
     requester: str = ""
-    decode_tp_size: int = 0           # the sink's TP size (0: not said); a source configured otherwise refuses
+    decode_tp_size: int = 0  # the sink's TP size (0: not said); a source configured otherwise refuses
 
 
 class Done(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
@@ -38,6 +39,7 @@ class Done(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unsee
 
 class Hold(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     """The decode side still means to read these requests (they wait in its queue): keep them longer."""
+
     engine_id: str
     request_ids: list[str]
     requester: str = ""
@@ -46,9 +48,9 @@ class Hold(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unsee
 class Layout(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy
     engine_id: str
     tp_rank: int
-    session: str                      # "host:rpc_port" of the source's TransferEngine
-    groups: list[list[Region]]        # per KV cache group, the regions of its layers, in layer order
-    tp_size: int = 0                  # the source's TP size, checked by the sink against the request's
+    session: str  # "host:rpc_port" of the source's TransferEngine
+    groups: list[list[Region]]  # per KV cache group, the regions of its layers, in layer order
+    tp_size: int = 0  # the source's TP size, checked by the sink against the request's
 
 
 class Ack(msgspec.Struct, tag=True):  # type: ignore[call-arg]  # msgspec unseen by mypy

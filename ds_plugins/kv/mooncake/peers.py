@@ -46,28 +46,45 @@ log = logging.getLogger(__name__)
 
 SLOW_S = 1.0  # a fetch slower than this is logged with the time of each step
 MAX_FAILED_KEPT = 1024  # KVSource.failed: the latest failure reports (for logs and tests)
-MAX_SOURCES = 64        # KVSink: idle per-source pools (and their cached layouts) kept beyond this are closed
-MAX_HOLD_IDS = 512      # request ids per Hold message (keeps it far below the handshake's message limit)
+MAX_SOURCES = 64  # KVSink: idle per-source pools (and their cached layouts) kept beyond this are closed
+MAX_HOLD_IDS = 512  # request ids per Hold message (keeps it far below the handshake's message limit)
 
 
 class KVSource:
-    def __init__(self, engine: Engine, engine_id: str, tp_rank: int, groups: Sequence[Sequence[Region]],
-                 host: str, port: int, abort_timeout_s: float, clock: Callable[[], float] = time.monotonic,
-                 auth: Authenticator | None = None, allowed: AllowList | None = None, tp_size: int = 0,
-                 decode_tp_size: int = 0):
+    def __init__(
+        self,
+        engine: Engine,
+        engine_id: str,
+        tp_rank: int,
+        groups: Sequence[Sequence[Region]],
+        host: str,
+        port: int,
+        abort_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        auth: Authenticator | None = None,
+        allowed: AllowList | None = None,
+        tp_size: int = 0,
+        decode_tp_size: int = 0,
+    ):
         self.engine_id, self.tp_rank = engine_id, tp_rank
         self._engine, self._clock, self._abort_timeout_s = engine, clock, abort_timeout_s
         self._decode_tp = decode_tp_size
-        self._layout = Layout(engine_id=engine_id, tp_rank=tp_rank, session=engine.session,
-                              groups=[list(g) for g in groups], tp_size=tp_size)
+        self._layout = Layout(
+            engine_id=engine_id,
+            tp_rank=tp_rank,
+            session=engine.session,
+            groups=[list(g) for g in groups],
+            tp_size=tp_size,
+        )
         engine.register(spans(groups))
         self._lock = threading.Lock()
-        self._pending: dict[str, float] = {}      # request id -> deadline
+        self._pending: dict[str, float] = {}  # request id -> deadline
         self._finished: set[str] = set()
         self.failed: OrderedDict[str, str] = OrderedDict()  # request id -> what the sink reported (latest)
         try:
-            self._server = HandshakeServer(host, port, self._handle, name=f"{engine_id}-tp{tp_rank}",
-                                           auth=auth, allowed=allowed)
+            self._server = HandshakeServer(
+                host, port, self._handle, name=f"{engine_id}-tp{tp_rank}", auth=auth, allowed=allowed
+            )
         except BaseException:
             engine.unregister_all()
             raise
@@ -107,8 +124,12 @@ class KVSource:
                 if now >= deadline:
                     del self._pending[rid]
                     self._finished.add(rid)
-                    log.warning("mooncake source %s: request %s was not fetched within %.0f s; freeing its blocks",
-                                self.engine_id, rid, self._abort_timeout_s)
+                    log.warning(
+                        "mooncake source %s: request %s was not fetched within %.0f s; freeing its blocks",
+                        self.engine_id,
+                        rid,
+                        self._abort_timeout_s,
+                    )
             out, self._finished = self._finished, set()
         return out
 
@@ -117,9 +138,11 @@ class KVSource:
             return Reject(reason=f"unknown engine id {msg.engine_id!r}: this is {self.engine_id!r}")
         if isinstance(msg, GetLayout):
             if self._decode_tp and msg.decode_tp_size and msg.decode_tp_size != self._decode_tp:
-                return Reject(reason=f"TP mismatch: the sink runs decode tp_size {msg.decode_tp_size}, this "
-                                     f"prefill is configured with decode.tp_size {self._decode_tp} "
-                                     "(kv_connector_extra_config.decode.tp_size must match on both sides)")
+                return Reject(
+                    reason=f"TP mismatch: the sink runs decode tp_size {msg.decode_tp_size}, this "
+                    f"prefill is configured with decode.tp_size {self._decode_tp} "
+                    "(kv_connector_extra_config.decode.tp_size must match on both sides)"
+                )
             return self._layout
         if isinstance(msg, Hold):
             if len(msg.request_ids) > MAX_HOLD_IDS:
@@ -132,16 +155,22 @@ class KVSource:
             return Ack()
         with self._lock:
             if self._pending.pop(msg.request_id, None) is None:
-                return Reject(reason=f"unknown request {msg.request_id!r} (never exposed here, already "
-                                     "released, or expired)")
+                return Reject(
+                    reason=f"unknown request {msg.request_id!r} (never exposed here, already released, or expired)"
+                )
             self._finished.add(msg.request_id)
             if not msg.ok:
                 self.failed[msg.request_id] = msg.error
                 while len(self.failed) > MAX_FAILED_KEPT:
                     self.failed.popitem(last=False)
         if not msg.ok:
-            log.warning("mooncake source %s: sink %s failed request %s: %s", self.engine_id, msg.requester,
-                        msg.request_id, msg.error)
+            log.warning(
+                "mooncake source %s: sink %s failed request %s: %s",
+                self.engine_id,
+                msg.requester,
+                msg.request_id,
+                msg.error,
+            )
         return Ack()
 
     def close(self) -> None:
@@ -152,11 +181,12 @@ class KVSource:
 @dataclass(frozen=True)
 class SourceRef:
     """Where a request's blocks are: the source's handshake address and engine id, its request id there."""
+
     host: str
     port: int
     engine_id: str
     request_id: str
-    tp_size: int = 0   # the source's TP size as the request says (0: not checked)
+    tp_size: int = 0  # the source's TP size as the request says (0: not checked)
 
 
 @dataclass
@@ -169,10 +199,20 @@ class RecvResult:
 
 
 class KVSink:
-    def __init__(self, engine: Engine, engine_id: str, groups: Sequence[Sequence[Region]], handshake_timeout_s: float,
-                 num_workers: int = 4, null_block: int | None = None, register: bool = True,
-                 auth: Authenticator | None = None, allowed: AllowList | None = None, tp_size: int = 0,
-                 queue_deadline_s: float | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        engine_id: str,
+        groups: Sequence[Sequence[Region]],
+        handshake_timeout_s: float,
+        num_workers: int = 4,
+        null_block: int | None = None,
+        register: bool = True,
+        auth: Authenticator | None = None,
+        allowed: AllowList | None = None,
+        tp_size: int = 0,
+        queue_deadline_s: float | None = None,
+    ):
         self.engine_id = engine_id
         self._engine, self._null, self._workers, self._tp_size = engine, null_block, num_workers, tp_size
         self._queue_deadline_s = handshake_timeout_s if queue_deadline_s is None else queue_deadline_s
@@ -187,8 +227,13 @@ class KVSink:
         self._inflight = 0
         self._closed = False
 
-    def fetch(self, request_id: str, source: SourceRef, local_blocks: Sequence[Sequence[int]],
-              remote_blocks: Sequence[Sequence[int]]) -> None:
+    def fetch(
+        self,
+        request_id: str,
+        source: SourceRef,
+        local_blocks: Sequence[Sequence[int]],
+        remote_blocks: Sequence[Sequence[int]],
+    ) -> None:
         """Start filling `local_blocks` (per group) from the source's `remote_blocks`; empty local: release only."""
         key = (source.host, source.port)
         with self._lock:
@@ -196,14 +241,21 @@ class KVSink:
                 raise RuntimeError("KVSink is closed")
             peer = self._sources.get(key)
             if peer is None:
-                peer = self._sources[key] = _Source(ThreadPoolExecutor(
-                    max_workers=self._workers, thread_name_prefix=f"mooncake-sink-{source.port}"))
+                peer = self._sources[key] = _Source(
+                    ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix=f"mooncake-sink-{source.port}")
+                )
             self._sources.move_to_end(key)
             peer.inflight += 1
             self._inflight += 1
             self._close_idle()  # after counting this request, so its own pool is not idle
-        peer.pool.submit(self._run, request_id, source, [list(b) for b in local_blocks],
-                         [list(b) for b in remote_blocks], time.monotonic())
+        peer.pool.submit(
+            self._run,
+            request_id,
+            source,
+            [list(b) for b in local_blocks],
+            [list(b) for b in remote_blocks],
+            time.monotonic(),
+        )
 
     def _close_idle(self) -> None:
         for key, peer in list(self._sources.items()):
@@ -233,18 +285,23 @@ class KVSink:
         peer = self._sources.get((source.host, source.port))
         layout = peer.layout if peer else None
         if layout is None or layout.engine_id != source.engine_id:
-            reply = self._client.request(source.host, source.port,
-                                         GetLayout(engine_id=source.engine_id, requester=self.engine_id,
-                                                   decode_tp_size=self._tp_size))
+            reply = self._client.request(
+                source.host,
+                source.port,
+                GetLayout(engine_id=source.engine_id, requester=self.engine_id, decode_tp_size=self._tp_size),
+            )
             if not isinstance(reply, Layout) or reply.engine_id != source.engine_id:
-                raise RuntimeError(f"{source.host}:{source.port} answered GetLayout({source.engine_id!r}) "
-                                   f"with {reply!r}")
+                raise RuntimeError(
+                    f"{source.host}:{source.port} answered GetLayout({source.engine_id!r}) with {reply!r}"
+                )
             layout = reply
             if peer is not None:
                 peer.layout = layout
         if source.tp_size and layout.tp_size and layout.tp_size != source.tp_size:
-            raise RuntimeError(f"TP mismatch: the request names remote_tp_size {source.tp_size}, the prefill "
-                               f"at {source.host}:{source.port} runs tp_size {layout.tp_size}")
+            raise RuntimeError(
+                f"TP mismatch: the request names remote_tp_size {source.tp_size}, the prefill "
+                f"at {source.host}:{source.port} runs tp_size {layout.tp_size}"
+            )
         return layout
 
     def _forget_layout(self, source: SourceRef) -> None:
@@ -260,8 +317,10 @@ class KVSink:
         waited = time.monotonic() - queued_at
         if not failing or waited <= self._queue_deadline_s:
             return ""
-        return (f"waited {waited:.1f} s (more than {self._queue_deadline_s:g} s) for {source.host}:{source.port}, "
-                f"whose last fetch failed ({failing}); not tried")
+        return (
+            f"waited {waited:.1f} s (more than {self._queue_deadline_s:g} s) for {source.host}:{source.port}, "
+            f"whose last fetch failed ({failing}); not tried"
+        )
 
     def _mark(self, source: SourceRef, failure: str) -> None:
         with self._lock:
@@ -269,8 +328,14 @@ class KVSink:
             if peer is not None:
                 peer.failing = failure[:200]
 
-    def _run(self, request_id: str, source: SourceRef, local_blocks: list[list[int]],
-             remote_blocks: list[list[int]], queued_at: float) -> None:
+    def _run(
+        self,
+        request_id: str,
+        source: SourceRef,
+        local_blocks: list[list[int]],
+        remote_blocks: list[list[int]],
+        queued_at: float,
+    ) -> None:
         wanted = {b for g in local_blocks for b in g if b != self._null}
         skipped = self._failing(source, queued_at)
         if skipped:
@@ -294,20 +359,44 @@ class KVSink:
             # A cached layout may be stale (the source restarted): forget it so the next request asks again.
             self._forget_layout(source)
             result = RecvResult(request_id, ok=False, failed_blocks=wanted, error=f"{type(exc).__name__}: {exc}")
-            log.warning("mooncake sink %s: request %s from %s:%d failed: %s", self.engine_id, request_id,
-                        source.host, source.port, result.error)
+            log.warning(
+                "mooncake sink %s: request %s from %s:%d failed: %s",
+                self.engine_id,
+                request_id,
+                source.host,
+                source.port,
+                result.error,
+            )
         try:
-            self._client.request(source.host, source.port,
-                                 Done(engine_id=source.engine_id, request_id=source.request_id, ok=result.ok,
-                                      error=result.error, requester=self.engine_id))
+            self._client.request(
+                source.host,
+                source.port,
+                Done(
+                    engine_id=source.engine_id,
+                    request_id=source.request_id,
+                    ok=result.ok,
+                    error=result.error,
+                    requester=self.engine_id,
+                ),
+            )
         except Exception as exc:
             # Unconfirmed: the source may have freed (and reused) the blocks before or while we read
             # them (expired, released by someone else, restarted), so what we read cannot be trusted.
-            log.warning("mooncake sink %s: could not tell %s:%d that request %s is done: %s", self.engine_id,
-                        source.host, source.port, request_id, exc)
+            log.warning(
+                "mooncake sink %s: could not tell %s:%d that request %s is done: %s",
+                self.engine_id,
+                source.host,
+                source.port,
+                request_id,
+                exc,
+            )
             if result.ok and wanted:
-                result = RecvResult(request_id, ok=False, failed_blocks=wanted,
-                                    error=f"source did not confirm it held the blocks: {type(exc).__name__}: {exc}")
+                result = RecvResult(
+                    request_id,
+                    ok=False,
+                    failed_blocks=wanted,
+                    error=f"source did not confirm it held the blocks: {type(exc).__name__}: {exc}",
+                )
             # Silent (stalled, dead, unreachable): its queued requests past the deadline skip it. An
             # answer, even a refusal, shows it responsive.
             self._mark(source, f"{type(exc).__name__}: {exc}" if isinstance(exc, PeerTimeout) else "")
@@ -315,9 +404,13 @@ class KVSink:
             self._mark(source, "")
         marks.append(("done", time.monotonic()))
         if marks[-1][1] - marks[0][1] > SLOW_S:
-            log.warning("mooncake sink %s: request %s took %.1f s (%s)", self.engine_id, request_id,
-                        marks[-1][1] - marks[0][1],
-                        ", ".join(f"{name} {t - prev:.2f} s" for (_, prev), (name, t) in zip(marks, marks[1:])))
+            log.warning(
+                "mooncake sink %s: request %s took %.1f s (%s)",
+                self.engine_id,
+                request_id,
+                marks[-1][1] - marks[0][1],
+                ", ".join(f"{name} {t - prev:.2f} s" for (_, prev), (name, t) in zip(marks, marks[1:])),
+            )
         self._finish(source, result)
 
     def _finish(self, source: SourceRef, result: RecvResult) -> None:
@@ -352,13 +445,14 @@ class HoldRenewer:
 
     def __init__(self, client: HandshakeClient, engine_id: str, interval_s: float):
         self._client, self.engine_id, self._interval = client, engine_id, interval_s
-        self._watched: dict[str, tuple[str, list[tuple[str, int]], str]] = {}   # rid -> (engine, addrs, remote rid)
+        self._watched: dict[str, tuple[str, list[tuple[str, int]], str]] = {}  # rid -> (engine, addrs, remote rid)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def watch(self, request_id: str, remote_engine_id: str, addresses: Sequence[tuple[str, int]],
-              remote_request_id: str) -> None:
+    def watch(
+        self, request_id: str, remote_engine_id: str, addresses: Sequence[tuple[str, int]], remote_request_id: str
+    ) -> None:
         with self._lock:
             self._watched[request_id] = (remote_engine_id, list(addresses), remote_request_id)
             if self._thread is None and not self._stop.is_set():
@@ -385,8 +479,11 @@ class HoldRenewer:
                 return
             for i in range(0, len(rids), MAX_HOLD_IDS):
                 try:
-                    self._client.request(host, port, Hold(engine_id=engine, request_ids=rids[i:i + MAX_HOLD_IDS],
-                                                          requester=self.engine_id))
+                    self._client.request(
+                        host,
+                        port,
+                        Hold(engine_id=engine, request_ids=rids[i : i + MAX_HOLD_IDS], requester=self.engine_id),
+                    )
                 except Exception as exc:
                     log.debug("mooncake: hold renewal at %s:%d failed: %s", host, port, exc)
 
@@ -407,7 +504,7 @@ class _Source:
     pool: ThreadPoolExecutor
     inflight: int = 0
     layout: Layout | None = None
-    failing: str = ""   # went silent at its last fetch ('' once it answers): queued requests past the deadline skip it
+    failing: str = ""  # went silent at its last fetch ('' once it answers): queued requests past the deadline skip it
 
 
 __all__ = ["Ack", "HoldRenewer", "KVSink", "KVSource", "RecvResult", "Reject", "SourceRef"]

@@ -72,8 +72,13 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     return out.reshape(shape).to(torch.int8)
 
 
-def w8a8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                        bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def w8a8_dynamic_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """y[t,n] = (Σ_k x_q[t,k]·W[n,k]) · weight_scale[n] · s_x[t] (+ bias[n])."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -84,9 +89,15 @@ def w8a8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     return y.to(out_dtype or x.dtype).reshape(*shape[:-1], -1)
 
 
-def w8a8_static_linear(x: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor,
-                       input_offset: torch.Tensor, quant_bias: torch.Tensor | None, deq_scale: torch.Tensor,
-                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def w8a8_static_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    input_scale: torch.Tensor,
+    input_offset: torch.Tensor,
+    quant_bias: torch.Tensor | None,
+    deq_scale: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """y = (x_q·W^T + quant_bias) · deq_scale; the float bias is folded into quant_bias by the saver.
     quant_bias None: a row-parallel shard other than rank 0 (the bias is added once)."""
     shape = x.shape
@@ -107,8 +118,15 @@ def swiglu(h: torch.Tensor, limit: float | None) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def expert_mlp(xq: torch.Tensor, sx: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor,
-               s2: torch.Tensor, limit: float | None) -> torch.Tensor:
+def expert_mlp(
+    xq: torch.Tensor,
+    sx: torch.Tensor,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    limit: float | None,
+) -> torch.Tensor:
     """One expert on already-quantized tokens; w13 [2I, H] / w2 [H, I] as int8 values (int4 unpacked)."""
     h = int_mm(xq, w13).float() * s13.reshape(1, -1).float() * sx.unsqueeze(-1)
     a = swiglu(h, limit)
@@ -116,9 +134,19 @@ def expert_mlp(xq: torch.Tensor, sx: torch.Tensor, w13: torch.Tensor, s13: torch
     return int_mm(aq, w2).float() * s2.reshape(1, -1).float() * sa.unsqueeze(-1)
 
 
-def moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
-        w2: torch.Tensor, s2: torch.Tensor, *, packed_int4: bool, limit: float | None,
-        expert_map: torch.Tensor | None = None) -> torch.Tensor:
+def moe(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    *,
+    packed_int4: bool,
+    limit: float | None,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Σ_k topk_weights[t,k] · Expert_{topk_ids[t,k]}(x[t]) for W8A8_DYNAMIC or W4A8_DYNAMIC experts.
 
     w13 [E, 2I, H] int8 (or [E, I, H] packed int4), s13 [E, 2I]; w2 [E, H, I] (or [E, H/2, I]), s2 [E, H].

@@ -18,10 +18,24 @@ from pathlib import Path
 from .errors import AscendFormatError
 
 # safetensors dtype tags -> the names the scheme rules use (torch-free on purpose).
-DTYPES = {"I8": "int8", "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
-          "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
-          "F64": "float64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-          "F8_E8M0": "float8_e8m0fnu"}
+DTYPES = {
+    "I8": "int8",
+    "U8": "uint8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+}
 # safetensors' own limit on the header (MAX_HEADER_SIZE in its Rust core).
 MAX_HEADER = 100_000_000
 
@@ -41,9 +55,24 @@ class TensorInfo:
         return n * _ITEMSIZE[self.dtype]
 
 
-_ITEMSIZE = {"int8": 1, "uint8": 1, "bool": 1, "int16": 2, "uint16": 2, "float16": 2, "bfloat16": 2, "int32": 4,
-             "uint32": 4, "float32": 4, "int64": 8, "uint64": 8, "float64": 8, "float8_e4m3fn": 1,
-             "float8_e5m2": 1, "float8_e8m0fnu": 1}
+_ITEMSIZE = {
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+    "int16": 2,
+    "uint16": 2,
+    "float16": 2,
+    "bfloat16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "float32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "float64": 8,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e8m0fnu": 1,
+}
 
 
 def _is_int(v) -> bool:
@@ -52,6 +81,7 @@ def _is_int(v) -> bool:
 
 def _entry(file: str, key: str, entry) -> tuple[TensorInfo, tuple[int, int]]:
     """One header entry -> its TensorInfo and data offsets, or AscendFormatError naming file and key."""
+
     def bad(problem: str):
         return AscendFormatError(file, key, f"bad safetensors header entry: {problem}")
 
@@ -84,19 +114,24 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
                 raise AscendFormatError(name, None, "not a safetensors file (shorter than its 8-byte header size)")
             (size,) = struct.unpack("<Q", head)
             if size > MAX_HEADER:
-                raise AscendFormatError(name, None, f"not a safetensors file: header size {size} exceeds "
-                                                    f"safetensors' limit of {MAX_HEADER:,} bytes")
+                raise AscendFormatError(
+                    name,
+                    None,
+                    f"not a safetensors file: header size {size} exceeds safetensors' limit of {MAX_HEADER:,} bytes",
+                )
             raw = f.read(size)
             length = os.fstat(f.fileno()).st_size
         if len(raw) != size:
-            raise AscendFormatError(name, None, f"truncated: the header is {size} bytes, the file holds "
-                                                f"{len(raw)} after the size field")
+            raise AscendFormatError(
+                name, None, f"truncated: the header is {size} bytes, the file holds {len(raw)} after the size field"
+            )
         meta = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AscendFormatError(name, None, f"unreadable safetensors header ({exc})") from None
     if not isinstance(meta, dict):
-        raise AscendFormatError(name, None, f"bad safetensors header: expected a JSON object, got "
-                                            f"a JSON {type(meta).__name__}")
+        raise AscendFormatError(
+            name, None, f"bad safetensors header: expected a JSON object, got a JSON {type(meta).__name__}"
+        )
     out: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for key, entry in meta.items():
@@ -112,15 +147,20 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     pos = 0
     for begin, end, key in sorted(spans):
         if end > data:
-            raise AscendFormatError(name, key, f"data_offsets [{begin}, {end}] reach past the end of the file's "
-                                               f"{data}-byte data region (truncated, or wrong offsets)")
+            raise AscendFormatError(
+                name,
+                key,
+                f"data_offsets [{begin}, {end}] reach past the end of the file's "
+                f"{data}-byte data region (truncated, or wrong offsets)",
+            )
         if begin != pos:
             what = "overlaps the tensor before it" if begin < pos else f"leaves a gap (previous data ends at {pos})"
             raise AscendFormatError(name, key, f"bad safetensors header: data_offsets [{begin}, {end}] {what}")
         pos = end
     if pos != data:
-        raise AscendFormatError(name, None,
-                                f"{data - pos} bytes after the last tensor's data (not a safetensors layout)")
+        raise AscendFormatError(
+            name, None, f"{data - pos} bytes after the last tensor's data (not a safetensors layout)"
+        )
     return out
 
 
@@ -148,14 +188,21 @@ def scan(directory: str | Path) -> dict[str, TensorInfo]:
         for key, fname in weight_map.items():
             info = tensors.get(key)
             if info is None or Path(info.file).name != fname:
-                raise AscendFormatError(str(index), key, f"index points to {fname}, but "
-                                        + ("no file holds it" if info is None else f"it is in {Path(info.file).name}"))
+                raise AscendFormatError(
+                    str(index),
+                    key,
+                    f"index points to {fname}, but "
+                    + ("no file holds it" if info is None else f"it is in {Path(info.file).name}"),
+                )
             indexed[key] = str(index)
     if indexes:
         for key, info in tensors.items():
             if key not in indexed:
-                raise AscendFormatError(str(indexes[0]), key, f"{Path(info.file).name} holds this tensor but the "
-                                        "index does not list it; regenerate the index")
+                raise AscendFormatError(
+                    str(indexes[0]),
+                    key,
+                    f"{Path(info.file).name} holds this tensor but the index does not list it; regenerate the index",
+                )
     return tensors
 
 

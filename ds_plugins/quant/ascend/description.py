@@ -17,17 +17,40 @@ FILENAME = "quant_model_description.json"
 # Types this loader computes. FLOAT = kept in the model dtype (norms, router, embed, head, ...).
 SUPPORTED_TYPES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC")
 # Types msModelSlim / vllm-ascend know but ds-plugins does not compute: a clear error, not a guess.
-KNOWN_UNSUPPORTED = ("W8A16", "W8A8_MIX", "W4A16", "W4A4_DYNAMIC", "W4A4_FLATQUANT_DYNAMIC", "W4A4_MXFP4",
-                     "W4A8_MXFP", "W8A8_MXFP8", "W8A8FP8_DYNAMIC", "FAKQuant", "INT8_DYNAMIC", "C8")
+KNOWN_UNSUPPORTED = (
+    "W8A16",
+    "W8A8_MIX",
+    "W4A16",
+    "W4A4_DYNAMIC",
+    "W4A4_FLATQUANT_DYNAMIC",
+    "W4A4_MXFP4",
+    "W4A8_MXFP",
+    "W8A8_MXFP8",
+    "W8A8FP8_DYNAMIC",
+    "FAKQuant",
+    "INT8_DYNAMIC",
+    "C8",
+)
 
 # Global (non-tensor) keys. The attention/KV-cache ones must be absent or empty here: quantized
 # KV caches and attention are vllm-ascend features ds-plugins does not implement.
 # `n_mtp_layers`: how many MTP layers the DeepSeek-V4 adapter quantized (`mtp.<i>.*`, i < n).
-GLOBAL_KEYS = ("version", "model_quant_type", "group_size", "metadata", "optional", "is_rot_used",
-               "ascend_quant_method", "kv_cache_type", "fa_quant_type", "indexer_quant_type",
-               "reduce_quant_type", "kv_quant_type", "n_mtp_layers")
-UNSUPPORTED_GLOBALS = ("kv_cache_type", "fa_quant_type", "indexer_quant_type", "reduce_quant_type",
-                       "kv_quant_type")
+GLOBAL_KEYS = (
+    "version",
+    "model_quant_type",
+    "group_size",
+    "metadata",
+    "optional",
+    "is_rot_used",
+    "ascend_quant_method",
+    "kv_cache_type",
+    "fa_quant_type",
+    "indexer_quant_type",
+    "reduce_quant_type",
+    "kv_quant_type",
+    "n_mtp_layers",
+)
+UNSUPPORTED_GLOBALS = ("kv_cache_type", "fa_quant_type", "indexer_quant_type", "reduce_quant_type", "kv_quant_type")
 
 
 @dataclass(frozen=True)
@@ -77,21 +100,30 @@ def from_dict(raw, path: str = FILENAME) -> Description:
             extras[key] = value
             continue
         if not _looks_like_tensor(key) and (not isinstance(value, str) or value not in SUPPORTED_TYPES):
-            raise AscendFormatError(path, key, f"unknown global key (value {value!r}): neither a tensor name nor "
-                                               f"one of the global keys {', '.join(GLOBAL_KEYS)}")
+            raise AscendFormatError(
+                path,
+                key,
+                f"unknown global key (value {value!r}): neither a tensor name nor "
+                f"one of the global keys {', '.join(GLOBAL_KEYS)}",
+            )
         if not isinstance(value, str):
             raise AscendFormatError(path, key, f"a tensor's quant type must be a string, got {value!r}")
         if value not in SUPPORTED_TYPES:
             known = " (known to msModelSlim, not implemented by ds-plugins)" if value in KNOWN_UNSUPPORTED else ""
-            raise AscendFormatError(path, key, f"unknown quant type {value!r}{known}; "
-                                               f"supported: {', '.join(SUPPORTED_TYPES)}")
+            raise AscendFormatError(
+                path, key, f"unknown quant type {value!r}{known}; supported: {', '.join(SUPPORTED_TYPES)}"
+            )
         types[key] = value
     if not types:
         raise AscendFormatError(path, None, "lists no tensors")
     for key in UNSUPPORTED_GLOBALS:
         if extras.get(key) not in (None, "", "FLOAT"):
-            raise AscendFormatError(path, key, f"quantized attention/KV cache ({key}={extras[key]!r}) is not "
-                                               "supported by ds-plugins; only vllm-ascend on Ascend implements it")
+            raise AscendFormatError(
+                path,
+                key,
+                f"quantized attention/KV cache ({key}={extras[key]!r}) is not "
+                "supported by ds-plugins; only vllm-ascend on Ascend implements it",
+            )
     group_size = extras.get("group_size", 0)
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
         raise AscendFormatError(path, "group_size", f"must be a non-negative integer, got {group_size!r}")
@@ -99,7 +131,17 @@ def from_dict(raw, path: str = FILENAME) -> Description:
     if n_mtp is not None and (not isinstance(n_mtp, int) or isinstance(n_mtp, bool) or n_mtp < 0):
         raise AscendFormatError(path, "n_mtp_layers", f"must be a non-negative integer, got {n_mtp!r}")
     if group_size and "W4A8_DYNAMIC" in types.values():
-        raise AscendFormatError(path, "group_size", f"per-group W4A8 (group_size={group_size}) is not supported "
-                                                    "(vllm-ascend rejects it too); only per-channel (0)")
-    return Description(path=path, types=types, version=extras.get("version"),
-                       model_quant_type=extras.get("model_quant_type"), group_size=group_size, extras=extras)
+        raise AscendFormatError(
+            path,
+            "group_size",
+            f"per-group W4A8 (group_size={group_size}) is not supported "
+            "(vllm-ascend rejects it too); only per-channel (0)",
+        )
+    return Description(
+        path=path,
+        types=types,
+        version=extras.get("version"),
+        model_quant_type=extras.get("model_quant_type"),
+        group_size=group_size,
+        extras=extras,
+    )

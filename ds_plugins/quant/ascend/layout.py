@@ -42,9 +42,13 @@ def from_dict(raw: Mapping[str, Any], file: str = CONFIG) -> Layout:
         raise AscendFormatError(file, None, f"expected a JSON object, got {type(raw).__name__}")
     experts = next((n for n in (_count(file, raw, k) for k in _EXPERT_KEYS) if n is not None), None)
     dtype = raw.get("torch_dtype", raw.get("dtype"))
-    return Layout(file=file, num_hidden_layers=_count(file, raw, "num_hidden_layers"),
-                  num_mtp_layers=_count(file, raw, "num_nextn_predict_layers") or 0, num_experts=experts,
-                  dtype=_FLOAT16.get(str(dtype).removeprefix("torch.")) if dtype is not None else None)
+    return Layout(
+        file=file,
+        num_hidden_layers=_count(file, raw, "num_hidden_layers"),
+        num_mtp_layers=_count(file, raw, "num_nextn_predict_layers") or 0,
+        num_experts=experts,
+        dtype=_FLOAT16.get(str(dtype).removeprefix("torch.")) if dtype is not None else None,
+    )
 
 
 def read(directory: str | Path) -> Layout | None:

@@ -37,16 +37,24 @@ def check_json(directory: str | Path) -> tuple[description.Description, model_la
     if indexes:
         for key in desc.types:
             if key not in indexed:
-                raise AscendFormatError(desc.path, key, f"listed in the description but not in the safetensors "
-                                                        f"index ({', '.join(i.name for i in indexes)})")
+                raise AscendFormatError(
+                    desc.path,
+                    key,
+                    f"listed in the description but not in the safetensors "
+                    f"index ({', '.join(i.name for i in indexes)})",
+                )
     if lay is not None:
         structure.check_keys(desc, lay)
     return desc, lay
 
 
 class Checkpoint:
-    def __init__(self, directory: str | Path, fused: Mapping[str, Iterable[str]] = schemes.DEFAULT_FUSED,
-                 layout: model_layout.Layout | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        fused: Mapping[str, Iterable[str]] = schemes.DEFAULT_FUSED,
+        layout: model_layout.Layout | None = None,
+    ):
         self.directory = Path(directory)
         self.description = description.parse(self.directory)
         self.tensors = checkpoint.scan(self.directory)
@@ -62,6 +70,7 @@ class Checkpoint:
     def read(self, key: str):
         """One tensor, as stored (dtype and layout untouched)."""
         from safetensors import safe_open
+
         file = self.tensors[key].file
         handle = self._handles.get(file)
         if handle is None:

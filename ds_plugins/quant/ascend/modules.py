@@ -22,9 +22,11 @@ def _flat_scale(t: torch.Tensor) -> torch.Tensor:
 def _check_zero_offset(ckpt: Checkpoint, module: str, tensors: dict) -> None:
     off = tensors.get("weight_offset")
     if off is not None and bool(off.ne(0).any()):
-        raise AscendFormatError(ckpt.modules[module].tensors["weight_offset"].file, f"{module}.weight_offset",
-                                "asymmetric weights (non-zero weight_offset) are not supported; msModelSlim "
-                                "writes zeros for these schemes")
+        raise AscendFormatError(
+            ckpt.modules[module].tensors["weight_offset"].file,
+            f"{module}.weight_offset",
+            "asymmetric weights (non-zero weight_offset) are not supported; msModelSlim writes zeros for these schemes",
+        )
 
 
 class QuantLinear(nn.Module):
@@ -47,14 +49,16 @@ class QuantLinear(nn.Module):
             self.register_buffer("quant_bias", t["quant_bias"].to(torch.int32).reshape(-1))
             self.register_buffer("deq_scale", arith.decode_deq_scale(t["deq_scale"]).reshape(-1))
         else:
-            raise AscendFormatError(str(ckpt.description.path), f"{module}.weight",
-                                    f"{self.scheme} is not a linear scheme")
+            raise AscendFormatError(
+                str(ckpt.description.path), f"{module}.weight", f"{self.scheme} is not a linear scheme"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme == "W8A8_DYNAMIC":
             return compute.linear_dynamic(x, self.weight, self.weight_scale, self.bias)
-        return compute.linear_static(x, self.weight, self.input_scale, self.input_offset, self.quant_bias,
-                                     self.deq_scale)
+        return compute.linear_static(
+            x, self.weight, self.input_scale, self.input_offset, self.quant_bias, self.deq_scale
+        )
 
 
 class QuantExperts(nn.Module):
@@ -66,14 +70,23 @@ class QuantExperts(nn.Module):
         members = [f"{moe}.{e}.{n}" for e in range(num_experts) for n in names]
         absent = next((m for m in members if m not in ckpt.modules and f"{m}.weight" not in ckpt.tensors), None)
         if absent is not None:
-            raise AscendFormatError(str(ckpt.description.path), f"{absent}.weight",
-                                    f"the layer has {num_experts} routed experts, but the checkpoint has no {absent}")
+            raise AscendFormatError(
+                str(ckpt.description.path),
+                f"{absent}.weight",
+                f"the layer has {num_experts} routed experts, but the checkpoint has no {absent}",
+            )
         schemes = {ckpt.scheme_of(m) for m in members}
         if len(schemes) != 1 or not schemes <= {"W8A8_DYNAMIC", "W4A8_DYNAMIC"}:
-            odd = next(m for m in members if ckpt.scheme_of(m) not in ("W8A8_DYNAMIC", "W4A8_DYNAMIC")) \
-                if not schemes <= {"W8A8_DYNAMIC", "W4A8_DYNAMIC"} else members[0]
-            raise AscendFormatError(str(ckpt.description.path), f"{odd}.weight",
-                                    f"routed experts need one of W8A8_DYNAMIC / W4A8_DYNAMIC, found {sorted(schemes)}")
+            odd = (
+                next(m for m in members if ckpt.scheme_of(m) not in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"))
+                if not schemes <= {"W8A8_DYNAMIC", "W4A8_DYNAMIC"}
+                else members[0]
+            )
+            raise AscendFormatError(
+                str(ckpt.description.path),
+                f"{odd}.weight",
+                f"routed experts need one of W8A8_DYNAMIC / W4A8_DYNAMIC, found {sorted(schemes)}",
+            )
         self.scheme = schemes.pop()
         self.packed = self.scheme == "W4A8_DYNAMIC"
         self.limit = swiglu_limit
@@ -96,10 +109,20 @@ class QuantExperts(nn.Module):
         self.register_buffer("s2", torch.stack(s2))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        return compute.moe(hidden_states, top_k_weights, top_k_index, self.w13, self.s13, self.w2, self.s2,
-                           packed_int4=self.packed, limit=self.limit)
+        return compute.moe(
+            hidden_states,
+            top_k_weights,
+            top_k_index,
+            self.w13,
+            self.s13,
+            self.w2,
+            self.s2,
+            packed_int4=self.packed,
+            limit=self.limit,
+        )
 
 
 def resident_nbytes(module: nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in module.buffers()) + \
-        sum(p.numel() * p.element_size() for p in module.parameters())
+    return sum(b.numel() * b.element_size() for b in module.buffers()) + sum(
+        p.numel() * p.element_size() for p in module.parameters()
+    )

@@ -26,8 +26,17 @@ VLLM_FUSED = {
 
 _MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
 # Parts of an MTP layer that live beside its transformer block (vLLM `_rewrite_spec_layer_name`).
-_MTP_TOP = ("embed_tokens", "enorm", "hnorm", "h_proj", "e_proj", "shared_head", "hc_head_fn", "hc_head_base",
-            "hc_head_scale")
+_MTP_TOP = (
+    "embed_tokens",
+    "enorm",
+    "hnorm",
+    "h_proj",
+    "e_proj",
+    "shared_head",
+    "hc_head_fn",
+    "hc_head_base",
+    "hc_head_scale",
+)
 
 
 def dsv4_to_vllm(key: str, num_hidden_layers: int) -> str:
@@ -35,8 +44,11 @@ def dsv4_to_vllm(key: str, num_hidden_layers: int) -> str:
     m = _MTP.match(key)
     if m:
         i, rest = int(m[1]), m[2]
-        rest = {"emb.tok_emb.weight": "embed_tokens.weight", "head.weight": "shared_head.head.weight",
-                "norm.weight": "shared_head.norm.weight"}.get(rest, rest)
+        rest = {
+            "emb.tok_emb.weight": "embed_tokens.weight",
+            "head.weight": "shared_head.head.weight",
+            "norm.weight": "shared_head.norm.weight",
+        }.get(rest, rest)
         layer = f"model.layers.{num_hidden_layers + i}."
         if not rest.startswith(_MTP_TOP):
             layer += "mtp_block."
@@ -44,9 +56,9 @@ def dsv4_to_vllm(key: str, num_hidden_layers: int) -> str:
     if key.startswith("layers."):
         key = "model." + key
     elif key == "embed.weight" or key.startswith("embed."):
-        key = "model.embed_tokens" + key[len("embed"):]
+        key = "model.embed_tokens" + key[len("embed") :]
     elif key == "head.weight" or key.startswith("head."):
-        key = "lm_head" + key[len("head"):]
+        key = "lm_head" + key[len("head") :]
     elif key.startswith(("norm.", "hc_head")):
         key = "model." + key
     key = key.replace(".shared_experts.w2", ".shared_experts.down_proj")
@@ -57,14 +69,19 @@ def dsv4_to_vllm(key: str, num_hidden_layers: int) -> str:
 
 # (pattern, replacement), applied in order, as transformers' DeepSeek-V4 conversion renames them.
 _HF_RULES: list[tuple[Any, str]] = [  # the patterns, compiled just below
-    (r"\.attn\.", ".self_attn."), (r"\.ffn\.", ".mlp."),
+    (r"\.attn\.", ".self_attn."),
+    (r"\.ffn\.", ".mlp."),
     (r"\.indexer\.compressor\.", ".compressor.indexer."),
-    (r"^embed\.", "embed_tokens."), (r"^head\.", "lm_head."),
+    (r"^embed\.", "embed_tokens."),
+    (r"^head\.", "lm_head."),
     (r"\.indexer\.weights_proj\.", ".compressor.indexer.scorer.weights_proj."),
     (r"\.indexer\.wq_b\.", ".compressor.indexer.q_b_proj."),
-    (r"\.wq_a\.", ".q_a_proj."), (r"\.self_attn\.wq_b\.", ".self_attn.q_b_proj."),
-    (r"\.wkv\.", ".kv_proj."), (r"\.wgate\.", ".gate_proj."),
-    (r"\.wo_a\.", ".o_a_proj."), (r"\.wo_b\.", ".o_b_proj."),
+    (r"\.wq_a\.", ".q_a_proj."),
+    (r"\.self_attn\.wq_b\.", ".self_attn.q_b_proj."),
+    (r"\.wkv\.", ".kv_proj."),
+    (r"\.wgate\.", ".gate_proj."),
+    (r"\.wo_a\.", ".o_a_proj."),
+    (r"\.wo_b\.", ".o_b_proj."),
     (r"\.shared_experts\.w1\.", ".shared_experts.gate_proj."),
     (r"\.shared_experts\.w2\.", ".shared_experts.down_proj."),
     (r"\.shared_experts\.w3\.", ".shared_experts.up_proj."),

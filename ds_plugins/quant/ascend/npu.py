@@ -14,6 +14,7 @@ from . import arith
 
 def _npu():
     import torch_npu  # noqa: F401  (imported only on Ascend)
+
     return torch_npu
 
 
@@ -21,8 +22,9 @@ def linear_dynamic(x, weight, weight_scale, bias=None):
     tn = _npu()
     shape = x.shape
     xq, sx = tn.npu_dynamic_quant(x.reshape(-1, shape[-1]))
-    y = tn.npu_quant_matmul(xq, weight.t(), weight_scale.reshape(-1).float(), pertoken_scale=sx.reshape(-1),
-                            bias=None, output_dtype=x.dtype)
+    y = tn.npu_quant_matmul(
+        xq, weight.t(), weight_scale.reshape(-1).float(), pertoken_scale=sx.reshape(-1), bias=None, output_dtype=x.dtype
+    )
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*shape[:-1], -1)
@@ -31,8 +33,9 @@ def linear_dynamic(x, weight, weight_scale, bias=None):
 def linear_static(x, weight, input_scale, input_offset, quant_bias, deq_scale):
     tn = _npu()
     shape = x.shape
-    xq = tn.npu_quantize(x.reshape(-1, shape[-1]), 1.0 / input_scale.float(), input_offset.float(),
-                         torch.qint8, -1, False)
+    xq = tn.npu_quantize(
+        x.reshape(-1, shape[-1]), 1.0 / input_scale.float(), input_offset.float(), torch.qint8, -1, False
+    )
     y = tn.npu_quant_matmul(xq, weight.t(), deq_scale.float(), bias=quant_bias, output_dtype=x.dtype)
     return y.reshape(*shape[:-1], -1)
 
@@ -55,11 +58,27 @@ def moe(x, topk_weights, topk_ids, w13, s13, w2, s2, *, packed_int4, limit, expe
     a2 = arith.unpack_int4(w2) if packed_int4 else w2
     xq, sx = tn.npu_dynamic_quant(x)
     rows = xq[tok]
-    h = tn.npu_grouped_matmul([rows], [a13.transpose(1, 2)], scale=[s13.float()], per_token_scale=[sx[tok]],
-                              group_list=group_list, split_item=2, group_type=0, output_dtype=torch.float32)[0]
+    h = tn.npu_grouped_matmul(
+        [rows],
+        [a13.transpose(1, 2)],
+        scale=[s13.float()],
+        per_token_scale=[sx[tok]],
+        group_list=group_list,
+        split_item=2,
+        group_type=0,
+        output_dtype=torch.float32,
+    )[0]
     aq, sa = tn.npu_dynamic_quant(arith.swiglu(h, limit))
-    y = tn.npu_grouped_matmul([aq], [a2.transpose(1, 2)], scale=[s2.float()], per_token_scale=[sa],
-                              group_list=group_list, split_item=2, group_type=0, output_dtype=torch.float32)[0]
+    y = tn.npu_grouped_matmul(
+        [aq],
+        [a2.transpose(1, 2)],
+        scale=[s2.float()],
+        per_token_scale=[sa],
+        group_list=group_list,
+        split_item=2,
+        group_type=0,
+        output_dtype=torch.float32,
+    )[0]
     weights = topk_weights.reshape(-1)[order].float() * (sorted_ids < E)
     out = torch.zeros(T, y.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, tok, y * weights.unsqueeze(-1))

@@ -21,10 +21,18 @@ FLOATS = ("float32", "bfloat16", "float16")
 # FLOAT tensors that are integer by nature: DeepSeek-V4's hash-routing table (token id -> expert ids).
 INTEGER_FLOAT_SUFFIXES = ("tid2eid",)
 # Tensor names of other quantization formats, for the hint when one turns up in a msModelSlim checkpoint.
-FOREIGN_SUFFIXES = {"weight_packed": "compressed-tensors (LLM Compressor)", "weight_shape": "compressed-tensors",
-                    "weight_zero_point": "compressed-tensors", "weight_global_scale": "compressed-tensors",
-                    "qweight": "GPTQ/AWQ", "qzeros": "GPTQ/AWQ", "scales": "GPTQ/AWQ", "g_idx": "GPTQ",
-                    "weight_scale_inv": "DeepSeek FP8", "scale": "DeepSeek FP8"}
+FOREIGN_SUFFIXES = {
+    "weight_packed": "compressed-tensors (LLM Compressor)",
+    "weight_shape": "compressed-tensors",
+    "weight_zero_point": "compressed-tensors",
+    "weight_global_scale": "compressed-tensors",
+    "qweight": "GPTQ/AWQ",
+    "qzeros": "GPTQ/AWQ",
+    "scales": "GPTQ/AWQ",
+    "g_idx": "GPTQ",
+    "weight_scale_inv": "DeepSeek FP8",
+    "scale": "DeepSeek FP8",
+}
 # Per-expert tensors: `...experts.<E>.<w1|w2|w3|gate_proj|up_proj|down_proj>`.
 EXPERT_RE = re.compile(r"^(?P<moe>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)$")
 GATE_UP = ("w1", "w3", "gate_proj", "up_proj")
@@ -70,24 +78,30 @@ def _rules(scheme: str):
     one = lambda o, i: {(1,), ()}  # noqa: E731
     vec = lambda o, i: {(o,)}  # noqa: E731
     if scheme == "W8A8_DYNAMIC":
-        return {"weight": (("int8",), lambda o, i: {(o, i)}, True),
-                "weight_scale": (FLOATS, col, True),
-                "weight_offset": (FLOATS, col, False),
-                "bias": (FLOATS, vec, False)}
+        return {
+            "weight": (("int8",), lambda o, i: {(o, i)}, True),
+            "weight_scale": (FLOATS, col, True),
+            "weight_offset": (FLOATS, col, False),
+            "bias": (FLOATS, vec, False),
+        }
     if scheme == "W8A8":
-        return {"weight": (("int8",), lambda o, i: {(o, i)}, True),
-                "input_scale": (FLOATS, one, True),
-                "input_offset": (FLOATS + ("int8",), one, True),
-                "deq_scale": (("float32", "int64"), vec, True),
-                "quant_bias": (("int32",), vec, True),
-                "weight_scale": (FLOATS, col, False),
-                "weight_offset": (FLOATS, col, False),
-                "bias": (FLOATS, vec, False)}
+        return {
+            "weight": (("int8",), lambda o, i: {(o, i)}, True),
+            "input_scale": (FLOATS, one, True),
+            "input_offset": (FLOATS + ("int8",), one, True),
+            "deq_scale": (("float32", "int64"), vec, True),
+            "quant_bias": (("int32",), vec, True),
+            "weight_scale": (FLOATS, col, False),
+            "weight_offset": (FLOATS, col, False),
+            "bias": (FLOATS, vec, False),
+        }
     if scheme == "W4A8_DYNAMIC":  # weight: two int4 per int8 along the output dim
-        return {"weight": (("int8",), lambda o, i: {(o // 2, i)}, True),
-                "weight_scale": (("float32",), col, True),
-                "weight_offset": (FLOATS, col, False),
-                "scale_bias": (("float32",), lambda o, i: {(o, 1), (o, 16), (o,)}, False)}
+        return {
+            "weight": (("int8",), lambda o, i: {(o // 2, i)}, True),
+            "weight_scale": (("float32",), col, True),
+            "weight_offset": (FLOATS, col, False),
+            "scale_bias": (("float32",), lambda o, i: {(o, 1), (o, 16), (o,)}, False),
+        }
     raise AssertionError(scheme)
 
 
@@ -104,8 +118,12 @@ def _suffix_hint(suffix: str) -> str:
     return ""
 
 
-def validate(desc: Description, tensors: Mapping[str, TensorInfo],
-             fused: Mapping[str, Iterable[str]] = DEFAULT_FUSED, layout: Layout | None = None) -> dict[str, ModuleSpec]:
+def validate(
+    desc: Description,
+    tensors: Mapping[str, TensorInfo],
+    fused: Mapping[str, Iterable[str]] = DEFAULT_FUSED,
+    layout: Layout | None = None,
+) -> dict[str, ModuleSpec]:
     """Check the description against the checkpoint headers (and, given the model's layout from
     config.json, against the model); return the quantized modules."""
     for key, info in tensors.items():
@@ -129,15 +147,21 @@ def validate(desc: Description, tensors: Mapping[str, TensorInfo],
             if quantized:
                 # name the tensor that stands where `weight` should, if one looks like it
                 key, suffix = next(((k, s) for k, s in quantized if _suffix_hint(s)), quantized[0])
-                raise AscendFormatError(desc.path, key, f"a {desc.types[key]} tensor, but its module has no "
-                                                        f"{weight_key} tensor{_suffix_hint(suffix)}")
+                raise AscendFormatError(
+                    desc.path,
+                    key,
+                    f"a {desc.types[key]} tensor, but its module has no {weight_key} tensor{_suffix_hint(suffix)}",
+                )
             continue
         scheme = desc.types[weight_key]
         for suffix, info in parts.items():
             t = desc.types[info.key]
             if t != scheme and not (suffix == "bias" and t == "FLOAT"):
-                raise AscendFormatError(desc.path, info.key, f"quant type {t} differs from its module's "
-                                                             f"{weight_key} ({scheme}){_suffix_hint(suffix)}")
+                raise AscendFormatError(
+                    desc.path,
+                    info.key,
+                    f"quant type {t} differs from its module's {weight_key} ({scheme}){_suffix_hint(suffix)}",
+                )
         if scheme == "FLOAT":
             continue
         _check_module(module, scheme, parts, desc)
@@ -155,8 +179,13 @@ def _check_float_types(desc: Description, tensors: Mapping[str, TensorInfo]) -> 
             continue
         if key.rpartition(".")[2] in INTEGER_FLOAT_SUFFIXES and info.dtype in ("int32", "int64"):
             continue
-        hint = (" (a quantized weight labelled FLOAT? give it its quant type)" if info.dtype in ("int8", "uint8")
-                else " (FP8 tensors are not a msModelSlim type)" if info.dtype.startswith("float8") else "")
+        hint = (
+            " (a quantized weight labelled FLOAT? give it its quant type)"
+            if info.dtype in ("int8", "uint8")
+            else " (FP8 tensors are not a msModelSlim type)"
+            if info.dtype.startswith("float8")
+            else ""
+        )
         raise AscendFormatError(info.file, key, f"FLOAT tensors must be {' or '.join(FLOATS)}, got {info.dtype}{hint}")
 
 
@@ -172,20 +201,31 @@ def _check_half_dtypes(tensors: Mapping[str, TensorInfo], layout: Layout | None)
         want = max(halves, key=lambda d: (len(halves[d]), d))
     for dtype, infos in halves.items():
         if want is not None and dtype != want:
-            source = (f"{layout.file} torch_dtype" if layout is not None and layout.dtype
-                      else "the checkpoint's other tensors")
-            raise AscendFormatError(infos[0].file, infos[0].key, f"{dtype} tensor in a {want} model ({source}); "
-                                    "16-bit tensors must all be in the model dtype (float32 is always accepted)")
+            source = (
+                f"{layout.file} torch_dtype"
+                if layout is not None and layout.dtype
+                else "the checkpoint's other tensors"
+            )
+            raise AscendFormatError(
+                infos[0].file,
+                infos[0].key,
+                f"{dtype} tensor in a {want} model ({source}); "
+                "16-bit tensors must all be in the model dtype (float32 is always accepted)",
+            )
 
 
 def _check_module(module: str, scheme: str, parts: Mapping[str, TensorInfo], desc: Description) -> None:
     weight = parts["weight"]
     if len(weight.shape) != 2:
-        raise AscendFormatError(weight.file, weight.key,
-                                f"{scheme} weight must be 2-D [out, in], got {list(weight.shape)}")
+        raise AscendFormatError(
+            weight.file, weight.key, f"{scheme} weight must be 2-D [out, in], got {list(weight.shape)}"
+        )
     if scheme == "W4A8_DYNAMIC" and not EXPERT_RE.match(module):
-        raise AscendFormatError(desc.path, weight.key, "W4A8_DYNAMIC is defined for MoE experts only "
-                                                       "(`...experts.<E>.<proj>`), as in vllm-ascend")
+        raise AscendFormatError(
+            desc.path,
+            weight.key,
+            "W4A8_DYNAMIC is defined for MoE experts only (`...experts.<E>.<proj>`), as in vllm-ascend",
+        )
     out = weight.shape[0] * (2 if scheme == "W4A8_DYNAMIC" else 1)
     inp = weight.shape[1]
     rules = _rules(scheme)
@@ -193,23 +233,28 @@ def _check_module(module: str, scheme: str, parts: Mapping[str, TensorInfo], des
         rule = rules.get(suffix)
         if rule is None:
             if suffix in ("weight_scale_second", "weight_offset_second"):
-                raise AscendFormatError(info.file, info.key, "per-group W4A8 tensors are not supported "
-                                                             "(only per-channel W4A8_DYNAMIC)")
-            raise AscendFormatError(info.file, info.key,
-                                    f"unexpected tensor for a {scheme} module{_suffix_hint(suffix)}")
+                raise AscendFormatError(
+                    info.file, info.key, "per-group W4A8 tensors are not supported (only per-channel W4A8_DYNAMIC)"
+                )
+            raise AscendFormatError(
+                info.file, info.key, f"unexpected tensor for a {scheme} module{_suffix_hint(suffix)}"
+            )
         dtypes, shapes, _ = rule
         if info.dtype not in dtypes:
-            raise AscendFormatError(info.file, info.key,
-                                    f"{scheme} {suffix} must be {' or '.join(dtypes)}, got {info.dtype}")
+            raise AscendFormatError(
+                info.file, info.key, f"{scheme} {suffix} must be {' or '.join(dtypes)}, got {info.dtype}"
+            )
         allowed = shapes(out, inp)
         if info.shape not in allowed:
             want = " or ".join(str(list(s)) for s in sorted(allowed, key=len, reverse=True))
-            raise AscendFormatError(info.file, info.key,
-                                    f"{scheme} {suffix} must have shape {want}, got {list(info.shape)}")
+            raise AscendFormatError(
+                info.file, info.key, f"{scheme} {suffix} must have shape {want}, got {list(info.shape)}"
+            )
     for suffix, (_, _, required) in rules.items():
         if required and suffix not in parts:
-            raise AscendFormatError(desc.path, f"{module}.{suffix}",
-                                    f"{scheme} module {module} lacks its {suffix} tensor")
+            raise AscendFormatError(
+                desc.path, f"{module}.{suffix}", f"{scheme} module {module} lacks its {suffix} tensor"
+            )
 
 
 def _check_fused(desc: Description, by_module, specs, fused) -> None:
@@ -226,9 +271,13 @@ def _check_fused(desc: Description, by_module, specs, fused) -> None:
         if len(set(members.values())) > 1:
             first = sorted(members)[0]
             other = next(k for k in sorted(members) if members[k] != members[first])
-            raise AscendFormatError(desc.path, f"{other}.weight", f"experts of {moe} mix quant types "
-                                    f"({first}: {members[first]}, {other}: {members[other]}); "
-                                    "one fused MoE layer needs one")
+            raise AscendFormatError(
+                desc.path,
+                f"{other}.weight",
+                f"experts of {moe} mix quant types "
+                f"({first}: {members[first]}, {other}: {members[other]}); "
+                "one fused MoE layer needs one",
+            )
     for shards in fused.values():
         shards = tuple(shards)
         parents = {m.rpartition(".")[0] for m in by_module if m.rpartition(".")[2] == shards[0]}
@@ -238,5 +287,8 @@ def _check_fused(desc: Description, by_module, specs, fused) -> None:
             kinds = {n: scheme_of(n) for n in present}
             if len(set(kinds.values())) > 1:
                 a, b = present[0], next(n for n in present if kinds[n] != kinds[present[0]])
-                raise AscendFormatError(desc.path, f"{b}.weight", f"mixed quant types inside one fused module "
-                                        f"({a}: {kinds[a]}, {b}: {kinds[b]})")
+                raise AscendFormatError(
+                    desc.path,
+                    f"{b}.weight",
+                    f"mixed quant types inside one fused module ({a}: {kinds[a]}, {b}: {kinds[b]})",
+                )

@@ -30,8 +30,13 @@ def _dims(module: str, parts: Mapping[str, TensorInfo], specs) -> tuple[int, int
     return (w.shape[0], w.shape[1]) if w is not None and len(w.shape) == 2 else None
 
 
-def check(desc: Description, by_module: Mapping[str, Mapping[str, TensorInfo]], specs,
-          fused: Mapping[str, Iterable[str]], layout: Layout | None) -> None:
+def check(
+    desc: Description,
+    by_module: Mapping[str, Mapping[str, TensorInfo]],
+    specs,
+    fused: Mapping[str, Iterable[str]],
+    layout: Layout | None,
+) -> None:
     _check_mlps(by_module, specs)
     _check_experts(desc, by_module, specs, layout)
     _check_fused_inputs(by_module, specs, fused)
@@ -65,12 +70,20 @@ def _check_mlps(by_module, specs) -> None:
                 continue
             # dg, du, dd are not None past `None in (...)`, a check mypy does not narrow on
             if du != dg:
-                raise AscendFormatError(_weight(by_module, u).file, f"{u}.weight", f"[out, in] {list(du)} differs "  # type: ignore[arg-type]
-                                        f"from {g}'s {list(dg)}; the gate and up parts of one MLP must match")  # type: ignore[arg-type]
+                raise AscendFormatError(
+                    _weight(by_module, u).file,
+                    f"{u}.weight",
+                    f"[out, in] {list(du)} differs "  # type: ignore[arg-type]
+                    f"from {g}'s {list(dg)}; the gate and up parts of one MLP must match",
+                )  # type: ignore[arg-type]
             if dd != (dg[1], dg[0]):  # type: ignore[index]
-                raise AscendFormatError(_weight(by_module, d).file, f"{d}.weight", f"[out, in] {list(dd)}, but "  # type: ignore[arg-type]
-                                        f"{g} is {list(dg)}: the down part must be [{dg[1]}, {dg[0]}] "  # type: ignore[arg-type, index]
-                                        "(its input is the gate/up output)")
+                raise AscendFormatError(
+                    _weight(by_module, d).file,
+                    f"{d}.weight",
+                    f"[out, in] {list(dd)}, but "  # type: ignore[arg-type]
+                    f"{g} is {list(dg)}: the down part must be [{dg[1]}, {dg[0]}] "  # type: ignore[arg-type, index]
+                    "(its input is the gate/up output)",
+                )
 
 
 def _check_experts(desc: Description, by_module, specs, layout: Layout | None) -> None:
@@ -85,8 +98,12 @@ def _check_experts(desc: Description, by_module, specs, layout: Layout | None) -
         if family is None:
             odd = sorted(projs - set(MLP_PARTS[0]) if projs & set(MLP_PARTS[0]) else projs - set(MLP_PARTS[1]))
             e = min(e for e, members in experts.items() if odd[0] in members)
-            raise AscendFormatError(desc.path, f"{experts[e][odd[0]]}.weight", f"routed experts of {moe} are named "
-                                    f"{sorted(projs)}; expected one of {' / '.join('+'.join(f) for f in MLP_PARTS)}")
+            raise AscendFormatError(
+                desc.path,
+                f"{experts[e][odd[0]]}.weight",
+                f"routed experts of {moe} are named "
+                f"{sorted(projs)}; expected one of {' / '.join('+'.join(f) for f in MLP_PARTS)}",
+            )
         count = layout.num_experts if layout is not None and layout.num_experts else max(experts) + 1
         source = f"{layout.file} has {count} routed experts" if layout is not None and layout.num_experts else None
         for e in sorted(experts):
@@ -96,18 +113,24 @@ def _check_experts(desc: Description, by_module, specs, layout: Layout | None) -
         for e in range(count):
             for proj in family:
                 if proj not in experts.get(e, {}):
-                    raise AscendFormatError(desc.path, f"{moe}.{e}.{proj}.weight", f"routed expert {e} of {moe} has "
-                                            f"no {proj} tensors (" + (source or f"experts 0-{count - 1} are present")
-                                            + ")")
+                    raise AscendFormatError(
+                        desc.path,
+                        f"{moe}.{e}.{proj}.weight",
+                        f"routed expert {e} of {moe} has "
+                        f"no {proj} tensors (" + (source or f"experts 0-{count - 1} are present") + ")",
+                    )
         first = {p: _dims(experts[0][p], by_module[experts[0][p]], specs) for p in family}
         for e in range(1, count):
             for p in family:
                 module = experts[e][p]
                 dims = _dims(module, by_module[module], specs)
                 if dims != first[p]:
-                    raise AscendFormatError(_weight(by_module, module).file, f"{module}.weight",
-                                            f"[out, in] {list(dims or ())} differs from expert 0's "
-                                            f"{list(first[p] or ())}; the experts of one MoE layer are one tensor")
+                    raise AscendFormatError(
+                        _weight(by_module, module).file,
+                        f"{module}.weight",
+                        f"[out, in] {list(dims or ())} differs from expert 0's "
+                        f"{list(first[p] or ())}; the experts of one MoE layer are one tensor",
+                    )
 
 
 def _check_fused_inputs(by_module, specs, fused) -> None:
@@ -125,8 +148,12 @@ def _check_fused_inputs(by_module, specs, fused) -> None:
             ref = next(iter(dims))
             for n, d in dims.items():
                 if d[1] != dims[ref][1]:
-                    raise AscendFormatError(_weight(by_module, n).file, f"{n}.weight", f"input size {d[1]} differs "
-                                            f"from {ref}'s {dims[ref][1]}; an engine runs them as one fused layer")
+                    raise AscendFormatError(
+                        _weight(by_module, n).file,
+                        f"{n}.weight",
+                        f"input size {d[1]} differs "
+                        f"from {ref}'s {dims[ref][1]}; an engine runs them as one fused layer",
+                    )
 
 
 def _check_layers(desc: Description, by_module, layout: Layout) -> None:
@@ -145,20 +172,27 @@ def _check_layers(desc: Description, by_module, layout: Layout) -> None:
             limit = L if native_mtp or desc.is_deepseek_native else L + n_mtp
             if i >= limit:
                 extra = "" if limit == L else f" + num_nextn_predict_layers={n_mtp}"
-                raise AscendFormatError(desc.path, key, f"layer {i} does not exist: {layout.file} has "
-                                                        f"num_hidden_layers={L}{extra}")
+                raise AscendFormatError(
+                    desc.path, key, f"layer {i} does not exist: {layout.file} has num_hidden_layers={L}{extra}"
+                )
         m = _MTP.match(module + ".")
         if m:
             i = int(m[1])
             n_desc = desc.extras.get("n_mtp_layers")
             if n_desc is not None and i >= n_desc:
-                raise AscendFormatError(desc.path, key, f"MTP layer {i} does not exist: the description has "
-                                                        f"n_mtp_layers={n_desc}")
+                raise AscendFormatError(
+                    desc.path, key, f"MTP layer {i} does not exist: the description has n_mtp_layers={n_desc}"
+                )
             if i >= n_mtp:
-                raise AscendFormatError(desc.path, key, f"MTP layer {i} does not exist: {layout.file} has "
-                                                        f"num_nextn_predict_layers={n_mtp}")
+                raise AscendFormatError(
+                    desc.path, key, f"MTP layer {i} does not exist: {layout.file} has num_nextn_predict_layers={n_mtp}"
+                )
     if L is not None and seen:
         missing = sorted(set(range(L)) - seen)
         if missing:
-            raise AscendFormatError(desc.path, f"layers.{missing[0]}", f"no tensor belongs to layer {missing[0]} "
-                                    f"({layout.file} has num_hidden_layers={L}); the checkpoint is incomplete")
+            raise AscendFormatError(
+                desc.path,
+                f"layers.{missing[0]}",
+                f"no tensor belongs to layer {missing[0]} "
+                f"({layout.file} has num_hidden_layers={L}); the checkpoint is incomplete",
+            )

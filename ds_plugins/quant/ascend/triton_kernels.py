@@ -22,10 +22,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _int8_mm_kernel(a_ptr, b_ptr, out_ptr, row_scale_ptr, col_scale_ptr, col_bias_ptr, M, N, K,
-                    stride_am, stride_bn, stride_om,
-                    HAS_ROW_SCALE: tl.constexpr, HAS_COL_BIAS: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _int8_mm_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    col_bias_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_om,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_COL_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -42,12 +57,21 @@ def _int8_mm_kernel(a_ptr, b_ptr, out_ptr, row_scale_ptr, col_scale_ptr, col_bia
     y = acc.to(tl.float32) * tl.load(col_scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
     if HAS_ROW_SCALE:
         y = y * tl.load(row_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(
+        out_ptr + rm[:, None] * stride_om + rn[None, :],
+        y.to(out_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rn[None, :] < N),
+    )
 
 
-def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, col_scale: torch.Tensor, row_scale: torch.Tensor | None = None,
-                   col_bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def int8_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    col_scale: torch.Tensor,
+    row_scale: torch.Tensor | None = None,
+    col_bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """a [M, K] int8, b [N, K] int8, col_scale [N] fp32, row_scale [M] fp32, col_bias [N] int32."""
     M, K = a.shape
     N = b.shape[0]
@@ -61,16 +85,50 @@ def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, col_scale: torch.Tensor, ro
     BM = 16 if M <= 16 else (32 if M <= 32 else 64)
     BN, BK = 64, 64
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _int8_mm_kernel[grid](a, b, out, row, col_scale, bias, M, N, K, a.stride(0), b.stride(0), out.stride(0),
-                          HAS_ROW_SCALE=row_scale is not None, HAS_COL_BIAS=col_bias is not None,
-                          BM=BM, BN=BN, BK=BK)
+    _int8_mm_kernel[grid](
+        a,
+        b,
+        out,
+        row,
+        col_scale,
+        bias,
+        M,
+        N,
+        K,
+        a.stride(0),
+        b.stride(0),
+        out.stride(0),
+        HAS_ROW_SCALE=row_scale is not None,
+        HAS_COL_BIAS=col_bias is not None,
+        BM=BM,
+        BN=BN,
+        BK=BK,
+    )
     return out
 
 
 @triton.jit
-def _grouped_kernel(a_ptr, w_ptr, out_ptr, row_scale_ptr, w_scale_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr,
-                    N, K, stride_am, stride_we, stride_wn, stride_se, stride_om,
-                    PACKED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _grouped_kernel(
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    row_scale_ptr,
+    w_scale_ptr,
+    blk_expert_ptr,
+    blk_start_ptr,
+    blk_end_ptr,
+    N,
+    K,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_om,
+    PACKED: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     start = tl.load(blk_start_ptr + pid)
@@ -90,10 +148,12 @@ def _grouped_kernel(a_ptr, w_ptr, out_ptr, row_scale_ptr, w_scale_ptr, blk_exper
             acc_hi = tl.zeros((BM, HALF), dtype=tl.int32)
             for k0 in range(0, K, BK):
                 kk = k0 + rk
-                a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K),
-                            other=0)
-                p = tl.load(w_base + rj[None, :] * stride_wn + kk[:, None], mask=j_ok[None, :] & (kk[:, None] < K),
-                            other=0).to(tl.int32)
+                a = tl.load(
+                    a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0
+                )
+                p = tl.load(
+                    w_base + rj[None, :] * stride_wn + kk[:, None], mask=j_ok[None, :] & (kk[:, None] < K), other=0
+                ).to(tl.int32)
                 lo = (((p & 0xF) ^ 8) - 8).to(tl.int8)  # sign-extended low nibble
                 hi = (p >> 4).to(tl.int8)  # arithmetic shift keeps the high nibble's sign
                 acc_lo = tl.dot(a, lo, acc_lo)
@@ -112,10 +172,12 @@ def _grouped_kernel(a_ptr, w_ptr, out_ptr, row_scale_ptr, w_scale_ptr, blk_exper
             acc = tl.zeros((BM, BN), dtype=tl.int32)
             for k0 in range(0, K, BK):
                 kk = k0 + rk
-                a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K),
-                            other=0)
-                w = tl.load(w_base + rn[None, :] * stride_wn + kk[:, None], mask=n_ok[None, :] & (kk[:, None] < K),
-                            other=0)
+                a = tl.load(
+                    a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0
+                )
+                w = tl.load(
+                    w_base + rn[None, :] * stride_wn + kk[:, None], mask=n_ok[None, :] & (kk[:, None] < K), other=0
+                )
                 acc = tl.dot(a, w, acc)
             s = tl.load(w_scale_ptr + e * stride_se + rn, mask=n_ok, other=0.0)
             y = acc.to(tl.float32) * s[None, :] * sx[:, None]
@@ -146,8 +208,15 @@ def moe_schedule(sorted_ids: torch.Tensor, num_experts: int, block_m: int):
     return e.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
 
 
-def grouped_int8_mm(a: torch.Tensor, row_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                    schedule, packed: bool, block_m: int) -> torch.Tensor:
+def grouped_int8_mm(
+    a: torch.Tensor,
+    row_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    schedule,
+    packed: bool,
+    block_m: int,
+) -> torch.Tensor:
     """a [P, K] int8 rows sorted by expert; w [E, N, K] int8 (or [E, N/2, K] packed int4); w_scale [E, N]
     fp32. Returns fp32 [P, N]; rows outside the schedule are 0."""
     P, K = a.shape
@@ -161,7 +230,25 @@ def grouped_int8_mm(a: torch.Tensor, row_scale: torch.Tensor, w: torch.Tensor, w
     a, w = a.contiguous(), w.contiguous()
     BN, BK = 64, 64
     grid = (blk_e.numel(), triton.cdiv(N, BN))
-    _grouped_kernel[grid](a, w, out, row_scale.float().contiguous(), w_scale, blk_e, blk_s, blk_t, N, K,
-                          a.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), out.stride(0),
-                          PACKED=packed, BM=block_m, BN=BN, BK=BK)
+    _grouped_kernel[grid](
+        a,
+        w,
+        out,
+        row_scale.float().contiguous(),
+        w_scale,
+        blk_e,
+        blk_s,
+        blk_t,
+        N,
+        K,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        w_scale.stride(0),
+        out.stride(0),
+        PACKED=packed,
+        BM=block_m,
+        BN=BN,
+        BK=BK,
+    )
     return out

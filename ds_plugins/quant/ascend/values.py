@@ -20,9 +20,11 @@ from .errors import AscendFormatError
 from .schemes import ModuleSpec
 
 # Scale tensors, per scheme: (suffix, must be > 0).
-SCALES = {"W8A8_DYNAMIC": (("weight_scale", True),),
-          "W4A8_DYNAMIC": (("weight_scale", True),),
-          "W8A8": (("input_scale", True), ("input_offset", False), ("deq_scale", True), ("weight_scale", True))}
+SCALES = {
+    "W8A8_DYNAMIC": (("weight_scale", True),),
+    "W4A8_DYNAMIC": (("weight_scale", True),),
+    "W8A8": (("input_scale", True), ("input_offset", False), ("deq_scale", True), ("weight_scale", True)),
+}
 SAMPLE_MODULES = 64
 SAMPLE_ROWS = 4  # packed rows: output channels 0 .. 2*SAMPLE_ROWS-1
 RTOL = 1e-3  # scale_bias is stored in fp32; a packing error is off by whole int4 values
@@ -36,6 +38,7 @@ class _Files:
 
     def _handle(self, info):
         from safetensors import safe_open
+
         h = self.handles.get(info.file)
         if h is None:
             h = self.handles[info.file] = safe_open(info.file, framework="pt")
@@ -91,19 +94,26 @@ def _check_scale(info, t: torch.Tensor, positive: bool) -> None:
     finite = torch.isfinite(v)
     if not bool(finite.all()):
         n = int((~finite).sum())
-        raise AscendFormatError(info.file, info.key, f"{n} of {v.numel()} values are NaN or infinite "
-                                                     "(the layer's output would be NaN)")
+        raise AscendFormatError(
+            info.file, info.key, f"{n} of {v.numel()} values are NaN or infinite (the layer's output would be NaN)"
+        )
     if positive and not bool((v > 0).all()):
         bad = v[v <= 0]
-        raise AscendFormatError(info.file, info.key, f"{bad.numel()} of {v.numel()} values are not positive "
-                                                     f"(e.g. {float(bad[0])!r}); scales must be > 0")
+        raise AscendFormatError(
+            info.file,
+            info.key,
+            f"{bad.numel()} of {v.numel()} values are not positive (e.g. {float(bad[0])!r}); scales must be > 0",
+        )
 
 
 def _check_offset_range(info, t: torch.Tensor) -> None:
     v = t.float()
     if not bool(((v >= -128) & (v <= 127)).all()):
-        raise AscendFormatError(info.file, info.key, f"static activation offset {v.reshape(-1).tolist()[:4]} is "
-                                                     "outside the int8 range [-128, 127]")
+        raise AscendFormatError(
+            info.file,
+            info.key,
+            f"static activation offset {v.reshape(-1).tolist()[:4]} is outside the int8 range [-128, 127]",
+        )
 
 
 def _check_scale_bias(spec: ModuleSpec, files: _Files) -> None:
@@ -114,16 +124,20 @@ def _check_scale_bias(spec: ModuleSpec, files: _Files) -> None:
     if rows == 0 or inp % chunks:
         return
     w = arith.unpack_int4(files.slice(w_info)[0:rows]).double()  # [2*rows, in]
-    s = files.slice(spec.tensors["weight_scale"])[0:2 * rows].double().reshape(-1, 1)
-    stored = files.slice(sb_info)[0:2 * rows].double().reshape(2 * rows, chunks)
+    s = files.slice(spec.tensors["weight_scale"])[0 : 2 * rows].double().reshape(-1, 1)
+    stored = files.slice(sb_info)[0 : 2 * rows].double().reshape(2 * rows, chunks)
     parts = w.reshape(2 * rows, chunks, inp // chunks)
     want = 8.0 * s * parts.sum(-1)
     tol = RTOL * 8.0 * s * parts.abs().sum(-1) + 1e-30
     bad = ~((stored - want).abs() <= tol)
     if bool(bad.any()):
         n, g = (int(i) for i in torch.nonzero(bad)[0])
-        raise AscendFormatError(w_info.file, w_info.key, f"W4A8 scale_bias disagrees with the unpacked weight "
-                                f"(channel {n}{f', chunk {g}' if chunks > 1 else ''}: "
-                                f"stored {float(stored[n, g]):.6g}, "
-                                f"8*s*sum(W) = {float(want[n, g]):.6g}): the int4 packing is not msModelSlim's "
-                                "(packed[j] = W[2j+1] << 4 | W[2j] & 0xF; nibbles swapped?)")
+        raise AscendFormatError(
+            w_info.file,
+            w_info.key,
+            f"W4A8 scale_bias disagrees with the unpacked weight "
+            f"(channel {n}{f', chunk {g}' if chunks > 1 else ''}: "
+            f"stored {float(stored[n, g]):.6g}, "
+            f"8*s*sum(W) = {float(want[n, g]):.6g}): the int4 packing is not msModelSlim's "
+            "(packed[j] = W[2j+1] << 4 | W[2j] & 0xF; nibbles swapped?)",
+        )

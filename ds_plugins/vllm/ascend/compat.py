@@ -28,8 +28,9 @@ MOE_APPLY_PARAMS = ("layer", "x", "topk_weights", "topk_ids", "shared_experts", 
 def _need(module, name: str):
     value = getattr(module, name, None)
     if value is None:
-        raise ImportError(f"{module.__name__}.{name} is missing: this vLLM's MoE quantization interface is not "
-                          "one ds-plugins knows")
+        raise ImportError(
+            f"{module.__name__}.{name} is missing: this vLLM's MoE quantization interface is not one ds-plugins knows"
+        )
     return value
 
 
@@ -39,15 +40,20 @@ def moe_layer_class(module=_fused_moe) -> type:
         found = getattr(module, name, None)
         if isinstance(found, type):
             return found
-    raise ImportError(f"{module.__name__} exports neither a RoutedExperts nor a FusedMoE class: this vLLM's MoE "
-                      "layer is not one ds-plugins knows")
+    raise ImportError(
+        f"{module.__name__} exports neither a RoutedExperts nor a FusedMoE class: this vLLM's MoE "
+        "layer is not one ds-plugins knows"
+    )
 
 
 def unsupported_moe_apply_params(base: type[Any]) -> list[str]:
     """Parameters of `base.apply` (vLLM's FusedMoEMethodBase) that AscendMoEMethod.apply does not take."""
     params = inspect.signature(base.apply).parameters
-    return [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-            and n not in MOE_APPLY_PARAMS]
+    return [
+        n
+        for n, p in params.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in MOE_APPLY_PARAMS
+    ]
 
 
 MoELayer = moe_layer_class()
@@ -55,5 +61,7 @@ FusedMoEMethodBase = _need(_fused_moe, "FusedMoEMethodBase")
 FusedMoeWeightScaleSupported = _need(_fused_moe, "FusedMoeWeightScaleSupported")
 _extra = unsupported_moe_apply_params(FusedMoEMethodBase)
 if _extra:
-    raise ImportError(f"vLLM's FusedMoEMethodBase.apply takes {', '.join(_extra)}, which ds-plugins' MoE method "
-                      f"does not (it takes {', '.join(MOE_APPLY_PARAMS)})")
+    raise ImportError(
+        f"vLLM's FusedMoEMethodBase.apply takes {', '.join(_extra)}, which ds-plugins' MoE method "
+        f"does not (it takes {', '.join(MOE_APPLY_PARAMS)})"
+    )

@@ -45,6 +45,7 @@ from ...quant.ascend.schemes import EXPERT_RE
 def _download_dir() -> str | None:
     """vLLM's --download-dir, so the weights land where vLLM's own loader looks for them."""
     from vllm.config import get_current_vllm_config
+
     return getattr(get_current_vllm_config().load_config, "download_dir", None)
 
 
@@ -91,6 +92,7 @@ class AscendQuantConfig(QuantizationConfig):
             self.checkpoint, self._remote = Checkpoint(model_name), None
             return
         from . import remote
+
         check_json(remote.fetch_json(model_name, revision))
         self.checkpoint, self._remote = None, (model_name, revision)
 
@@ -134,10 +136,13 @@ class AscendQuantConfig(QuantizationConfig):
     def _need_checkpoint(self) -> Checkpoint:
         if self.checkpoint is None and self._remote is not None:
             from . import remote
+
             self.checkpoint = Checkpoint(remote.fetch_weights(*self._remote, _download_dir()))
         if self.checkpoint is None:
-            raise ValueError(f"--quantization ascend: {FILENAME} was not loaded (maybe_update_config was not "
-                             "called with the model directory)")
+            raise ValueError(
+                f"--quantization ascend: {FILENAME} was not loaded (maybe_update_config was not "
+                "called with the model directory)"
+            )
         return self.checkpoint
 
     def scheme_for(self, prefix: str, moe: bool = False) -> str:
@@ -154,9 +159,11 @@ class AscendQuantConfig(QuantizationConfig):
         if len(found) > 1:
             detail = ", ".join(f"{m}: {'/'.join(sorted(v)) or 'absent'}" for m, v in sorted(sources.items()))
             # for mypy, below: the checkpoint is set once the index is (_build_index)
-            raise AscendFormatError(self.checkpoint.description.path, prefix,  # type: ignore[union-attr]
-                                    f"vLLM runs these checkpoint modules as one layer but their quant types differ "
-                                    f"({detail})")
+            raise AscendFormatError(
+                self.checkpoint.description.path,
+                prefix,  # type: ignore[union-attr]
+                f"vLLM runs these checkpoint modules as one layer but their quant types differ ({detail})",
+            )
         return found.pop() if found else "FLOAT"
 
     def shards_of(self, prefix: str) -> list[str]:
@@ -184,14 +191,18 @@ class AscendQuantConfig(QuantizationConfig):
             found |= self._leaves.get((shard, leaf), set())  # type: ignore[union-attr]  # _build_index set it
         if len(found) > 1:
             # for mypy, below: the checkpoint is set once the index is (_build_index)
-            raise AscendFormatError(self.checkpoint.description.path, f"{prefix}.{leaf}",  # type: ignore[union-attr]
-                                    f"vLLM's weight mapper gives the shards of this layer different names for "
-                                    f"{leaf} ({', '.join(sorted(found))}); they cannot load into one parameter")
+            raise AscendFormatError(
+                self.checkpoint.description.path,
+                f"{prefix}.{leaf}",  # type: ignore[union-attr]
+                f"vLLM's weight mapper gives the shards of this layer different names for "
+                f"{leaf} ({', '.join(sorted(found))}); they cannot load into one parameter",
+            )
         return found.pop() if found else leaf
 
     # --- methods -------------------------------------------------------------------------------
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         from . import methods
+
         if isinstance(layer, LinearBase):
             scheme = self.scheme_for(prefix)
             if scheme == "FLOAT":
@@ -215,12 +226,18 @@ class AscendQuantConfig(QuantizationConfig):
             scheme = self.scheme_for(prefix)
             if scheme != "FLOAT":
                 # for mypy, below: the checkpoint is set once the index is (_build_index)
-                raise AscendFormatError(self.checkpoint.description.path, prefix,  # type: ignore[union-attr]
-                                        f"quantized embeddings / LM heads ({scheme}) are not supported")
+                raise AscendFormatError(
+                    self.checkpoint.description.path,
+                    prefix,  # type: ignore[union-attr]
+                    f"quantized embeddings / LM heads ({scheme}) are not supported",
+                )
         return None
 
     def header(self, prefix_re: str) -> list:
         """Header infos of checkpoint tensors whose vLLM name matches prefix_re (for param dtypes)."""
         pat = re.compile(prefix_re)
-        return [info for key, info in self._need_checkpoint().tensors.items()
-                if any(pat.match(n) for n in self._engine_names(key))]
+        return [
+            info
+            for key, info in self._need_checkpoint().tensors.items()
+            if any(pat.match(n) for n in self._engine_names(key))
+        ]

@@ -29,15 +29,23 @@ def install(plan, log: logging.Logger) -> str:
     except Exception as exc:  # a plan without the decision: say so, change nothing
         return f"off (no ascend_quant decision: {exc})"
     if value != "ds_plugins":
-        return {"vllm-ascend": "deferred to vllm-ascend (it registers --quantization ascend itself)",
-                "off": "off", "upstream": "upstream", "unsupported": "unsupported"}.get(value, f"off ({value})")
+        return {
+            "vllm-ascend": "deferred to vllm-ascend (it registers --quantization ascend itself)",
+            "off": "off",
+            "upstream": "upstream",
+            "unsupported": "unsupported",
+        }.get(value, f"off ({value})")
     if _state is not None:
         return _state
     try:
         _state = _register()
     except Exception as exc:
-        log.warning("ds-plugins: could not register --quantization %s (%s: %s); vLLM is left as shipped",
-                    NAME, type(exc).__name__, exc)
+        log.warning(
+            "ds-plugins: could not register --quantization %s (%s: %s); vLLM is left as shipped",
+            NAME,
+            type(exc).__name__,
+            exc,
+        )
         return f"failed: {type(exc).__name__}: {exc}"
     log.debug("ds-plugins: %s", _state)
     return _state
@@ -47,6 +55,7 @@ def _register() -> str:
     from vllm.model_executor.layers import quantization as q
 
     from .config import AscendQuantConfig
+
     current = getattr(q, "_CUSTOMIZED_METHOD_TO_QUANT_CONFIG", {}).get(NAME)
     if current is AscendQuantConfig:
         return f"registered {NAME!r}"

@@ -28,16 +28,23 @@ from ...quant.ascend import arith, compute
 from ...quant.ascend.errors import AscendFormatError
 from .compat import FusedMoEMethodBase, FusedMoeWeightScaleSupported
 
-_DTYPES = {"float32": torch.float32, "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "int8": torch.int8}
+_DTYPES = {
+    "float32": torch.float32,
+    "int64": torch.int64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.int8,
+}
 
 
 def _column_loader(loader):
     """Scales stored [out] load into [out, 1] parameters (msModelSlim writes both forms)."""
+
     def load(param, loaded_weight, *args, **kwargs):
         if loaded_weight.dim() == 1 and param.dim() == 2:
             loaded_weight = loaded_weight.reshape(-1, 1)
         return loader(param, loaded_weight, *args, **kwargs)
+
     return load
 
 
@@ -48,9 +55,11 @@ def _drop(layer, name: str) -> None:
 
 def _marking(loader):
     """The weight loader, recording on the parameter that a checkpoint tensor arrived in it."""
+
     def load(param, loaded_weight, *args, **kwargs):
         param.ds_loaded = True
         return loader(param, loaded_weight, *args, **kwargs)
+
     return load
 
 
@@ -70,9 +79,12 @@ def _take(config, prefix: str, layer, names: dict[str, tuple[str, ...]], leaf: s
     candidates = names[leaf]
     loaded = [n for n in candidates if getattr(getattr(layer, n), "ds_loaded", False)]
     if len(candidates) > 1 and len(loaded) != 1:
-        raise AscendFormatError(config.checkpoint.description.path, f"{prefix}.{leaf}",
-                                f"vLLM's loader delivered it as {' and '.join(loaded) or 'none'} of "
-                                f"{', '.join(candidates)}; expected exactly one")
+        raise AscendFormatError(
+            config.checkpoint.description.path,
+            f"{prefix}.{leaf}",
+            f"vLLM's loader delivered it as {' and '.join(loaded) or 'none'} of "
+            f"{', '.join(candidates)}; expected exactly one",
+        )
     data = getattr(layer, (loaded or candidates)[0]).data
     for n in candidates:
         _drop(layer, n)
@@ -81,8 +93,11 @@ def _take(config, prefix: str, layer, names: dict[str, tuple[str, ...]], leaf: s
 
 def _check_zero(config, prefix: str, t: torch.Tensor, what: str) -> None:
     if bool(t.ne(0).any()):
-        raise AscendFormatError(config.checkpoint.description.path, f"{prefix}.{what}",
-                                "non-zero offset: asymmetric weights are not supported")
+        raise AscendFormatError(
+            config.checkpoint.description.path,
+            f"{prefix}.{what}",
+            "non-zero offset: asymmetric weights are not supported",
+        )
 
 
 def _check_finite(config, prefix: str, t: torch.Tensor, what: str) -> None:
@@ -91,8 +106,11 @@ def _check_finite(config, prefix: str, t: torch.Tensor, what: str) -> None:
     another tensor here), which would turn every output of the layer into NaN."""
     bad = ~torch.isfinite(t.float())
     if bool(bad.any()):
-        raise AscendFormatError(config.checkpoint.description.path, f"{prefix}.{what}",
-                                f"{int(bad.sum())} of {t.numel()} values are NaN or infinite")
+        raise AscendFormatError(
+            config.checkpoint.description.path,
+            f"{prefix}.{what}",
+            f"{int(bad.sum())} of {t.numel()} values are NaN or infinite",
+        )
 
 
 def _shard_names(config, prefix: str) -> list[str]:
@@ -104,8 +122,11 @@ def _header_dtype(config, prefix: str, suffix: str, default: torch.dtype) -> tor
     infos = config.header(rf"^({alts})\.{suffix}$")
     kinds = {i.dtype for i in infos}
     if len(kinds) > 1:
-        raise AscendFormatError(config.checkpoint.description.path, f"{prefix}.{suffix}",
-                                f"shards of one vLLM layer store {suffix} as different dtypes {sorted(kinds)}")
+        raise AscendFormatError(
+            config.checkpoint.description.path,
+            f"{prefix}.{suffix}",
+            f"shards of one vLLM layer store {suffix} as different dtypes {sorted(kinds)}",
+        )
     return _DTYPES[kinds.pop()] if kinds else default
 
 
@@ -114,9 +135,15 @@ def _int8_weight(layer, input_size_per_partition: int, output_partition_sizes, l
     loader); returns out, the fused output width."""
     out = sum(output_partition_sizes)
     layer.logical_widths = output_partition_sizes
-    layer.register_parameter("weight", ModelWeightParameter(
-        data=torch.empty(out, input_size_per_partition, dtype=torch.int8), input_dim=1, output_dim=0,
-        weight_loader=loader))
+    layer.register_parameter(
+        "weight",
+        ModelWeightParameter(
+            data=torch.empty(out, input_size_per_partition, dtype=torch.int8),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=loader,
+        ),
+    )
     return out
 
 
@@ -129,15 +156,30 @@ class _SchemeLinearMethod(LinearMethodBase):
 
 
 class W8A8DynamicLinearMethod(_SchemeLinearMethod):
-    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-                       params_dtype, **extra_weight_attrs):
+    def create_weights(
+        self,
+        layer,
+        input_size_per_partition,
+        output_partition_sizes,
+        input_size,
+        output_size,
+        params_dtype,
+        **extra_weight_attrs,
+    ):
         loader = extra_weight_attrs.get("weight_loader")
         out = _int8_weight(layer, input_size_per_partition, output_partition_sizes, loader)
         self.names = _names(self.config, self.prefix, ("weight_scale", "weight_offset"))
         for leaf in self.names:
-            _register(layer, self.names, leaf, lambda mark: ChannelQuantScaleParameter(
-                data=torch.empty(out, 1, dtype=torch.float32), output_dim=0,
-                weight_loader=mark(_column_loader(loader))))
+            _register(
+                layer,
+                self.names,
+                leaf,
+                lambda mark: ChannelQuantScaleParameter(
+                    data=torch.empty(out, 1, dtype=torch.float32),
+                    output_dim=0,
+                    weight_loader=mark(_column_loader(loader)),
+                ),
+            )
 
     def process_weights_after_loading(self, layer) -> None:
         take = lambda leaf: _take(self.config, self.prefix, layer, self.names, leaf)  # noqa: E731
@@ -156,36 +198,74 @@ class W8A8StaticLinearMethod(_SchemeLinearMethod):
     calibrated with different activation scales is refused at load (DeepSeek-V4 recipes do not use
     this scheme)."""
 
-    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-                       params_dtype, **extra_weight_attrs):
+    def create_weights(
+        self,
+        layer,
+        input_size_per_partition,
+        output_partition_sizes,
+        input_size,
+        output_size,
+        params_dtype,
+        **extra_weight_attrs,
+    ):
         loader = extra_weight_attrs.get("weight_loader")
         out = _int8_weight(layer, input_size_per_partition, output_partition_sizes, loader)
         n = len(output_partition_sizes)
         shards = "|".join(re.escape(s) for s in _shard_names(self.config, self.prefix))
-        optional = [leaf for leaf in ("weight_scale", "weight_offset")  # written by msModelSlim, unused by the math
-                    if self.config.header(rf"^({shards})\.{leaf}$")]
-        self.names = _names(self.config, self.prefix, ("input_scale", "input_offset", "deq_scale", "quant_bias",
-                                                       *optional))
+        optional = [
+            leaf
+            for leaf in ("weight_scale", "weight_offset")  # written by msModelSlim, unused by the math
+            if self.config.header(rf"^({shards})\.{leaf}$")
+        ]
+        self.names = _names(
+            self.config, self.prefix, ("input_scale", "input_offset", "deq_scale", "quant_bias", *optional)
+        )
         offset_dtype = _header_dtype(self.config, self.prefix, "input_offset", torch.float32)
         for leaf, dtype in (("input_scale", torch.float32), ("input_offset", offset_dtype)):
-            _register(layer, self.names, leaf, lambda mark, dtype=dtype: _per_tensor(PerTensorScaleParameter(
-                data=torch.zeros(n, dtype=dtype), weight_loader=mark(_per_tensor_loader(loader)))))
-        for leaf, dtype in (("deq_scale", _header_dtype(self.config, self.prefix, "deq_scale", torch.float32)),
-                            ("quant_bias", torch.int32)):
-            _register(layer, self.names, leaf, lambda mark, dtype=dtype: ChannelQuantScaleParameter(
-                data=torch.empty(out, dtype=dtype), output_dim=0, weight_loader=mark(loader)))
+            _register(
+                layer,
+                self.names,
+                leaf,
+                lambda mark, dtype=dtype: _per_tensor(
+                    PerTensorScaleParameter(
+                        data=torch.zeros(n, dtype=dtype), weight_loader=mark(_per_tensor_loader(loader))
+                    )
+                ),
+            )
+        for leaf, dtype in (
+            ("deq_scale", _header_dtype(self.config, self.prefix, "deq_scale", torch.float32)),
+            ("quant_bias", torch.int32),
+        ):
+            _register(
+                layer,
+                self.names,
+                leaf,
+                lambda mark, dtype=dtype: ChannelQuantScaleParameter(
+                    data=torch.empty(out, dtype=dtype), output_dim=0, weight_loader=mark(loader)
+                ),
+            )
         for leaf in optional:
-            _register(layer, self.names, leaf, lambda mark: ChannelQuantScaleParameter(
-                data=torch.empty(out, 1, dtype=torch.float32), output_dim=0,
-                weight_loader=mark(_column_loader(loader))))
+            _register(
+                layer,
+                self.names,
+                leaf,
+                lambda mark: ChannelQuantScaleParameter(
+                    data=torch.empty(out, 1, dtype=torch.float32),
+                    output_dim=0,
+                    weight_loader=mark(_column_loader(loader)),
+                ),
+            )
 
     def process_weights_after_loading(self, layer) -> None:
         taken = {leaf: _take(self.config, self.prefix, layer, self.names, leaf) for leaf in self.names}
         scales, offsets = taken["input_scale"].float(), taken["input_offset"].float()
         if bool((scales != scales[0]).any()) or bool((offsets != offsets[0]).any()):
-            raise AscendFormatError(self.config.checkpoint.description.path, f"{self.prefix}.input_scale",
-                                    f"the shards of this fused layer have different activation scales/offsets "
-                                    f"({scales.tolist()}, {offsets.tolist()}); static W8A8 needs one per layer")
+            raise AscendFormatError(
+                self.config.checkpoint.description.path,
+                f"{self.prefix}.input_scale",
+                f"the shards of this fused layer have different activation scales/offsets "
+                f"({scales.tolist()}, {offsets.tolist()}); static W8A8 needs one per layer",
+            )
         deq = arith.decode_deq_scale(taken["deq_scale"]).reshape(-1).contiguous()
         for what, t in (("input_scale", scales), ("input_offset", offsets), ("deq_scale", deq)):
             _check_finite(self.config, self.prefix, t, what)
@@ -199,8 +279,9 @@ class W8A8StaticLinearMethod(_SchemeLinearMethod):
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # A float bias is folded into quant_bias by msModelSlim; vLLM's own bias param stays unused.
-        return compute.linear_static(x, layer.weight, layer.input_scale, layer.input_offset, layer.quant_bias,
-                                     layer.deq_scale)
+        return compute.linear_static(
+            x, layer.weight, layer.input_scale, layer.input_offset, layer.quant_bias, layer.deq_scale
+        )
 
 
 def _per_tensor(param):
@@ -212,8 +293,13 @@ def _per_tensor(param):
 
 def _per_tensor_loader(loader):
     def load(param, loaded_weight, *args, **kwargs):
-        return loader(param, loaded_weight.reshape(-1)[:1].reshape(()) if loaded_weight.numel() == 1
-                      else loaded_weight, *args, **kwargs)
+        return loader(
+            param,
+            loaded_weight.reshape(-1)[:1].reshape(()) if loaded_weight.numel() == 1 else loaded_weight,
+            *args,
+            **kwargs,
+        )
+
     return load
 
 
@@ -225,12 +311,16 @@ class AscendMoEMethod(FusedMoEMethodBase):
         self.scheme, self.config, self.prefix = scheme, config, prefix
         self.packed = scheme == "W4A8_DYNAMIC"
 
-    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                       **extra_weight_attrs):
+    def create_weights(
+        self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra_weight_attrs
+    ):
         act = str(getattr(self.moe, "activation", "silu")).lower()
         if "silu" not in act or "no_mul" in act:
-            raise AscendFormatError(self.config.checkpoint.description.path, self.prefix,
-                                    f"MoE activation {act!r}: the msModelSlim experts compute SwiGLU (silu)")
+            raise AscendFormatError(
+                self.config.checkpoint.description.path,
+                self.prefix,
+                f"MoE activation {act!r}: the msModelSlim experts compute SwiGLU (silu)",
+            )
         E, H, I = num_experts, hidden_size, intermediate_size_per_partition
         f = 2 if self.packed else 1
         for name, shape in (("w13_weight", (E, 2 * I // f, H)), ("w2_weight", (E, H // f, I))):
@@ -248,12 +338,13 @@ class AscendMoEMethod(FusedMoEMethodBase):
             layer.register_parameter(name, p)
             set_weight_attrs(p, {"weight_loader": self._discard})
 
-    def _discard(self, param, loaded_weight, weight_name, shard_id=None, expert_id=None, return_success=False,
-                 **_):
+    def _discard(self, param, loaded_weight, weight_name, shard_id=None, expert_id=None, return_success=False, **_):
         if "offset" in weight_name and bool(loaded_weight.ne(0).any()):
-            raise AscendFormatError(self.config.checkpoint.description.path,
-                                    f"{weight_name} (expert {expert_id}, {shard_id})",
-                                    "non-zero offset: asymmetric weights are not supported")
+            raise AscendFormatError(
+                self.config.checkpoint.description.path,
+                f"{weight_name} (expert {expert_id}, {shard_id})",
+                "non-zero offset: asymmetric weights are not supported",
+            )
         return True if return_success else None
 
     def process_weights_after_loading(self, layer) -> None:
@@ -262,10 +353,12 @@ class AscendMoEMethod(FusedMoEMethodBase):
         E = layer.w13_weight.shape[0]
         for name in ("w13_weight_scale", "w2_weight_scale"):
             _check_finite(self.config, self.prefix, getattr(layer, name).data, name)
-        layer.w13_weight_scale = Parameter(layer.w13_weight_scale.data.reshape(E, -1).float().contiguous(),
-                                           requires_grad=False)
-        layer.w2_weight_scale = Parameter(layer.w2_weight_scale.data.reshape(E, -1).float().contiguous(),
-                                          requires_grad=False)
+        layer.w13_weight_scale = Parameter(
+            layer.w13_weight_scale.data.reshape(E, -1).float().contiguous(), requires_grad=False
+        )
+        layer.w2_weight_scale = Parameter(
+            layer.w2_weight_scale.data.reshape(E, -1).float().contiguous(), requires_grad=False
+        )
 
     def get_fused_moe_quant_config(self, layer):
         return None  # our own compute path: vLLM's modular kernels are not used
@@ -274,6 +367,15 @@ class AscendMoEMethod(FusedMoEMethodBase):
         limit = getattr(layer, "swiglu_limit", None)
         if limit is None:
             limit = getattr(self.moe, "swiglu_limit", None)
-        return compute.moe(x, topk_weights, topk_ids, layer.w13_weight, layer.w13_weight_scale, layer.w2_weight,
-                           layer.w2_weight_scale, packed_int4=self.packed, limit=limit,
-                           expert_map=getattr(layer, "expert_map", None))
+        return compute.moe(
+            x,
+            topk_weights,
+            topk_ids,
+            layer.w13_weight,
+            layer.w13_weight_scale,
+            layer.w2_weight,
+            layer.w2_weight_scale,
+            packed_int4=self.packed,
+            limit=limit,
+            expert_map=getattr(layer, "expert_map", None),
+        )

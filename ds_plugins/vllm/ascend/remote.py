@@ -32,11 +32,13 @@ WEIGHT_PATTERNS = ["*.safetensors", "*.json"]
 
 def use_modelscope() -> bool:
     from vllm import envs
+
     return bool(envs.VLLM_USE_MODELSCOPE)
 
 
 def _offline() -> bool:
     import huggingface_hub.constants
+
     return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
@@ -44,8 +46,10 @@ def _modelscope_download():
     try:
         return importlib.import_module("modelscope.hub.file_download").model_file_download
     except ImportError:
-        raise ValueError("--quantization ascend: VLLM_USE_MODELSCOPE is set, so the checkpoint comes from "
-                         "ModelScope, but the modelscope package is not installed (pip install modelscope)") from None
+        raise ValueError(
+            "--quantization ascend: VLLM_USE_MODELSCOPE is set, so the checkpoint comes from "
+            "ModelScope, but the modelscope package is not installed (pip install modelscope)"
+        ) from None
 
 
 def _fetch_one(model: str, revision: str | None, name: str) -> Path | None:
@@ -61,6 +65,7 @@ def _fetch_one(model: str, revision: str | None, name: str) -> Path | None:
             return None
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
     try:
         return Path(huggingface_hub.hf_hub_download(model, name, revision=revision, local_files_only=_offline()))
     except (EntryNotFoundError, LocalEntryNotFoundError):
@@ -79,8 +84,9 @@ def fetch_json(model: str, revision: str | None) -> Path:
         try:
             path = _fetch_one(model, revision, name)
         except Exception as exc:  # the hub client's own errors: one line naming the file, the id and the hub
-            raise ValueError(f"--quantization ascend: could not fetch {name} of {model!r} from {hub} "
-                             f"({type(exc).__name__}: {exc})") from None
+            raise ValueError(
+                f"--quantization ascend: could not fetch {name} of {model!r} from {hub} ({type(exc).__name__}: {exc})"
+            ) from None
         if path is not None:
             got.append(name)
             folder = folder or path.parent
@@ -91,10 +97,12 @@ def fetch_json(model: str, revision: str | None) -> Path:
 def fetch_weights(model: str, revision: str | None, download_dir: str | None) -> Path:
     """The local snapshot folder with the checkpoint's safetensors and JSON, through vLLM's own downloaders."""
     from vllm.model_executor.model_loader import weight_utils
+
     if use_modelscope():
         _modelscope_download()  # the clear error where modelscope is missing
-        path = weight_utils.maybe_download_from_modelscope(model, revision=revision, download_dir=download_dir,
-                                                           allow_patterns=WEIGHT_PATTERNS)
+        path = weight_utils.maybe_download_from_modelscope(
+            model, revision=revision, download_dir=download_dir, allow_patterns=WEIGHT_PATTERNS
+        )
     else:
         path = weight_utils.download_weights_from_hf(model, download_dir, WEIGHT_PATTERNS, revision=revision)
     return Path(path)

@@ -49,32 +49,74 @@ def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
 
 # --- FlashMLA (vllm.v1.attention.ops.flashmla names, bound in the V4 attention modules) -------------------
 
-def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                           num_splits=None, softmax_scale=None, causal=False, is_fp8_kvcache=False, indices=None,
-                           attn_sink=None, extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None,
-                           extra_topk_length=None, out=None, enable_batch_invariant=False):
+
+def flash_mla_with_kvcache(
+    q,
+    k_cache,
+    block_table,
+    cache_seqlens,
+    head_dim_v,
+    tile_scheduler_metadata,
+    num_splits=None,
+    softmax_scale=None,
+    causal=False,
+    is_fp8_kvcache=False,
+    indices=None,
+    attn_sink=None,
+    extra_k_cache=None,
+    extra_indices_in_kvcache=None,
+    topk_length=None,
+    extra_topk_length=None,
+    out=None,
+    enable_batch_invariant=False,
+):
     if enable_batch_invariant:
         # vLLM 0.33's FlashMLA takes this flag. Our split count follows the batch shape, and splits change the
         # summation order; one split makes each token's result independent of what else is in the batch.
         if indices is None or not is_fp8_kvcache or causal or num_splits is not None:
-            raise sparse_mla.KernelInputError("enable_batch_invariant: only with the sparse FP8 decode "
-                                              "(indices, is_fp8_kvcache=True, causal=False, num_splits=None)")
+            raise sparse_mla.KernelInputError(
+                "enable_batch_invariant: only with the sparse FP8 decode "
+                "(indices, is_fp8_kvcache=True, causal=False, num_splits=None)"
+            )
         result, lse = sparse_mla.sparse_decode_fwd(
-            q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices_in_kvcache,
-            extra_topk_length, head_dim_v, softmax_scale, num_splits=1)
+            q,
+            k_cache,
+            indices,
+            topk_length,
+            attn_sink,
+            extra_k_cache,
+            extra_indices_in_kvcache,
+            extra_topk_length,
+            head_dim_v,
+            softmax_scale,
+            num_splits=1,
+        )
         return _into(out, result), lse
     result, lse = sparse_mla.flash_mla_with_kvcache(
-        q, k_cache, block_table, cache_seqlens, head_dim_v, _our_sched_meta(tile_scheduler_metadata),
-        num_splits=num_splits, softmax_scale=softmax_scale, causal=causal, is_fp8_kvcache=is_fp8_kvcache,
-        indices=indices, attn_sink=attn_sink, extra_k_cache=extra_k_cache,
-        extra_indices_in_kvcache=extra_indices_in_kvcache, topk_length=topk_length,
-        extra_topk_length=extra_topk_length)
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        _our_sched_meta(tile_scheduler_metadata),
+        num_splits=num_splits,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        is_fp8_kvcache=is_fp8_kvcache,
+        indices=indices,
+        attn_sink=attn_sink,
+        extra_k_cache=extra_k_cache,
+        extra_indices_in_kvcache=extra_indices_in_kvcache,
+        topk_length=topk_length,
+        extra_topk_length=extra_topk_length,
+    )
     return _into(out, result), lse
 
 
 def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, out=None):
-    result, max_logits, lse = sparse_mla.flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=d_v,
-                                                              attn_sink=attn_sink, topk_length=topk_length)
+    result, max_logits, lse = sparse_mla.flash_mla_sparse_fwd(
+        q, kv, indices, sm_scale, d_v=d_v, attn_sink=attn_sink, topk_length=topk_length
+    )
     return _into(out, result), max_logits, lse
 
 
@@ -84,6 +126,7 @@ def get_mla_metadata(*args, **kwargs):
 
 # --- DeepGEMM, as vLLM's wrappers in vllm.utils.deep_gemm call it ----------------------------------------
 
+
 def fp8_fp4_mqa_logits(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits):
     """vLLM <= 0.30: the sixth argument is clean_logits."""
     return indexer.fp8_fp4_mqa_logits(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits=clean_logits)
@@ -91,8 +134,9 @@ def fp8_fp4_mqa_logits(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits)
 
 def fp8_fp4_mqa_logits_varlen(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, max_seqlen_k):
     """vLLM 0.33: the sixth argument is max_seqlen_k (logits [M, max_seqlen_k], column c = key ks + c)."""
-    return indexer.fp8_fp4_mqa_logits(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits=False,
-                                      max_seqlen_k=max_seqlen_k)
+    return indexer.fp8_fp4_mqa_logits(
+        q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits=False, max_seqlen_k=max_seqlen_k
+    )
 
 
 def fp8_mqa_logits(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits=False):
@@ -100,16 +144,28 @@ def fp8_mqa_logits(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits=Fals
     return indexer.fp8_mqa_logits(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits=clean_logits)
 
 
-def fp8_fp4_paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len,
-                             clean_logits=False, indices=None):
-    return indexer.fp8_fp4_paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables, schedule_metadata,
-                                            max_model_len, clean_logits=clean_logits, indices=indices)
+def fp8_fp4_paged_mqa_logits(
+    q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len, clean_logits=False, indices=None
+):
+    return indexer.fp8_fp4_paged_mqa_logits(
+        q,
+        kv_cache,
+        weights,
+        context_lens,
+        block_tables,
+        schedule_metadata,
+        max_model_len,
+        clean_logits=clean_logits,
+        indices=indices,
+    )
 
 
-def fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len,
-                         clean_logits=False):
-    return indexer.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables, schedule_metadata,
-                                        max_model_len, clean_logits=clean_logits)
+def fp8_paged_mqa_logits(
+    q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len, clean_logits=False
+):
+    return indexer.fp8_paged_mqa_logits(
+        q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len, clean_logits=clean_logits
+    )
 
 
 def get_paged_mqa_logits_metadata(context_lens, block_size, num_sms, indices=None):
@@ -146,11 +202,15 @@ def _wo_a_as_grouped(b, d, recipe):
     length = weight.shape[1]
     block = SCALE_BLOCK_K
     if weight.shape[0] != groups * rows:
-        raise KernelInputError(f"b[0]: a 2-D wo_a weight must have d's groups x rows = {groups} x {rows} rows, "
-                               f"got shape {list(weight.shape)}")
+        raise KernelInputError(
+            f"b[0]: a 2-D wo_a weight must have d's groups x rows = {groups} x {rows} rows, "
+            f"got shape {list(weight.shape)}"
+        )
     if rows % block:
-        raise KernelInputError(f"d: o_lora_rank {rows} is not a multiple of the 128-row scale block, so wo_a's "
-                               f"2-D block scales cannot be split by group")
+        raise KernelInputError(
+            f"d: o_lora_rank {rows} is not a multiple of the 128-row scale block, so wo_a's "
+            f"2-D block scales cannot be split by group"
+        )
     expect("b[1]", scale, shape=(groups * rows // block, -(-length // block)))
     if not (isinstance(recipe, (tuple, list)) and len(recipe) == 3 and recipe[1] in (1, block)):
         raise KernelInputError(f"recipe: supported are (1, 1, 128) and (1, 128, 128), got {recipe!r}")

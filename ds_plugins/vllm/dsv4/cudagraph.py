@@ -32,8 +32,10 @@ def make_eager_if_hooked(vllm_config: Any) -> bool:
     if not set(architectures_of(vllm_config)) & set(ARCHITECTURES):
         return False
     model_config.enforce_eager = True
-    _log.info("ds-plugins: CUDA graphs off for DeepSeek-V4 on the ds-plugins kernel path "
-              "(DS_PLUGINS_CUDAGRAPH=off; as if --enforce-eager)")
+    _log.info(
+        "ds-plugins: CUDA graphs off for DeepSeek-V4 on the ds-plugins kernel path "
+        "(DS_PLUGINS_CUDAGRAPH=off; as if --enforce-eager)"
+    )
     return True
 
 
@@ -52,6 +54,7 @@ def _wrap(original: Any):
     def __post_init__(self, *args: Any, **kwargs: Any) -> Any:
         make_eager_if_hooked(self)
         return original(self, *args, **kwargs)
+
     return __post_init__
 
 
@@ -63,11 +66,11 @@ PATCH = Patch(
     versions=">=0.20",
     implements=("cudagraph", ("off",)),
     why="DS_PLUGINS_CUDAGRAPH=off asks for eager execution of DeepSeek-V4 on the ds-plugins kernel path "
-        "without turning graphs off for other models",
+    "without turning graphs off for other models",
     retire="never: it is a user switch",
     check=_check,
     install=replace_attribute(_wrap),
     how="VllmConfig.__post_init__ sets enforce_eager for a DeepSeek-V4 model on the ds-plugins path, before vLLM "
-        "derives its CUDA-graph mode from it",
+    "derives its CUDA-graph mode from it",
     evidence=("tests/engines/test_vllm_dsv4_hookup.py", "tests/contract/test_vllm_seams.py"),
 )

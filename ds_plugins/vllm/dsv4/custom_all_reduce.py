@@ -37,21 +37,25 @@ def disable_for_tensor_parallel(parallel_config: Any) -> bool:
     if not isinstance(tp, int) or tp <= 1 or getattr(parallel_config, "disable_custom_all_reduce", True):
         return False
     parallel_config.disable_custom_all_reduce = True
-    _log.info("ds-plugins: --disable-custom-all-reduce set for tensor_parallel_size=%d: %s; NCCL all-reduces "
-              "instead. DS_PLUGINS_CUSTOM_ALL_REDUCE=upstream leaves vLLM's choice alone.", tp, _why())
+    _log.info(
+        "ds-plugins: --disable-custom-all-reduce set for tensor_parallel_size=%d: %s; NCCL all-reduces "
+        "instead. DS_PLUGINS_CUSTOM_ALL_REDUCE=upstream leaves vLLM's choice alone.",
+        tp,
+        _why(),
+    )
     return True
 
 
 def _why() -> str:
     from ...settings import ConfigError, value
+
     try:
         asked = value("DS_PLUGINS_CUSTOM_ALL_REDUCE") == "off"
     except ConfigError:  # reported by registration already; this line only words the reason
         asked = False
     if asked:
         return "DS_PLUGINS_CUSTOM_ALL_REDUCE=off asks for it"
-    return (f"NVML finds no NVLink between these SM12x GPUs, where vLLM's custom all-reduce fails in CUDA IPC "
-            f"({ISSUE})")
+    return f"NVML finds no NVLink between these SM12x GPUs, where vLLM's custom all-reduce fails in CUDA IPC ({ISSUE})"
 
 
 def _check(target: Target) -> str | None:
@@ -70,6 +74,7 @@ def _wrap(original: Any):
     def __post_init__(self) -> None:
         original(self)
         disable_for_tensor_parallel(self)
+
     return __post_init__
 
 
@@ -81,13 +86,13 @@ PATCH = Patch(
     versions=">=0.20",
     implements=("custom_all_reduce", ("off",)),
     why="vLLM turns its custom all-reduce on for tensor parallelism between GPUs without NVLink when CUDA's P2P "
-        "check passes, and its CUDA IPC then fails on PCIe-only SM12x boxes (vllm#47266)",
+    "check passes, and its CUDA IPC then fails on PCIe-only SM12x boxes (vllm#47266)",
     retire="vLLM stops enabling custom all-reduce where CUDA IPC between the GPUs fails (or keeps it off on "
-           "PCIe-only SM12x GPUs itself)",
+    "PCIe-only SM12x GPUs itself)",
     check=_check,
     install=replace_attribute(_wrap),
     how="ParallelConfig.__post_init__ sets disable_custom_all_reduce for tensor parallel > 1 where the user did "
-        "not set it, with one log line",
+    "not set it, with one log line",
     upstream=("vllm-project/vllm#47266", "vllm-project/vllm#48466"),
     evidence=("tests/engines/test_vllm_custom_all_reduce.py", "tests/contract/test_vllm_seams.py"),
 )

@@ -27,8 +27,10 @@ from typing import Any
 from ...patching import Patch, Target, replace_attribute
 
 UTILS = "vllm.utils.deep_gemm"
-RETIRE = ("vLLM's gate probes the installed DeepGEMM for SM12x kernels instead of trusting the capability "
-          "(no release up to 0.33.0 does)")
+RETIRE = (
+    "vLLM's gate probes the installed DeepGEMM for SM12x kernels instead of trusting the capability "
+    "(no release up to 0.33.0 does)"
+)
 # 'Unknown SF transformation' / 'Unknown recipe' on SM12x, and the SM12x tracking issue
 DEEPGEMM_UPSTREAM = ("deepseek-ai/DeepGEMM#372", "vllm-project/vllm#52035", "vllm-project/vllm#41063")
 
@@ -60,10 +62,13 @@ def _forced_platform_answer(answer: bool):
     def factory(original: Any) -> classmethod:
         def support_deep_gemm(cls) -> bool:
             return answer
-        support_deep_gemm.__doc__ = (f"ds-plugins: forced to {answer} (decision deepgemm); "
-                                     f"vLLM's own answer: {original.__func__.__qualname__}")
+
+        support_deep_gemm.__doc__ = (
+            f"ds-plugins: forced to {answer} (decision deepgemm); vLLM's own answer: {original.__func__.__qualname__}"
+        )
         support_deep_gemm.__wrapped__ = original.__func__  # type: ignore[attr-defined]
         return classmethod(support_deep_gemm)
+
     return factory
 
 
@@ -77,7 +82,9 @@ def _install_platform(answer: bool):
         def undo() -> None:
             undo_replace()
             clear_cached_answers()
+
         return undo
+
     return install
 
 
@@ -94,8 +101,10 @@ def _never_supported(original: Any):
     @functools.cache
     def is_deep_gemm_supported() -> bool:
         return False
-    is_deep_gemm_supported.__doc__ = ("ds-plugins: False (decision deepgemm=off); see "
-                                      "ds_plugins/vllm/dsv4/deepgemm_gate.py")
+
+    is_deep_gemm_supported.__doc__ = (
+        "ds-plugins: False (decision deepgemm=off); see ds_plugins/vllm/dsv4/deepgemm_gate.py"
+    )
     return is_deep_gemm_supported
 
 
@@ -107,6 +116,7 @@ def _install_utils(target: Target):
     def undo() -> None:
         undo_replace()
         clear_cached_answers()
+
     return undo
 
 
@@ -118,12 +128,12 @@ PLATFORM_OFF = Patch(
     versions=">=0.20",
     implements=("deepgemm", ("off",)),
     why="vLLM >= 0.24 claims DeepGEMM on SM12x whatever DeepGEMM is installed; one without SM12x kernels "
-        "fails at weight load with 'Unknown SF transformation'",
+    "fails at weight load with 'Unknown SF transformation'",
     retire=RETIRE,
     check=_check_platform_method,
     install=_install_platform(False),
     how="vLLM's platform answers False to support_deep_gemm(), and the cached answers of vllm.utils.deep_gemm "
-        "are cleared",
+    "are cleared",
     upstream=DEEPGEMM_UPSTREAM,
     evidence=("tests/engines/test_vllm_deepgemm_gate.py", "tests/contract/test_vllm_seams.py"),
 )
@@ -136,7 +146,7 @@ UTILS_OFF = Patch(
     versions=">=0.20",
     implements=("deepgemm", ("off",)),
     why="is_deep_gemm_supported() is functools-cached: an answer computed before the platform patch would "
-        "survive it, so the cached function itself answers False",
+    "survive it, so the cached function itself answers False",
     retire=RETIRE,
     check=_check_cached_function,
     install=_install_utils,

@@ -71,8 +71,10 @@ def upcast_block_scale(layer: Any) -> bool:
     global _said
     if not _said:
         _said = True
-        _log.info("ds-plugins: block-FP8 linear weight scales e8m0 -> float32 for CUTLASS (DeepGEMM does not "
-                  "serve this GPU, and CUTLASS reads float32 scales)")
+        _log.info(
+            "ds-plugins: block-FP8 linear weight scales e8m0 -> float32 for CUTLASS (DeepGEMM does not "
+            "serve this GPU, and CUTLASS reads float32 scales)"
+        )
     return True
 
 
@@ -95,9 +97,12 @@ def _install(target: Target):
     def process_weights_after_loading(self, layer):
         original(self, layer)
         upcast_block_scale(layer)
+
     process_weights_after_loading.__qualname__ = f"{owner.__qualname__}.{name}"
-    process_weights_after_loading.__doc__ = ("ds-plugins: vLLM's post-load processing, then e8m0 block scales "
-                                             "-> float32 (ds_plugins/vllm/dsv4/fp8_block_scales.py)")
+    process_weights_after_loading.__doc__ = (
+        "ds-plugins: vLLM's post-load processing, then e8m0 block scales "
+        "-> float32 (ds_plugins/vllm/dsv4/fp8_block_scales.py)"
+    )
     process_weights_after_loading.__wrapped__ = original  # type: ignore[attr-defined]
     setattr(owner, name, process_weights_after_loading)
 
@@ -106,6 +111,7 @@ def _install(target: Target):
             setattr(owner, name, original)
         else:
             delattr(owner, name)  # inherited again, as shipped
+
     return undo
 
 
@@ -117,13 +123,13 @@ PATCH = Patch(
     versions=">=0.20",
     implements=("indexer", ("triton",)),
     why="with DeepGEMM off, first-fit gives V4's block-FP8 linears to CutlassFp8BlockScaledMMKernel, which "
-        "keeps the checkpoint's e8m0 weight scales (only DeepGEMM's post-processing converts them) and reads "
-        "float32 scales: the memory-profiling forward's first linear raises",
+    "keeps the checkpoint's e8m0 weight scales (only DeepGEMM's post-processing converts them) and reads "
+    "float32 scales: the memory-profiling forward's first linear raises",
     retire="vLLM's CUTLASS block-FP8 kernel converts e8m0 scales itself, or a kernel that reads e8m0 precedes it "
-           "on SM12x (no release up to 0.33.0 does; 0.28's B12x kernel converts but comes after CUTLASS)",
+    "on SM12x (no release up to 0.33.0 does; 0.28's B12x kernel converts but comes after CUTLASS)",
     check=_check,
     install=_install,
     how="after vLLM's own post-load processing of a block-FP8 linear that CUTLASS serves, e8m0 weight scales "
-        "are replaced by the same powers of two in float32",
+    "are replaced by the same powers of two in float32",
     evidence=("tests/engines/test_vllm_covers_fp8_oproj.py", "tests/contract/test_vllm_seams.py"),
 )

@@ -39,13 +39,15 @@ def _upstream(arch: str) -> type:
 def require_routes() -> None:
     """Raise RoutesMissing unless every route the plan selected is applied (or armed) here."""
     from . import routes
+
     problems = routes.problems()
     if problems:
         raise RoutesMissing(
             "ds-plugins routes DeepSeek-V4's kernels to Triton on this GPU, but "
             + "; ".join(problems)
             + ". vLLM's own kernels have no SM12x build here, so the model cannot run on this path. "
-              "Set DS_PLUGINS_DSV4_MODEL=upstream to use vLLM's path anyway, and see `ds-plugins doctor`.")
+            "Set DS_PLUGINS_DSV4_MODEL=upstream to use vLLM's path anyway, and see `ds-plugins doctor`."
+        )
 
 
 def _build(class_name: str, arch: str) -> type:
@@ -56,18 +58,23 @@ def _build(class_name: str, arch: str) -> type:
     @functools.wraps(base.__init__)  # type: ignore[misc]  # base is the class: its own __init__
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         require_routes()
-        _log.info("ds-plugins: %s runs on the ds-plugins SM12x kernel path (`ds-plugins doctor` lists the "
-                  "routes)", arch)
+        _log.info(
+            "ds-plugins: %s runs on the ds-plugins SM12x kernel path (`ds-plugins doctor` lists the routes)", arch
+        )
         base.__init__(self, *args, **kwargs)  # type: ignore[misc]  # base is the class: its own __init__
 
-    hooked = type(base)(class_name, (base,), {
-        "__init__": __init__,
-        "__module__": __name__,
-        "__qualname__": class_name,
-        "__doc__": f"vLLM's {base.__module__}.{base.__qualname__}, built after ds-plugins checked its "
-                   f"SM12x kernel routes.",
-        "ds_plugins_upstream": base,
-    })
+    hooked = type(base)(
+        class_name,
+        (base,),
+        {
+            "__init__": __init__,
+            "__module__": __name__,
+            "__qualname__": class_name,
+            "__doc__": f"vLLM's {base.__module__}.{base.__qualname__}, built after ds-plugins checked its "
+            f"SM12x kernel routes.",
+            "ds_plugins_upstream": base,
+        },
+    )
     return hooked
 
 

@@ -35,8 +35,10 @@ def choose_fp8_for_auto(vllm_config: Any) -> bool:
     if cache_config is None or getattr(cache_config, "cache_dtype", None) != "auto":
         return False
     cache_config.cache_dtype = "fp8"
-    _log.info("ds-plugins: --kv-cache-dtype auto -> fp8 for DeepSeek-V4 (its fp8_ds_mla KV-cache layout "
-              "accepts only fp8 on this vLLM; vllm#47174)")
+    _log.info(
+        "ds-plugins: --kv-cache-dtype auto -> fp8 for DeepSeek-V4 (its fp8_ds_mla KV-cache layout "
+        "accepts only fp8 on this vLLM; vllm#47174)"
+    )
     return True
 
 
@@ -56,6 +58,7 @@ def _wrap(original: staticmethod) -> staticmethod:
     def verify_and_update_config(vllm_config):
         inner(vllm_config)
         choose_fp8_for_auto(vllm_config)
+
     return staticmethod(verify_and_update_config)
 
 
@@ -67,7 +70,7 @@ PATCH = Patch(
     versions=">=0.20,<0.30",
     implements=("kv_cache_dtype", ("fp8",)),
     why="V4's fp8_ds_mla KV-cache layout asserts the KV-cache dtype starts with fp8, so vLLM's default "
-        "--kv-cache-dtype auto fails while the model is built (vllm#47174)",
+    "--kv-cache-dtype auto fails while the model is built (vllm#47174)",
     retire="vLLM maps auto to fp8 for the fp8_ds_mla layout itself (0.30.0 does)",
     check=_check,
     install=replace_attribute(_wrap),

@@ -50,6 +50,7 @@ def _install(target: Target):
 
     def undo() -> None:
         registry.models.update(previous)
+
     return undo
 
 
@@ -61,14 +62,14 @@ PATCH = Patch(
     versions=">=0.20",
     implements=("dsv4_model", ("ds_plugins",)),
     why="vLLM has no SM12x kernels for DeepSeek-V4's sparse attention or indexer (or lacks the FlashInfer / "
-        "DeepGEMM build that has them): the architectures go to a subclass of vLLM's own V4 model that checks "
-        "the ds-plugins kernel routes are in place",
+    "DeepGEMM build that has them): the architectures go to a subclass of vLLM's own V4 model that checks "
+    "the ds-plugins kernel routes are in place",
     retire="the vLLM version and installed kernel libraries serve V4 on SM12x themselves "
-           "(policy: sparse_mla=upstream and indexer=upstream)",
+    "(policy: sparse_mla=upstream and indexer=upstream)",
     check=_check,
     install=_install,
     how="DeepSeek-V4's architectures in vLLM's ModelRegistry name a ds-plugins subclass of vLLM's own V4 model, "
-        "which refuses to start, naming the route, when a selected route is not in place",
+    "which refuses to start, naming the route, when a selected route is not in place",
     upstream=("vllm-project/vllm#40802", "vllm-project/vllm#40821", "vllm-project/vllm#41063"),
     evidence=("tests/engines/test_vllm_dsv4_hookup.py", "tests/contract/test_vllm_seams.py"),
 )

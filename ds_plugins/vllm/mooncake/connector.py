@@ -69,8 +69,10 @@ def state() -> str:
         return f"unavailable: mooncake-transfer-engine {version} installed, but {', '.join(missing)} missing"
     libs = _native_libs_missing()
     if libs:
-        return (f"unavailable: mooncake-transfer-engine {version} installed, but its engine.so cannot find "
-                f"{', '.join(libs)}")
+        return (
+            f"unavailable: mooncake-transfer-engine {version} installed, but its engine.so cannot find "
+            f"{', '.join(libs)}"
+        )
     hcas = _rdma_devices()
     rdma = f"rdma: {len(hcas)} HCA ({', '.join(hcas[:4])})" if hcas else "rdma: no HCA found, would fall back to tcp"
     return f"available: mooncake-transfer-engine {version} (tcp; {rdma})"
@@ -82,6 +84,7 @@ def _native_libs_missing() -> list[str]:
     Only these small libraries are opened (lazily bound, nothing initialised), never the 100 MB engine.so.
     """
     import ctypes
+
     out = []
     for lib in ("libcudart.so.12", "libcuda.so.1", "libibverbs.so.1"):
         try:
@@ -102,8 +105,13 @@ def _wheel_cudart() -> bool:
     # nvidia-cuda-runtime-cu12 puts libcudart.so.12 in site-packages/nvidia/cuda_runtime/lib, which
     # torch's CUDA 12 builds preload; its presence is as good as the loader finding it.
     spec = importlib.util.find_spec("nvidia")
-    return bool(spec and any(os.path.exists(os.path.join(p, "cuda_runtime", "lib", "libcudart.so.12"))
-                             for p in spec.submodule_search_locations or ()))
+    return bool(
+        spec
+        and any(
+            os.path.exists(os.path.join(p, "cuda_runtime", "lib", "libcudart.so.12"))
+            for p in spec.submodule_search_locations or ()
+        )
+    )
 
 
 def _rdma_devices() -> list[str]:
@@ -123,22 +131,24 @@ def check_switches() -> None:
     "fall back": vLLM would otherwise run a P/D setup without its connector. A clear error it is.
     """
     from ds_plugins import settings
+
     if settings.disabled():
         switch = "DS_PLUGINS_DISABLE=1"
     elif settings.value("DS_PLUGINS_MOONCAKE") == "off":
         switch = "DS_PLUGINS_MOONCAKE=off"
     else:
         return
-    raise RuntimeError(f"ds-plugins' Mooncake connector is switched off ({switch}) but --kv-transfer-config "
-                       f"names it ({MODULE_PATH}); unset {switch.split('=')[0]} or use another kv_connector")
+    raise RuntimeError(
+        f"ds-plugins' Mooncake connector is switched off ({switch}) but --kv-transfer-config "
+        f"names it ({MODULE_PATH}); unset {switch.split('=')[0]} or use another kv_connector"
+    )
 
 
 def load_config(vllm_config) -> MooncakeConfig:
     """Our settings from vLLM's KVTransferConfig; the handshake host defaults to this machine's IP."""
     kv = vllm_config.kv_transfer_config
     extra = dict(kv.kv_connector_extra_config or {})
-    top = {"kv_role": kv.kv_role, "kv_port": kv.kv_port, "engine_id": kv.engine_id,
-           "kv_connector_extra_config": extra}
+    top = {"kv_role": kv.kv_role, "kv_port": kv.kv_port, "engine_id": kv.engine_id, "kv_connector_extra_config": extra}
     # KVTransferConfig.kv_ip defaults to 127.0.0.1, which a peer on another node cannot reach:
     # an explicit extra "host" wins, then a non-default kv_ip, then the IP vLLM itself announces.
     # vLLM 0.32 dropped the field (its config forbids unknown keys, so `kv_ip` cannot be passed there).
@@ -148,6 +158,7 @@ def load_config(vllm_config) -> MooncakeConfig:
     default_host = "127.0.0.1"
     if "host" not in extra and "kv_ip" not in top:
         from vllm.utils.network_utils import get_ip
+
         default_host = get_ip()
     return MooncakeConfig.from_mapping(top, default_host=default_host)
 
@@ -162,6 +173,7 @@ class RecvSpec:
     `error` set: the request's kv_transfer_params were unusable; nothing is read and the worker reports
     the load as failed, so vLLM fails or recomputes the request per kv_load_failure_policy.
     """
+
     local_blocks: list[list[int]]
     remote_blocks: list[list[int]]
     remote_engine_id: str
@@ -175,7 +187,7 @@ class RecvSpec:
 @dataclass
 class MooncakeConnectorMetadata:
     recv: dict[str, RecvSpec] = field(default_factory=dict)
-    send: dict[str, list[int]] = field(default_factory=dict)   # P: request -> TP ranks its sinks read
+    send: dict[str, list[int]] = field(default_factory=dict)  # P: request -> TP ranks its sinks read
 
 
 def _as_groups(block_ids) -> list[list[int]]:
@@ -207,8 +219,7 @@ def _text(params: dict, key: str) -> str:
     return value
 
 
-def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, decode_tp: int,
-                 allowed=None) -> dict:
+def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, decode_tp: int, allowed=None) -> dict:
     """The remote fields of a decode request's kv_transfer_params, checked: types, ranges, sizes, peer.
 
     Raises BadParams naming the key. `num_groups` is the local KV group count (None: not known);
@@ -226,16 +237,21 @@ def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, d
         raise BadParams(f"remote_block_ids has {len(groups)} KV groups, this instance has {num_groups}")
     limit = max(num_prompt_tokens, 1)
     skips = params.get("remote_block_skip", [0] * len(groups))
-    if not isinstance(skips, (list, tuple)) or len(skips) != len(groups) or any(
-            isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= limit for k in skips):
-        raise BadParams(f"remote_block_skip must be one count in [0, {limit}] per KV group of remote_block_ids, "
-                        f"got {skips!r}"[:300])
+    if (
+        not isinstance(skips, (list, tuple))
+        or len(skips) != len(groups)
+        or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= limit for k in skips)
+    ):
+        raise BadParams(
+            f"remote_block_skip must be one count in [0, {limit}] per KV group of remote_block_ids, got {skips!r}"[:300]
+        )
     for g, ids in enumerate(groups):
         if not isinstance(ids, (list, tuple)):
             raise BadParams(f"remote_block_ids[{g}] must be a list of block ids, got {type(ids).__name__}")
         if skips[g] + len(ids) > limit:
-            raise BadParams(f"remote_block_ids[{g}] covers {skips[g] + len(ids)} blocks, more than the {limit} "
-                            "prompt tokens")
+            raise BadParams(
+                f"remote_block_ids[{g}] covers {skips[g] + len(ids)} blocks, more than the {limit} prompt tokens"
+            )
         for b in ids:
             if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= MAX_BLOCK_ID:
                 raise BadParams(f"remote_block_ids[{g}] holds {b!r}, not a block id"[:300])
@@ -251,10 +267,14 @@ def parse_remote(params: dict, num_groups: int | None, num_prompt_tokens: int, d
         raise BadParams(f"remote_host {host!r} is not a host name or address"[:300])
     if allowed is not None and not allowed.allows(host):
         raise BadParams(f"remote_host {host!r} is not in kv_connector_extra_config.allowed_peers ({allowed!r})"[:300])
-    return {"remote_blocks": [[NULL_BLOCK] * k + list(ids) for k, ids in zip(skips, groups)],
-            "remote_engine_id": _text(params, "remote_engine_id"),
-            "remote_request_id": _text(params, "remote_request_id"),
-            "remote_host": host, "remote_port": _int_in(params, "remote_port", 1, 65535), "remote_tp_size": tp}
+    return {
+        "remote_blocks": [[NULL_BLOCK] * k + list(ids) for k, ids in zip(skips, groups)],
+        "remote_engine_id": _text(params, "remote_engine_id"),
+        "remote_request_id": _text(params, "remote_request_id"),
+        "remote_host": host,
+        "remote_port": _int_in(params, "remote_port", 1, 65535),
+        "remote_tp_size": tp,
+    }
 
 
 def transfer_group_ids(kv_cache_config) -> tuple[int, ...] | None:
@@ -273,6 +293,7 @@ class SchedulerSide:
 
     def __init__(self, vllm_config, config: MooncakeConfig, kv_cache_config=None, fail_requests: bool = True):
         from ds_plugins.kv.mooncake.allow import AllowList
+
         self.config = config
         self.dp_rank = vllm_config.parallel_config.data_parallel_rank or 0
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
@@ -289,14 +310,16 @@ class SchedulerSide:
             # KV group only (`(block_ids,) = get_block_ids(...)`): with several groups the first failed
             # transfer would end the engine. Refused here, where it can be said plainly.
             from ds_plugins.kv.mooncake.config import ConfigError
+
             raise ConfigError(
                 f"this vLLM cannot be told that a KV load failed for a model with {self.num_groups} KV cache "
                 "groups (its scheduler takes failed block ids for one group only; failed requests through "
                 "KVConnectorTransferResults.failed_recving arrived in vLLM 0.30), so the decode instance would "
-                "die at the first transfer fault: use vLLM 0.30 or later for P/D of this model")
+                "die at the first transfer fault: use vLLM 0.30 or later for P/D of this model"
+            )
         self._recv: dict[str, RecvSpec] = {}
         self._send: dict[str, list[int]] = {}
-        self._bad: dict[str, str] = {}   # request id -> why its params were refused (until allocation)
+        self._bad: dict[str, str] = {}  # request id -> why its params were refused (until allocation)
         self._renewer: HoldRenewer | None = None  # made on the first remote prefill seen
 
     def _check(self, request, finished: bool = False) -> str:
@@ -309,14 +332,18 @@ class SchedulerSide:
             return self._bad[rid]
         try:
             prompt = (1 << 30) if finished else len(request.prompt_token_ids or ())
-            parse_remote(request.kv_transfer_params, self.num_groups, prompt, self.config.decode.tp_size,
-                         self.allowed)
+            parse_remote(request.kv_transfer_params, self.num_groups, prompt, self.config.decode.tp_size, self.allowed)
             return ""
         except BadParams as exc:
             why = str(exc)
-        log.warning("mooncake: request %s: unusable kv_transfer_params (%s); %s", rid, why,
-                    "reporting its KV load as failed (kv_load_failure_policy decides)" if self.fail_requests
-                    else "prefilling it locally")
+        log.warning(
+            "mooncake: request %s: unusable kv_transfer_params (%s); %s",
+            rid,
+            why,
+            "reporting its KV load as failed (kv_load_failure_policy decides)"
+            if self.fail_requests
+            else "prefilling it locally",
+        )
         self._bad[rid] = why
         return why
 
@@ -340,16 +367,21 @@ class SchedulerSide:
         from ds_plugins.kv.mooncake.auth import Authenticator
         from ds_plugins.kv.mooncake.handshake import HandshakeClient
         from ds_plugins.kv.mooncake.peers import HoldRenewer
+
         if self._renewer is None:
             cfg = self.config
-            client = HandshakeClient(cfg.handshake_timeout_s, auth=Authenticator(cfg.secret),
-                                     allowed=AllowList(cfg.allowed_peers))
+            client = HandshakeClient(
+                cfg.handshake_timeout_s, auth=Authenticator(cfg.secret), allowed=AllowList(cfg.allowed_peers)
+            )
             self._renewer = HoldRenewer(client, cfg.engine_id, cfg.abort_timeout_s / 3)
-        r = parse_remote(request.kv_transfer_params, self.num_groups, 1 << 30, self.config.decode.tp_size,
-                         self.allowed)
+        r = parse_remote(request.kv_transfer_params, self.num_groups, 1 << 30, self.config.decode.tp_size, self.allowed)
         ranks = set(source_ranks(r["remote_request_id"], r["remote_tp_size"], self.config.decode.tp_size))
-        self._renewer.watch(request.request_id, r["remote_engine_id"],
-                            [(r["remote_host"], r["remote_port"] + k) for k in sorted(ranks)], r["remote_request_id"])
+        self._renewer.watch(
+            request.request_id,
+            r["remote_engine_id"],
+            [(r["remote_host"], r["remote_port"] + k) for k in sorted(ranks)],
+            r["remote_request_id"],
+        )
 
     def _unhold(self, request_id: str) -> None:
         if self._renewer is not None:
@@ -386,7 +418,7 @@ class SchedulerSide:
         if not isinstance(params, dict) or not params.get("do_remote_prefill"):
             return
         params["do_remote_prefill"] = False  # once: a second call (after the load) must not read again
-        self._unhold(request.request_id)      # allocated: the read starts now, within P's current hold
+        self._unhold(request.request_id)  # allocated: the read starts now, within P's current hold
         error = self._check(request)
         self._bad.pop(request.request_id, None)
         if error:
@@ -396,14 +428,17 @@ class SchedulerSide:
         if num_external_tokens > 0:
             # Positions already valid here (local prefix-cache hits, which carry a hash) and padding
             # (null) blocks are not read; every other position is filled from the same position at P.
-            local = [[NULL_BLOCK if (b.is_null or b.block_hash is not None) else b.block_id for b in group]
-                     for group in self._transfer_part(blocks.blocks)]
+            local = [
+                [NULL_BLOCK if (b.is_null or b.block_hash is not None) else b.block_id for b in group]
+                for group in self._transfer_part(blocks.blocks)
+            ]
             if self._remote_tokens(request) < len(request.prompt_token_ids or ()):
                 # P covered a shorter prompt: D's blocks past P's (the last token's, which D computes
                 # itself) have nothing at P to read. P's lists are as long as the tokens it covered.
-                remote = parse_remote(params, self.num_groups, 1 << 30, self.config.decode.tp_size,
-                                      self.allowed)["remote_blocks"]
-                local = [ids[:len(r)] for ids, r in zip(local, remote)]
+                remote = parse_remote(params, self.num_groups, 1 << 30, self.config.decode.tp_size, self.allowed)[
+                    "remote_blocks"
+                ]
+                local = [ids[: len(r)] for ids, r in zip(local, remote)]
         else:
             local = [[] for _ in range(self.num_groups or len(blocks.blocks))]  # nothing to read; P must free
         self._recv[request.request_id] = self._spec(params, local)
@@ -429,6 +464,7 @@ class SchedulerSide:
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
+
         params = request.kv_transfer_params
         if not params:
             return False, None
@@ -453,10 +489,14 @@ class SchedulerSide:
         self._send[request.request_id] = ranks
         skip = [next((i for i, b in enumerate(ids) if b != NULL_BLOCK), len(ids)) for ids in groups]
         out = {
-            "do_remote_prefill": True, "do_remote_decode": False,
-            "remote_engine_id": self.config.engine_id, "remote_request_id": request.request_id,
-            "remote_host": self.config.host, "remote_port": self.config.side_channel_port(self.dp_rank),
-            "remote_block_ids": [ids[k:] for ids, k in zip(groups, skip)], "remote_tp_size": self.tp_size,
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": self.config.engine_id,
+            "remote_request_id": request.request_id,
+            "remote_host": self.config.host,
+            "remote_port": self.config.side_channel_port(self.dp_rank),
+            "remote_block_ids": [ids[k:] for ids, k in zip(groups, skip)],
+            "remote_tp_size": self.tp_size,
         }
         if any(skip):
             # Sliding-window groups (V4: the SWA KV and the compressor states) hold null blocks for every
@@ -471,17 +511,29 @@ class SchedulerSide:
 def check_tp(config: MooncakeConfig, tp_size: int) -> None:
     """This instance's --tensor-parallel-size against the side of the config it plays (ConfigError)."""
     from ds_plugins.kv.mooncake.config import EXTRA, ConfigError
-    sides = ([("prefill", config.prefill)] if config.is_producer else []) + \
-            ([("decode", config.decode)] if config.is_consumer else [])
+
+    sides = ([("prefill", config.prefill)] if config.is_producer else []) + (
+        [("decode", config.decode)] if config.is_consumer else []
+    )
     for name, sizes in sides:
         if sizes.tp_size != tp_size:
-            raise ConfigError(f"{EXTRA}.{name}.tp_size is {sizes.tp_size} but this {name} instance runs "
-                              f"--tensor-parallel-size {tp_size}; they must match (and be the same on every instance)")
+            raise ConfigError(
+                f"{EXTRA}.{name}.tp_size is {sizes.tp_size} but this {name} instance runs "
+                f"--tensor-parallel-size {tp_size}; they must match (and be the same on every instance)"
+            )
 
 
 def _failed_spec(error: str) -> RecvSpec:
-    return RecvSpec(local_blocks=[], remote_blocks=[], remote_engine_id="", remote_request_id="", remote_host="",
-                    remote_port=0, remote_tp_size=0, error=error)
+    return RecvSpec(
+        local_blocks=[],
+        remote_blocks=[],
+        remote_engine_id="",
+        remote_request_id="",
+        remote_host="",
+        remote_port=0,
+        remote_tp_size=0,
+        error=error,
+    )
 
 
 # ---------------------------------------------------------------- worker side
@@ -490,6 +542,7 @@ def _failed_spec(error: str) -> RecvSpec:
 def _tp_rank(vllm_config) -> int:
     try:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
         return get_tensor_model_parallel_rank()
     except (AssertionError, ImportError):
         # No TP group (a single-process worker): the worker's rank within its TP group.
@@ -510,6 +563,7 @@ def regions_of(kv_cache_config, kv_caches: dict) -> list[list]:
     follows at the source.
     """
     from ds_plugins.kv.mooncake.messages import Region
+
     num_blocks = kv_cache_config.num_blocks
     groups = []
     for g in transfer_group_ids(kv_cache_config) or ():
@@ -519,15 +573,22 @@ def regions_of(kv_cache_config, kv_caches: dict) -> list[list]:
             if name not in kv_caches:
                 raise KeyError(f"KV group {g}: layer {name!r} has no registered cache tensor")
             t = kv_caches[name]
-            parts = [t] if t.shape[0] == num_blocks else ([t[0], t[1]] if t.shape[0] == 2 and t.shape[1] == num_blocks
-                                                           else None)
+            parts = (
+                [t]
+                if t.shape[0] == num_blocks
+                else ([t[0], t[1]] if t.shape[0] == 2 and t.shape[1] == num_blocks else None)
+            )
             if parts is None:
-                raise ValueError(f"KV group {g} layer {name!r}: cache shape {tuple(t.shape)} has neither "
-                                 f"num_blocks={num_blocks} nor (2, num_blocks) leading")
+                raise ValueError(
+                    f"KV group {g} layer {name!r}: cache shape {tuple(t.shape)} has neither "
+                    f"num_blocks={num_blocks} nor (2, num_blocks) leading"
+                )
             for p in parts:
                 pieces = _block_pieces(p, f"KV group {g} layer {name!r}")
-                regions.extend(Region(base=b.data_ptr(), block_len=n, stride=b.stride(0) * b.element_size(),
-                                      num_blocks=num_blocks) for b, n in pieces)
+                regions.extend(
+                    Region(base=b.data_ptr(), block_len=n, stride=b.stride(0) * b.element_size(), num_blocks=num_blocks)
+                    for b, n in pieces
+                )
         groups.append(regions)
     return groups
 
@@ -545,8 +606,10 @@ def _block_pieces(t, what: str) -> list:
             return [piece for i in range(t.size(d)) for piece in _block_pieces(t.select(d, i), what)]
     extent = sum((t.size(d) - 1) * t.stride(d) for d in range(1, t.dim()) if t.size(d) > 0) + 1
     if any(t.stride(d) < 0 for d in range(t.dim())) or extent > block_stride:
-        raise ValueError(f"{what}: cache strides {tuple(t.stride())} (shape {tuple(t.shape)}) do not keep a "
-                         "block's bytes inside one block stride; this KV cache layout is not supported")
+        raise ValueError(
+            f"{what}: cache strides {tuple(t.stride())} (shape {tuple(t.shape)}) do not keep a "
+            "block's bytes inside one block stride; this KV cache layout is not supported"
+        )
     return [(t, extent * t.element_size())]
 
 
@@ -560,57 +623,88 @@ class WorkerSide:
         self.source: KVSource | None = None
         self.sink: KVSink | None = None
         self._load_errors: set[int] = set()
-        self._refused: set[str] = set()     # requests refused before any read (unusable params)
+        self._refused: set[str] = set()  # requests refused before any read (unusable params)
         # Release-only notices (D read nothing: an abort before allocation, vLLM's pre-aborted stand-in
         # for a rejected request, or everything cached here): P is told to free, vLLM is told nothing.
         # Its scheduler has no such request waiting for KV (or none at all) and ends the engine on a
         # finished_recving for it (0.32: `assert req_id in self.requests`).
         self._release_only: set[str] = set()
-        self._suspended: list[tuple[int, int]] = []   # spans unregistered for sleep mode
+        self._suspended: list[tuple[int, int]] = []  # spans unregistered for sleep mode
 
     def register_kv_caches(self, kv_caches: dict) -> None:
         from ds_plugins.kv.mooncake.allow import AllowList
         from ds_plugins.kv.mooncake.auth import Authenticator
         from ds_plugins.kv.mooncake.engine import Engine
         from ds_plugins.kv.mooncake.peers import KVSink, KVSource
+
         groups = regions_of(self.kv_cache_config, kv_caches)
         cfg = self.config
         if cfg.is_consumer:
             from ds_plugins.kv.amx import allow_amx_tiles
+
             # A decode instance's first forward can be a decode over loaded KV (see ds_plugins.kv.amx).
             if allow_amx_tiles(kv_caches.values()):
-                log.info("mooncake: asked Linux for AMX tiles for this CPU worker (vLLM's CPU attention uses "
-                         "them without asking; a first forward over loaded KV would otherwise end with SIGILL)")
+                log.info(
+                    "mooncake: asked Linux for AMX tiles for this CPU worker (vLLM's CPU attention uses "
+                    "them without asking; a first forward over loaded KV would otherwise end with SIGILL)"
+                )
         auth, allowed = Authenticator(cfg.secret), AllowList(cfg.allowed_peers)
         self.engine = Engine(cfg.host, cfg.protocol, cfg.device_name, cfg.transfer_timeout_s)
         try:
             if cfg.is_producer:
-                self.source = KVSource(self.engine, cfg.engine_id, self.tp_rank, groups, cfg.host,
-                                       cfg.handshake_port(self.dp_rank, self.tp_rank), cfg.abort_timeout_s,
-                                       auth=auth, allowed=allowed, tp_size=cfg.prefill.tp_size,
-                                       decode_tp_size=cfg.decode.tp_size)
+                self.source = KVSource(
+                    self.engine,
+                    cfg.engine_id,
+                    self.tp_rank,
+                    groups,
+                    cfg.host,
+                    cfg.handshake_port(self.dp_rank, self.tp_rank),
+                    cfg.abort_timeout_s,
+                    auth=auth,
+                    allowed=allowed,
+                    tp_size=cfg.prefill.tp_size,
+                    decode_tp_size=cfg.decode.tp_size,
+                )
             if cfg.is_consumer:
                 # kv_both: the source registered the memory already; one registration serves both.
-                self.sink = KVSink(self.engine, cfg.engine_id, groups, cfg.handshake_timeout_s, cfg.num_workers,
-                                   NULL_BLOCK, register=self.source is None, auth=auth, allowed=allowed,
-                                   tp_size=cfg.decode.tp_size)
+                self.sink = KVSink(
+                    self.engine,
+                    cfg.engine_id,
+                    groups,
+                    cfg.handshake_timeout_s,
+                    cfg.num_workers,
+                    NULL_BLOCK,
+                    register=self.source is None,
+                    auth=auth,
+                    allowed=allowed,
+                    tp_size=cfg.decode.tp_size,
+                )
         except BaseException:
             self.shutdown()
             raise
-        log.info("mooncake: engine %s tp%d registered %d KV groups (%d regions) at %s%s; side channel %s, "
-                 "peers: %r", cfg.engine_id, self.tp_rank, len(groups), sum(len(g) for g in groups),
-                 self.engine.session,
-                 f", handshake {self.source.address[0]}:{self.source.address[1]}" if self.source else "",
-                 f"authenticated (secret from {cfg.secret_from})" if cfg.secret else "UNAUTHENTICATED", allowed)
+        log.info(
+            "mooncake: engine %s tp%d registered %d KV groups (%d regions) at %s%s; side channel %s, peers: %r",
+            cfg.engine_id,
+            self.tp_rank,
+            len(groups),
+            sum(len(g) for g in groups),
+            self.engine.session,
+            f", handshake {self.source.address[0]}:{self.source.address[1]}" if self.source else "",
+            f"authenticated (secret from {cfg.secret_from})" if cfg.secret else "UNAUTHENTICATED",
+            allowed,
+        )
         if cfg.secret is None:
-            log.warning("mooncake: no shared secret is configured (kv_connector_extra_config.auth_secret_file "
-                        "or DS_PLUGINS_MOONCAKE_SECRET): the side channel is unauthenticated, so anyone who "
-                        "reaches %s can read this instance's KV layout and release its transfers%s",
-                        f"{self.source.address[0]}:{self.source.address[1]}" if self.source else "its peers",
-                        "" if allowed.restricted else ", and no allowed_peers limits who that is")
+            log.warning(
+                "mooncake: no shared secret is configured (kv_connector_extra_config.auth_secret_file "
+                "or DS_PLUGINS_MOONCAKE_SECRET): the side channel is unauthenticated, so anyone who "
+                "reaches %s can read this instance's KV layout and release its transfers%s",
+                f"{self.source.address[0]}:{self.source.address[1]}" if self.source else "its peers",
+                "" if allowed.restricted else ", and no allowed_peers limits who that is",
+            )
 
     def start_load_kv(self, meta: MooncakeConnectorMetadata) -> None:
         from ds_plugins.kv.mooncake.peers import SourceRef
+
         for rid, ranks in meta.send.items():
             if self.source is None:
                 continue
@@ -626,8 +720,13 @@ class WorkerSide:
                 continue
             src = source_ranks(spec.remote_request_id, spec.remote_tp_size, self.config.decode.tp_size)
             src_rank = src[self.tp_rank % len(src)]
-            ref = SourceRef(spec.remote_host, spec.remote_port + src_rank, spec.remote_engine_id,
-                            spec.remote_request_id, tp_size=spec.remote_tp_size)
+            ref = SourceRef(
+                spec.remote_host,
+                spec.remote_port + src_rank,
+                spec.remote_engine_id,
+                spec.remote_request_id,
+                tp_size=spec.remote_tp_size,
+            )
             if not any(b != NULL_BLOCK for g in spec.local_blocks for b in g):
                 self._release_only.add(rid)
             self.sink.fetch(rid, ref, spec.local_blocks, spec.remote_blocks)
@@ -705,8 +804,9 @@ def _build() -> type:
             self.ds_config = load_config(vllm_config)
             self.scheduler_side = self.worker_side = None
             if role == KVConnectorRole.SCHEDULER:
-                self.scheduler_side = SchedulerSide(vllm_config, self.ds_config, kv_cache_config,
-                                                    fail_requests=per_request)
+                self.scheduler_side = SchedulerSide(
+                    vllm_config, self.ds_config, kv_cache_config, fail_requests=per_request
+                )
             else:
                 self.worker_side = WorkerSide(vllm_config, self.ds_config, kv_cache_config)
 
@@ -752,11 +852,13 @@ def _build() -> type:
             return set() if per_request else errors
 
         if per_request:
+
             def get_transfer_results(self, finished_req_ids):
                 sending, recving, failed = self.worker_side.poll()
                 return results_cls(finished_sending=sending, finished_recving=recving, failed_recving=failed)
 
         if hasattr(KVConnectorBase_V1, "get_loaded_kv_cache_group_ids"):
+
             def get_loaded_kv_cache_group_ids(self, request):
                 # A P/D load restores the request's own blocks in every group it moves (regions_of: vLLM's
                 # transfer groups), not only the prefix-cacheable ones (vLLM's default).
@@ -777,6 +879,7 @@ def _build() -> type:
 
     try:  # vLLM 0.32+ labels external prefix-cache hits by where they came from (metrics only)
         from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
         DSV4MooncakeConnector._cache_hit_source = CacheHitSource.P2P
     except ImportError:
         pass

