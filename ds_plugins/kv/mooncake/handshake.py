@@ -218,7 +218,7 @@ class HandshakeClient:
                                 f"no answer from {host}:{port} to {type(msg).__name__} within {self.timeout_s:g} s"
                             )
                         # pyzmq takes float milliseconds; its stubs say int
-                        if sock.poll(min(left, 0.5) * 1000, zmq.POLLIN):  # type: ignore[arg-type]
+                        if sock.poll(min(left, 0.5) * 1000, zmq.POLLIN):
                             data = sock.recv()
                             break
                 except BaseException:

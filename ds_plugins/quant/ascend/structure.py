@@ -66,22 +66,19 @@ def _check_mlps(by_module, specs) -> None:
             if not (u in by_module and d in by_module):
                 continue
             dg, du, dd = (_dims(m, by_module[m], specs) for m in (g, u, d))
-            if None in (dg, du, dd):
+            if dg is None or du is None or dd is None:
                 continue
-            # dg, du, dd are not None past `None in (...)`, a check mypy does not narrow on
             if du != dg:
                 raise AscendFormatError(
                     _weight(by_module, u).file,
                     f"{u}.weight",
-                    f"[out, in] {list(du)} differs "  # type: ignore[arg-type]
-                    f"from {g}'s {list(dg)}; the gate and up parts of one MLP must match",
-                )  # type: ignore[arg-type]
-            if dd != (dg[1], dg[0]):  # type: ignore[index]
+                    f"[out, in] {list(du)} differs from {g}'s {list(dg)}; the gate and up parts of one MLP must match",
+                )
+            if dd != (dg[1], dg[0]):
                 raise AscendFormatError(
                     _weight(by_module, d).file,
                     f"{d}.weight",
-                    f"[out, in] {list(dd)}, but "  # type: ignore[arg-type]
-                    f"{g} is {list(dg)}: the down part must be [{dg[1]}, {dg[0]}] "  # type: ignore[arg-type, index]
+                    f"[out, in] {list(dd)}, but {g} is {list(dg)}: the down part must be [{dg[1]}, {dg[0]}] "
                     "(its input is the gate/up output)",
                 )
 

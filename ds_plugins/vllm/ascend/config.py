@@ -103,7 +103,7 @@ class AscendQuantConfig(QuantizationConfig):
     # --- names ---------------------------------------------------------------------------------
     def _engine_names(self, key: str) -> set[str]:
         out = {key}
-        desc = self.checkpoint.description  # type: ignore[union-attr]  # checkpoint: set by _build_index
+        desc = self._need_checkpoint().description  # loaded by now: _build_index needed it
         if desc.is_deepseek_native:
             out.add(names.dsv4_to_vllm(key, self.num_hidden_layers or 0))
         if self._mapper is not None:
@@ -158,10 +158,9 @@ class AscendQuantConfig(QuantizationConfig):
         found = {s for v in sources.values() for s in v}
         if len(found) > 1:
             detail = ", ".join(f"{m}: {'/'.join(sorted(v)) or 'absent'}" for m, v in sorted(sources.items()))
-            # for mypy, below: the checkpoint is set once the index is (_build_index)
             raise AscendFormatError(
-                self.checkpoint.description.path,
-                prefix,  # type: ignore[union-attr]
+                self._need_checkpoint().description.path,
+                prefix,
                 f"vLLM runs these checkpoint modules as one layer but their quant types differ ({detail})",
             )
         return found.pop() if found else "FLOAT"
@@ -190,10 +189,9 @@ class AscendQuantConfig(QuantizationConfig):
         for shard in self.shards_of(prefix):
             found |= self._leaves.get((shard, leaf), set())  # type: ignore[union-attr]  # _build_index set it
         if len(found) > 1:
-            # for mypy, below: the checkpoint is set once the index is (_build_index)
             raise AscendFormatError(
-                self.checkpoint.description.path,
-                f"{prefix}.{leaf}",  # type: ignore[union-attr]
+                self._need_checkpoint().description.path,
+                f"{prefix}.{leaf}",
                 f"vLLM's weight mapper gives the shards of this layer different names for "
                 f"{leaf} ({', '.join(sorted(found))}); they cannot load into one parameter",
             )
@@ -211,8 +209,9 @@ class AscendQuantConfig(QuantizationConfig):
                 return methods.W8A8DynamicLinearMethod(self, prefix)
             if scheme == "W8A8":
                 return methods.W8A8StaticLinearMethod(self, prefix)
-            # for mypy, below: the checkpoint is set once the index is (_build_index)
-            raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not a linear scheme")  # type: ignore[union-attr]
+            raise AscendFormatError(
+                self._need_checkpoint().description.path, prefix, f"{scheme} is not a linear scheme"
+            )
         if isinstance(layer, compat.MoELayer):
             scheme = self.scheme_for(prefix, moe=True)
             if scheme == "FLOAT":
@@ -220,15 +219,13 @@ class AscendQuantConfig(QuantizationConfig):
             if scheme in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
                 # for mypy, below: an instance of vLLM's MoE layer class
                 return methods.AscendMoEMethod(layer.moe_config, scheme, self, prefix)  # type: ignore[attr-defined]
-            # for mypy, below: the checkpoint is set once the index is (_build_index)
-            raise AscendFormatError(self.checkpoint.description.path, prefix, f"{scheme} is not an MoE scheme")  # type: ignore[union-attr]
+            raise AscendFormatError(self._need_checkpoint().description.path, prefix, f"{scheme} is not an MoE scheme")
         if isinstance(layer, VocabParallelEmbedding):
             scheme = self.scheme_for(prefix)
             if scheme != "FLOAT":
-                # for mypy, below: the checkpoint is set once the index is (_build_index)
                 raise AscendFormatError(
-                    self.checkpoint.description.path,
-                    prefix,  # type: ignore[union-attr]
+                    self._need_checkpoint().description.path,
+                    prefix,
                     f"quantized embeddings / LM heads ({scheme}) are not supported",
                 )
         return None
