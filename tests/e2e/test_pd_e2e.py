@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 
+from ..frozen import freeze_group
 from . import checkpoint, timings
 from .pd_proxy import prefill_body
 from .server import Server, ServerError, free_port
@@ -205,7 +206,10 @@ def process_usage(pid: int) -> dict[str, int]:
 
 
 def signal_group(srv: Server, sig: int) -> None:
-    os.killpg(srv.proc.pid, sig)
+    if sig == signal.SIGSTOP:
+        freeze_group(srv.proc.pid)  # returns once every process of the server has stopped
+    else:
+        os.killpg(srv.proc.pid, sig)
 
 
 class Proxy:

@@ -14,6 +14,7 @@ import zmq
 
 from ds_plugins.kv.mooncake import messages
 from ds_plugins.kv.mooncake.auth import Authenticator
+from tests.frozen import freeze
 from tests.kv.conftest import HERE, V4_LAYOUT, free_port
 
 SCRIPT = HERE / "peer_script.py"
@@ -231,7 +232,7 @@ def test_stalled_source_times_out_and_both_sides_free(spawn):
     assert sink.expect("result")["ok"]
     assert src.expect("finished")["request_id"] == "warm"
 
-    src.proc.send_signal(signal.SIGSTOP)
+    freeze(src.proc.pid)
     try:
         t0 = time.monotonic()
         sink.send(op="fetch", request_id="x", port=port, **REQ_A)
@@ -258,7 +259,7 @@ def test_source_killed_mid_transfer_fails_the_request_promptly(spawn):
     sink, _ = start(spawn, "sink", engine_id="d0", source_seed=9, source_engine_id="p0", handshake_timeout_s=1)
     sink.send(op="fetch", request_id="warm", port=port, **REQ_A)
     assert sink.expect("result")["ok"]
-    src.proc.send_signal(signal.SIGSTOP)
+    freeze(src.proc.pid)
     t0 = time.monotonic()
     sink.send(op="fetch", request_id="x", port=port, **REQ_A)
     time.sleep(0.5)  # the read is now in flight against a frozen peer
@@ -310,7 +311,7 @@ def test_a_stalled_source_does_not_delay_reads_from_a_healthy_one(spawn):
     sink, _ = start(spawn, "sink", engine_id="d0", source_seed=5, source_engine_id="p0", handshake_timeout_s=1)
     sink.send(op="fetch", request_id="warm", port=stalled_port, **REQ_A)
     assert sink.expect("result")["ok"]
-    stalled.proc.send_signal(signal.SIGSTOP)
+    freeze(stalled.proc.pid)
     try:
         for rid in ("s1", "s2", "s3"):
             sink.send(op="fetch", request_id=rid, port=stalled_port, wait=False, **REQ_A)
@@ -432,7 +433,7 @@ def test_requests_queued_behind_a_stalled_source_fail_at_once(spawn):
     sink.send(op="fetch", request_id="warm", port=port, **REQ_A)
     assert sink.expect("result")["ok"]
     assert src.expect("finished")["request_id"] == "warm"
-    src.proc.send_signal(signal.SIGSTOP)
+    freeze(src.proc.pid)
     try:
         t0 = time.monotonic()
         for rid in rids:
