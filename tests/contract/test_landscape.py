@@ -56,6 +56,10 @@ def test_minimum_and_newest_match_the_matrix():
         first_with_v4 = next(v for v in matrix if "dsv4_model" in landscape.facts_for(engine, v))
         assert str(first_with_v4) == landscape.MINIMUM[engine]
         assert set(spec["live"]) <= set(spec["matrix"])
+        # --no-deps installs: each over a live version that is itself a plain install, never the first
+        # (the main environment's own engine)
+        over = spec.get("no_deps_over", {})
+        assert set(over) <= set(spec["live"][1:]) and set(over.values()) <= set(spec["live"]) - set(over), over
 
 
 def test_a_moved_seam_is_reported_not_misread(tmp_path):
@@ -70,3 +74,19 @@ def test_a_moved_seam_is_reported_not_misread(tmp_path):
     with pytest.raises(upstream_facts.SeamMissing, match="_compute_enable_deep_gemm"):
         upstream_facts.sglang_deepgemm_gate_sm120_guarded(tmp_path)
     assert isinstance(upstream_facts.parse(tmp_path / "vllm/platforms/cuda.py"), ast.Module)
+
+
+def test_live_versions_install_the_way_versions_toml_says():
+    """A live vLLM is a plain install where its wheel pins the CPU torch the environments use, and a
+    --no-deps one (no_deps_over) only where it pins another: read from each wheel's own metadata."""
+    from ci.envs import TORCH
+
+    ours = TORCH.split("==")[1]
+    spec = upstream.versions()["vllm"]
+    over = spec.get("no_deps_over", {})
+    pins = {v: upstream.wheel_pins(upstream.source("vllm", v))["torch"] for v in spec["live"]}
+    for v, pin in pins.items():
+        if v in over:
+            assert pin != ours and pins[over[v]] == ours, (v, pin, over[v], pins[over[v]])
+        else:
+            assert pin == ours, f"vLLM {v} pins torch {pin}: list it in no_deps_over or drop it from live"

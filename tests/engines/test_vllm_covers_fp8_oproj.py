@@ -2,10 +2,11 @@
 (block-FP8 linears' e8m0 weight scales -> float32 for CUTLASS) and the o_proj route's adapter (wo_a as vLLM leaves
 it, 2-D), in real vLLM processes and in the source of every matrix wheel.
 
-Live (0.28, 0.30; the seams are the ones 0.20-0.27 have, which the AST tests below hold): vllm_fp8_oproj_script.py
-builds wo_a from vLLM's own parameter factories and V4's FP8 config, runs vLLM's CUTLASS kernel's post-load step
-before and after the patch, and the o_proj forward through vLLM's own `deep_gemm_fp8_o_proj`, against the
-reference. Every matrix version: what vLLM passes at those points, by AST and source (`..._ast`).
+Live (0.24, 0.27, 0.28, 0.30; in 0.24 and 0.27 the cover is in range; the seams of 0.20-0.27 are held by AST below):
+vllm_fp8_oproj_script.py builds wo_a from vLLM's own parameter factories and V4's FP8 config, runs vLLM's CUTLASS
+kernel's post-load step before and after the patch, and the o_proj forward through vLLM's own
+`deep_gemm_fp8_o_proj`, against the reference. Every matrix version: what vLLM passes at those points, by AST and
+source (`..._ast`).
 """
 
 import ast

@@ -1,11 +1,11 @@
 """Blocker 4 (--kv-cache-dtype auto asserts for DeepSeek-V4 on vLLM <= 0.28; vllm#47174): the cover
 `vllm.dsv4_model.kv_cache_fp8`, in real vLLM processes and in the source of every matrix wheel.
 
-Live (0.28, 0.30): the patch is applied by ds-plugins' patching in a plan with kv_cache_dtype=fp8, then vLLM's
-own `VllmConfig.try_verify_and_update_config` (called unbound: VllmConfig cannot be built without a GPU
-platform) dispatches on the architecture to V4's config hook, with vLLM's own CacheConfig; the result goes
-through vLLM's own `_resolve_dsv4_kv_cache_dtype`, the function that asserts. Other matrix versions: the
-seam and the assert, by AST (`..._ast`).
+Live (every live vLLM of ci/versions.toml: 0.24, 0.27, 0.28, 0.30): the patch is applied by ds-plugins' patching in
+a plan with kv_cache_dtype=fp8, then vLLM's own `VllmConfig.try_verify_and_update_config` (called unbound:
+VllmConfig cannot be built without a GPU platform) dispatches on the architecture to V4's config hook, with vLLM's
+own CacheConfig; the result goes through vLLM's own `_resolve_dsv4_kv_cache_dtype`, the function that asserts. Other
+matrix versions: the seam and the assert, by AST (`..._ast`).
 """
 
 import ast

@@ -1,14 +1,15 @@
 """custom_all_reduce=off (known failure custom_all_reduce_p2p, vllm#47266): the patch `vllm.custom_all_reduce.off`
 on vLLM's real ParallelConfig, and its seam in the source of every matrix wheel.
 
-Live (0.28, 0.30): the plan comes from the real policy for two SM120 GPUs NVML reports without NVLink; ds-plugins'
-patching applies the patch to the installed `vllm.config.parallel`; vLLM's own ParallelConfig is then built as
-`EngineArgs.create_engine_config` builds it (tensor_parallel_size, disable_custom_all_reduce). This machine has
-no GPU, so vLLM's platform is UnspecifiedPlatform, whose use_custom_allreduce() is False and makes ParallelConfig
-switch custom all-reduce off by itself; the script gives the platform the answer CudaPlatformBase gives (True,
-checked in every matrix wheel by the AST test below), so the config is what a CUDA box gets as shipped.
-Other matrix versions: the seam, the flag's way in from the engine arguments, the worker reading it, and the
-CUDA platform's answer, by AST (ci/vllm_seams.check_custom_all_reduce).
+Live (every live vLLM of ci/versions.toml: 0.24, 0.27, 0.28, 0.30): the plan comes from the real policy for two
+SM120 GPUs NVML reports without NVLink; ds-plugins' patching applies the patch to the installed
+`vllm.config.parallel`; vLLM's own ParallelConfig is then built as `EngineArgs.create_engine_config` builds it
+(tensor_parallel_size, disable_custom_all_reduce). This machine has no GPU, so vLLM's platform is
+UnspecifiedPlatform, whose use_custom_allreduce() is False and makes ParallelConfig switch custom all-reduce off by
+itself; the script gives the platform the answer CudaPlatformBase gives (True, checked in every matrix wheel by the
+AST test below), so the config is what a CUDA box gets as shipped. Other matrix versions: the seam, the flag's way
+in from the engine arguments, the worker reading it, and the CUDA platform's answer, by AST
+(ci/vllm_seams.check_custom_all_reduce).
 """
 
 import shutil

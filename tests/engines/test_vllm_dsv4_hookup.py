@@ -8,6 +8,9 @@ itself), and the CUDA-graph switch is checked on a real VllmConfig built from a 
 import json
 
 import pytest
+from packaging.version import Version
+
+from ds_plugins import policy, simulate
 
 pytestmark = pytest.mark.engines
 
@@ -62,10 +65,20 @@ def test_registry_left_as_shipped_where_upstream_serves_v4(vllm_env, machine):
 
 
 def test_dsv4_model_upstream_switch_keeps_vllms_classes(vllm_env):
-    res = vllm_env.run(
-        LOAD + READ_REGISTRY, env={"DS_PLUGINS_SIMULATE": ROUTED, "DS_PLUGINS_DSV4_MODEL": "upstream"}
-    ).ok()
-    assert res.state["decisions"]["dsv4_model"] == "upstream"
+    """DS_PLUGINS_DSV4_MODEL=upstream where ds-plugins would route: vLLM's own classes stay. Where vLLM's
+    own path has a blocker on that GPU that only the ds-plugins path covers (0.27: the FP8 block linears'
+    e8m0 scales), the switch makes the plan unsupported, naming the blocker and the upgrade, as doctor
+    says for the same machine; never "upstream" on a path that would crash."""
+    switch = {"DS_PLUGINS_DSV4_MODEL": "upstream"}
+    res = vllm_env.run(LOAD + READ_REGISTRY, env={"DS_PLUGINS_SIMULATE": ROUTED, **switch}).ok()
+    doctor = policy.decide(simulate.from_env_value(ROUTED, {"vllm": vllm_env.version}), "vllm", env=switch)
+    assert res.state["status"] == doctor.status
+    assert res.state["decisions"] == {d.id: d.value for d in doctor.decisions}
+    if Version(vllm_env.version) < Version("0.28"):
+        assert doctor.status == "unsupported", doctor
+        assert "FP8 block-scaled linear" in doctor.status_reason and "upgrade to vLLM >= " in doctor.status_reason
+    else:
+        assert res.state["decisions"]["dsv4_model"] == "upstream"
     assert all(module.startswith("vllm.") for module, _ in registry(res).values())
 
 

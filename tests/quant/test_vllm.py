@@ -1,4 +1,4 @@
-"""`--quantization ascend` in real vLLM processes (every live vLLM of ci/versions.toml: 0.28, 0.30):
+"""`--quantization ascend` in real vLLM processes (every live vLLM of ci/versions.toml: 0.24, 0.27, 0.28, 0.30):
 registration through vLLM's public API, vLLM's own CLI parser, its config verification (which reads
 and validates the checkpoint), and vLLM's own linear / FusedMoE layers built on CPU, loaded through
 their own weight loaders and run against the float64 formulas. Also: vLLM's DeepSeek-V4 name mapper

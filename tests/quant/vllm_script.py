@@ -88,7 +88,11 @@ print("OK config", flush=True)
 
 # Real layers on CPU.
 from vllm.distributed import init_distributed_environment, initialize_model_parallel  # noqa: E402
-from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory, fused_moe_make_expert_params_mapping  # noqa: E402
+from vllm.model_executor.layers.fused_moe import layer as fused_moe_layer  # noqa: E402
+from vllm.model_executor.layers.fused_moe.layer import fused_moe_make_expert_params_mapping  # noqa: E402
+
+# The function that builds a MoE layer: FusedMoEFactory from 0.27, before that FusedMoE (0.22-0.25).
+FusedMoEFactory = getattr(fused_moe_layer, "FusedMoEFactory", None) or fused_moe_layer.FusedMoE
 from vllm.model_executor.layers.linear import (  # noqa: E402
     MergedColumnParallelLinear,
     RowParallelLinear,

@@ -87,7 +87,7 @@ def test_the_record_and_the_table_say_what_the_declaration_says():
 
 
 def test_live_evidence_lists_the_live_versions_in_range():
-    old = _patch(versions=">=0.20,<0.29", evidence=("tests/engines/test_vllm_routes.py",))
+    old = _patch(versions=">=0.28,<0.29", evidence=("tests/engines/test_vllm_routes.py",))
     assert patch_records.evidence_text(old) == "live: `tests/engines/test_vllm_routes.py` (vLLM 0.28.0)"
     served = _patch(versions=">=0.32", evidence=("tests/e2e/test_plugin_e2e.py",))
     assert patch_records.evidence_text(served) == "live: `tests/e2e/test_plugin_e2e.py` (vLLM 0.32.0)"
