@@ -96,27 +96,17 @@ GPU_BINARIES_ONLY = ("flashinfer-cubin",)
 
 
 def requirements_lacking(dist: str, version: str, over: str) -> list[str]:
-    """The requirements of `dist` `version`'s wheel (Linux x86_64, no extra) whose distributions the
-    wheel of `over` does not require at all: what a --no-deps install of one over the other's
-    dependencies lacks (vLLM 0.22.1 over 0.27.0: gguf, diskcache). GPU-binary packages left out."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
+    """The requirements of `dist` `version`'s wheel whose distributions the wheel of `over` does not
+    require at all: what a --no-deps install of one over the other's dependencies lacks (vLLM 0.22.1 over
+    0.27.0: gguf, diskcache). GPU-binary packages left out."""
+    from ci.upstream import source, wheel_requirements
 
-    from ci.upstream import source
-
-    where = {"extra": "", "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
-
-    def requires(v: str) -> dict[str, str]:
-        out = {}
-        for line in (source(dist, v) / "METADATA").read_text().splitlines():
-            if line.startswith("Requires-Dist:"):
-                req = Requirement(line.split(":", 1)[1].strip())
-                if req.marker is None or req.marker.evaluate(where):
-                    out[canonicalize_name(req.name)] = str(req)
-        return out
-
-    theirs = requires(over)
-    return [r for name, r in requires(version).items() if name not in theirs and name not in GPU_BINARIES_ONLY]
+    theirs = wheel_requirements(source(dist, over))
+    return [
+        str(req)
+        for name, req in wheel_requirements(source(dist, version)).items()
+        if name not in theirs and name not in GPU_BINARIES_ONLY
+    ]
 
 
 def _install_ds_plugins(py: Path) -> None:

@@ -95,25 +95,31 @@ LIBRARY_OF_DIST = {
 }
 
 
-def wheel_pins(src: Path) -> dict[str, str]:
-    """{canonical distribution: version} for every exact pin (`Requires-Dist: name[extras]==X`) a plain
-    install of this wheel follows on Linux x86_64 (no extra); other requirements are left out."""
+def wheel_requirements(src: Path) -> dict:
+    """{canonical distribution: packaging Requirement} for every `Requires-Dist` a plain install of this
+    wheel follows on Linux x86_64 (no extra)."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    pins = {}
+    where = {"extra": "", "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
+    reqs = {}
     for line in (src / "METADATA").read_text().splitlines():
-        if not line.startswith("Requires-Dist:"):
-            continue
-        req = Requirement(line.split(":", 1)[1].strip())
-        if req.marker is not None and not req.marker.evaluate(
-            {"extra": "", "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
-        ):
-            continue
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is None or req.marker.evaluate(where):
+                reqs[canonicalize_name(req.name)] = req
+    return reqs
+
+
+def wheel_pins(src: Path) -> dict[str, str]:
+    """{canonical distribution: version} for every exact pin (`name[extras]==X`) among the wheel's
+    requirements (wheel_requirements); other requirements are left out."""
+    pins = {}
+    for name, req in wheel_requirements(src).items():
         spec = list(req.specifier)
         if len(spec) == 1 and spec[0].operator == "==":
-            pins[canonicalize_name(req.name)] = spec[0].version
-        elif canonicalize_name(req.name) in LIBRARY_OF_DIST:
+            pins[name] = spec[0].version
+        elif name in LIBRARY_OF_DIST:
             raise ValueError(
                 f"{src.name}: requires {req}, not an exact pin: the version a stock install "
                 f"gets is not a fact of the wheel"
