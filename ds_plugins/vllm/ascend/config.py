@@ -145,6 +145,10 @@ class AscendQuantConfig(QuantizationConfig):
             )
         return self.checkpoint
 
+    def _checkpoint_path(self) -> str:
+        """Where the checkpoint is, for the errors that name it (loaded by then: the index needed it)."""
+        return self._need_checkpoint().description.path
+
     def scheme_for(self, prefix: str, moe: bool = False) -> str:
         """The one scheme of the checkpoint modules behind vLLM layer `prefix` (FLOAT if none)."""
         if self._index is None:
@@ -159,7 +163,7 @@ class AscendQuantConfig(QuantizationConfig):
         if len(found) > 1:
             detail = ", ".join(f"{m}: {'/'.join(sorted(v)) or 'absent'}" for m, v in sorted(sources.items()))
             raise AscendFormatError(
-                self._need_checkpoint().description.path,
+                self._checkpoint_path(),
                 prefix,
                 f"vLLM runs these checkpoint modules as one layer but their quant types differ ({detail})",
             )
@@ -190,7 +194,7 @@ class AscendQuantConfig(QuantizationConfig):
             found |= self._leaves.get((shard, leaf), set())  # type: ignore[union-attr]  # _build_index set it
         if len(found) > 1:
             raise AscendFormatError(
-                self._need_checkpoint().description.path,
+                self._checkpoint_path(),
                 f"{prefix}.{leaf}",
                 f"vLLM's weight mapper gives the shards of this layer different names for "
                 f"{leaf} ({', '.join(sorted(found))}); they cannot load into one parameter",
@@ -209,9 +213,7 @@ class AscendQuantConfig(QuantizationConfig):
                 return methods.W8A8DynamicLinearMethod(self, prefix)
             if scheme == "W8A8":
                 return methods.W8A8StaticLinearMethod(self, prefix)
-            raise AscendFormatError(
-                self._need_checkpoint().description.path, prefix, f"{scheme} is not a linear scheme"
-            )
+            raise AscendFormatError(self._checkpoint_path(), prefix, f"{scheme} is not a linear scheme")
         if isinstance(layer, compat.MoELayer):
             scheme = self.scheme_for(prefix, moe=True)
             if scheme == "FLOAT":
@@ -219,12 +221,12 @@ class AscendQuantConfig(QuantizationConfig):
             if scheme in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
                 # for mypy, below: an instance of vLLM's MoE layer class
                 return methods.AscendMoEMethod(layer.moe_config, scheme, self, prefix)  # type: ignore[attr-defined]
-            raise AscendFormatError(self._need_checkpoint().description.path, prefix, f"{scheme} is not an MoE scheme")
+            raise AscendFormatError(self._checkpoint_path(), prefix, f"{scheme} is not an MoE scheme")
         if isinstance(layer, VocabParallelEmbedding):
             scheme = self.scheme_for(prefix)
             if scheme != "FLOAT":
                 raise AscendFormatError(
-                    self._need_checkpoint().description.path,
+                    self._checkpoint_path(),
                     prefix,
                     f"quantized embeddings / LM heads ({scheme}) are not supported",
                 )
