@@ -14,16 +14,18 @@ import time
 from pathlib import Path
 
 
+def _stat_fields(stat: Path) -> list[str] | None:
+    """The fields of a /proc/.../stat file after the command name (state first), or None once it is gone.
+    The name, in parentheses, may hold spaces: the fields follow its closing parenthesis."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _states(pid: int) -> list[str]:
     """The state letter of each thread of pid ('T' stopped, 't' traced, 'Z' exited); none once reaped."""
-    states = []
-    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        try:
-            # comm (in parentheses) may hold spaces; the state follows its closing parenthesis.
-            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
-        except (OSError, IndexError):
-            continue  # a thread that ended meanwhile
-    return states
+    return [f[0] for stat in Path(f"/proc/{pid}/task").glob("*/stat") if (f := _stat_fields(stat))]
 
 
 def wait_stopped(pids: list[int], timeout: float = 10.0) -> None:
@@ -44,15 +46,11 @@ def freeze(pid: int) -> None:
 
 def group_pids(pgid: int) -> list[int]:
     """Every live process in process group pgid."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:  # state, ppid, pgrp
-            pids.append(int(stat.parent.name))
-    return pids
+    return [
+        int(stat.parent.name)
+        for stat in Path("/proc").glob("[0-9]*/stat")
+        if (f := _stat_fields(stat)) and int(f[2]) == pgid  # state, ppid, pgrp
+    ]
 
 
 def freeze_group(pgid: int) -> None:

@@ -90,9 +90,6 @@ print("OK config", flush=True)
 from vllm.distributed import init_distributed_environment, initialize_model_parallel  # noqa: E402
 from vllm.model_executor.layers.fused_moe import layer as fused_moe_layer  # noqa: E402
 from vllm.model_executor.layers.fused_moe.layer import fused_moe_make_expert_params_mapping  # noqa: E402
-
-# The function that builds a MoE layer: FusedMoEFactory from 0.27, before that FusedMoE (0.22-0.25).
-FusedMoEFactory = getattr(fused_moe_layer, "FusedMoEFactory", None) or fused_moe_layer.FusedMoE
 from vllm.model_executor.layers.linear import (  # noqa: E402
     MergedColumnParallelLinear,
     RowParallelLinear,
@@ -101,6 +98,9 @@ from vllm.model_executor.layers.linear import (  # noqa: E402
 from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM  # noqa: E402
 
 from ds_plugins.vllm.ascend import methods  # noqa: E402
+
+# The function that builds a MoE layer: FusedMoEFactory from 0.27, before that FusedMoE (0.22-0.25).
+FusedMoEFactory = getattr(fused_moe_layer, "FusedMoEFactory", None) or fused_moe_layer.FusedMoE
 
 # As vLLM's configure_quant_config does: the model's packed map (0.30 declares one, 0.28 does not).
 quant_config.packed_modules_mapping = dict(getattr(DeepseekV4ForCausalLM, "packed_modules_mapping", {}))
